@@ -1,0 +1,78 @@
+"""`sweep best`: the probe runs of a pipeline from MLflow, best first, as a table or contract JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from sweep import tracking
+from sweep.config import PipelineConfig
+
+METRIC_CHOICES = ("val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "test_balanced_acc",
+                  "kmeans_nmi", "kmeans_ari")
+
+
+def _num(value, kind=float):
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def records(runs: pd.DataFrame) -> list[dict]:
+    """Contract objects: run_id, encoder, layer, timestep (null for non-diffusion), resolution, dim, lr,
+    weight_decay, then every metric of the run as a number."""
+    out = []
+    for _, r in runs.iterrows():
+        rec = {
+            "run_id": r["run_id"],
+            "encoder": r.get("params.encoder"),
+            "layer": r.get("params.layer"),
+            "column": r.get("params.column"),
+            "timestep": _num(r.get("params.timestep"), int),
+            "resolution": _num(r.get("params.resolution"), int),
+            "dim": _num(r.get("params.dim"), int),
+            "lr": _num(r.get("params.lr")),
+            "weight_decay": _num(r.get("params.weight_decay")),
+        }
+        for col in runs.columns:
+            if col.startswith("metrics.") and not col.startswith("metrics.history_"):
+                rec[col.removeprefix("metrics.")] = _num(r[col])
+        out.append(rec)
+    return out
+
+
+def best(config: PipelineConfig, metric: str = "val_macro_f1", top: int | None = 10, encoder: str | None = None,
+         any_config: bool = False) -> list[dict]:
+    runs = tracking.search_probe_runs(config, metric=metric, encoder=encoder, any_config=any_config)
+    recs = records(runs)
+    return recs[:top] if top else recs
+
+
+def format_table(recs: list[dict], metric: str) -> str:
+    if not recs:
+        return "(no probe runs)"
+    cols = ["encoder", "layer", "timestep", "resolution", "dim", "lr", "weight_decay"]
+    metrics = [metric] + [m for m in ("val_acc", "val_macro_f1", "test_acc", "test_macro_f1") if m != metric]
+    metrics += sorted(k for k in recs[0] if k.startswith("ood_") and k.endswith("_macro_f1"))
+    header = ["#"] + cols + metrics
+    rows = []
+    for i, r in enumerate(recs, 1):
+        row = [str(i)]
+        for c in cols:
+            v = r.get(c)
+            row.append("-" if v is None else (f"{v:g}" if isinstance(v, float) else str(v)))
+        row += ["-" if r.get(m) is None else f"{r[m]:.4f}" for m in metrics]
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def to_json(recs: list[dict]) -> str:
+    return json.dumps(recs, indent=1)

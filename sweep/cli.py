@@ -1,0 +1,148 @@
+"""The `sweep` command (a contract: DESIGN.md "CLI").
+
+Exit codes: 0 success; 2 invalid config or arguments (the message names the key); 1 any other failure,
+with a one-line cause on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from sweep.config import STAGES, ConfigError, PipelineConfig, load_config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 already; keep its usage line short
+        self.print_usage(sys.stderr)
+        print(f"sweep: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, VALUE parsed as YAML (repeatable): --set probe.epochs=5")
+
+
+def _stages(text: str) -> list[str]:
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {bad}; choose from {','.join(STAGES)}")
+    return stages
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sweep", description="Probe frozen diffusion U-Nets block x timestep with Ray + MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("run", help="run stages in order (default: all)")
+    _add_pipeline(p)
+    p.add_argument("--stages", type=_stages, default=list(STAGES))
+    for stage in STAGES:
+        _add_pipeline(sub.add_parser(stage, help=f"run the {stage} stage"))
+    p = sub.add_parser("best", help="the best probe configurations, from MLflow")
+    _add_pipeline(p)
+    p.add_argument("--metric", default="val_macro_f1")
+    p.add_argument("--top", type=int, default=10, help="how many (0: all)")
+    p.add_argument("--encoder", default=None)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--any-config", action="store_true",
+                   help="include runs made with other settings of this pipeline (other config hashes)")
+    p = sub.add_parser("validate", help="check a pipeline file and its data, print a summary")
+    _add_pipeline(p)
+    p = sub.add_parser("submit", help="submit `sweep run` as a Ray job to a cluster")
+    _add_pipeline(p)
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--stages", type=_stages, default=list(STAGES))
+    p.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    return parser
+
+
+def run_stage(config: PipelineConfig, stage: str) -> None:
+    from sweep.stages import baselines, extract, pretrain, probe, report
+
+    module = {"pretrain": pretrain, "baselines": baselines, "extract": extract, "probe": probe,
+              "report": report}[stage]
+    module.run(config)
+
+
+def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
+    from sweep.stages.common import say
+
+    t0 = time.perf_counter()
+    for stage in stages:
+        if stage == "baselines" and not config.baselines:
+            continue
+        say(f"== {stage} ==")
+        run_stage(config, stage)
+    say(f"done: {','.join(stages)} in {time.perf_counter() - t0:.0f}s; storage {config.storage_root}")
+
+
+def cmd_best(config: PipelineConfig, args) -> None:
+    from sweep.best import METRIC_CHOICES, best, format_table, to_json
+
+    metric = args.metric
+    if metric not in METRIC_CHOICES and not (metric.startswith("ood_") and metric.endswith(("_acc", "_macro_f1"))):
+        raise ConfigError(f"--metric: unknown metric {metric!r}; choose from {', '.join(METRIC_CHOICES)} "
+                          f"or ood_<dataset>_acc / ood_<dataset>_macro_f1")
+    recs = best(config, metric=metric, top=args.top or None, encoder=args.encoder, any_config=args.any_config)
+    if not recs and not args.any_config:
+        others = best(config, metric=metric, top=1, encoder=args.encoder, any_config=True)
+        if others:
+            print(f"[sweep] no probe runs for this config (hash {config.config_hash()}); runs exist for other "
+                  f"settings of {config.name!r}: pass the same --set overrides, or --any-config", file=sys.stderr)
+    if args.format == "json":
+        from sweep.best import to_json
+
+        print(to_json(recs))
+    else:
+        print(format_table(recs, metric))
+
+
+def cmd_validate(config: PipelineConfig) -> None:
+    from sweep.data.table import build_table
+
+    table = build_table(config)
+    print(f"{config.name}: valid (config hash {config.config_hash()})")
+    print(f"  data: {table.summary()}")
+    print(f"  classes: {', '.join(table.classes)}")
+    print(f"  encoders: {', '.join(s.name for s in config.encoder_specs())}; "
+          f"timesteps {config.extract.timesteps}; layers {config.extract.layers}")
+    print(f"  storage: {config.storage_root}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.pipeline, args.overrides)
+        if args.command == "run":
+            cmd_run(config, args.stages)
+        elif args.command in STAGES:
+            cmd_run(config, [args.command]) if args.command != "baselines" else run_stage(config, "baselines")
+        elif args.command == "best":
+            cmd_best(config, args)
+        elif args.command == "validate":
+            cmd_validate(config)
+        elif args.command == "submit":
+            from sweep.submit import submit
+
+            return submit(args.pipeline, args.address, args.stages, args.overrides, wait=not args.no_wait)
+        return 0
+    except ConfigError as e:
+        print(f"sweep: invalid config: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sweep: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; SWEEP_DEBUG=1 for the traceback
+        if os.environ.get("SWEEP_DEBUG"):
+            raise
+        print(f"sweep: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

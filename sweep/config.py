@@ -1,0 +1,401 @@
+"""Pydantic models of a pipeline YAML, `--set KEY=VALUE` overrides and the config hash.
+
+Every stage reads one `PipelineConfig`. Unknown keys are errors (a typo must not silently fall back to a
+default), and every error names the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+class ConfigError(ValueError):
+    """An invalid pipeline file or override; the CLI turns it into exit code 2."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+class Splits(_Model):
+    """Fractions (stratified per class by the pipeline seed) or files listing each split's members.
+
+    A split file has one image per line, `IMAGE_ID [LABEL]` (IMAGE_ID as the source names it, e.g. the
+    path relative to an imagefolder root). With files, `train` may be omitted: then every image that is
+    in neither `val` nor `test` is a training image.
+    """
+
+    val: float | str = 0.15
+    test: float | str = 0.15
+    train: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Splits":
+        fractions = [v for v in (self.val, self.test) if isinstance(v, float)]
+        files = [v for v in (self.val, self.test, self.train) if isinstance(v, str)]
+        if fractions and files:
+            raise ValueError("use either fractions (val: 0.15) or split files (val: path/val.txt), not both")
+        for name in ("val", "test"):
+            v = getattr(self, name)
+            if isinstance(v, float) and not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} fraction must be in [0, 1), got {v}")
+        if fractions and sum(fractions) >= 1.0:
+            raise ValueError(f"val + test fractions must be below 1, got {sum(fractions)}")
+        for f in files:
+            if not _is_remote(f) and not Path(f).is_file():
+                raise ValueError(f"split file does not exist: {f}")
+        return self
+
+    @property
+    def from_files(self) -> bool:
+        return isinstance(self.val, str) or isinstance(self.test, str)
+
+
+Source = Literal["imagefolder", "manifest", "fashion-mnist", "demo"]
+
+
+class DatasetSpec(_Model):
+    """Where a dataset's images come from. `path` is required except for `demo` (the vendored plankton
+    images) and `fashion-mnist` (default: Debian's dataset-fashion-mnist folder)."""
+
+    name: str = "main"
+    source: Source
+    path: str | None = None
+    limit: int | None = Field(None, ge=1, description="keep at most this many images (stratified sample)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"dataset name must be letters, digits, '-', '_' or '.', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _path(self) -> "DatasetSpec":
+        if self.source == "fashion-mnist" and self.path is None:
+            self.path = DEFAULT_FASHION_MNIST
+        if self.source in ("imagefolder", "manifest") and not self.path:
+            raise ValueError(f"source {self.source!r} needs a path")
+        if self.path and not _is_remote(self.path) and not Path(self.path).exists():
+            raise ValueError(f"path does not exist: {self.path}")
+        return self
+
+
+class TrainDataset(DatasetSpec):
+    splits: Splits = Splits()
+    regime: Literal["natural", "balanced"] = "natural"
+    per_class: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _regime(self) -> "TrainDataset":
+        if self.regime == "balanced" and self.per_class is None:
+            raise ValueError("regime 'balanced' needs per_class (the cap of images per class)")
+        return self
+
+
+class DataConfig(_Model):
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    train: TrainDataset
+    ood: list[DatasetSpec] = []
+
+    @model_validator(mode="after")
+    def _names(self) -> "DataConfig":
+        names = [self.train.name] + [d.name for d in self.ood]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"dataset names must be unique, repeated: {sorted(dup)}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ pretrain
+
+class UNetConfig(_Model):
+    block_out_channels: list[int] = [32, 64, 64]
+    layers_per_block: int = Field(1, ge=1)
+    attention: list[bool] = [False, False, True]
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "UNetConfig":
+        if len(self.attention) != len(self.block_out_channels):
+            raise ValueError(
+                f"attention has {len(self.attention)} entries but block_out_channels has "
+                f"{len(self.block_out_channels)}: give one per level"
+            )
+        if any(c < 1 for c in self.block_out_channels):
+            raise ValueError("block_out_channels must be positive")
+        return self
+
+
+class SchedulerConfig(_Model):
+    num_train_timesteps: int = Field(1000, ge=1)
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+
+
+class PretrainConfig(_Model):
+    model: UNetConfig = UNetConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    init_from: str | None = None
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2.0e-4, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = 1.0
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(100, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker failures Ray Train recovers from (-1: no limit)")
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    augment: bool = True
+    sample_grid: int = Field(16, ge=0, description="generated samples logged to MLflow at the end; 0 = none")
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, v: str | None) -> str | None:
+        if v and not _is_remote(v) and not Path(v).is_dir():
+            raise ValueError(f"checkpoint folder does not exist: {v}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------- baselines
+
+class BaselineConfig(_Model):
+    name: str
+    kind: Literal["supervised", "simclr", "pretrained"]
+    arch: str = "resnet18"
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1.0e-3, gt=0)
+    weights: str | None = None
+    layers: list[str] | None = None
+
+
+# ------------------------------------------------------------------------------------------- extract
+
+class EncoderSpec(_Model):
+    """An encoder to extract: `diffusion` (the pretrained U-Net, or any diffusers UNet2DModel folder
+    given as `checkpoint`) or the name of a baseline."""
+
+    name: str
+    kind: Literal["diffusion", "baseline"] = "diffusion"
+    checkpoint: str | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: str | None) -> str | None:
+        if v and not _is_remote(v) and not Path(v).is_dir():
+            raise ValueError(f"checkpoint folder does not exist: {v}")
+        return v
+
+
+class ExtractConfig(_Model):
+    encoders: list[EncoderSpec | str] | None = None
+    timesteps: list[int] = [0, 25, 50, 100, 200, 400]
+    layers: Literal["blocks"] | list[str] = "blocks"
+    batch_size: int = Field(64, ge=1)
+    shard_size: int = Field(4096, ge=1, description="images per Parquet shard (the unit of resume)")
+    actors: int = Field(1, ge=1, description="encoder actors (one model copy each)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    timesteps_per_forward: int = Field(1, ge=1)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("give at least one timestep")
+        if any(t < 0 for t in v) or len(set(v)) != len(v):
+            raise ValueError(f"timesteps must be distinct and non-negative, got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------- probe
+
+class ProbeConfig(_Model):
+    lrs: list[float] = [1.0e-3, 1.0e-2, 1.0e-1]
+    weight_decays: list[float] = [0.0, 1.0e-4, 1.0e-2]
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    class_weights: Literal["none", "balanced"] = "none"
+    select: Literal["val_macro_f1", "val_acc"] = "val_macro_f1"
+    patience: int | None = Field(None, ge=1)
+    kmeans: bool = True
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+    @field_validator("lrs", "weight_decays")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("the probe grid needs at least one value")
+        return v
+
+
+# --------------------------------------------------------------------------------------------- top
+
+class TrackingConfig(_Model):
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class RayConfig(_Model):
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (default: max(4, cores))")
+
+
+class ReportConfig(_Model):
+    metric: str = "test_macro_f1"
+
+
+STAGES = ("pretrain", "baselines", "extract", "probe", "report")
+
+
+class PipelineConfig(_Model):
+    name: str
+    seed: int = 0
+    storage: str | None = None
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig
+    pretrain: PretrainConfig = PretrainConfig()
+    baselines: list[BaselineConfig] = []
+    extract: ExtractConfig = ExtractConfig()
+    probe: ProbeConfig = ProbeConfig()
+    report: ReportConfig = ReportConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"name must be letters, digits, '-', '_' or '.', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> "PipelineConfig":
+        names = [b.name for b in self.baselines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"baselines: names must be unique, got {names}")
+        if "diffusion" in names:
+            raise ValueError("baselines: the name 'diffusion' is reserved for the pretrained U-Net")
+        for i, enc in enumerate(self.extract.encoders or []):
+            ref = enc if isinstance(enc, str) else (enc.name if enc.kind == "baseline" else None)
+            if ref is not None and ref != "diffusion" and ref not in names:
+                raise ValueError(
+                    f"extract.encoders.{i}: unknown encoder {ref!r}; known: {['diffusion'] + names}"
+                )
+        return self
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def storage_root(self) -> str:
+        return self.storage or os.path.join("runs", self.name)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def encoder_specs(self) -> list[EncoderSpec]:
+        """The encoders `extract` and `probe` work on (default: the U-Net and every baseline)."""
+        if self.extract.encoders is None:
+            return [EncoderSpec(name="diffusion")] + [
+                EncoderSpec(name=b.name, kind="baseline") for b in self.baselines
+            ]
+        specs = []
+        for enc in self.extract.encoders:
+            if isinstance(enc, str):
+                enc = EncoderSpec(name=enc, kind="diffusion" if enc == "diffusion" else "baseline")
+            specs.append(enc)
+        return specs
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes results (not where they are stored or tracked)."""
+        payload = self.model_dump(mode="json", exclude={"storage", "tracking", "ray", "report"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union")))
+        # drop pydantic's union branch names (e.g. "float", "str") from the location
+        loc = ".".join(p for p in loc.split(".") if p not in ("float", "str", "int", "EncoderSpec"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc or '<root>'}: {msg}")
+    return "; ".join(dict.fromkeys(lines))
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `a.b.c=VALUE` (VALUE parsed as YAML) to a nested dict in place; list items by index."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+    key, _, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key segment")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {e}") from None
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {where} is not an index of a list of {len(node)}")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {key}: {where} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: {last} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a pipeline YAML, apply `--set` overrides, validate. Raises ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of pipeline keys at the top level")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_format_errors(e)}") from None

@@ -1,0 +1,62 @@
+"""The one image transform every stage feeds a model (a contract: ``sweep.data.preprocess``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+def _border_fill(image: Image.Image) -> int | tuple[int, ...]:
+    """Median colour of the outermost pixels: micrographs have a flat background, so padding with it
+    adds no edge that a model could mistake for structure."""
+    a = np.asarray(image)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]], axis=0)
+    med = np.median(border, axis=0)
+    return tuple(int(v) for v in np.atleast_1d(med)) if a.ndim == 3 else int(med)
+
+
+def preprocess(image: Image.Image, size: int, channels: int) -> torch.Tensor:
+    """Return ``image`` as a float32 tensor of shape (channels, size, size) with values in [-1, 1].
+
+    Any size, aspect ratio or mode is accepted. The image is padded to a square with its own background
+    colour (never stretched), then resized with antialiasing, so shapes keep their proportions.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    image = ImageOps.exif_transpose(image)
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    side = max(w, h)
+    if w != h:
+        square = Image.new(image.mode, (side, side), _border_fill(image))
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = square
+    if side != size:
+        image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[None]
+    else:
+        a = a.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(a)).div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
+
+
+def decode_rows(paths, indices, size: int, channels: int) -> tuple[np.ndarray, list[str]]:
+    """Decode and preprocess many table rows: (images float32 (n, C, size, size), error per row).
+
+    An unreadable, truncated or corrupt image does not stop the batch: its slot stays zero and its
+    error names the cause, so the caller can skip, list and count it.
+    """
+    from sweep.data.sources import load_image
+
+    out = np.zeros((len(paths), channels, size, size), dtype=np.float32)
+    errors = [""] * len(paths)
+    for i, (path, index) in enumerate(zip(paths, indices)):
+        try:
+            out[i] = preprocess(load_image(str(path), int(index)), size, channels).numpy()
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image, not a bad job
+            errors[i] = f"{type(e).__name__}: {e}".strip()[:300] or type(e).__name__
+    return out, errors

@@ -1,0 +1,150 @@
+"""The study's one image table: every image of the main and OOD datasets with its label, split and domain.
+
+Pure pandas/numpy. Splits are stratified per class with a generator seeded from (seed, class), so adding a
+class or an image elsewhere never reshuffles the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sweep.config import ConfigError, DatasetSpec, PipelineConfig, TrainDataset
+from sweep.data.sources import scan
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageTable:
+    """`frame` columns: image_id, path, index, label (int32), split, domain."""
+
+    frame: pd.DataFrame
+    classes: list[str]
+    excluded: dict[str, dict[str, int]] = field(default_factory=dict)  # domain -> unknown class -> count
+
+    def summary(self) -> str:
+        parts = []
+        for domain, group in self.frame.groupby("domain", sort=False):
+            counts = group["split"].value_counts()
+            parts.append(f"{domain}: " + ", ".join(f"{s} {counts[s]}" for s in (*SPLITS, "ood") if s in counts))
+        line = f"{len(self.frame)} images, {len(self.classes)} classes ({'; '.join(parts)})"
+        for domain, unknown in self.excluded.items():
+            n = sum(unknown.values())
+            line += f"; {domain}: {n} image(s) of {len(unknown)} class(es) unknown to training left out"
+        return line
+
+
+def _rng(seed: int, *keys: str) -> np.random.Generator:
+    digest = hashlib.blake2b(":".join([str(seed), *keys]).encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def _stratified_sample(frame: pd.DataFrame, per_class: int, seed: int, key: str) -> pd.DataFrame:
+    keep = []
+    for name, idx in frame.groupby("class_name", sort=True).indices.items():
+        if len(idx) > per_class:
+            idx = np.sort(_rng(seed, key, name).choice(idx, per_class, replace=False))
+        keep.append(idx)
+    return frame.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
+
+
+def _limit(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """Keep at most `limit` images, each class keeping its share (at least one image)."""
+    if limit is None or len(frame) <= limit:
+        return frame
+    keep = []
+    for name, idx in frame.groupby("class_name", sort=True).indices.items():
+        n = max(1, round(len(idx) * limit / len(frame)))
+        keep.append(np.sort(_rng(seed, "limit", name).choice(idx, min(n, len(idx)), replace=False)))
+    return frame.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
+
+
+def stratified_split(class_names: pd.Series, val: float, test: float, seed: int) -> np.ndarray:
+    """Split labels per class: round(n*test) test, round(n*val) val, the rest (at least one) train."""
+    split = np.empty(len(class_names), dtype=object)
+    for name, idx in class_names.groupby(class_names, sort=True).indices.items():
+        order = _rng(seed, "split", str(name)).permutation(idx)
+        n = len(order)
+        n_test = min(round(n * test), max(n - 1, 0))
+        n_val = min(round(n * val), max(n - 1 - n_test, 0))
+        split[order[:n_test]] = "test"
+        split[order[n_test: n_test + n_val]] = "val"
+        split[order[n_test + n_val:]] = "train"
+    return split
+
+
+def _read_split_file(path: str) -> list[str]:
+    ids = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            ids.append(line.split()[0])
+    return ids
+
+
+def _assign_splits(frame: pd.DataFrame, spec: TrainDataset, seed: int, where: str) -> pd.DataFrame:
+    splits = spec.splits
+    if splits.from_files:
+        members: dict[str, str] = {}
+        for name in ("train", "val", "test"):
+            f = getattr(splits, name)
+            if f is None:
+                continue
+            for image_id in _read_split_file(f):
+                if image_id in members and members[image_id] != name:
+                    raise ConfigError(f"{where}.splits: {image_id} is in both {members[image_id]} and {name}")
+                members[image_id] = name
+        known = set(frame["image_id"])
+        unknown = [i for i in members if i not in known]
+        if unknown:
+            raise ConfigError(
+                f"{where}.splits: {len(unknown)} listed image(s) are not in the dataset, e.g. {unknown[0]!r}"
+            )
+        default = "train" if splits.train is None else None
+        frame = frame.assign(split=frame["image_id"].map(members).fillna(default) if default else
+                             frame["image_id"].map(members))
+        return frame[frame["split"].notna()].reset_index(drop=True)
+    if frame["official_split"].notna().all() and set(frame["official_split"]) == {"train", "test"}:
+        # a source with an official test set (Fashion-MNIST) keeps it; val is drawn from its train part
+        split = frame["official_split"].to_numpy(dtype=object).copy()
+        is_train = split == "train"
+        split[is_train] = stratified_split(frame.loc[is_train, "class_name"], splits.val, 0.0, seed)
+        return frame.assign(split=split)
+    return frame.assign(split=stratified_split(frame["class_name"], splits.val, splits.test, seed))
+
+
+def build_table(config: PipelineConfig) -> ImageTable:
+    """Scan every dataset of the pipeline, split the main one, match OOD labels to training classes."""
+    spec = config.data.train
+    frame = _limit(scan(spec, "data.train"), spec.limit, config.seed)
+    if spec.regime == "balanced":
+        frame = _stratified_sample(frame, spec.per_class, config.seed, "balanced")
+    frame = _assign_splits(frame, spec, config.seed, "data.train")
+    classes = sorted(frame.loc[frame["split"] == "train", "class_name"].unique())
+    if len(classes) < 2:
+        raise ConfigError(f"data.train: the train split holds {len(classes)} class(es); a probe needs at least 2")
+    label_of = {c: i for i, c in enumerate(classes)}
+    frames = [frame.assign(domain=spec.name)]
+    excluded: dict[str, dict[str, int]] = {}
+    for i, ood in enumerate(config.data.ood):
+        other = _limit(scan(ood, f"data.ood.{i}"), ood.limit, config.seed)
+        known = other["class_name"].isin(label_of)
+        if (~known).any():
+            excluded[ood.name] = other.loc[~known, "class_name"].value_counts().sort_index().to_dict()
+        if not known.any():
+            raise ConfigError(f"data.ood.{i}: no image of {ood.name!r} belongs to a training class ({classes})")
+        frames.append(other[known].assign(split="ood", domain=ood.name))
+    # classes present in val/test but absent from train cannot be predicted: leave them out, counted
+    main = frames[0]
+    unseen = ~main["class_name"].isin(label_of)
+    if unseen.any():
+        excluded[spec.name] = main.loc[unseen, "class_name"].value_counts().sort_index().to_dict()
+        frames[0] = main[~unseen]
+    table = pd.concat(frames, ignore_index=True)
+    table["label"] = table["class_name"].map(label_of).astype("int32")
+    table = table[["image_id", "path", "index", "label", "split", "domain"]].reset_index(drop=True)
+    return ImageTable(frame=table, classes=classes, excluded=excluded)

@@ -1,0 +1,157 @@
+"""The Parquet feature store of one encoder (a contract: DESIGN.md "Feature store").
+
+Layout: `features/<encoder>/<dataset>/part-NNNNN.parquet` plus `features/<encoder>/_manifest.json`.
+A shard is written under a temporary name and renamed when complete; only shards listed in the manifest
+are ever read, so a half-written file can never be mistaken for data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyarrow.fs as pafs
+
+from sweep import storage as st
+
+MANIFEST = "_manifest.json"
+META_COLUMNS = ("image_id", "label", "split", "domain")
+
+
+class FeatureStoreError(RuntimeError):
+    pass
+
+
+def feature_schema(columns: Iterable[dict]) -> pa.Schema:
+    fields = [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("domain", pa.string(), nullable=False),
+    ]
+    fields += [pa.field(c["column"], pa.list_(pa.float16(), c["dim"]), nullable=False) for c in columns]
+    return pa.schema(fields)
+
+
+def to_table(meta: dict[str, Sequence], features: dict[str, np.ndarray], columns: Sequence[dict]) -> pa.Table:
+    """Rows of one shard: meta columns + one fixed_size_list<float16>[dim] per feature column."""
+    schema = feature_schema(columns)
+    arrays = [
+        pa.array(meta["image_id"], pa.string()),
+        pa.array(np.asarray(meta["label"], dtype=np.int32), pa.int32()),
+        pa.array(meta["split"], pa.string()),
+        pa.array(meta["domain"], pa.string()),
+    ]
+    for c in columns:
+        x = np.ascontiguousarray(features[c["column"]], dtype=np.float16)
+        if x.ndim != 2 or x.shape[1] != c["dim"]:
+            raise FeatureStoreError(f"column {c['column']}: expected (n, {c['dim']}), got {x.shape}")
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float16()), c["dim"]))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def column_to_numpy(array: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks else pa.array([], pa.list_(pa.float16(), dim))
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FeatureStore:
+    def __init__(self, root_uri: str):
+        self.root = root_uri.rstrip("/")
+        self.fs, self.base = pafs.FileSystem.from_uri(st._absolute(self.root))
+        self._manifest: dict | None = None
+
+    # manifest -----------------------------------------------------------------------------------
+    @property
+    def manifest_uri(self) -> str:
+        return f"{self.root}/{MANIFEST}"
+
+    def manifest(self, reload: bool = False) -> dict | None:
+        if self._manifest is None or reload:
+            self._manifest = st.read_json(self.manifest_uri)
+        return self._manifest
+
+    def open(self, header: dict, key: str, datasets: dict[str, int]) -> dict:
+        """Start or resume a store. `key` fingerprints everything that determines the values (checkpoint,
+        columns, preprocessing, seed, image table); a store made under another key is refused rather
+        than mixed. `datasets` maps dataset name -> number of shards."""
+        existing = self.manifest(reload=True)
+        if existing is not None and existing.get("key") != key:
+            raise FeatureStoreError(
+                f"{self.manifest_uri} was extracted with different settings (checkpoint, layers, timesteps, "
+                f"preprocessing or images changed). Delete {self.root} to re-extract, or set another storage."
+            )
+        if existing is None:
+            existing = {**header, "key": key, "complete": False,
+                        "datasets": {d: {"num_shards": n, "shards": []} for d, n in datasets.items()},
+                        "rejected": []}
+            st.write_json(self.manifest_uri, existing)
+        self._manifest = existing
+        return existing
+
+    def completed_shards(self, dataset: str) -> set[int]:
+        m = self.manifest() or {}
+        return {s["index"] for s in m.get("datasets", {}).get(dataset, {}).get("shards", [])}
+
+    def shard_relpath(self, dataset: str, index: int) -> str:
+        return f"{dataset}/part-{index:05d}.parquet"
+
+    def write_shard(self, dataset: str, index: int, table: pa.Table, rejected: Sequence[dict] = ()) -> None:
+        """Write one shard atomically, then record it (and the images it rejected) in the manifest."""
+        rel = self.shard_relpath(dataset, index)
+        path = f"{self.base}/{rel}"
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp"
+        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+        self.fs.move(tmp, path)
+        m = self.manifest()
+        shards = [s for s in m["datasets"][dataset]["shards"] if s["index"] != index]
+        shards.append({"index": index, "file": rel, "rows": table.num_rows, "rejected": len(rejected)})
+        m["datasets"][dataset]["shards"] = sorted(shards, key=lambda s: s["index"])
+        m["rejected"] = [r for r in m["rejected"] if not (r["domain"] == dataset and r.get("shard") == index)]
+        m["rejected"] += [{**r, "domain": dataset, "shard": index} for r in rejected]
+        st.write_json(self.manifest_uri, m)
+
+    def mark_complete(self, summary: dict) -> None:
+        m = self.manifest()
+        m["complete"] = True
+        m["summary"] = summary
+        st.write_json(self.manifest_uri, m)
+
+    def is_complete(self) -> bool:
+        m = self.manifest(reload=True)
+        return bool(m and m.get("complete"))
+
+    # reads --------------------------------------------------------------------------------------
+    def files(self) -> list[str]:
+        m = self.manifest() or {}
+        return [f"{self.base}/{s['file']}" for d in m.get("datasets", {}).values() for s in d["shards"]]
+
+    def columns(self) -> list[dict]:
+        return list((self.manifest() or {}).get("columns", []))
+
+    def read(self, columns: Sequence[str] = ()) -> pa.Table:
+        """Meta columns plus the named feature columns (Parquet column projection: nothing else is read)."""
+        files = self.files()
+        if not files:
+            raise FeatureStoreError(f"{self.root}: no completed shards")
+        wanted = list(META_COLUMNS) + list(columns)
+        tables = [pq.read_table(f, columns=wanted, filesystem=self.fs) for f in files]
+        return pa.concat_tables(tables)
+
+    def read_column(self, column: str) -> tuple[np.ndarray, pa.Table]:
+        """(features float16 (n, dim), meta table) of one feature column over every shard."""
+        spec = next((c for c in self.columns() if c["column"] == column), None)
+        if spec is None:
+            raise FeatureStoreError(f"{self.root}: no feature column {column!r}")
+        table = self.read([column])
+        return column_to_numpy(table.column(column), spec["dim"]), table.select(list(META_COLUMNS))

@@ -1,0 +1,7 @@
+"""Linear probes (many heads at once), metrics and k-means analysis. Pure torch/numpy/sklearn, no Ray."""
+
+from .kmeans import kmeans_scores
+from .linear import ProbeConfig, ProbeResult, Split, train_probe
+from .metrics import classification_metrics
+
+__all__ = ["ProbeConfig", "ProbeResult", "Split", "train_probe", "classification_metrics", "kmeans_scores"]

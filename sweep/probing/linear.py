@@ -1,0 +1,330 @@
+"""Many-heads linear probe (the DINOv2 linear-eval technique), pure torch.
+
+Every (lr, weight_decay) pair of the grid is an independent linear head. All heads share one weight
+tensor laid out (D, H, C), so one minibatch is read once and fed to every head with a single matmul;
+the loss is the SUM of the per-head losses, so each head's gradient is exactly its own, and a
+hand-written Adam update applies per-head lr vectors.
+
+Objective of a head with weight decay ``wd`` (N = number of training rows, s_n = class weight of row
+n, 1 without class weights; "balanced" weights average to 1 over the training rows)::
+
+    (1/N) * sum_n s_n * CE(W x_n + b, y_n)  +  (wd / 2) * ||W||^2        (the bias is not penalised)
+
+scikit-learn's ``LogisticRegression`` (multinomial, lbfgs) minimises 0.5||W||^2 + C * sum_n s_n CE
+without penalising the intercept; divided by C*N that is the objective above, so both have the same
+minimiser when::
+
+    C = 1 / (wd * N_train)        (wd = 0  <->  C = inf, no penalty)
+
+on features standardised with the training mean/std. Minibatches estimate the first term without
+bias and the penalty is added at every step, so Adam optimises exactly this objective; a cosine lr
+decay to 0 over ``epochs`` lets the last iterates settle at the optimum instead of hovering in the
+minibatch noise. Weights start at zero (the problem is convex, and a zero start makes a head's
+trajectory independent of which other heads share the grid).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .metrics import classification_metrics
+
+SELECT_METRICS = ("val_macro_f1", "val_acc")
+_EVAL_CHUNK = 8192
+_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+@dataclass
+class ProbeConfig:
+    lrs: list[float]
+    weight_decays: list[float]
+    epochs: int = 30
+    batch_size: int = 1024
+    class_weights: str = "none"  # "none" | "balanced"
+    select: str = "val_macro_f1"  # "val_macro_f1" | "val_acc"
+    patience: int | None = None  # stop when no head improved its val metric for this many epochs
+    seed: int = 0
+
+
+@dataclass
+class Split:
+    X: np.ndarray  # (N, D), any float dtype (the feature store holds float16)
+    y: np.ndarray  # (N,) int labels in [0, num_classes)
+
+
+@dataclass
+class ProbeResult:
+    metrics: dict[str, float]
+    lr: float
+    weight_decay: float
+    best_epoch: int  # 1-based epoch whose weights were kept for the chosen head
+    epochs_run: int
+    history: list[dict]  # per epoch, chosen head: epoch, val_acc, val_macro_f1, val_loss, train_loss
+    head_scores: list[dict]  # per head, grid order: lr, weight_decay, <select>, val_loss, best_epoch
+    # Chosen head, acting on standardised features: logits = ((X - mean) / std) @ weight + bias.
+    weight: np.ndarray = field(repr=False, default=None)  # (D, C)
+    bias: np.ndarray = field(repr=False, default=None)  # (C,)
+    mean: np.ndarray = field(repr=False, default=None)  # (D,)
+    std: np.ndarray = field(repr=False, default=None)  # (D,)
+
+    def decision_function(self, X) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"expected features of shape (N, {self.weight.shape[0]}), got {X.shape}")
+        return _standardise(X, self.mean, self.std) @ self.weight + self.bias
+
+    def predict(self, X) -> np.ndarray:
+        return self.decision_function(X).argmax(axis=1)
+
+
+def _standardise(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    # Chunked so a float16 store is never copied whole to float64.
+    out = np.empty(X.shape, dtype=np.float32)
+    for i in range(0, len(X), 65536):
+        out[i : i + 65536] = (X[i : i + 65536].astype(np.float64) - mean) / std
+    return out
+
+
+def _train_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = X.mean(axis=0, dtype=np.float64)
+    var = np.zeros_like(mean)
+    for i in range(0, len(X), 65536):
+        var += ((X[i : i + 65536].astype(np.float64) - mean) ** 2).sum(axis=0)
+    std = np.sqrt(var / len(X))
+    return mean, np.where(std > 1e-8, std, 1.0)  # constant dimensions stay 0 instead of NaN
+
+
+def _check_inputs(train, val, test, ood, num_classes, config) -> None:
+    if not config.lrs or not config.weight_decays:
+        raise ValueError("probe grid is empty: config.lrs and config.weight_decays need >= 1 value each")
+    if any(lr <= 0 for lr in config.lrs) or any(wd < 0 for wd in config.weight_decays):
+        raise ValueError("probe grid: learning rates must be > 0 and weight decays >= 0")
+    if config.select not in SELECT_METRICS:
+        raise ValueError(f"unknown select metric {config.select!r}; expected one of {SELECT_METRICS}")
+    if config.class_weights not in ("none", "balanced"):
+        raise ValueError(f"unknown class_weights {config.class_weights!r}; expected 'none' or 'balanced'")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ValueError("epochs and batch_size must be >= 1")
+    if config.patience is not None and config.patience < 1:
+        raise ValueError("patience must be None or >= 1")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+    splits.update({f"ood '{k}'": v for k, v in ood.items()})
+    dim = np.asarray(train.X).shape[-1] if np.ndim(train.X) == 2 else None
+    for name, s in splits.items():
+        X, y = np.asarray(s.X), np.asarray(s.y)
+        if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
+            raise ValueError(f"{name} split: X must be (N, D) and y (N,); got X {X.shape}, y {y.shape}")
+        if X.shape[1] != dim:
+            raise ValueError(f"{name} split has feature dim {X.shape[1]}, train has {dim}")
+        if y.size and not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{name} split: labels must be integers, got dtype {y.dtype}")
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(
+                f"{name} split: label {int(y.min() if y.min() < 0 else y.max())} outside "
+                f"[0, {num_classes})"
+            )
+    if len(train.y) == 0:
+        raise ValueError("train split is empty")
+    if len(val.y) == 0:
+        raise ValueError("val split is empty: it is needed to select the head")
+
+
+def _logits(W, b, xb):
+    """Logits of every head, laid out (H, C, n): C is reduced over with n contiguous (softmax over a
+    tiny last dim is very slow on CPU), and one matmul serves all heads."""
+    H, C, D = W.shape
+    return torch.addmm(b.view(H * C, 1), W.view(H * C, D), xb.T).view(H, C, len(xb))
+
+
+def _softmax_nll(logits, yb):
+    """Softmax over classes (H, C, n) and per-row cross-entropy (H, n), from one exp pass."""
+    H, C, n = logits.shape
+    m = logits.amax(1, keepdim=True)
+    e = (logits - m).exp_()
+    s = e.sum(1, keepdim=True)
+    nll = (s.log() + m).squeeze(1) - logits.gather(1, yb.view(1, 1, n).expand(H, 1, n)).squeeze(1)
+    return e.div_(s), nll
+
+
+@torch.no_grad()
+def _evaluate(X, y, W, b):
+    """Confusion matrices (H, C_true, C_pred) and summed CE (H,) of every head, in chunks."""
+    H, C, _ = W.shape
+    conf = torch.zeros(H * C * C, dtype=torch.long, device=X.device)
+    loss = torch.zeros(H, dtype=torch.float64, device=X.device)
+    offs = torch.arange(H, device=X.device).view(H, 1) * C * C
+    for i in range(0, len(X), _EVAL_CHUNK):
+        xb, yb = X[i : i + _EVAL_CHUNK], y[i : i + _EVAL_CHUNK]
+        logits = _logits(W, b, xb)
+        loss += _softmax_nll(logits, yb)[1].sum(1, dtype=torch.float64)
+        conf += torch.bincount((offs + yb * C + logits.argmax(1)).ravel(), minlength=H * C * C)
+    return conf.view(H, C, C), loss
+
+
+def _acc_f1(conf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and macro F1 over all C labels (zero_division=0), same as sklearn's, per head."""
+    conf = conf.double()
+    tp = conf.diagonal(dim1=1, dim2=2)
+    denom = conf.sum(1) + conf.sum(2)  # 2TP + FP + FN
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    acc = tp.sum(1) / conf.sum((1, 2))
+    return acc.cpu().numpy(), f1.mean(1).cpu().numpy()
+
+
+def train_probe(
+    train: Split,
+    val: Split,
+    test: Split | None,
+    ood: dict[str, Split] | None,
+    num_classes: int,
+    config: ProbeConfig,
+    device: str | torch.device = "cpu",
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> ProbeResult:
+    """Train every (lr, weight_decay) head at once; keep the head that is best on validation.
+
+    Per head, the weights of its best epoch (by ``config.select``, ties: lower val loss) are kept;
+    across heads the best of those wins (ties: lower val loss, then grid order, lrs outer). Test and
+    OOD sets are scored only for the chosen head, after all choices are made.
+
+    ``on_epoch(epoch, info)`` is called after each epoch (1-based) with the current leader's
+    best-so-far ``val_acc``, ``val_macro_f1``, ``val_loss`` and its ``lr``, ``weight_decay``,
+    ``best_epoch`` and this epoch's ``train_loss``: what a Tune trial would report.
+    """
+    ood = ood or {}
+    _check_inputs(train, val, test, ood, num_classes, config)
+    C, dev = num_classes, torch.device(device)
+    Xtr_np = np.asarray(train.X)
+    mean, std = _train_moments(Xtr_np)
+
+    def to_dev(s: Split):
+        return (
+            torch.from_numpy(_standardise(np.asarray(s.X), mean, std)).to(dev),
+            torch.from_numpy(np.asarray(s.y, dtype=np.int64)).to(dev),
+        )
+
+    Xtr, ytr = to_dev(train)
+    Xva, yva = to_dev(val)
+    N, D = Xtr.shape
+
+    # Heads in grid order, lrs outer: head h = (lrs[h // n_wd], weight_decays[h % n_wd]).
+    grid = [(float(lr), float(wd)) for lr in config.lrs for wd in config.weight_decays]
+    H = len(grid)
+    lr_h = torch.tensor([g[0] for g in grid], dtype=torch.float32, device=dev)
+    wd_h = torch.tensor([g[1] for g in grid], dtype=torch.float32, device=dev)
+
+    sample_w = torch.ones(C, device=dev)
+    if config.class_weights == "balanced":
+        # N / (K * count_c) over the K classes present in train (absent classes: 0, never seen
+        # anyway). The weights average to 1 over the training rows, so the wd <-> C mapping holds
+        # and it matches sklearn's class_weight="balanced".
+        counts = torch.bincount(ytr, minlength=C).float()
+        present = counts > 0
+        sample_w = torch.where(present, N / (present.sum() * counts.clamp(min=1)), torch.zeros_like(counts))
+
+    # Head h owns W[h] (C, D) and b[h]; Adam moments per parameter, lr per head (broadcast views).
+    W, b = torch.zeros(H, C, D, device=dev), torch.zeros(H, C, device=dev)
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (W, b)]
+    lrs_view = (lr_h.view(H, 1, 1), lr_h.view(H, 1))
+
+    best_metric = np.full(H, -np.inf)
+    best_loss = np.full(H, np.inf)
+    best_epoch = np.zeros(H, dtype=int)
+    best_W, best_b = W.clone(), b.clone()
+    per_epoch = []  # per epoch: dict of (H,) arrays
+    gen = torch.Generator().manual_seed(config.seed)  # CPU generator: same order on any device
+    steps_per_epoch = math.ceil(N / config.batch_size)
+    total_steps, step = config.epochs * steps_per_epoch, 0
+    last_improved = 0
+    sel = 1 if config.select == "val_macro_f1" else 0
+    (b1, b2) = _ADAM_BETAS
+
+    for epoch in range(1, config.epochs + 1):
+        perm = torch.randperm(N, generator=gen).to(dev)
+        Xep, yep = Xtr[perm], ytr[perm]  # one gather per epoch; minibatches are then views
+        train_loss = torch.zeros(H, dtype=torch.float64, device=dev)
+        for i in range(0, N, config.batch_size):
+            xb, yb = Xep[i : i + config.batch_size], yep[i : i + config.batch_size]
+            n = len(yb)
+            # Loss_h = (1/n) sum_rows s_y * CE_h + (wd_h / 2) ||W_h||^2. The gradient of the summed
+            # loss is written out (softmax - onehot), which is exactly each head's own gradient and
+            # avoids autograd overhead; both matmuls serve all heads at once.
+            probs, nll = _softmax_nll(_logits(W, b, xb), yb)
+            row_w = sample_w[yb] / n
+            penalty = 0.5 * wd_h * W.square().sum((1, 2))
+            train_loss += ((nll * row_w).sum(1) + penalty).double() * (n / N)  # epoch mean of the objective
+            G = probs.sub_(torch.nn.functional.one_hot(yb, C).T).mul_(row_w)  # dLoss/dlogits (H, C, n)
+            grads = ((G.view(H * C, n) @ xb).view(H, C, D) + wd_h.view(H, 1, 1) * W, G.sum(2))
+
+            step += 1
+            lr_scale = 0.5 * (1 + math.cos(math.pi * (step - 1) / total_steps))  # cosine decay to 0
+            c1, c2 = 1 - b1**step, 1 - b2**step
+            for p, g, (m, v), lr in zip((W, b), grads, moments, lrs_view):
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.sub_((lr * (lr_scale / c1)) * m / ((v / c2).sqrt_().add_(_ADAM_EPS)))
+
+        conf, vloss = _evaluate(Xva, yva, W, b)
+        acc, f1 = _acc_f1(conf)
+        vloss = (vloss / len(yva)).cpu().numpy()
+        metric = (acc, f1)[sel]
+        per_epoch.append({"val_acc": acc, "val_macro_f1": f1, "val_loss": vloss, "train_loss": train_loss.cpu().numpy()})
+
+        if (metric > best_metric).any():
+            last_improved = epoch  # early stopping watches the selection metric only
+        better = (metric > best_metric) | ((metric == best_metric) & (vloss < best_loss))
+        if better.any():
+            mask = torch.from_numpy(better).to(dev)
+            best_W[mask], best_b[mask] = W[mask], b[mask]
+            best_metric[better], best_loss[better], best_epoch[better] = metric[better], vloss[better], epoch
+
+        leader = min(range(H), key=lambda h: (-best_metric[h], best_loss[h], h))
+        if on_epoch is not None:
+            e = per_epoch[best_epoch[leader] - 1]
+            on_epoch(epoch, {
+                "epoch": epoch,
+                "val_acc": float(e["val_acc"][leader]),
+                "val_macro_f1": float(e["val_macro_f1"][leader]),
+                "val_loss": float(e["val_loss"][leader]),
+                "train_loss": float(per_epoch[-1]["train_loss"][leader]),
+                "lr": grid[leader][0],
+                "weight_decay": grid[leader][1],
+                "best_epoch": int(best_epoch[leader]),
+            })
+        if config.patience is not None and epoch - last_improved >= config.patience:
+            break
+
+    h = leader  # chosen on validation only; test / OOD are touched below, after the choice
+    result = ProbeResult(
+        metrics={},
+        lr=grid[h][0],
+        weight_decay=grid[h][1],
+        best_epoch=int(best_epoch[h]),
+        epochs_run=epoch,
+        history=[
+            {"epoch": i + 1, **{k: float(v[h]) for k, v in e.items()}} for i, e in enumerate(per_epoch)
+        ],
+        head_scores=[
+            {"lr": lr, "weight_decay": wd, config.select: float(best_metric[j]),
+             "val_loss": float(best_loss[j]), "best_epoch": int(best_epoch[j])}
+            for j, (lr, wd) in enumerate(grid)
+        ],
+        weight=best_W[h].T.cpu().numpy().astype(np.float64),
+        bias=best_b[h].cpu().numpy().astype(np.float64),
+        mean=mean,
+        std=std,
+    )
+    metrics = classification_metrics(val.y, result.predict(val.X), "val", C)
+    if test is not None:
+        metrics.update(classification_metrics(test.y, result.predict(test.X), "test", C, balanced=True))
+    for name, s in ood.items():
+        metrics.update(classification_metrics(s.y, result.predict(s.X), f"ood_{name}", C))
+    result.metrics = metrics
+    return result

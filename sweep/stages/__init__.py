@@ -1,0 +1,1 @@
+"""The Ray glue: one file per stage (pretrain, baselines, extract, probe, report)."""

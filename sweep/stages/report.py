@@ -1,0 +1,70 @@
+"""`sweep report`: heatmaps (layer x timestep) per encoder, a CSV of every probe run, and report.md."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from sweep import tracking
+from sweep.best import best, format_table
+from sweep.config import PipelineConfig
+from sweep.stages.common import say
+from sweep.storage import Storage
+
+
+def _heatmap(frame: pd.DataFrame, metric: str, title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = frame.pivot_table(index="layer", columns="timestep", values=metric, aggfunc="max")
+    order = sorted(grid.index, key=lambda n: (n.split(".")[0] != "down_blocks", n.split(".")[0] != "mid_block", n))
+    grid = grid.loc[order]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.45 * grid.shape[0]))
+    im = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [str(int(t)) for t in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_xlabel("timestep")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            v = grid.iat[i, j]
+            if v == v:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: PipelineConfig) -> str:
+    storage = Storage.of(config.storage_root)
+    out = storage.local("report")
+    out.mkdir(parents=True, exist_ok=True)
+    metric = config.report.metric
+    recs = best(config, metric=config.probe.select, top=None)
+    if not recs:
+        raise RuntimeError("report: no probe runs for this config in MLflow; run `sweep probe` first")
+    frame = pd.DataFrame(recs)
+    frame.to_csv(out / "probe_runs.csv", index=False)
+    lines = [f"# {config.name}: probe report", "",
+             f"Config hash `{config.config_hash()}`; {len(frame)} probe runs; best chosen on "
+             f"`{config.probe.select}` (validation), `{metric}` shown.", "",
+             "## Best configurations", "", "```", format_table(recs[:10], config.probe.select), "```", ""]
+    for encoder, group in frame.groupby("encoder", sort=True):
+        name = f"heatmap_{encoder}_{metric}.png"
+        if group["timestep"].notna().any():
+            _heatmap(group.assign(timestep=group["timestep"].fillna(-1)), metric, f"{encoder}: {metric}",
+                     out / name)
+            lines += [f"## {encoder}", "", f"![{encoder} {metric}]({name})", ""]
+        top = group.sort_values(config.probe.select, ascending=False).iloc[0]
+        lines += [f"- best {encoder}: `{top['column']}` (resolution {top['resolution']}): "
+                  f"{metric} {top.get(metric, float('nan')):.4f}", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    run_id = tracking.start_stage_run(config, "report", resume_unfinished=False)
+    client = tracking.client_for(config)
+    for f in out.iterdir():
+        client.log_artifact(run_id, str(f))
+    tracking.finish_run(config, run_id)
+    say(f"report: {out / 'report.md'}")
+    return str(out / "report.md")

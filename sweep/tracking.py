@@ -1,0 +1,160 @@
+"""MLflow: the experiment, one parent run per stage, child runs per probe trial, and the `best` query.
+
+Names are a contract (DESIGN.md "MLflow"): tags `sweep.stage`, `sweep.pipeline`, `sweep.config_hash`,
+child runs linked by `mlflow.parentRunId`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from sweep.config import PipelineConfig
+from sweep.storage import Storage
+
+TAG_STAGE = "sweep.stage"
+TAG_PIPELINE = "sweep.pipeline"
+TAG_HASH = "sweep.config_hash"
+TAG_TRIAL = "sweep.trial"
+TAG_PARENT = "mlflow.parentRunId"
+
+CONTRACT_METRICS = ("val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "test_balanced_acc")
+PROBE_PARAMS = ("encoder", "layer", "timestep", "resolution", "dim", "lr", "weight_decay")
+
+
+def tracking_uri(config: PipelineConfig) -> str:
+    if config.tracking.uri:
+        return config.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    storage = Storage.of(config.storage_root)
+    path = storage.local("mlflow.db")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def client_for(config: PipelineConfig) -> MlflowClient:
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(config: PipelineConfig) -> str:
+    """Create the experiment once, on the driver (concurrent creation from trials races)."""
+    client = client_for(config)
+    exp = client.get_experiment_by_name(config.experiment_name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    storage = Storage.of(config.storage_root)
+    if tracking_uri(config).startswith("sqlite:") and storage.is_local:
+        artifact_location = storage.local("mlartifacts").as_uri()
+    try:
+        return client.create_experiment(config.experiment_name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        # someone else created it between our lookup and create
+        return client.get_experiment_by_name(config.experiment_name).experiment_id
+
+
+def stage_tags(config: PipelineConfig, stage: str) -> dict[str, str]:
+    return {TAG_STAGE: stage, TAG_PIPELINE: config.name, TAG_HASH: config.config_hash()}
+
+
+def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool = True) -> str:
+    """The parent run of a stage: an unfinished one of the same config is reused (a resumed stage keeps
+    one parent), else a new one. Returns its run id."""
+    client = client_for(config)
+    exp_id = ensure_experiment(config)
+    tags = stage_tags(config, stage)
+    if resume_unfinished:
+        runs = client.search_runs(
+            [exp_id],
+            filter_string=(
+                f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_HASH}` = '{tags[TAG_HASH]}' "
+                f"and attributes.status != 'FINISHED'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+        runs = [r for r in runs if TAG_PARENT not in r.data.tags]
+        if runs:
+            client.update_run(runs[0].info.run_id, status="RUNNING")
+            return runs[0].info.run_id
+    run = client.create_run(exp_id, tags={**tags, "mlflow.runName": f"{stage}"})
+    return run.info.run_id
+
+
+def finish_run(config: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
+    client_for(config).set_terminated(run_id, status=status)
+
+
+def log_batch(config: PipelineConfig, run_id: str, metrics: dict[str, float] | None = None,
+              params: dict | None = None, tags: dict | None = None, step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    client_for(config).log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+
+
+def finished_trials(config: PipelineConfig) -> set[str]:
+    """Trial keys (`encoder/column`) that already have a finished probe run for this config."""
+    client = client_for(config)
+    exp = client.get_experiment_by_name(config.experiment_name)
+    if exp is None:
+        return set()
+    done = set()
+    token = None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id],
+            filter_string=(
+                f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = '{config.config_hash()}' "
+                f"and attributes.status = 'FINISHED'"
+            ),
+            max_results=1000,
+            page_token=token,
+        )
+        done.update(r.data.tags[TAG_TRIAL] for r in page if TAG_TRIAL in r.data.tags)
+        token = page.token
+        if not token:
+            return done
+
+
+def search_probe_runs(config: PipelineConfig, metric: str = "val_macro_f1", encoder: str | None = None,
+                      any_config: bool = False, max_results: int = 100_000) -> pd.DataFrame:
+    """The `sweep best` query: probe child runs of this pipeline, best first by `metric`.
+
+    Equivalent to this call in any MLflow client:
+    `mlflow.search_runs(experiment_names=[EXP], filter_string="tags.`sweep.stage` = 'probe' and
+    tags.`sweep.pipeline` = 'NAME' and tags.`sweep.config_hash` = 'HASH'", order_by=["metrics.M DESC"])`.
+    """
+    client_for(config)
+    if mlflow.get_experiment_by_name(config.experiment_name) is None:
+        return pd.DataFrame()
+    filters = [f"tags.`{TAG_STAGE}` = 'probe'", f"tags.`{TAG_PIPELINE}` = '{config.name}'",
+               "attributes.status = 'FINISHED'"]
+    if not any_config:
+        filters.append(f"tags.`{TAG_HASH}` = '{config.config_hash()}'")
+    if encoder:
+        filters.append(f"params.encoder = '{encoder}'")
+    return mlflow.search_runs(
+        experiment_names=[config.experiment_name],
+        filter_string=" and ".join(filters),
+        order_by=[f"metrics.`{metric}` DESC", "attributes.start_time ASC"],
+        max_results=max_results,
+    )
+
+
+def local_mlflow_db(config: PipelineConfig) -> Path | None:
+    uri = tracking_uri(config)
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
