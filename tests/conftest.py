@@ -1,0 +1,77 @@
+"""Shared fixtures: small pipeline configs on the vendored demo images, one local Ray per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_IMAGES = REPO / "sweep" / "data" / "demo" / "plankton-flowcam-demo" / "images"
+
+
+def small_pipeline(storage: Path, **sections) -> dict:
+    """A pipeline dict small enough for tests: demo images at 16 px, a 2-level U-Net, 2 timesteps."""
+    raw = {
+        "name": "t",
+        "seed": 0,
+        "storage": str(storage),
+        "data": {"image_size": 16, "channels": 1,
+                 "train": {"name": "plankton", "source": "demo", "splits": {"val": 0.2, "test": 0.2}}},
+        "pretrain": {"model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention": [False, False]},
+                     "steps": 6, "batch_size": 8, "checkpoint_every": 3, "warmup_steps": 1, "workers": 2,
+                     "sample_grid": 4},
+        "extract": {"timesteps": [0, 100], "batch_size": 32, "shard_size": 40},
+        "probe": {"epochs": 20, "lrs": [0.01, 0.1], "weight_decays": [0.0, 0.001], "kmeans": True},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.fixture
+def write_pipeline(tmp_path):
+    """write_pipeline(**sections) -> path of a YAML pipeline file (storage under tmp_path)."""
+
+    def write(**sections) -> Path:
+        raw = small_pipeline(tmp_path / "store", **sections)
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session (starting one costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_checkpoint(tmp_path_factory) -> Path:
+    """A random-init diffusers U-Net + scheduler folder (16 px, 1 channel): features without pretraining."""
+    import torch
+
+    from sweep.encoders.diffusion import build_scheduler, build_unet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("unet")
+    build_unet(16, 1, [16, 32], 1, [False, False]).save_pretrained(path)
+    build_scheduler(1000, "linear").save_pretrained(path)
+    return path

@@ -1,0 +1,104 @@
+"""Pipeline files: validation names the offending key, overrides, the config hash, CLI exit codes."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sweep.cli import main
+from sweep.config import ConfigError, apply_override, load_config
+
+
+def test_demo_pipeline_is_valid(capsys):
+    assert main(["validate", "pipelines/demo.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "105 images, 6 classes" in out
+
+
+@pytest.mark.parametrize(
+    "override, key, why",
+    [
+        ("probe.epochz=3", "probe.epochz", "unknown key"),
+        ("probe.epochs=many", "probe.epochs", "integer"),
+        ("extract.timesteps=[0,0]", "extract.timesteps", "distinct"),
+        ("data.train.source=imagefolder", "data.train", "needs a path"),
+        ("data.train.path=/no/such/folder", "data.train", "path does not exist: /no/such/folder"),
+        ("pretrain.model.attention=[true]", "pretrain.model", "one per level"),
+        ("extract.encoders=[nosuch]", "extract.encoders.0", "unknown encoder 'nosuch'"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):
+    path = write_pipeline()
+    assert main(["validate", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert key in err and why in err, err
+
+
+def test_empty_class_list_exits_2(tmp_path, write_pipeline, capsys):
+    empty = tmp_path / "empty"
+    (empty / "some_class").mkdir(parents=True)
+    (empty / "some_class" / "notes.txt").write_text("not an image")
+    path = write_pipeline(data={"image_size": 16, "channels": 1,
+                                "train": {"source": "imagefolder", "path": str(empty)}})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.train.path" in err and "no class folders with images" in err
+
+
+def test_single_class_is_rejected(tmp_path, write_pipeline, capsys):
+    from tests.conftest import DEMO_IMAGES
+
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "Tripos").symlink_to(DEMO_IMAGES / "Tripos")
+    path = write_pipeline(data={"image_size": 16, "channels": 1,
+                                "train": {"source": "imagefolder", "path": str(one)}})
+    assert main(["validate", str(path)]) == 2
+    assert "at least 2" in capsys.readouterr().err
+
+
+def test_not_yaml_and_missing_file_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    assert main(["validate", str(bad)]) == 2
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and "not found" in err
+
+
+def test_bad_arguments_exit_2(write_pipeline):
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(write_pipeline()), "--stages", "pretrain,bogus"])
+    assert e.value.code == 2
+
+
+def test_overrides_parse_yaml_values_and_index_lists():
+    raw = {"a": {"b": 1}, "lst": [{"x": 1}, {"x": 2}]}
+    apply_override(raw, "a.b=[0, 100]")
+    apply_override(raw, "a.c.d=true")
+    apply_override(raw, "lst.1.x=3.5")
+    apply_override(raw, "storage=/tmp/x")
+    assert raw == {"a": {"b": [0, 100], "c": {"d": True}}, "lst": [{"x": 1}, {"x": 3.5}], "storage": "/tmp/x"}
+    with pytest.raises(ConfigError, match="lst"):
+        apply_override(raw, "lst.7.x=1")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_override(raw, "novalue")
+
+
+def test_config_hash_tracks_results_not_locations(write_pipeline):
+    path = write_pipeline()
+    base = load_config(path)
+    assert load_config(path, ["storage=/elsewhere", "tracking.uri=sqlite:///x.db"]).config_hash() == base.config_hash()
+    assert load_config(path, ["probe.epochs=7"]).config_hash() != base.config_hash()
+    assert load_config(path).storage_root == base.storage_root
+
+
+def test_defaults_follow_design(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "study", "data": {"train": {"source": "demo"}}}))
+    cfg = load_config(path)
+    assert cfg.storage_root == "runs/study"
+    assert cfg.experiment_name == "study"
+    assert cfg.extract.timesteps == [0, 25, 50, 100, 200, 400]
+    assert [s.name for s in cfg.encoder_specs()] == ["diffusion"]
+    assert cfg.probe.select == "val_macro_f1"

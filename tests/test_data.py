@@ -1,0 +1,173 @@
+"""Data layer: preprocess, sources, stratified splits, the balanced regime, OOD label matching."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from sweep.config import load_config
+from sweep.data import build_table, preprocess
+from sweep.data.preprocess import decode_rows
+from sweep.data.table import stratified_split
+from tests.conftest import DEMO_IMAGES
+
+
+def _bar_image(w: int, h: int, mode: str) -> Image.Image:
+    """White canvas with a black rectangle covering the middle half of each axis."""
+    a = np.full((h, w, 3), 255, np.uint8)
+    a[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 0
+    return Image.fromarray(a).convert(mode)
+
+
+@pytest.mark.parametrize("mode, channels", [("RGB", 3), ("RGB", 1), ("L", 1), ("L", 3), ("RGBA", 3), ("I;16", 1)])
+def test_preprocess_shape_range_and_modes(mode, channels):
+    img = _bar_image(64, 32, mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        img = img.convert("I").convert("I;16")
+    x = preprocess(img, 16, channels)
+    assert x.shape == (channels, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert x.min() < -0.9 and x.max() > 0.9  # the full range is used: black bar, white background
+
+
+@pytest.mark.parametrize("w, h", [(120, 40), (40, 120), (90, 90)])
+def test_preprocess_keeps_aspect_ratio(w, h):
+    x = preprocess(_bar_image(w, h, "L"), 60, 1)[0].numpy()
+    dark = x < 0
+    rows, cols = np.where(dark)
+    bar_h, bar_w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    # the bar is half of each side of the original: its aspect ratio must survive padding + resizing
+    assert bar_w / bar_h == pytest.approx(w / h, rel=0.1)
+    # padding uses the background colour: the corners are white, not black
+    assert x[0, 0] > 0.9 and x[-1, -1] > 0.9
+
+
+def test_preprocess_matches_independent_computation_on_real_image():
+    path = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
+    img = Image.open(path)
+    x = preprocess(img, 32, 1)
+    # independent: pad greyscale to a square with the border median, resize bicubic, scale to [-1, 1]
+    g = np.asarray(img.convert("L"))
+    h, w = g.shape
+    fill = int(np.median(np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])))
+    side = max(h, w)
+    sq = np.full((side, side), fill, np.uint8)
+    sq[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = g
+    ref = np.asarray(Image.fromarray(sq).resize((32, 32), Image.Resampling.BICUBIC), np.float32) / 127.5 - 1
+    np.testing.assert_allclose(x[0].numpy(), ref, atol=1e-6)
+
+
+def test_decode_rows_reports_bad_images(tmp_path):
+    good = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
+    truncated = tmp_path / "trunc.jpg"
+    truncated.write_bytes(good.read_bytes()[:200])
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("this is not a jpeg")
+    images, errors = decode_rows([str(good), str(truncated), str(fake), str(tmp_path / "gone.jpg")], [-1] * 4, 16, 1)
+    assert errors[0] == "" and all(errors[1:])
+    assert "FileNotFoundError" in errors[3]
+    assert np.abs(images[0]).sum() > 0 and not images[1:].any()
+
+
+def test_demo_table_split_is_stratified_and_disjoint(write_pipeline):
+    cfg = load_config(write_pipeline())
+    t = build_table(cfg)
+    f = t.frame
+    assert len(f) == 105 and f["image_id"].is_unique
+    assert t.classes == sorted(p.name for p in DEMO_IMAGES.iterdir())
+    assert set(f["split"]) == {"train", "val", "test"}
+    counts = f.groupby(["class_name" if "class_name" in f else "label", "split"]).size().unstack(fill_value=0)
+    sizes = counts.sum(axis=1)
+    # every class contributes round(20%) of its images to val and to test
+    for label, row in counts.iterrows():
+        assert row["test"] == round(sizes[label] * 0.2)
+        assert row["val"] == round(sizes[label] * 0.2)
+    assert f["label"].dtype == np.int32 and set(f["domain"]) == {"plankton"}
+    # same seed -> same split; another seed -> another split
+    assert build_table(cfg).frame["split"].tolist() == f["split"].tolist()
+    other = build_table(load_config(write_pipeline(seed=1))).frame
+    assert other["split"].tolist() != f["split"].tolist()
+
+
+def test_stratified_split_gives_every_class_a_training_image():
+    labels = pd.Series(["a"] * 1 + ["b"] * 2 + ["c"] * 50)
+    split = stratified_split(labels, 0.3, 0.3, seed=0)
+    for c in "abc":
+        assert (split[labels == c] == "train").sum() >= 1
+    assert (split[labels == "c"] == "test").sum() == 15
+
+
+def test_split_files_are_used(write_pipeline):
+    splits = DEMO_IMAGES.parent / "splits"
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "demo", "splits": {"train": str(splits / "train.txt"), "val": str(splits / "val.txt"),
+                                     "test": str(splits / "test.txt")}}}))
+    f = build_table(cfg).frame
+    assert f["split"].value_counts().to_dict() == {"train": 82, "val": 15, "test": 8}
+    listed = [line.split()[0] for line in (splits / "val.txt").read_text().splitlines() if line.strip()]
+    assert set(f.loc[f["split"] == "val", "image_id"]) == set(listed)
+
+
+def test_balanced_regime_caps_each_class(write_pipeline):
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "demo", "regime": "balanced", "per_class": 14}}))
+    f = build_table(cfg).frame
+    per_class = f.groupby("label").size()
+    assert per_class.max() == 14 and per_class.min() == 13  # Tripos has only 13
+
+
+def test_ood_unknown_classes_counted_and_excluded(tmp_path, write_pipeline):
+    ood = tmp_path / "ood"
+    for cls, n in [("Tripos", 3), ("Ciliophora", 2), ("Unheard_of", 4)]:
+        (ood / cls).mkdir(parents=True)
+        for src in sorted((DEMO_IMAGES / ("Tripos" if cls == "Unheard_of" else cls)).glob("*.jpg"))[:n]:
+            (ood / cls / src.name).write_bytes(src.read_bytes())
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1,
+                                           "train": {"name": "plankton", "source": "demo"},
+                                           "ood": [{"name": "shifted", "source": "imagefolder", "path": str(ood)}]}))
+    t = build_table(cfg)
+    o = t.frame[t.frame["domain"] == "shifted"]
+    assert len(o) == 5 and set(o["split"]) == {"ood"}
+    assert t.excluded == {"shifted": {"Unheard_of": 4}}
+    # labels are matched by name to the training classes
+    assert sorted(o["label"].tolist()) == sorted([t.classes.index("Tripos")] * 3 + [t.classes.index("Ciliophora")] * 2)
+    assert "4 image(s) of 1 class(es) unknown to training left out" in t.summary()
+
+
+def test_manifest_source(tmp_path, write_pipeline):
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files]}).to_csv(
+        tmp_path / "m.csv", index=False)
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1,
+                                           "train": {"source": "manifest", "path": str(tmp_path / "m.csv")}}))
+    t = build_table(cfg)
+    assert len(t.frame) == 105 and len(t.classes) == 6
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_source(tmp_path, write_pipeline):
+    rng = np.random.default_rng(0)
+    for prefix, n in [("train", 40), ("t10k", 10)]:
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 4)
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "fashion-mnist", "path": str(tmp_path), "splits": {"val": 0.25, "test": 0.0}}}))
+    t = build_table(cfg)
+    f = t.frame
+    assert f["split"].value_counts().to_dict() == {"train": 32, "val": 8, "test": 10}
+    assert t.classes == sorted(["T-shirt/top", "Trouser", "Pullover", "Dress"])
+    row = f[f["image_id"] == "train/00005"].iloc[0]
+    images, errors = decode_rows([row["path"]], [row["index"]], 28, 1)
+    raw = np.frombuffer(gzip.open(tmp_path / "train-images-idx3-ubyte.gz").read()[16:], np.uint8).reshape(40, 28, 28)
+    np.testing.assert_allclose(images[0, 0], raw[5] / 127.5 - 1, atol=1e-6)
