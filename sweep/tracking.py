@@ -136,13 +136,15 @@ def search_probe_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
 
     Equivalent to this call in any MLflow client:
     `mlflow.search_runs(experiment_names=[EXP], filter_string="tags.`sweep.stage` = 'probe' and
-    tags.`sweep.pipeline` = 'NAME' and tags.`sweep.config_hash` = 'HASH'", order_by=["metrics.M DESC"])`.
+    tags.`sweep.pipeline` = 'NAME' and tags.`mlflow.parentRunId` LIKE '%' and attributes.status = 'FINISHED'
+    and tags.`sweep.config_hash` = 'HASH'", order_by=["metrics.`M` DESC"])` (child runs only: the sweep's
+    parent run carries the same stage tag).
     """
     client_for(config)
     if mlflow.get_experiment_by_name(config.experiment_name) is None:
         return pd.DataFrame()
     filters = [f"tags.`{TAG_STAGE}` = 'probe'", f"tags.`{TAG_PIPELINE}` = '{config.name}'",
-               "attributes.status = 'FINISHED'"]
+               f"tags.`{TAG_PARENT}` LIKE '%'", "attributes.status = 'FINISHED'"]
     if not any_config:
         filters.append(f"tags.`{TAG_HASH}` = '{config.config_hash()}'")
     if encoder:

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 
 REPO = Path(__file__).resolve().parents[1]
