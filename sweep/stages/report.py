@@ -18,18 +18,24 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path) -> None:
     import matplotlib.pyplot as plt
 
     grid = frame.pivot_table(index="layer", columns="timestep", values=metric, aggfunc="max")
+    # network order (down, mid, up), each row labelled with its feature-map side
     order = sorted(grid.index, key=lambda n: (n.split(".")[0] != "down_blocks", n.split(".")[0] != "mid_block", n))
     grid = grid.loc[order]
+    side = frame.groupby("layer")["resolution"].first()
+    labels = [f"{layer} ({side[layer]}x{side[layer]})" for layer in grid.index]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.45 * grid.shape[0]))
-    im = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto")
+    values = grid.to_numpy()
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    middle = (im.norm.vmin + im.norm.vmax) / 2
     ax.set_xticks(range(grid.shape[1]), [str(int(t)) for t in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_yticks(range(grid.shape[0]), labels)
     ax.set_xlabel("timestep")
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             v = grid.iat[i, j]
             if v == v:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if v > middle else "white")
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_title(title)
     fig.tight_layout()
@@ -52,11 +58,12 @@ def run(config: PipelineConfig) -> str:
              f"`{config.probe.select}` (validation), `{metric}` shown.", "",
              "## Best configurations", "", "```", format_table(recs[:10], config.probe.select), "```", ""]
     for encoder, group in frame.groupby("encoder", sort=True):
-        name = f"heatmap_{encoder}_{metric}.png"
+        lines += [f"## {encoder}", ""]
         if group["timestep"].notna().any():
-            _heatmap(group.assign(timestep=group["timestep"].fillna(-1)), metric, f"{encoder}: {metric}",
-                     out / name)
-            lines += [f"## {encoder}", "", f"![{encoder} {metric}]({name})", ""]
+            for m in dict.fromkeys([config.probe.select, metric]):
+                name = f"heatmap_{encoder}_{m}.png"
+                _heatmap(group, m, f"{encoder}: {m} by block and timestep", out / name)
+                lines += [f"![{encoder} {m}]({name})", ""]
         top = group.sort_values(config.probe.select, ascending=False).iloc[0]
         lines += [f"- best {encoder}: `{top['column']}` (resolution {top['resolution']}): "
                   f"{metric} {top.get(metric, float('nan')):.4f}", ""]
