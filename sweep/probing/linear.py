@@ -21,6 +21,12 @@ bias and the penalty is added at every step, so Adam optimises exactly this obje
 decay to 0 over ``epochs`` lets the last iterates settle at the optimum instead of hovering in the
 minibatch noise. Weights start at zero (the problem is convex, and a zero start makes a head's
 trajectory independent of which other heads share the grid).
+
+What is kept: each head's weights after the last epoch (the converged minimiser above), so a head is the
+regularised logistic regression of its weight decay and only the choice of head (hence of weight decay)
+is made on validation, as when scikit-learn's C is chosen on a validation split. With early stopping
+(``patience``) each head instead keeps the weights of the first epoch that reaches its best validation
+metric, and training stops when no head has improved it for ``patience`` epochs.
 """
 
 from __future__ import annotations
@@ -67,26 +73,33 @@ class ProbeResult:
     history: list[dict]  # per epoch, chosen head: epoch, val_acc, val_macro_f1, val_loss, train_loss
     head_scores: list[dict]  # per head, grid order: lr, weight_decay, <select>, val_loss, best_epoch
     # Chosen head, acting on standardised features: logits = ((X - mean) / std) @ weight + bias.
-    weight: np.ndarray = field(repr=False, default=None)  # (D, C)
-    bias: np.ndarray = field(repr=False, default=None)  # (C,)
-    mean: np.ndarray = field(repr=False, default=None)  # (D,)
-    std: np.ndarray = field(repr=False, default=None)  # (D,)
+    weight: np.ndarray = field(repr=False, default=None)  # (D, C) float32
+    bias: np.ndarray = field(repr=False, default=None)  # (C,) float32
+    mean: np.ndarray = field(repr=False, default=None)  # (D,) float64
+    std: np.ndarray = field(repr=False, default=None)  # (D,) float64, 1 for constant dimensions
 
     def decision_function(self, X) -> np.ndarray:
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.weight.shape[0]:
             raise ValueError(f"expected features of shape (N, {self.weight.shape[0]}), got {X.shape}")
-        return _standardise(X, self.mean, self.std) @ self.weight + self.bias
+        return _standardise(X, self.mean, self.std) @ self.weight + self.bias  # float32
 
     def predict(self, X) -> np.ndarray:
         return self.decision_function(X).argmax(axis=1)
 
 
-def _standardise(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    # Chunked so a float16 store is never copied whole to float64.
-    out = np.empty(X.shape, dtype=np.float32)
+def _standardise(X: np.ndarray, mean: np.ndarray, std: np.ndarray, ones: bool = False) -> np.ndarray:
+    """float32 (X - mean) / std, with a trailing column of ones (the bias input) when ``ones``.
+    Chunked, in float32 (exact for float16 input), so a large store is never copied whole."""
+    D = X.shape[1]
+    out = np.empty((len(X), D + ones), dtype=np.float32)
+    mean32, inv32 = mean.astype(np.float32), (1.0 / std).astype(np.float32)
     for i in range(0, len(X), 65536):
-        out[i : i + 65536] = (X[i : i + 65536].astype(np.float64) - mean) / std
+        chunk = out[i : i + 65536, :D]
+        np.subtract(X[i : i + 65536], mean32, out=chunk, dtype=np.float32)
+        chunk *= inv32
+    if ones:
+        out[:, D] = 1.0
     return out
 
 
@@ -136,25 +149,25 @@ def _check_inputs(train, val, test, ood, num_classes, config) -> None:
         raise ValueError("val split is empty: it is needed to select the head")
 
 
-def _logits(W, b, xb):
-    """Logits of every head, laid out (H, C, n): C is reduced over with n contiguous (softmax over a
-    tiny last dim is very slow on CPU), and one matmul serves all heads."""
-    H, C, D = W.shape
-    return torch.addmm(b.view(H * C, 1), W.view(H * C, D), xb.T).view(H, C, len(xb))
+def _forward(W, xb, yb):
+    """All heads at once: logits (H, C, n) from one matmul (the bias is the weight of the ones
+    column), exp(logits - max) and its class sum (for the softmax), and the cross-entropy (H, n).
 
-
-def _softmax_nll(logits, yb):
-    """Softmax over classes (H, C, n) and per-row cross-entropy (H, n), from one exp pass."""
-    H, C, n = logits.shape
+    Classes sit on dim 1 with rows contiguous: softmax/argmax over a tiny last dim is very slow on
+    CPU, reductions across dim 1 are plain vectorised elementwise passes.
+    """
+    H, C, D1 = W.shape
+    n = len(xb)
+    logits = (W.view(H * C, D1) @ xb.T).view(H, C, n)
     m = logits.amax(1, keepdim=True)
     e = (logits - m).exp_()
     s = e.sum(1, keepdim=True)
     nll = (s.log() + m).squeeze(1) - logits.gather(1, yb.view(1, 1, n).expand(H, 1, n)).squeeze(1)
-    return e.div_(s), nll
+    return logits, e, s, nll
 
 
 @torch.no_grad()
-def _evaluate(X, y, W, b):
+def _evaluate(X, y, W):
     """Confusion matrices (H, C_true, C_pred) and summed CE (H,) of every head, in chunks."""
     H, C, _ = W.shape
     conf = torch.zeros(H * C * C, dtype=torch.long, device=X.device)
@@ -162,8 +175,8 @@ def _evaluate(X, y, W, b):
     offs = torch.arange(H, device=X.device).view(H, 1) * C * C
     for i in range(0, len(X), _EVAL_CHUNK):
         xb, yb = X[i : i + _EVAL_CHUNK], y[i : i + _EVAL_CHUNK]
-        logits = _logits(W, b, xb)
-        loss += _softmax_nll(logits, yb)[1].sum(1, dtype=torch.float64)
+        logits, _, _, nll = _forward(W, xb, yb)
+        loss += nll.sum(1, dtype=torch.float64)
         pred = logits.max(1).indices  # 5x faster than argmax(1) over a non-last dim on CPU
         conf += torch.bincount((offs + yb * C + pred).ravel(), minlength=H * C * C)
     return conf.view(H, C, C), loss
@@ -202,26 +215,24 @@ def train_probe(
     ood = ood or {}
     _check_inputs(train, val, test, ood, num_classes, config)
     C, dev = num_classes, torch.device(device)
-    Xtr_np = np.asarray(train.X)
-    mean, std = _train_moments(Xtr_np)
+    mean, std = _train_moments(np.asarray(train.X))
 
     def to_dev(s: Split):
-        return (
-            torch.from_numpy(_standardise(np.asarray(s.X), mean, std)).to(dev),
-            torch.from_numpy(np.asarray(s.y, dtype=np.int64)).to(dev),
-        )
+        X = _standardise(np.asarray(s.X), mean, std, ones=True)
+        return torch.from_numpy(X).to(dev), torch.from_numpy(np.asarray(s.y, dtype=np.int64)).to(dev)
 
     Xtr, ytr = to_dev(train)
     Xva, yva = to_dev(val)
-    N, D = Xtr.shape
+    N, D1 = Xtr.shape  # D1 = D + 1 (ones column)
 
     # Heads in grid order, lrs outer: head h = (lrs[h // n_wd], weight_decays[h % n_wd]).
     grid = [(float(lr), float(wd)) for lr in config.lrs for wd in config.weight_decays]
     H = len(grid)
-    lr_h = torch.tensor([g[0] for g in grid], dtype=torch.float32, device=dev)
-    wd_h = torch.tensor([g[1] for g in grid], dtype=torch.float32, device=dev)
+    lr_h = torch.tensor([g[0] for g in grid], device=dev).view(H, 1, 1)
+    wd_h = torch.tensor([g[1] for g in grid], device=dev).view(H, 1, 1)
+    wd_hw = wd_h * (torch.arange(D1, device=dev) < D1 - 1)  # (H, 1, D1): no decay on the bias
 
-    sample_w = torch.ones(C, device=dev)
+    sample_w = None
     if config.class_weights == "balanced":
         # N / (K * count_c) over the K classes present in train (absent classes: 0, never seen
         # anyway). The weights average to 1 over the training rows, so the wd <-> C mapping holds
@@ -230,61 +241,65 @@ def train_probe(
         present = counts > 0
         sample_w = torch.where(present, N / (present.sum() * counts.clamp(min=1)), torch.zeros_like(counts))
 
-    # Head h owns W[h] (C, D) and b[h]; Adam moments per parameter, lr per head (broadcast views).
-    W, b = torch.zeros(H, C, D, device=dev), torch.zeros(H, C, device=dev)
-    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (W, b)]
-    lrs_view = (lr_h.view(H, 1, 1), lr_h.view(H, 1))
+    # Head h owns W[h] = [weights | bias] (C, D + 1); Adam moments m, v; lr per head.
+    W = torch.zeros(H, C, D1, device=dev)
+    m, v = torch.zeros_like(W), torch.zeros_like(W)
+    b1, b2 = _ADAM_BETAS
 
     best_metric = np.full(H, -np.inf)
     best_loss = np.full(H, np.inf)
     best_epoch = np.zeros(H, dtype=int)
-    best_W, best_b = W.clone(), b.clone()
+    early_stopping = config.patience is not None
+    best_W = W.clone() if early_stopping else W  # without early stopping, W itself is kept
     per_epoch = []  # per epoch: dict of (H,) arrays
     gen = torch.Generator().manual_seed(config.seed)  # CPU generator: same order on any device
-    steps_per_epoch = math.ceil(N / config.batch_size)
-    total_steps, step = config.epochs * steps_per_epoch, 0
-    last_improved = 0
+    total_steps = config.epochs * math.ceil(N / config.batch_size)
+    step, last_improved = 0, 0
     sel = 1 if config.select == "val_macro_f1" else 0
-    (b1, b2) = _ADAM_BETAS
 
     for epoch in range(1, config.epochs + 1):
         perm = torch.randperm(N, generator=gen).to(dev)
         # One gather per epoch (index_select: ~3x faster than X[perm]); minibatches are then views.
         Xep, yep = Xtr.index_select(0, perm), ytr.index_select(0, perm)
-        train_loss = torch.zeros(H, device=dev)  # epoch mean of the objective, per head
+        data_loss = torch.zeros(H, device=dev)
         for i in range(0, N, config.batch_size):
             xb, yb = Xep[i : i + config.batch_size], yep[i : i + config.batch_size]
             n = len(yb)
             # Loss_h = (1/n) sum_rows s_y * CE_h + (wd_h / 2) ||W_h||^2. The gradient of the summed
-            # loss is written out (softmax - onehot), which is exactly each head's own gradient and
-            # avoids autograd overhead; both matmuls serve all heads at once.
-            probs, nll = _softmax_nll(_logits(W, b, xb), yb)
-            row_w = sample_w[yb] / n
-            train_loss += (nll * row_w).sum(1) + (n / N) * 0.5 * wd_h * W.square().sum((1, 2))
-            # dLoss/dlogits = (softmax - onehot) * row weight, shape (H, C, n)
-            G = probs.mul_(row_w).scatter_add_(1, yb.view(1, 1, n).expand(H, 1, n), -row_w.expand(H, 1, n))
-            grads = ((G.view(H * C, n) @ xb).view(H, C, D) + wd_h.view(H, 1, 1) * W, G.sum(2))
+            # loss is written out, (softmax - onehot) * s_y / n, which is exactly each head's own
+            # gradient and skips autograd overhead; the two matmuls serve all heads at once.
+            _, e, s, nll = _forward(W, xb, yb)
+            row_w = torch.full((n,), 1.0 / n, device=dev) if sample_w is None else sample_w[yb] / n
+            data_loss += nll @ row_w * (n / N)
+            G = e.mul_(row_w / s)  # softmax * row weight, in one pass
+            G.scatter_add_(1, yb.view(1, 1, n).expand(H, 1, n), -row_w.expand(H, 1, n))
+            grad = (G.view(H * C, n) @ xb).view(H, C, D1).addcmul_(wd_hw, W)
 
+            # Adam, lr per head, with a cosine decay of all lrs to 0 over `epochs`.
             step += 1
-            lr_scale = 0.5 * (1 + math.cos(math.pi * (step - 1) / total_steps))  # cosine decay to 0
-            c1, c2 = 1 - b1**step, 1 - b2**step
-            for p, g, (m, v), lr in zip((W, b), grads, moments, lrs_view):
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                p.sub_((lr * (lr_scale / c1)) * m / ((v / c2).sqrt_().add_(_ADAM_EPS)))
+            scale = 0.5 * (1 + math.cos(math.pi * (step - 1) / total_steps))
+            m.lerp_(grad, 1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            denom = v.sqrt().add_(_ADAM_EPS * math.sqrt(1 - b2**step))
+            W.sub_((m / denom).mul_(lr_h * (scale * math.sqrt(1 - b2**step) / (1 - b1**step))))
 
-        conf, vloss = _evaluate(Xva, yva, W, b)
+        conf, vloss = _evaluate(Xva, yva, W)
         acc, f1 = _acc_f1(conf)
         vloss = (vloss / len(yva)).cpu().numpy()
         metric = (acc, f1)[sel]
+        # train_loss: epoch mean of the data term + the penalty at the end of the epoch.
+        train_loss = data_loss + 0.5 * wd_h.view(H) * W[:, :, :-1].square().sum((1, 2))
         per_epoch.append({"val_acc": acc, "val_macro_f1": f1, "val_loss": vloss, "train_loss": train_loss.cpu().numpy()})
 
-        if (metric > best_metric).any():
-            last_improved = epoch  # early stopping watches the selection metric only
-        better = (metric > best_metric) | ((metric == best_metric) & (vloss < best_loss))
+        # Without early stopping a head is its latest (finally: converged) weights. With it, a head keeps
+        # the first epoch reaching its best metric, and training stops after `patience` epochs in which
+        # no head improved.
+        better = metric > best_metric if early_stopping else np.ones(H, dtype=bool)
         if better.any():
-            mask = torch.from_numpy(better).to(dev)
-            best_W[mask], best_b[mask] = W[mask], b[mask]
+            last_improved = epoch
+            if early_stopping:
+                mask = torch.from_numpy(better).to(dev)
+                best_W[mask] = W[mask]
             best_metric[better], best_loss[better], best_epoch[better] = metric[better], vloss[better], epoch
 
         leader = min(range(H), key=lambda h: (-best_metric[h], best_loss[h], h))
@@ -300,10 +315,11 @@ def train_probe(
                 "weight_decay": grid[leader][1],
                 "best_epoch": int(best_epoch[leader]),
             })
-        if config.patience is not None and epoch - last_improved >= config.patience:
+        if early_stopping and epoch - last_improved >= config.patience:
             break
 
     h = leader  # chosen on validation only; test / OOD are touched below, after the choice
+    Wh = best_W[h].cpu().numpy()
     result = ProbeResult(
         metrics={},
         lr=grid[h][0],
@@ -318,8 +334,8 @@ def train_probe(
              "val_loss": float(best_loss[j]), "best_epoch": int(best_epoch[j])}
             for j, (lr, wd) in enumerate(grid)
         ],
-        weight=best_W[h].T.cpu().numpy().astype(np.float64),
-        bias=best_b[h].cpu().numpy().astype(np.float64),
+        weight=Wh[:, :-1].T.copy(),
+        bias=Wh[:, -1].copy(),
         mean=mean,
         std=std,
     )

@@ -1,0 +1,265 @@
+"""Tests of sweep.probing: metrics, the many-heads linear probe, k-means scores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_blobs, make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from threadpoolctl import threadpool_limits
+
+from sweep.probing import ProbeConfig, Split, classification_metrics, kmeans_scores, train_probe
+from sweep.probing.linear import _acc_f1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # One thread for torch, BLAS and sklearn's OpenMP: on a small shared machine, spinning
+    # threads make these runs ~10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(n)
+
+
+def _splits(X, y, sizes):
+    """Consecutive train / val / test splits with float16 features, like the feature store."""
+    X = X.astype(np.float16)
+    edges = np.cumsum([0, *sizes])
+    return [Split(X[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@pytest.fixture(scope="module")
+def medium():
+    """Non-trivial 5-class problem (~80-90% linear accuracy), offset and scaled features."""
+    X, y = make_classification(
+        n_samples=18000, n_features=64, n_informative=24, n_redundant=8, n_classes=5,
+        n_clusters_per_class=2, class_sep=2.0, flip_y=0.01, random_state=0,
+    )
+    return _splits(X * 2 + 0.5, y, [6000, 6000, 6000])
+
+
+@pytest.fixture(scope="module")
+def small():
+    X, y = make_classification(
+        n_samples=3000, n_features=32, n_informative=12, n_classes=4, n_clusters_per_class=1,
+        class_sep=1.0, random_state=1,
+    )
+    return _splits(X * 3 - 1, y, [1500, 750, 750])
+
+
+SMALL_CFG = ProbeConfig(lrs=[1e-2, 1e-1], weight_decays=[1e-4, 1e-2], epochs=10, batch_size=128)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_match_hand_computation():
+    y_true = np.array([0, 0, 1, 1, 2, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0, 2])
+    m = classification_metrics(y_true, y_pred, "test", num_classes=4, balanced=True)
+    assert set(m) == {"test_acc", "test_macro_f1", "test_balanced_acc"}
+    assert m["test_acc"] == pytest.approx(5 / 7)
+    # F1 per class: 0 -> 2*1/(2+1+1), 1 -> 4/5, 2 -> 4/5, 3 (absent, never predicted) -> 0.
+    assert m["test_macro_f1"] == pytest.approx((0.5 + 0.8 + 0.8 + 0.0) / 4)
+    assert m["test_macro_f1"] == pytest.approx(
+        f1_score(y_true, y_pred, labels=[0, 1, 2, 3], average="macro", zero_division=0)
+    )
+    assert m["test_balanced_acc"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)
+    assert set(classification_metrics(y_true, y_pred, "ood_x", 4)) == {"ood_x_acc", "ood_x_macro_f1"}
+    empty = classification_metrics([], [], "ood_y", 4)
+    assert all(np.isnan(v) for v in empty.values())
+
+
+def test_vectorised_head_metrics_match_sklearn():
+    # The probe scores every head from confusion matrices; they must equal the sklearn metrics.
+    rng = np.random.default_rng(0)
+    C, n = 6, 500
+    y = rng.integers(0, C - 1, n)  # class C-1 absent from the labels
+    preds = [rng.integers(0, C, n), np.where(rng.random(n) < 0.7, y, 0)]
+
+    conf = torch.zeros(len(preds), C, C, dtype=torch.long)
+    for h, p in enumerate(preds):
+        np.add.at(conf[h].numpy(), (y, p), 1)
+    acc, f1 = _acc_f1(conf)
+    for h, p in enumerate(preds):
+        ref = classification_metrics(y, p, "val", C)
+        assert acc[h] == pytest.approx(ref["val_acc"])
+        assert f1[h] == pytest.approx(ref["val_macro_f1"])
+
+
+# ---------------------------------------------------------------- linear probe
+
+
+def test_probe_matches_sklearn_logistic_regression(medium):
+    train, val, test = medium
+    wds = [1e-4, 1e-3, 1e-2]
+    cfg = ProbeConfig(lrs=[1e-3, 1e-2, 1e-1], weight_decays=wds, epochs=30, batch_size=256, select="val_acc")
+    res = train_probe(train, val, test, {}, 5, cfg)
+
+    # sklearn on the same train-standardised features, C chosen on the same val split from the
+    # grid equivalent to the probe's weight decays: C = 1 / (wd * N_train).
+    Xtr = train.X.astype(np.float64)
+    mu, sd = Xtr.mean(0), Xtr.std(0)
+    best = None
+    for wd in wds:
+        lr = LogisticRegression(C=1 / (wd * len(Xtr)), max_iter=5000, tol=1e-8)
+        lr.fit((Xtr - mu) / sd, train.y)
+        val_acc = (lr.predict((val.X - mu) / sd) == val.y).mean()
+        if best is None or val_acc > best[0]:
+            best = (val_acc, (lr.predict((test.X - mu) / sd) == test.y).mean())
+    gap = res.metrics["test_acc"] - best[1]
+    print(f"probe test_acc {res.metrics['test_acc']:.4f} sklearn {best[1]:.4f} gap {100 * gap:+.2f} points")
+    assert 0.75 < best[1] < 0.97  # non-trivial problem
+    assert abs(gap) <= 0.005
+    assert set(res.metrics) == {"val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "test_balanced_acc"}
+    assert len(res.head_scores) == 9 and res.epochs_run == 30
+    # The reported val metrics are the chosen head's at its best epoch.
+    assert res.metrics["val_acc"] == pytest.approx(res.history[res.best_epoch - 1]["val_acc"], abs=2 / 6000)
+
+
+def test_heads_are_independent(small):
+    train, val, test = small
+    grid = train_probe(train, val, test, {}, 4, SMALL_CFG)
+    for j in (0, 3):  # the chosen head and another one must match their solo runs
+        h = grid.head_scores[j]
+        solo = train_probe(
+            train, val, test, {}, 4,
+            dataclasses.replace(SMALL_CFG, lrs=[h["lr"]], weight_decays=[h["weight_decay"]]),
+        )
+        assert solo.head_scores[0] == pytest.approx(h, rel=1e-6, abs=1e-6)
+        if (h["lr"], h["weight_decay"]) == (grid.lr, grid.weight_decay):
+            assert solo.best_epoch == grid.best_epoch
+            np.testing.assert_allclose(solo.weight, grid.weight, atol=1e-5)
+            np.testing.assert_allclose(solo.bias, grid.bias, atol=1e-5)
+            np.testing.assert_array_equal(solo.predict(test.X), grid.predict(test.X))
+            assert [e["val_acc"] for e in solo.history] == [e["val_acc"] for e in grid.history]
+
+
+def test_test_and_ood_never_influence_choices(small):
+    train, val, test = small
+    rng = np.random.default_rng(0)
+    ref = train_probe(train, val, test, {"a": test}, 4, SMALL_CFG)
+    other_test = Split(test.X[::-1] + np.float16(0.5), rng.permutation(test.y))
+    other_ood = Split(val.X[:100], val.y[:100])
+    alt = train_probe(train, val, other_test, {"a": other_ood}, 4, SMALL_CFG)
+    none = train_probe(train, val, None, {}, 4, SMALL_CFG)
+    for r in (alt, none):
+        assert (r.lr, r.weight_decay, r.best_epoch, r.epochs_run) == (
+            ref.lr, ref.weight_decay, ref.best_epoch, ref.epochs_run)
+        assert r.history == ref.history and r.head_scores == ref.head_scores
+        np.testing.assert_array_equal(r.weight, ref.weight)
+        assert {k: v for k, v in r.metrics.items() if k.startswith("val_")} == {
+            k: v for k, v in ref.metrics.items() if k.startswith("val_")}
+    assert alt.metrics["test_acc"] != ref.metrics["test_acc"]
+    assert alt.metrics["ood_a_acc"] != ref.metrics["ood_a_acc"]
+    assert ref.metrics["ood_a_acc"] == ref.metrics["test_acc"]  # same data scored the same way
+    assert set(none.metrics) == {"val_acc", "val_macro_f1"}
+
+
+def test_deterministic_for_a_seed(small):
+    train, val, test = small
+    a = train_probe(train, val, test, {}, 4, SMALL_CFG)
+    b = train_probe(train, val, test, {}, 4, SMALL_CFG)
+    assert a.metrics == b.metrics and a.history == b.history and a.head_scores == b.head_scores
+    np.testing.assert_array_equal(a.weight, b.weight)
+    c = train_probe(train, val, test, {}, 4, dataclasses.replace(SMALL_CFG, seed=1))
+    assert c.history != a.history  # the seed drives the minibatch order
+
+
+def test_balanced_class_weights_help_on_long_tail():
+    X, y = make_classification(
+        n_samples=8000, n_features=32, n_informative=8, n_classes=3, n_clusters_per_class=1,
+        weights=[0.85, 0.12, 0.03], class_sep=0.8, random_state=3,
+    )
+    train, val, test = _splits(X, y, [4000, 2000, 2000])
+    cfg = ProbeConfig(lrs=[1e-2, 1e-1], weight_decays=[1e-4, 1e-3], epochs=15, batch_size=256, select="val_macro_f1")
+    plain = train_probe(train, val, test, {}, 3, cfg)
+    bal = train_probe(train, val, test, {}, 3, dataclasses.replace(cfg, class_weights="balanced"))
+    assert not np.allclose(plain.weight, bal.weight)
+    assert bal.metrics["test_balanced_acc"] > plain.metrics["test_balanced_acc"] + 0.05
+    # Same weighting as sklearn's class_weight="balanced" at the equivalent C.
+    Xtr = train.X.astype(np.float64)
+    mu, sd = Xtr.mean(0), Xtr.std(0)
+    sk = LogisticRegression(C=1 / (bal.weight_decay * len(Xtr)), class_weight="balanced", max_iter=5000)
+    sk.fit((Xtr - mu) / sd, train.y)
+    agree = (sk.predict((test.X - mu) / sd) == bal.predict(test.X)).mean()
+    assert agree > 0.97
+
+
+def test_balanced_weights_with_class_missing_from_train(small):
+    train, val, test = small
+    keep = train.y != 3
+    res = train_probe(Split(train.X[keep], train.y[keep]), val, test, {}, 4,
+                      dataclasses.replace(SMALL_CFG, class_weights="balanced"))
+    assert all(np.isfinite(v) for v in res.metrics.values())
+    assert np.isfinite(res.weight).all()
+
+
+def test_early_stopping_keeps_best_epoch():
+    X, y = make_blobs(n_samples=3000, centers=4, n_features=16, cluster_std=1.0, random_state=0)
+    train, val, test = _splits(X, y, [1500, 750, 750])
+    cfg = ProbeConfig(lrs=[1e-2, 1e-1], weight_decays=[1e-4], epochs=60, batch_size=256, patience=3)
+    seen = []
+    es = train_probe(train, val, test, {}, 4, cfg, on_epoch=lambda e, info: seen.append((e, info)))
+    full = train_probe(train, val, test, {}, 4, dataclasses.replace(cfg, patience=None))
+    assert es.epochs_run < cfg.epochs and len(es.history) == es.epochs_run
+    # It stopped because the selection metric did not improve in the last `patience` epochs.
+    metric = [e["val_macro_f1"] for e in es.history]
+    assert max(metric[: -cfg.patience]) >= max(metric[-cfg.patience :])
+    # Stopping changes nothing before it: the history is a prefix of the full run's.
+    assert es.history == full.history[: es.epochs_run]
+    # The kept weights are those of the best epoch, which is the max of the history.
+    best_val = max(e["val_macro_f1"] for e in es.history)
+    assert es.history[es.best_epoch - 1]["val_macro_f1"] == best_val
+    assert classification_metrics(val.y, es.predict(val.X), "val", 4) == pytest.approx(
+        {k: v for k, v in es.metrics.items() if k.startswith("val_")})
+    assert es.metrics["val_macro_f1"] == pytest.approx(best_val)
+    assert [e for e, _ in seen] == list(range(1, es.epochs_run + 1))
+    assert {"val_acc", "val_macro_f1", "lr", "weight_decay", "train_loss"} <= set(seen[-1][1])
+    assert seen[-1][1]["val_macro_f1"] == pytest.approx(es.metrics["val_macro_f1"])
+
+
+def test_standardisation_uses_train_statistics(small):
+    train, val, test = small
+    X = train.X.astype(np.float64)
+    X[:, 0] = 7.0  # a constant dimension must not produce NaN
+    res = train_probe(Split(X.astype(np.float16), train.y), val, test, {}, 4, SMALL_CFG)
+    np.testing.assert_allclose(res.mean, X.mean(0), rtol=1e-6)
+    assert res.std[0] == 1.0 and np.isfinite(res.weight).all()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda tr, va, cfg: (Split(tr.X[:0], tr.y[:0]), va, cfg), "train split is empty"),
+        (lambda tr, va, cfg: (tr, Split(va.X, np.where(va.y == 0, 4, va.y)), cfg), "outside"),
+        (lambda tr, va, cfg: (tr, Split(va.X[:, :-1], va.y), cfg), "feature dim"),
+        (lambda tr, va, cfg: (tr, va, dataclasses.replace(cfg, select="val_auc")), "unknown select"),
+        (lambda tr, va, cfg: (tr, va, dataclasses.replace(cfg, lrs=[])), "grid is empty"),
+        (lambda tr, va, cfg: (tr, va, dataclasses.replace(cfg, class_weights="inverse")), "class_weights"),
+    ],
+)
+def test_invalid_inputs_raise(small, change, match):
+    train, val, test = small
+    tr, va, cfg = change(train, val, SMALL_CFG)
+    with pytest.raises(ValueError, match=match):
+        train_probe(tr, va, test, {}, 4, cfg)
+
+
+# ---------------------------------------------------------------- k-means
+
+
+def test_kmeans_scores():
+    X, y = make_blobs(n_samples=600, centers=4, n_features=8, cluster_std=0.5, random_state=0)
+    good = kmeans_scores(X.astype(np.float16), y, k=4, seed=0)
+    assert set(good) == {"kmeans_nmi", "kmeans_ari"}
+    assert good["kmeans_nmi"] > 0.95 and good["kmeans_ari"] > 0.95
+    bad = kmeans_scores(X, np.random.default_rng(0).permutation(y), k=4, seed=0)
+    assert abs(bad["kmeans_nmi"]) < 0.05 and abs(bad["kmeans_ari"]) < 0.05
+    assert kmeans_scores(X, y, k=4, seed=0) == kmeans_scores(X, y, k=4, seed=0)
