@@ -48,7 +48,7 @@ def records(runs: pd.DataFrame) -> list[dict]:
 
 def best(config: PipelineConfig, metric: str = "val_macro_f1", top: int | None = 10, encoder: str | None = None,
          any_config: bool = False) -> list[dict]:
-    runs = tracking.search_probe_runs(config, metric=metric, encoder=encoder, any_config=any_config)
+    runs = tracking.search_trial_runs(config, metric=metric, encoder=encoder, any_config=any_config)
     recs = records(runs)
     return recs[:top] if top else recs
 

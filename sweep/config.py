@@ -179,12 +179,38 @@ class PretrainConfig(_Model):
 class BaselineConfig(_Model):
     name: str
     kind: Literal["supervised", "simclr", "pretrained"]
-    arch: str = "resnet18"
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1.0e-3, gt=0)
+    weight_decay: float = Field(1.0e-4, ge=0)
+    small_input: bool | None = Field(None, description="3x3 stride-1 stem, no max-pool; default: image_size <= 64 "
+                                                       "(pretrained: from the weights)")
+    temperature: float = Field(0.5, gt=0, description="SimCLR NT-Xent temperature")
+    projection_dim: int = Field(128, ge=1, description="SimCLR projection head output size")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between Ray Train checkpoints")
+    normalize: Literal["none", "imagenet"] | None = Field(None, description="default: imagenet for pretrained, "
+                                                                           "none otherwise")
     weights: str | None = None
     layers: list[str] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"baseline name must be letters, digits, '-', '_' or '.', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> "BaselineConfig":
+        if self.kind == "pretrained":
+            if not self.weights:
+                raise ValueError("a pretrained baseline needs weights: a local .pth/.pt/.safetensors file")
+            if _is_remote(self.weights) or not Path(self.weights).is_file():
+                raise ValueError(f"weights must be a local file: {self.weights}")
+        elif self.weights:
+            raise ValueError(f"weights is only for kind pretrained (this baseline is {self.kind})")
+        return self
 
 
 # ------------------------------------------------------------------------------------------- extract

@@ -24,14 +24,17 @@ TAG_TRIAL = "sweep.trial"
 TAG_PARENT = "mlflow.parentRunId"
 
 CONTRACT_METRICS = ("val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "test_balanced_acc")
+# read once: mlflow.set_tracking_uri() writes this variable, which must not leak one pipeline's store into the next
+_ENV_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
 PROBE_PARAMS = ("encoder", "layer", "timestep", "resolution", "dim", "lr", "weight_decay")
 
 
 def tracking_uri(config: PipelineConfig) -> str:
     if config.tracking.uri:
         return config.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if _ENV_URI:
+        return _ENV_URI
     storage = Storage.of(config.storage_root)
     path = storage.local("mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,3 +163,82 @@ def search_probe_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
 def local_mlflow_db(config: PipelineConfig) -> Path | None:
     uri = tracking_uri(config)
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", encoder: str | None = None,
+                      any_config: bool = False, max_results: int = 100_000) -> pd.DataFrame:
+    """The `sweep best` query: finished probe child runs of this pipeline, best first by `metric`, ties
+    in MLflow's own order. Exactly this call in any MLflow client (same runs, same order):
+
+        mlflow.search_runs(experiment_names=[EXP], filter_string="tags.`sweep.stage` = 'probe' and
+            tags.`sweep.pipeline` = 'NAME' and tags.`mlflow.parentRunId` LIKE '%' and
+            attributes.status = 'FINISHED' and tags.`sweep.config_hash` = 'HASH'",
+            order_by=["metrics.`M` DESC"])
+
+    (`and params.encoder = 'E'` for one encoder; the parent-run condition keeps the stage's parent run,
+    which carries the same stage tag, out.)
+    """
+    client_for(config)
+    if mlflow.get_experiment_by_name(config.experiment_name) is None:
+        return pd.DataFrame()
+    filters = [f"tags.`{TAG_STAGE}` = 'probe'", f"tags.`{TAG_PIPELINE}` = '{config.name}'",
+               f"tags.`{TAG_PARENT}` LIKE '%'", "attributes.status = 'FINISHED'"]
+    if not any_config:
+        filters.append(f"tags.`{TAG_HASH}` = '{config.config_hash()}'")
+    if encoder:
+        filters.append(f"params.encoder = '{encoder}'")
+    return mlflow.search_runs(experiment_names=[config.experiment_name], filter_string=" and ".join(filters),
+                              order_by=[f"metrics.`{metric}` DESC"], max_results=max_results)
+
+
+def delete_unfinished_trial_runs(config: PipelineConfig, keys: set[str] | None = None) -> int:
+    """Delete the probe child runs of this config that never finished (a sweep interrupted while it wrote
+    them), so that rerunning their trials leaves exactly one run per trial. `keys`: only these trials.
+    Returns how many were deleted."""
+    client = client_for(config)
+    exp = client.get_experiment_by_name(config.experiment_name)
+    if exp is None:
+        return 0
+    stale, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id],
+            filter_string=(
+                f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = '{config.config_hash()}' "
+                f"and tags.`{TAG_TRIAL}` LIKE '%' and attributes.status != 'FINISHED'"
+            ),
+            max_results=1000,
+            page_token=token,
+        )
+        stale += [r.info.run_id for r in page if keys is None or r.data.tags.get(TAG_TRIAL) in keys]
+        token = page.token
+        if not token:
+            break
+    for run_id in stale:
+        client.delete_run(run_id)
+    return len(stale)
+
+
+def log_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str, tags: dict[str, str],
+                  params: dict, metrics: dict[str, float], curves: dict[str, list[float]] | None = None) -> str:
+    """One finished child run in three store calls: create it with every tag, one `log_batch` of params,
+    metrics and per-step curves (`curves[name][i]` is logged at step i + 1; more batches only past
+    MLflow's per-batch limits), terminate. Returns the run id."""
+    import time
+
+    now = int(time.time() * 1000)
+    run = client.create_run(experiment_id, start_time=now, tags={**tags, TAG_PARENT: parent_run_id})
+    run_id = run.info.run_id
+    entries = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for name, values in (curves or {}).items():
+        entries += [Metric(name, float(v), now, i + 1) for i, v in enumerate(values)]
+    plist = [Param(k, str(v)) for k, v in params.items()]
+    while True:  # MLflow's batch limits: 100 params, 1000 metrics, 1000 entries in all
+        params_now = plist[:100]
+        metrics_now = entries[: 1000 - len(params_now)]
+        client.log_batch(run_id, metrics=metrics_now, params=params_now)
+        entries, plist = entries[len(metrics_now):], plist[len(params_now):]
+        if not entries and not plist:
+            break
+    client.set_terminated(run_id, "FINISHED", end_time=int(time.time() * 1000))
+    return run_id

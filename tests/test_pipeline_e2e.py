@@ -22,7 +22,7 @@ CONTRACT = ["run_id", "encoder", "layer", "timestep", "resolution", "dim", "lr",
 def _probe_runs(cfg):
     mlflow.set_tracking_uri(tracking_uri(cfg))
     return mlflow.search_runs(experiment_names=[cfg.experiment_name],
-                              filter_string="tags.`sweep.stage` = 'probe'")
+                              filter_string="tags.`sweep.stage` = 'probe' and tags.`mlflow.parentRunId` LIKE '%'")
 
 
 def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys):

@@ -64,11 +64,17 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _short(value: object, limit: int = 80) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class FeatureStore:
     def __init__(self, root_uri: str):
         self.root = root_uri.rstrip("/")
         self.fs, self.base = pafs.FileSystem.from_uri(st._absolute(self.root))
         self._manifest: dict | None = None
+        self.dropped: list[str] = []
 
     # manifest -----------------------------------------------------------------------------------
     @property
@@ -80,23 +86,71 @@ class FeatureStore:
             self._manifest = st.read_json(self.manifest_uri)
         return self._manifest
 
-    def open(self, header: dict, key: str, datasets: dict[str, int]) -> dict:
+    def open(self, header: dict, key: str, datasets: dict[str, int], settings: dict | None = None) -> dict:
         """Start or resume a store. `key` fingerprints everything that determines the values (checkpoint,
         columns, preprocessing, seed, image table); a store made under another key is refused rather
-        than mixed. `datasets` maps dataset name -> number of shards."""
+        than mixed, and the error names the `settings` entries that differ. `datasets` maps dataset
+        name -> number of shards.
+
+        On resume, a shard listed as complete whose file is gone is dropped from the manifest (so it is
+        extracted again); `self.dropped` names such shards. Files not listed in the manifest (a shard
+        written but not yet recorded, a stray `*.tmp`) are never read and are overwritten when their
+        shard is written."""
         existing = self.manifest(reload=True)
+        self.dropped: list[str] = []
         if existing is not None and existing.get("key") != key:
-            raise FeatureStoreError(
-                f"{self.manifest_uri} was extracted with different settings (checkpoint, layers, timesteps, "
-                f"preprocessing or images changed). Delete {self.root} to re-extract, or set another storage."
-            )
+            raise FeatureStoreError(self._mismatch(existing, settings))
         if existing is None:
             existing = {**header, "key": key, "complete": False,
                         "datasets": {d: {"num_shards": n, "shards": []} for d, n in datasets.items()},
                         "rejected": []}
+            if settings is not None:
+                existing["settings"] = settings
             st.write_json(self.manifest_uri, existing)
         self._manifest = existing
+        self._drop_missing()
         return existing
+
+    def _mismatch(self, existing: dict, settings: dict | None) -> str:
+        old = existing.get("settings") or {}
+        changed = [k for k in (settings or {}) if k in old and old[k] != settings[k]]
+        if len(changed) > 1 and "columns" in changed and ({"layers", "timesteps"} & set(changed)):
+            changed.remove("columns")  # follows from the layers/timesteps named already
+        parts = []
+        for k in changed:
+            if k == "images":
+                parts.append("image table (images, labels, splits or their order)")
+            elif k == "checkpoint_hash":
+                parts.append(f"checkpoint content (checkpoint_hash {old[k]} -> {settings[k]})")
+            else:
+                parts.append(f"{k}: {_short(old[k])} -> {_short(settings[k])}")
+        what = "; ".join(parts) or "checkpoint, layers, timesteps, preprocessing or images"
+        return (
+            f"{self.root} holds features extracted with other settings (changed: {what}). Nothing was written: "
+            f"to keep both, extract into another storage (--set storage=PATH); to replace them, delete "
+            f"{self.root} and rerun; or restore the settings it was made with (see 'settings' in "
+            f"{self.manifest_uri})."
+        )
+
+    def _drop_missing(self) -> None:
+        m = self._manifest
+        present: dict[str, set[str]] = {}
+        for dataset, info in m["datasets"].items():
+            if not info["shards"]:
+                continue
+            selector = pafs.FileSelector(f"{self.base}/{dataset}", allow_not_found=True)
+            present[dataset] = {f.base_name for f in self.fs.get_file_info(selector)
+                                if f.type == pafs.FileType.File}
+            gone = [s for s in info["shards"] if s["file"].rsplit("/", 1)[-1] not in present[dataset]]
+            for s in gone:
+                self.dropped.append(s["file"])
+                info["shards"].remove(s)
+                m["rejected"] = [r for r in m["rejected"]
+                                 if not (r.get("domain") == dataset and r.get("shard") == s["index"])]
+        if self.dropped:
+            m["complete"] = False
+            m.pop("summary", None)
+            st.write_json(self.manifest_uri, m)
 
     def completed_shards(self, dataset: str) -> set[int]:
         m = self.manifest() or {}
@@ -119,6 +173,15 @@ class FeatureStore:
         m["datasets"][dataset]["shards"] = sorted(shards, key=lambda s: s["index"])
         m["rejected"] = [r for r in m["rejected"] if not (r["domain"] == dataset and r.get("shard") == index)]
         m["rejected"] += [{**r, "domain": dataset, "shard": index} for r in rejected]
+        st.write_json(self.manifest_uri, m)
+
+    def record_rejected(self, rejected: Sequence[dict]) -> None:
+        """List unreadable images (dicts with image_id, reason, domain, shard) before their shard is complete,
+        e.g. when too many of them stop an extraction; entries of a shard are replaced when it is written."""
+        m = self.manifest()
+        new = {(r["domain"], r["image_id"]) for r in rejected}
+        m["rejected"] = [r for r in m["rejected"] if (r.get("domain"), r["image_id"]) not in new]
+        m["rejected"] += [dict(r) for r in rejected]
         st.write_json(self.manifest_uri, m)
 
     def mark_complete(self, summary: dict) -> None:

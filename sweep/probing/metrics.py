@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
@@ -39,6 +41,9 @@ def classification_metrics(
         ),
     }
     if balanced:
-        # sklearn averages recall over the classes present in y_true (absent classes have no recall).
-        out[f"{prefix}_balanced_acc"] = float(balanced_accuracy_score(y_true, y_pred))
+        # Recall averaged over the classes present in y_true (absent classes have no recall); sklearn
+        # warns when y_pred holds other classes, which is expected here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            out[f"{prefix}_balanced_acc"] = float(balanced_accuracy_score(y_true, y_pred))
     return out

@@ -1,17 +1,650 @@
-"""`sweep baselines`: supervised and self-supervised baseline encoders (issue 6, not built yet)."""
+"""`sweep baselines`: baseline encoders trained under a budget comparable to the U-Net's, on the same images.
+
+Each entry of `baselines:` is one of
+
+- `supervised`: a ResNet trained from scratch with cross-entropy on the train split (Ray Train, DDP, the same
+  workers / GPU / CPU settings as pretraining and the same flip + 90-degree-rotation augmentation). After each
+  epoch every worker scores its share of the val split; the epoch with the best `probe.select` metric
+  (val_macro_f1 or val_acc) is kept, and its end-to-end test accuracy / macro F1 / balanced accuracy are
+  logged to MLflow (`test_acc`, `test_macro_f1`, `test_balanced_acc`): the supervised reference.
+- `simclr`: the same backbone + a projection head trained with NT-Xent on two augmented views of each image
+  (`sweep.train.simclr`). Labels never reach it: its Ray Data dataset has only the image and a row number.
+- `pretrained`: the architecture with weights from a local file (`weights`: torchvision/timm state dict,
+  `.pth`/`.pt`/`.safetensors`); nothing is trained or downloaded.
+
+Outputs (DESIGN "Storage layout"): `baselines/<name>/final/` holds `model.safetensors` (torchvision-format
+ResNet state dict; no `fc` for SimCLR) and `baseline.json` (arch, in_channels, small_input, kind, classes for
+a supervised baseline, metrics and per-epoch history), written under a temporary name and renamed. Ray Train
+checkpoints (model, optimiser, lr schedule, epoch, best-val weights) go to `baselines/<name>/run-<key>/`; a
+rerun resumes from the latest one, and a baseline whose `final/` matches its settings is skipped. Each
+baseline has its own MLflow run (tags `sweep.stage=baselines`, `sweep.baseline=<name>`) with loss curves.
+"""
 
 from __future__ import annotations
 
-from sweep.config import PipelineConfig
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sweep import tracking
+from sweep.config import BaselineConfig, ConfigError, PipelineConfig
+from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
+from sweep.features.store import fingerprint
+from sweep.stages.common import init_ray, say
+from sweep.storage import Storage, read_json
+
+FAULT_ENV = "SWEEP_BASELINE_FAULT_AT_EPOCH"  # fault injection for resume tests: fail after this epoch
+TAG_BASELINE = "sweep.baseline"
+TAG_BASELINE_KEY = "sweep.baseline_key"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of the steps, then cosine decay to 0
+EVAL_BATCH = 256
+
+# Settings that BaselineConfig may not declare yet, with their defaults (None: decided per baseline).
+OPTIONAL = {"small_input": None, "weight_decay": 1.0e-4, "temperature": 0.5, "projection_dim": 128,
+            "checkpoint_every": 1, "normalize": None}
 
 
-def run(config: PipelineConfig) -> None:
-    if not config.baselines:
-        from sweep.stages.common import say
+class BaselineError(RuntimeError):
+    pass
 
-        say("baselines: none configured")
-        return
-    raise NotImplementedError(
-        "baselines: training baseline encoders is not implemented yet; remove `baselines:` from the pipeline "
-        "(or run `sweep run --stages pretrain,extract,probe,report`)"
+
+def option(b: BaselineConfig, key: str):
+    value = getattr(b, key, None)
+    return OPTIONAL[key] if value is None else value
+
+
+def resolved(config: PipelineConfig, b: BaselineConfig) -> dict:
+    """Every setting of a trained baseline, defaults filled in."""
+    small = option(b, "small_input")
+    if small is None:
+        from sweep.encoders.resnet import default_small_input
+
+        small = default_small_input(config.data.image_size)
+    return {"kind": b.kind, "arch": b.arch, "epochs": b.epochs, "batch_size": b.batch_size, "lr": b.lr,
+            "weight_decay": float(option(b, "weight_decay")), "small_input": bool(small),
+            "in_channels": config.data.channels, "image_size": config.data.image_size,
+            **({"temperature": float(option(b, "temperature")), "projection_dim": int(option(b, "projection_dim"))}
+               if b.kind == "simclr" else {}),
+            **({"select": config.probe.select} if b.kind == "supervised" else {})}
+
+
+def baseline_key(config: PipelineConfig, b: BaselineConfig) -> str:
+    """What determines a baseline's weights: its settings, the main dataset and the seed (not the worker
+    count, the OOD sets, the layers extracted later or where it is stored)."""
+    if b.kind == "pretrained":
+        from sweep.encoders.base import checkpoint_hash
+
+        return fingerprint("pretrained", b.arch, checkpoint_hash(b.weights), option(b, "small_input"),
+                           option(b, "normalize"), config.data.channels, config.data.image_size)
+    return fingerprint(resolved(config, b), config.data.model_dump(mode="json", exclude={"ood"}), config.seed)
+
+
+def validate(config: PipelineConfig, index: int, b: BaselineConfig) -> None:
+    from sweep.encoders.resnet import ARCHS
+
+    where = f"baselines.{index}"
+    if b.arch not in ARCHS:
+        raise ConfigError(f"{where}.arch: unknown arch {b.arch!r}; choose from {', '.join(ARCHS)}")
+    if b.kind == "pretrained":
+        if not b.weights:
+            raise ConfigError(f"{where}.weights: a pretrained baseline needs a local weight file")
+        if "://" in b.weights or not Path(b.weights).is_file():
+            raise ConfigError(f"{where}.weights: not a local file: {b.weights}")
+    elif b.weights:
+        raise ConfigError(f"{where}.weights: only a pretrained baseline takes weights (this one is {b.kind})")
+    normalize = option(b, "normalize")
+    if normalize not in (None, "none", "imagenet"):
+        raise ConfigError(f"{where}.normalize: must be none or imagenet, got {normalize!r}")
+
+
+# ------------------------------------------------------------------------------------ final folder
+
+def write_final(out: str | Path, state: dict, meta: dict) -> None:
+    """Weights + baseline.json into `out`, atomically (temporary sibling, then rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def confusion_metrics(conf, prefix: str) -> dict[str, float]:
+    """`<prefix>_acc`, `_macro_f1` (over all classes, zero_division=0, as `sweep.probing.metrics`) and
+    `_balanced_acc` (mean recall over the classes present) from a confusion matrix (true x predicted)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    n = conf.sum()
+    if n == 0:
+        return {f"{prefix}_acc": float("nan"), f"{prefix}_macro_f1": float("nan"),
+                f"{prefix}_balanced_acc": float("nan")}
+    tp = np.diag(conf)
+    rows, cols = conf.sum(1), conf.sum(0)
+    denom = rows + cols
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = rows > 0
+    return {f"{prefix}_acc": float(tp.sum() / n), f"{prefix}_macro_f1": float(f1.mean()),
+            f"{prefix}_balanced_acc": float((tp[present] / rows[present]).mean())}
+
+
+# ------------------------------------------------------------------------------------ worker side
+
+class _TrainShard:
+    """This worker's Ray Data shard as epochs of batches (dicts of tensors).
+
+    A shard that fits in `cache_limit` bytes is read once, put in a fixed order (by its `row` column, so the
+    order does not depend on which Ray Data task finished first) and reshuffled in memory each epoch with a
+    generator seeded by (seed, epoch, rank): a seeded run is reproducible and a resumed one continues
+    exactly. A larger shard is streamed every epoch (in Ray Data's order).
+    """
+
+    def __init__(self, shard, batch_size: int, cache_limit: int):
+        self.shard, self.batch_size, self.cache_limit = shard, batch_size, cache_limit
+        self.cached: dict | None = None
+        self.streaming = False
+
+    def _stream(self):
+        return self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=None)
+
+    def epoch(self, epoch: int, seed: int, rank: int):
+        import torch
+
+        if self.streaming:
+            yield from self._stream()
+            return
+        if self.cached is None:
+            parts, size, it = [], 0, iter(self._stream())
+            for batch in it:
+                parts.append(batch)
+                size += sum(v.numel() * v.element_size() for v in batch.values())
+                if size > self.cache_limit:  # too big: this epoch and every later one stream
+                    self.streaming = True
+                    yield from parts
+                    yield from it
+                    return
+            if not parts:
+                self.cached = {}
+            else:
+                cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                order = torch.argsort(cat["row"])
+                self.cached = {k: v[order] for k, v in cat.items()}
+        n = len(self.cached.get("row", ()))
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch * 1009 + rank)
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, self.batch_size):
+            yield {k: v[perm[i: i + self.batch_size]] for k, v in self.cached.items()}
+
+
+class _EvalRows:
+    """This worker's share (every world-th row) of a labelled split, decoded in the worker without Ray Data,
+    so that every row is scored exactly once across workers (Ray Train's equal split could drop rows)."""
+
+    def __init__(self, rows: dict, rank: int, world: int, size: int, channels: int, cache_limit: int):
+        self.paths = rows["path"][rank::world]
+        self.indices = rows["index"][rank::world]
+        self.labels = rows["label"][rank::world]
+        self.size, self.channels = size, channels
+        self.cache_limit = cache_limit
+        self.cache: list | None = None
+
+    def batches(self):
+        import torch
+
+        from sweep.data.preprocess import decode_rows
+
+        if self.cache is not None:
+            yield from self.cache
+            return
+        keep, size = [], 0
+        for i in range(0, len(self.paths), EVAL_BATCH):
+            images, errors = decode_rows(self.paths[i: i + EVAL_BATCH], self.indices[i: i + EVAL_BATCH],
+                                         self.size, self.channels)
+            ok = np.asarray([not e for e in errors], dtype=bool)
+            x = torch.from_numpy(images[ok])
+            y = torch.as_tensor(np.asarray(self.labels[i: i + EVAL_BATCH], dtype=np.int64)[ok])
+            if keep is not None:
+                keep.append((x, y))
+                size += x.numel() * 4
+                if size > self.cache_limit:
+                    keep = None
+            yield x, y
+        if keep is not None:
+            self.cache = keep
+
+
+def _all_reduce(t, world: int):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def _evaluate(model, rows: _EvalRows, num_classes: int, device, world: int, use_cuda: bool, prefix: str) -> dict:
+    """Cross-entropy and confusion over every worker's rows (summed across workers)."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    loss = torch.zeros(1, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for x, y in rows.batches():
+            if not len(y):
+                continue
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_cuda):
+                logits = model(x)
+            logits = logits.float()
+            loss += F.cross_entropy(logits, y, reduction="sum").double()
+            conf += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()
+    _all_reduce(conf, world)
+    _all_reduce(loss, world)
+    model.train(was_training)
+    conf = conf.cpu().numpy().reshape(num_classes, num_classes)
+    n = conf.sum()
+    out = confusion_metrics(conf, prefix)
+    out[f"{prefix}_loss"] = float(loss.item() / n) if n else float("nan")
+    out[f"{prefix}_images"] = int(n)
+    return out
+
+
+def _lr_lambda(total_steps: int):
+    warmup = int(round(WARMUP_FRACTION * total_steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def train_loop(cfg: dict) -> None:
+    """Runs on every Ray Train worker (supervised and SimCLR alike)."""
+    import copy
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.nn.functional as F
+
+    from sweep.encoders.resnet import build_resnet
+    from sweep.train.augment import flips_and_rotations
+    from sweep.train.simclr import SimCLRModel, ViewAugment, nt_xent, two_views
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    supervised = cfg["kind"] == "supervised"
+    torch.manual_seed(cfg["seed"])
+    device = ray.train.torch.get_device()
+    use_cuda = device.type == "cuda"
+    if not use_cuda:
+        torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+
+    if supervised:
+        net = build_resnet(cfg["arch"], num_classes=len(cfg["classes"]), in_channels=cfg["in_channels"],
+                           small_input=cfg["small_input"])
+    else:
+        backbone = build_resnet(cfg["arch"], num_classes=0, in_channels=cfg["in_channels"],
+                                small_input=cfg["small_input"])
+        net = SimCLRModel(backbone, backbone.num_features, cfg["projection_dim"])
+    if use_cuda and world > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # global batch statistics, as in SimCLR
+    net = net.to(device)
+    if use_cuda:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    steps_per_epoch = max(1, math.ceil((cfg["n_train"] // world) / cfg["batch_size"]))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["epochs"] * steps_per_epoch))
+    start_epoch, step, history, best = 0, 0, [], None
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch, step, history, best = state["epoch"] + 1, state["step"], state["history"], state["best"]
+
+    model = ray.train.torch.prepare_model(net, move_to_device=False)  # DDP (gloo on CPU, nccl on GPU)
+    raw = model.module if hasattr(model, "module") else model
+
+    client = Metric = None
+    if rank == 0 and cfg["run_id"]:  # only rank 0 logs (and pays for importing mlflow)
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(cfg["tracking_uri"])
+    shard = _TrainShard(ray.train.get_dataset_shard("train"), cfg["batch_size"], cfg["cache_limit_bytes"])
+    val = test = None
+    if supervised:
+        val = _EvalRows(cfg["val_rows"], rank, world, cfg["image_size"], cfg["in_channels"], cfg["cache_limit_bytes"])
+        test = _EvalRows(cfg["test_rows"], rank, world, cfg["image_size"], cfg["in_channels"], 0)
+    aug = ViewAugment()
+    generator = torch.Generator()
+    select = cfg.get("select", "val_macro_f1")
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        model.train()
+        # reseeded per epoch: a run resumed at this epoch draws exactly what an uninterrupted one would
+        generator.manual_seed(cfg["seed"] * 7919 + rank * 104_729 + epoch)
+        t0, pending = time.perf_counter(), []
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
+        for batch in shard.epoch(epoch, cfg["seed"], rank):
+            x = batch["image"]
+            if x.shape[0] < 2:  # BatchNorm and NT-Xent need two samples; every worker has the same sizes
+                continue
+            x = x.to(device)
+            if supervised:
+                x = flips_and_rotations(x, generator)
+                y = batch["label"].to(device).long()
+                if use_cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_cuda):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            else:
+                v1, v2 = two_views(x, aug, generator)
+                v = torch.cat([v1, v2])
+                if use_cuda:
+                    v = v.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_cuda):
+                    z = model(v)
+                loss = nt_xent(z[: x.shape[0]], z[x.shape[0]:], cfg["temperature"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            total += torch.tensor([loss.item() * x.shape[0], x.shape[0]], dtype=torch.float64, device=device)
+            if client is not None:
+                pending.append(Metric("train_loss", loss.item(), int(time.time() * 1000), step))
+        _all_reduce(total, world)
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "step": step, "train_loss": float(total[0] / max(total[1].item(), 1)),
+                  "lr": schedule.get_last_lr()[0], "images_per_s": float(total[1]) / seconds if seconds else 0.0}
+        if supervised:
+            metrics = _evaluate(raw, val, len(cfg["classes"]), device, world, use_cuda, "val")
+            record.update({k: metrics[k] for k in ("val_loss", "val_acc", "val_macro_f1")})
+            score = metrics[select]
+            if best is None or (metrics["val_images"] == 0) or (not math.isnan(score) and score > best["score"]):
+                best = {"epoch": epoch + 1, "score": score, "metrics": record.copy(),
+                        "state": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}}
+        history.append(record)
+        if client is not None:
+            now = int(time.time() * 1000)
+            pending += [Metric(f"epoch_{k}", float(v), now, epoch + 1) for k, v in record.items()
+                        if k not in ("epoch", "step")]
+            _log_metrics(client, cfg["run_id"], pending)
+        last = epoch + 1 == cfg["epochs"]
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0 and ((epoch + 1) % cfg["checkpoint_every"] == 0 or last):
+                torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "epoch": epoch, "step": step,
+                            "history": history, "best": best}, Path(d) / "state.pt")
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(record, checkpoint=ckpt)
+        if cfg["fault_at_epoch"] and epoch + 1 == cfg["fault_at_epoch"]:
+            raise RuntimeError(f"injected fault after epoch {epoch + 1} ({FAULT_ENV})")
+
+    # -- the final weights: best-val epoch (supervised) or last epoch (SimCLR), then the test split
+    final_metrics: dict[str, float] = {}
+    if supervised:
+        if best is not None:
+            raw.load_state_dict(best["state"])
+        final_metrics = {k: v for k, v in (best or {}).get("metrics", {}).items()
+                         if k in ("val_loss", "val_acc", "val_macro_f1")}
+        final_metrics["best_epoch"] = (best or {}).get("epoch", cfg["epochs"])
+        test_metrics = _evaluate(raw, test, len(cfg["classes"]), device, world, use_cuda, "test")
+        final_metrics.update(test_metrics)
+        encoder = raw
+    else:
+        final_metrics = {"final_train_loss": history[-1]["train_loss"]} if history else {}
+        encoder = raw.backbone
+    if rank == 0:
+        encoder = _plain_batchnorm(copy.deepcopy(encoder).to("cpu").to(memory_format=torch.contiguous_format))
+        meta = {**cfg["meta"], "best_epoch": final_metrics.get("best_epoch"), "metrics": final_metrics,
+                "history": history}
+        write_final(cfg["final_dir"], encoder.state_dict(), meta)
+        if client is not None:
+            now = int(time.time() * 1000)
+            _log_metrics(client, cfg["run_id"], [
+                Metric(k, float(v), now, cfg["epochs"]) for k, v in final_metrics.items()
+                if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))])
+
+
+def _log_metrics(client, run_id: str, metrics: list) -> None:
+    for i in range(0, len(metrics), 1000):  # MLflow's limit per log_batch call
+        client.log_batch(run_id, metrics=metrics[i: i + 1000])
+
+
+def _plain_batchnorm(module):
+    """SyncBatchNorm -> BatchNorm2d (same keys and values), so the saved model is an ordinary ResNet."""
+    import torch
+
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        bn = torch.nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats)
+        bn.load_state_dict(module.state_dict())
+        return bn
+    for name, child in module.named_children():
+        setattr(module, name, _plain_batchnorm(child))
+    return module
+
+
+# ------------------------------------------------------------------------------------ driver side
+
+def train_dataset(config: PipelineConfig, kind: str, table=None):
+    """Ray Data: the train split, decoded and preprocessed in parallel (corrupt images dropped).
+
+    Columns: `image`, `row` (a position for a fixed order) and, for a supervised baseline only, `label`.
+    A self-supervised baseline's dataset has no label column at all.
+    """
+    import ray
+
+    from sweep.data.table import build_table
+    from sweep.stages.extract import decode_batch
+
+    table = table or build_table(config)
+    rows = table.frame[table.frame["split"] == "train"].reset_index(drop=True)
+    rows = rows.assign(row=np.arange(len(rows), dtype=np.int64))
+    columns = ["path", "index", "row"] + (["label"] if kind == "supervised" else [])
+    rows = rows[columns]
+    block = 256
+    chunks = [rows.iloc[i: i + block] for i in range(0, len(rows), block)]
+    keep = ["image", "row"] + (["label"] if kind == "supervised" else [])
+
+    def keep_good(batch: dict) -> dict:
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        return {k: batch[k][ok] for k in keep}
+
+    ds = ray.data.from_pandas(chunks).map_batches(
+        decode_batch, fn_kwargs={"size": config.data.image_size, "channels": config.data.channels},
+        batch_format="numpy")
+    return ds.map_batches(keep_good, batch_format="numpy"), len(rows)
+
+
+def _split_rows(table, split: str) -> dict:
+    rows = table.frame[table.frame["split"] == split]  # val/test exist in the main dataset only
+    return {"path": rows["path"].astype(str).tolist(), "index": rows["index"].astype(int).tolist(),
+            "label": rows["label"].astype(int).tolist()}
+
+
+def _start_run(config: PipelineConfig, b: BaselineConfig, key: str) -> str:
+    """The baseline's MLflow run: an unfinished one with the same key is reused (a resumed baseline keeps
+    one run), else a new one."""
+    client = tracking.client_for(config)
+    exp_id = tracking.ensure_experiment(config)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=(f"tags.`{tracking.TAG_STAGE}` = 'baselines' and tags.`{TAG_BASELINE}` = '{b.name}' "
+                       f"and tags.`{TAG_BASELINE_KEY}` = '{key}' and attributes.status != 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if runs:
+        client.update_run(runs[0].info.run_id, status="RUNNING")
+        return runs[0].info.run_id
+    tags = {**tracking.stage_tags(config, "baselines"), TAG_BASELINE: b.name, TAG_BASELINE_KEY: key,
+            "sweep.baseline_kind": b.kind, "mlflow.runName": f"baselines/{b.name}"}
+    return client.create_run(exp_id, tags=tags).info.run_id
+
+
+def _normalisation(b: BaselineConfig, channels: int) -> tuple[list | None, list | None]:
+    normalize = option(b, "normalize") or ("imagenet" if b.kind == "pretrained" else "none")
+    if normalize == "none":
+        return None, None
+    if channels == 1:  # a grey image stands for R = G = B: one mean/std, the channel average
+        return [float(np.mean(IMAGENET_MEAN))], [float(np.mean(IMAGENET_STD))]
+    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+def build_pretrained(config: PipelineConfig, b: BaselineConfig, out: str | Path, key: str) -> dict:
+    """Load `weights` into the architecture (conv1 adapted to the data's channels) and save it as final."""
+    from sweep.encoders.base import checkpoint_hash
+    from sweep.encoders.resnet import build_resnet, infer_layout, load_resnet_weights, read_state_dict
+
+    state = read_state_dict(b.weights)
+    layout = infer_layout(state)
+    if layout["arch"] and layout["arch"] != b.arch:
+        raise BaselineError(f"baseline {b.name!r}: arch is {b.arch} but {b.weights} holds a {layout['arch']}")
+    small = option(b, "small_input")
+    small = layout["small_input"] if small is None else bool(small)
+    model = build_resnet(b.arch, num_classes=layout["num_classes"], in_channels=config.data.channels,
+                         small_input=small)
+    load_resnet_weights(model, state, source=str(b.weights))
+    mean, std = _normalisation(b, config.data.channels)
+    meta = {"name": b.name, "kind": "pretrained", "arch": b.arch, "in_channels": config.data.channels,
+            "small_input": small, "num_classes": layout["num_classes"], "image_size": config.data.image_size,
+            "input_mean": mean, "input_std": std, "weights": str(b.weights),
+            "weights_hash": checkpoint_hash(b.weights), "key": key}
+    write_final(out, model.state_dict(), meta)
+    return meta
+
+
+def run_baseline(config: PipelineConfig, index: int, b: BaselineConfig, get_table) -> str:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    validate(config, index, b)
+    storage = Storage.of(config.storage_root)
+    if not storage.is_local:
+        raise BaselineError("baselines: remote storage for baselines/<name>/final is not supported yet; "
+                            "use a shared folder")
+    final = storage.local("baselines", b.name, "final")
+    key = baseline_key(config, b)
+    marker = read_json(str(final / META_FILE))
+    if marker is not None and marker.get("key") == key:
+        say(f"baselines {b.name}: {final} is complete for this config, nothing to do")
+        return str(final)
+
+    if b.kind == "pretrained":
+        if marker is not None:
+            say(f"baselines {b.name}: {final} was made from other weights or settings; rebuilding it")
+        run_id = _start_run(config, b, key)
+        try:
+            meta = build_pretrained(config, b, final, key)
+        except Exception:
+            tracking.finish_run(config, run_id, "FAILED")
+            raise
+        tracking.log_batch(config, run_id, params={"kind": b.kind, "arch": b.arch, "weights": b.weights,
+                                                   "weights_hash": meta["weights_hash"],
+                                                   "small_input": meta["small_input"],
+                                                   "input_mean": meta["input_mean"], "input_std": meta["input_std"]})
+        tracking.finish_run(config, run_id)
+        say(f"baselines {b.name}: {b.arch} weights from {b.weights} saved to {final}")
+        return str(final)
+
+    if marker is not None:
+        raise BaselineError(f"{final} holds a baseline trained with other settings; delete it to retrain "
+                            f"or set another storage")
+    table = get_table()
+    settings = resolved(config, b)
+    p = config.pretrain
+    init_ray(config)
+    run_id = _start_run(config, b, key)
+    dataset, n_train = train_dataset(config, b.kind, table)
+    tracking.log_batch(config, run_id, params={**settings, "workers": p.workers, "use_gpu": p.use_gpu,
+                                               "n_train": n_train, "seed": config.seed})
+    meta = {"name": b.name, "kind": b.kind, "arch": b.arch, "in_channels": config.data.channels,
+            "small_input": settings["small_input"],
+            "num_classes": len(table.classes) if b.kind == "supervised" else 0,
+            "image_size": config.data.image_size, "input_mean": None, "input_std": None, "key": key,
+            "epochs": b.epochs, "settings": settings,
+            **({"classes": list(table.classes)} if b.kind == "supervised" else {})}
+    loop_config = {
+        **settings, "name": b.name, "seed": config.seed, "cpus_per_worker": p.cpus_per_worker,
+        "checkpoint_every": int(option(b, "checkpoint_every")), "n_train": n_train,
+        "final_dir": str(final), "meta": meta, "tracking_uri": tracking.tracking_uri(config), "run_id": run_id,
+        "cache_limit_bytes": 2 << 30, "fault_at_epoch": int(os.environ.get(FAULT_ENV, "0") or 0),
+    }
+    if b.kind == "supervised":  # SimCLR gets no labels, no classes, no val/test rows
+        loop_config.update(classes=list(table.classes), val_rows=_split_rows(table, "val"),
+                           test_rows=_split_rows(table, "test"))
+    say(f"baselines {b.name}: {b.kind} {b.arch}, {n_train} training images, {b.epochs} epoch(s) x "
+        f"{b.batch_size} per worker x {p.workers} worker(s){' on GPU' if p.use_gpu else ''}")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
+                                               resources_per_worker={"CPU": p.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"run-{key}",  # same settings -> same run folder -> Ray Train resumes its latest checkpoint
+            storage_path=storage.uri("baselines", b.name),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+        ),
+        datasets={"train": dataset},
     )
+    try:
+        trainer.fit()
+    except Exception as e:
+        tracking.finish_run(config, run_id, "FAILED")
+        raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): {e}") from e
+    done = read_json(str(final / META_FILE))
+    if done is None or done.get("key") != key:
+        tracking.finish_run(config, run_id, "FAILED")
+        raise BaselineError(f"baseline {b.name!r} ended without writing {final}")
+    tracking.finish_run(config, run_id)
+    m = done.get("metrics", {})
+    if b.kind == "supervised":
+        say(f"baselines {b.name}: done; best epoch {m.get('best_epoch')} ({config.probe.select} "
+            f"{m.get(config.probe.select, float('nan')):.3f}), test_acc {m.get('test_acc', float('nan')):.3f}, "
+            f"test_macro_f1 {m.get('test_macro_f1', float('nan')):.3f}; saved to {final}")
+    else:
+        say(f"baselines {b.name}: done; final loss {m.get('final_train_loss', float('nan')):.4f}; saved to {final}")
+    return str(final)
+
+
+def run(config: PipelineConfig) -> dict[str, str]:
+    """Train (or resume, or skip) every configured baseline; returns name -> final folder."""
+    if not config.baselines:
+        say("baselines: none configured")
+        return {}
+    for i, b in enumerate(config.baselines):
+        validate(config, i, b)
+    cache: dict = {}
+
+    def get_table():
+        if "table" not in cache:
+            from sweep.data.table import build_table
+
+            cache["table"] = build_table(config)
+            say(f"data: {cache['table'].summary()}")
+        return cache["table"]
+
+    return {b.name: run_baseline(config, i, b, get_table) for i, b in enumerate(config.baselines)}

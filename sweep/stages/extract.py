@@ -3,6 +3,11 @@
 decode + preprocess (CPU tasks) -> encode (actor pool, one model copy per actor) -> the driver gathers rows
 in order and writes each shard atomically as soon as it is whole. A shard already in the manifest is never
 re-encoded, so an interrupted extraction resumes where it stopped and never duplicates a row.
+
+Throughput (benchmarks/extract_throughput.py): decoding must stay out of the encoder actors (Ray Data would
+fuse it in, see `_decode_tasks`); every Ray worker that runs `decode_chunk` or `EncodeBatch` imports this
+module, so it must not import heavy modules (MLflow) at module level; an actor uses `cpus_per_actor` torch
+threads; each encoder call gets exactly one chunk of `batch_size` images (`_chunks`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sweep import tracking
 from sweep.config import EncoderSpec, PipelineConfig
 from sweep.data.table import ImageTable, build_table
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint, to_table
@@ -39,7 +43,13 @@ def encoder_kwargs(config: PipelineConfig, spec: EncoderSpec) -> dict:
             "layers": config.extract.layers, "timesteps": list(config.extract.timesteps), "seed": config.seed,
             "precision": config.extract.precision, "timesteps_per_forward": config.extract.timesteps_per_forward,
         }
-    raise ExtractError(f"encoder {spec.name!r}: baseline encoders are not extractable yet (issue 6)")
+    checkpoint = spec.checkpoint or storage.baseline_final(spec.name)
+    if not exists(f"{checkpoint}/baseline.json"):
+        hint = "run `sweep baselines` first" if not spec.checkpoint else "check extract.encoders[].checkpoint"
+        raise ExtractError(f"encoder {spec.name!r}: no baseline at {checkpoint} ({hint})")
+    baseline = next((b for b in config.baselines if b.name == spec.name), None)
+    return {"kind": "cnn", "name": spec.name, "checkpoint": checkpoint,
+            "layers": baseline.layers if baseline is not None else None, "precision": config.extract.precision}
 
 
 def build_encoder(kwargs: dict, device: str = "cpu"):
@@ -49,6 +59,10 @@ def build_encoder(kwargs: dict, device: str = "cpu"):
         from sweep.encoders.diffusion import DiffusionEncoder
 
         return DiffusionEncoder(device=device, **kwargs)
+    if kind == "cnn":
+        from sweep.encoders.cnn import CNNEncoder
+
+        return CNNEncoder(device=device, **kwargs)
     raise ExtractError(f"unknown encoder kind {kind!r}")
 
 
@@ -63,8 +77,24 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, channels: int) -> dict
     return out
 
 
+def decode_chunk(batch: dict[str, np.ndarray], size: int, channels: int) -> dict[str, np.ndarray]:
+    """Ray Data task of `extract`: `decode_batch` on the real rows of one chunk; padding rows (`pad`) get a
+    zero image and are dropped by the encoder."""
+    pad = np.asarray(batch["pad"], dtype=bool)
+    if not pad.any():
+        return decode_batch(batch, size, channels)
+    real = decode_batch({k: v[~pad] for k, v in batch.items()}, size, channels)
+    out = {k: v for k, v in batch.items() if k not in ("path", "index")}
+    out["image"] = np.zeros((len(pad), channels, size, size), np.float32)
+    out["image"][~pad] = real["image"]
+    out["error"] = np.full(len(pad), "", dtype=object)
+    out["error"][~pad] = real["error"]
+    return out
+
+
 class EncodeBatch:
-    """Ray Data actor: one frozen encoder per actor, reused across batches."""
+    """Ray Data actor: one frozen encoder per actor, reused across batches. A batch is one chunk
+    (`_chunks`); padding rows are dropped, unreadable images get zero features and their error."""
 
     def __init__(self, encoder_kwargs: dict, threads: int):
         import torch
@@ -77,7 +107,9 @@ class EncodeBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
 
-        ok = np.asarray([not e for e in batch["error"]])
+        keep = ~np.asarray(batch["pad"], dtype=bool)
+        batch = {k: v[keep] for k, v in batch.items()} if not keep.all() else batch
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
         n = len(ok)
         feats = {c["column"]: np.zeros((n, c["dim"]), np.float16) for c in self.columns}
         if ok.any():
@@ -88,7 +120,7 @@ class EncodeBatch:
         meta = {k: [str(v) for v in batch[k]] for k in ("image_id", "split", "domain")}
         meta["label"] = batch["label"]
         table = to_table(meta, feats, self.columns)
-        table = table.append_column("shard", pa.array(batch["shard"].astype(np.int64)))
+        table = table.append_column("shard", pa.array(np.asarray(batch["shard"], dtype=np.int64)))
         return table.append_column("error", pa.array([str(e) for e in batch["error"]], pa.string()))
 
 
@@ -105,79 +137,165 @@ def _table_key(frame: pd.DataFrame) -> str:
         frame[["image_id", "label", "split", "domain"]], index=False).sum().item())
 
 
-def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable) -> dict:
+def _settings(config: PipelineConfig, encoder, columns: list[dict], frame: pd.DataFrame) -> dict:
+    """Everything that decides the stored values or which row lands in which shard. A store made under other
+    settings is refused (FeatureStore.open names what differs) rather than mixed."""
+    return {
+        "checkpoint_hash": encoder.checkpoint_hash,
+        "layers": list(dict.fromkeys(c["layer"] for c in columns)),
+        "timesteps": list(dict.fromkeys(c["timestep"] for c in columns)),
+        "columns": columns,
+        "image_size": config.data.image_size,
+        "channels": config.data.channels,
+        "seed": config.seed,
+        "precision": config.extract.precision,
+        "shard_size": config.extract.shard_size,
+        "images": _table_key(frame),
+    }
+
+
+def _decode_tasks(config: PipelineConfig) -> int:
+    """How many decode tasks run at once: enough to keep the encoder actors fed (a CPU actor is far slower
+    than decoding; a GPU actor needs several CPUs of decoding), and never the actor count itself: Ray Data
+    fuses a task-pool map into the following actor-pool map when its size equals the pool's (or is unset
+    and both ask for the same resources, ray-project/ray#54433), which would run decoding inside the
+    encoder actors, serially with the model, instead of in parallel CPU tasks. The cap also keeps a small
+    machine from starting many worker processes (each imports torch) while the actors start."""
+    per_actor = 8 if config.extract.gpus_per_actor > 0 else 2
+    return per_actor * config.extract.actors
+
+
+def _chunks(pending: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
+    """Split pending rows into the batches the encoder will see, one Ray Data block each: consecutive
+    slices of `batch_size` rows that start at a shard's first row and never cross a shard, the last one of
+    a shard padded to `batch_size` rows (`pad`, dropped by the encoder). Every block having exactly
+    `batch_size` rows, Ray Data's batching (which must be an int when GPUs are used) gives each encoder
+    call exactly one block, so a batch's images do not depend on which shards were done before: a resumed
+    run encodes exactly the batches a fresh one does (a model's float32 output for an image may depend on
+    the batch it is computed in)."""
+    pending = pending.assign(pad=False)
+    chunks = []
+    for _, rows in pending.groupby(["domain", "shard"], sort=False):
+        for i in range(0, len(rows), batch_size):
+            chunk = rows.iloc[i: i + batch_size]
+            missing = batch_size - len(chunk)
+            if missing:
+                filler = chunk.iloc[[0] * missing].assign(image_id="", path="", index=-1, pad=True)
+                chunk = pd.concat([chunk, filler], ignore_index=True)
+            chunks.append(chunk.reset_index(drop=True))
+    return chunks
+
+
+def build_dataset(config: PipelineConfig, pending: pd.DataFrame, kwargs: dict):
+    """The Ray Data pipeline over `pending` rows: decode + preprocess (CPU tasks) -> encode (actor pool),
+    one block per encoder batch (`_chunks`). Output rows arrive in `pending` order (set on this dataset's
+    own context: nothing global changes)."""
     import ray
 
+    threads = int(max(1, config.extract.cpus_per_actor))
+    batch = config.extract.batch_size
+    ds = (
+        ray.data.from_pandas(_chunks(pending, batch))
+        .map_batches(decode_chunk, fn_kwargs={"size": config.data.image_size, "channels": config.data.channels},
+                     batch_size=None, batch_format="numpy",
+                     compute=ray.data.TaskPoolStrategy(size=_decode_tasks(config)))
+        .map_batches(EncodeBatch, fn_constructor_kwargs={"encoder_kwargs": kwargs, "threads": threads},
+                     batch_size=batch, batch_format="numpy",
+                     compute=ray.data.ActorPoolStrategy(size=config.extract.actors),
+                     num_cpus=config.extract.cpus_per_actor, num_gpus=config.extract.gpus_per_actor)
+    )
+    # rows come back in table order, so shards complete one after another and few rows wait in the driver
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable) -> dict:
     storage = Storage.of(config.storage_root)
     store = FeatureStore(storage.features(spec.name))
     kwargs = encoder_kwargs(config, spec)
     encoder = build_encoder(kwargs)  # on the driver: columns and checkpoint hash, before any work starts
     columns = [c.to_dict() for c in encoder.columns]
     frame, shard_counts = _plan(table, config.extract.shard_size)
-    key = fingerprint(encoder.checkpoint_hash, columns, config.data.image_size, config.data.channels,
-                      config.seed, config.extract.shard_size, _table_key(frame))
+    settings = _settings(config, encoder, columns, frame)
     header = {
         "encoder": spec.name, "kind": encoder.kind, "checkpoint": str(getattr(encoder, "checkpoint", "")),
         "checkpoint_hash": encoder.checkpoint_hash, "classes": table.classes,
         "image_size": config.data.image_size, "channels": config.data.channels, "seed": config.seed,
         "columns": columns,
     }
-    store.open(header, key, shard_counts)
+    del encoder  # the actors build their own; the driver needs no model while the pipeline runs
+    store.open(header, fingerprint(settings), shard_counts, settings=settings)
+    for lost in store.dropped:
+        say(f"extract {spec.name}: shard {lost} is listed as complete but its file is gone: extracting it again")
     done = {d: store.completed_shards(d) for d in shard_counts}
     pending = frame[[s not in done[d] for d, s in zip(frame["domain"], frame["shard"])]]
     total = len(frame)
     if pending.empty:
-        say(f"extract {spec.name}: all {sum(shard_counts.values())} shards already complete, nothing to do")
+        summary = _summary(store, total)
+        say(f"extract {spec.name}: all {sum(shard_counts.values())} shards already complete, nothing to do "
+            f"({summary['rows']} rows, {summary['rejected']} image(s) rejected)")
         if not store.is_complete():
-            store.mark_complete(_summary(store, total))
-        return _summary(store, total)
+            store.mark_complete(summary)
+        return summary
     skipped = sum(len(v) for v in done.values())
     say(f"extract {spec.name}: {len(columns)} feature columns, {len(pending)} of {total} images to encode "
         f"({skipped} shard(s) already complete)")
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # rows come back in table order: shards complete one by one
-    block_rows = max(config.extract.batch_size, 64)
-    chunks = [pending.iloc[i: i + block_rows] for i in range(0, len(pending), block_rows)]
-    threads = int(max(1, config.extract.cpus_per_actor))
-    ds = (
-        ray.data.from_pandas(chunks)
-        .map_batches(decode_batch, fn_kwargs={"size": config.data.image_size, "channels": config.data.channels},
-                     batch_size=block_rows, batch_format="numpy")
-        .map_batches(EncodeBatch, fn_constructor_kwargs={"encoder_kwargs": kwargs, "threads": threads},
-                     batch_size=config.extract.batch_size, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=config.extract.actors),
-                     num_cpus=config.extract.cpus_per_actor, num_gpus=config.extract.gpus_per_actor)
-    )
+    ds = build_dataset(config, pending, kwargs)
     expected = pending.groupby(["domain", "shard"], sort=False).size().to_dict()
     buffers: dict[tuple[str, int], list[pa.Table]] = defaultdict(list)
     arrived: dict[tuple[str, int], int] = defaultdict(int)
-    rejected_total = len(store.manifest().get("rejected", []))
-    max_bad = config.extract.max_bad_fraction
+    # rejected images of complete shards (entries of unfinished shards are redone with their shard)
+    bad = sum(1 for r in store.manifest().get("rejected", []) if r.get("shard") in done.get(r.get("domain"), ()))
+    allowed = config.extract.max_bad_fraction * total
     with Timer() as timer:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            shard_col = batch.column("shard").to_numpy()
-            domain_col = batch.column("domain").to_pylist()
-            for (domain, shard) in dict.fromkeys(zip(domain_col, shard_col.tolist())):
-                mask = pa.array([(d == domain and s == shard) for d, s in zip(domain_col, shard_col)])
-                part = batch.filter(mask)
-                buffers[(domain, shard)].append(part)
-                arrived[(domain, shard)] += part.num_rows
-                if arrived[(domain, shard)] == expected[(domain, shard)]:
-                    rejected_total += _write_shard(store, domain, shard, buffers.pop((domain, shard)))
-                    if rejected_total > max_bad * total:
-                        raise ExtractError(
-                            f"extract {spec.name}: {rejected_total} of {total} images could not be read, more "
-                            f"than extract.max_bad_fraction={max_bad}; see 'rejected' in {store.manifest_uri}"
-                        )
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        try:
+            for batch in batches:
+                shard_col = batch.column("shard").to_numpy()
+                domain_col = batch.column("domain").to_pylist()
+                bad += sum(1 for e in batch.column("error").to_pylist() if e)
+                for (domain, shard) in dict.fromkeys(zip(domain_col, shard_col.tolist())):
+                    mask = pa.array([(d == domain and s == shard) for d, s in zip(domain_col, shard_col)])
+                    part = batch.filter(mask)
+                    buffers[(domain, shard)].append(part)
+                    arrived[(domain, shard)] += part.num_rows
+                    if arrived[(domain, shard)] == expected[(domain, shard)] and bad <= allowed:
+                        _write_shard(store, domain, shard, buffers.pop((domain, shard)))
+                if bad > allowed:
+                    _too_many_bad(store, spec.name, buffers, bad, total, config.extract.max_bad_fraction)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops the streaming executor (and its actors) at once on an error
     if buffers:
         raise ExtractError(f"extract {spec.name}: incomplete shards after the pipeline ended: {sorted(buffers)}")
     summary = _summary(store, total)
     store.mark_complete(summary)
     rate = len(pending) / timer.seconds if timer.seconds else float("nan")
     say(f"extract {spec.name}: wrote {summary['rows']} rows x {len(columns)} columns in "
-        f"{timer.seconds:.1f}s ({rate:.0f} images/s); {summary['rejected']} image(s) rejected")
+        f"{timer.seconds:.1f}s ({rate:.1f} images/s); {summary['rejected']} image(s) rejected")
     return summary
+
+
+def _too_many_bad(store: FeatureStore, name: str, buffers: dict, bad: int, total: int, fraction: float) -> None:
+    """Fail the stage; list the unreadable images of unfinished shards first (those of written shards are
+    listed already), so the user sees every one of them."""
+    found = []
+    for (domain, shard), parts in buffers.items():
+        for part in parts:
+            for i, e in zip(part.column("image_id").to_pylist(), part.column("error").to_pylist()):
+                if e:
+                    found.append({"image_id": i, "reason": e, "domain": domain, "shard": int(shard)})
+    store.record_rejected(found)  # replaced when their shard is extracted on a rerun
+    listed = store.manifest()["rejected"]
+    example = f" (e.g. {listed[0]['domain']}/{listed[0]['image_id']}: {listed[0]['reason']})" if listed else ""
+    raise ExtractError(
+        f"extract {name}: {bad} of {total} images could not be read{example}, more than "
+        f"extract.max_bad_fraction={fraction} allows ({int(fraction * total)}). Fix or remove them, or raise "
+        f"extract.max_bad_fraction, then rerun (complete shards are kept); they are listed under 'rejected' "
+        f"in {store.manifest_uri}"
+    )
 
 
 def _write_shard(store: FeatureStore, domain: str, shard: int, parts: list[pa.Table]) -> int:
@@ -195,10 +313,16 @@ def _write_shard(store: FeatureStore, domain: str, shard: int, parts: list[pa.Ta
 def _summary(store: FeatureStore, total: int) -> dict:
     m = store.manifest()
     rows = sum(s["rows"] for d in m["datasets"].values() for s in d["shards"])
-    return {"images": total, "rows": rows, "rejected": len(m.get("rejected", []))}
+    done = {(d, s["index"]) for d, v in m["datasets"].items() for s in v["shards"]}
+    rejected = sum(1 for r in m.get("rejected", []) if (r.get("domain"), r.get("shard")) in done)
+    return {"images": total, "rows": rows, "rejected": rejected}
 
 
 def run(config: PipelineConfig) -> dict[str, dict]:
+    # imported here, not at module level: Ray workers import this module to run decode_batch / EncodeBatch,
+    # and MLflow costs seconds of start-up in every one of them
+    from sweep import tracking
+
     table = build_table(config)
     say(f"data: {table.summary()}")
     init_ray(config)

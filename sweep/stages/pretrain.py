@@ -1,9 +1,23 @@
 """`sweep pretrain`: Ray Train (DDP) trains the diffusers U-Net on the training images, without labels.
 
 The run is resumable: every `checkpoint_every` steps rank 0 reports a checkpoint (model, EMA, optimiser,
-lr schedule, step, epoch) through `ray.train.report`; rerunning the stage with the same config finds the
-latest one under `pretrain/` and continues to the configured step count. The EMA weights and the scheduler
-end up in `pretrain/final/` (diffusers `save_pretrained`), written under a temporary name and renamed.
+lr schedule, step, epoch) through `ray.train.report`. The Ray Train run folder is named after the settings
+that determine the weights (`pretrain/run-<key>`), and Ray Train V2 reloads that folder's
+`checkpoint_manager_snapshot.json` when a trainer with the same `RunConfig(name, storage_path)` starts, so
+`ray.train.get_checkpoint()` hands the workers the latest checkpoint and the rerun continues to the
+configured step count (checked against Ray 2.60's checkpoint manager; `resume_from_checkpoint=` is
+deprecated in V2 and raises). The EMA weights and the scheduler end up in `pretrain/final/` (diffusers
+`save_pretrained`), written under a temporary name and renamed.
+
+MLflow (rank 0 only): per-step `loss` (mean over all workers, one all-reduce per report) and `lr` stamped
+with the wall time each step ended, `images_per_s` and `images_seen` per report, all sent in one batch right
+after each checkpoint is persisted, so a resumed run logs every step exactly once (the steps after the last
+checkpoint are trained again and logged then); a sample grid `samples.png` at the end. All of it goes to the
+stage's parent run.
+
+Throughput (benchmarks/pretrain_throughput.py): the step itself is `sweep.train.loop.DDPMTrainer`, shared with
+a plain-DDP loop in the benchmark; per step this loop adds no sync, no logging and no Ray call; a shard that
+fits in memory is cached after its first epoch; a worker runs `cpus_per_worker` torch threads.
 """
 
 from __future__ import annotations
@@ -15,15 +29,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweep import tracking
 from sweep.config import PipelineConfig
-from sweep.data.table import build_table
-from sweep.features.store import fingerprint
 from sweep.stages.common import init_ray, say
 from sweep.storage import Storage, exists, read_json
 
+# Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
+# the feature store are imported where they are used, not here.
+
 FINAL_MARKER = "sweep_pretrain.json"
-FAULT_ENV = "SWEEP_FAULT_AT_STEP"  # fault injection for resume tests: raise after this global step
+STATE_FILE = "state.pt"
+# Fault injection for resume tests: the workers raise after the first checkpoint at or past this step, unless
+# the run resumed at or past it (so a rerun with the variable still set finishes). Read on the driver and sent
+# in the loop config: the driver's environment does not reach the workers of an already running Ray.
+FAULT_ENV = "SWEEP_FAULT_AT_STEP"
+MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
 class PretrainError(RuntimeError):
@@ -32,24 +51,33 @@ class PretrainError(RuntimeError):
 
 def pretrain_key(config: PipelineConfig) -> str:
     """What determines the trained weights: the pretrain section, the data and the seed."""
+    from sweep.features.store import fingerprint
+
     return fingerprint(config.pretrain.model_dump(mode="json", exclude={"workers", "use_gpu", "cpus_per_worker",
                                                                         "sample_grid"}),
                        config.data.model_dump(mode="json"), config.seed)
 
 
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:09d}"
+
+
 # ------------------------------------------------------------------------------------ worker side
 
-def _batches(shard, batch_size: int, cache_limit_bytes: int, seed: int, rank: int):
+def _batches(shard, batch_size: int, cache_limit_bytes: int, seed: int, rank: int, start_epoch: int = 0,
+             shuffle_buffer: int | None = None):
     """Endless (epoch, batch) stream. A shard that fits in `cache_limit_bytes` is read once and then
-    reshuffled in memory each epoch (re-streaming a tiny set costs more than training on it)."""
+    reshuffled in memory each epoch (re-streaming a small set through Ray Data costs more than training
+    on it); a larger one is streamed every epoch through a local shuffle buffer."""
     import torch
 
     cached: torch.Tensor | None = None
-    epoch = 0
+    epoch = start_epoch
     while True:
         if cached is None:
             seen, size = [], 0
-            for batch in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=None):
+            for batch in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer,
+                                                  local_shuffle_seed=seed * 1009 + epoch * 7 + rank):
                 x = batch["image"]
                 if size >= 0:
                     seen.append(x)
@@ -61,10 +89,83 @@ def _batches(shard, batch_size: int, cache_limit_bytes: int, seed: int, rank: in
                 cached = torch.cat(seen)
         else:
             g = torch.Generator().manual_seed(seed * 100_003 + epoch * 1009 + rank)
-            perm = torch.randperm(len(cached), generator=g)
+            perm = torch.randperm(len(cached), generator=g).to(cached.device)
             for i in range(0, len(cached), batch_size):
                 yield epoch, cached[perm[i: i + batch_size]]
         epoch += 1
+
+
+def _build_model(cfg: dict):
+    from sweep.encoders.diffusion import build_scheduler, build_unet, load_checkpoint
+
+    if cfg["init_from"]:
+        return load_checkpoint(cfg["init_from"])
+    m = cfg["model"]
+    unet = build_unet(cfg["image_size"], cfg["channels"], m["block_out_channels"], m["layers_per_block"],
+                      m["attention"])
+    return unet, build_scheduler(**cfg["scheduler"])
+
+
+def _log_metrics(client, run_id: str, metrics: list) -> None:
+    for i in range(0, len(metrics), MLFLOW_BATCH):
+        client.log_batch(run_id, metrics=metrics[i: i + MLFLOW_BATCH])
+
+
+def _window_metrics(window: dict, after_step: int = 0) -> list:
+    """MLflow metrics of one reporting window (per-step loss and lr at the wall time each step ended)."""
+    from mlflow.entities import Metric
+
+    out = []
+    for s, loss, lr, ts in zip(window["steps"], window["loss"], window["lr"], window["time"]):
+        if s > after_step:
+            out += [Metric("loss", loss, ts, s), Metric("lr", lr, ts, s)]
+    if window["steps"] and window["steps"][-1] > after_step:
+        for key in ("images_per_s", "images_seen"):
+            if window.get(key) is not None:
+                out.append(Metric(key, window[key], window["time"][-1], window["steps"][-1]))
+    return out
+
+
+def _relog_lost_window(client, run_id: str, window: dict | None) -> None:
+    """After a resume: the last checkpoint's window may be persisted but not yet in MLflow (a crash
+    between the report and the log); log exactly the steps MLflow lacks."""
+    if not window or not window["steps"]:
+        return
+    history = client.get_metric_history(run_id, "loss")
+    logged = max((m.step for m in history), default=0)
+    if logged < window["steps"][-1]:
+        _log_metrics(client, run_id, _window_metrics(window, after_step=logged))
+
+
+class _FirstBatchInBackground:
+    """Iterator wrapper that pulls the first item in a thread, so the Ray Data pipeline (its coordinator
+    actor and decode tasks) starts while the worker imports diffusers and builds the model."""
+
+    def __init__(self, it):
+        import threading
+
+        self._it, self._first, self._error = it, None, None
+        self._thread = threading.Thread(target=self._pull, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first = next(self._it)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+            self._error = e
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                raise self._error
+            first, self._first = self._first, None
+            return first
+        return next(self._it)
 
 
 def train_loop(cfg: dict) -> None:
@@ -72,123 +173,105 @@ def train_loop(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-    from diffusers.training_utils import EMAModel
-    from mlflow.tracking import MlflowClient
-
-    from sweep.encoders.diffusion import build_scheduler, build_unet, load_checkpoint
-    from sweep.train.augment import flips_and_rotations
-    from sweep.train.ddpm import ddpm_loss
+    import torch.distributed as dist
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg["seed"])
     device = ray.train.torch.get_device()
-    use_cuda = device.type == "cuda"
-    if not use_cuda:
+    if device.type != "cuda":
+        # one intra-op thread per reserved CPU: more threads than cores only contend with the other workers
         torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
 
-    if cfg["init_from"]:
-        unet, scheduler = load_checkpoint(cfg["init_from"])
-    else:
-        m = cfg["model"]
-        unet = build_unet(cfg["image_size"], cfg["channels"], m["block_out_channels"], m["layers_per_block"],
-                          m["attention"])
-        scheduler = build_scheduler(**cfg["scheduler"])
-    ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"], use_ema_warmup=True,
-                   model_cls=type(unet), model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, cfg["warmup_steps"], cfg["steps"])
-    step, start_epoch = 0, 0
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    state = None
+    checkpoint = ray.train.get_checkpoint()  # Ray Train V2: the latest checkpoint of this run folder, if any
+    if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        step, start_epoch = state["step"], state["epoch"] + 1
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    # a resumed run starts a new epoch (the position inside the interrupted one is not kept)
+    stream = _batches(ray.train.get_dataset_shard("train"), cfg["batch_size"], cfg["cache_limit_bytes"],
+                      cfg["seed"], rank, start_epoch=state["epoch"] + 1 if state else 0,
+                      shuffle_buffer=cfg.get("shuffle_buffer"))
+    if not state or state["step"] < cfg["steps"]:
+        stream = _FirstBatchInBackground(stream)
 
-    unet = unet.to(device)
-    if use_cuda:
-        unet = unet.to(memory_format=torch.channels_last)
-    ema.to(device)
-    model = ray.train.torch.prepare_model(unet)  # DDP (gloo on CPU, nccl on GPU)
-    raw = model.module if hasattr(model, "module") else model
+    from sweep.train.loop import DDPMTrainer
 
-    client = MlflowClient(cfg["tracking_uri"]) if rank == 0 and cfg["run_id"] else None
-    pending_metrics: list = []
-    generator = torch.Generator().manual_seed(cfg["seed"] * 7919 + rank + 1000 * step)
-    shard = ray.train.get_dataset_shard("train")
-    fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
+    torch.manual_seed(cfg["seed"])  # every worker builds the same initial weights (DDP broadcasts rank 0's anyway)
+    unet, scheduler = _build_model(cfg)
+    trainer = DDPMTrainer(unet, scheduler, lr=cfg["lr"], total_steps=cfg["steps"],
+                          warmup_steps=cfg["warmup_steps"], weight_decay=cfg["weight_decay"],
+                          grad_clip=cfg["grad_clip"], ema_decay=cfg["ema_decay"], augment=cfg["augment"],
+                          device=device, seed=cfg["seed"], rank=rank)
+    client = None
+    if rank == 0 and cfg["run_id"]:
+        from mlflow.tracking import MlflowClient
 
-    model.train()
-    images_seen, t0, losses = 0, time.perf_counter(), []
-    stream = _batches(shard, cfg["batch_size"], cfg["cache_limit_bytes"], cfg["seed"], rank)
-    for epoch, x in stream:
-        if step >= cfg["steps"]:
-            break
-        epoch += start_epoch
-        x = x.to(device)
-        if cfg["augment"]:
-            x = flips_and_rotations(x, generator)
-        if use_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_cuda):
-            loss = ddpm_loss(model, scheduler, x, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
-        lr_schedule.step()
-        ema.step(raw.parameters())  # the unwrapped model: EMA keys must not carry DDP's "module." prefix
-        step += 1
-        images_seen += x.shape[0] * world
-        losses.append(loss.item())
+        client = MlflowClient(cfg["tracking_uri"])
+    if state is not None:
+        trainer.load_state_dict(state)
         if client is not None:
-            from mlflow.entities import Metric
+            _relog_lost_window(client, cfg["run_id"], state.get("window"))
+        state = None
+    start_step = trainer.step
+    images_seen = trainer.extra.get("images_seen", 0)  # global count, for throughput and epochs
+    trainer.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))  # DDP: gloo on CPU, nccl on GPU
 
-            now = int(time.time() * 1000)
-            pending_metrics += [Metric("loss", losses[-1], now, step),
-                                Metric("lr", lr_schedule.get_last_lr()[0], now, step)]
-        if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
-            elapsed = time.perf_counter() - t0
-            metrics = {"step": step, "epoch": epoch, "loss": sum(losses) / len(losses),
-                       "images_per_s": images_seen / elapsed if elapsed else 0.0}
-            if client is not None:
-                from mlflow.entities import Metric
+    steps, every = cfg["steps"], cfg["checkpoint_every"]
+    fault_at = int(cfg.get("fault_at_step") or 0)
+    trainer.model.train()
 
-                now = int(time.time() * 1000)
-                pending_metrics.append(Metric("images_per_s", metrics["images_per_s"], now, step))
-                client.log_batch(cfg["run_id"], metrics=pending_metrics)
-                pending_metrics = []
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    torch.save({"model": raw.state_dict(), "ema": ema.state_dict(),
-                                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                                "step": step, "epoch": epoch}, Path(d) / "state.pt")
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=ckpt)
-            images_seen, t0, losses = 0, time.perf_counter(), []
-            if fault_at and step >= fault_at:
-                raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+    losses, lrs, times, images = [], [], [], 0
+    t_window = time.perf_counter()
+    while trainer.step < steps:
+        trainer.epoch, x = next(stream)
+        lrs.append(trainer.lr)  # the rate this step trains with
+        losses.append(trainer.train_step(x))
+        times.append(int(time.time() * 1000))
+        images += x.shape[0]
+        if trainer.step % every and trainer.step != steps:
+            continue
+
+        # One collective per report: the exact mean loss over all workers for every step of the window,
+        # the global image count, and a check that all workers are at the same global step.
+        stats = torch.stack([*losses, torch.tensor(float(images), device=losses[0].device),
+                             torch.tensor(float(trainer.step), device=losses[0].device)]).double()
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(stats)
+        stats = stats.cpu().tolist()
+        if stats[-1] != trainer.step * world:
+            raise RuntimeError(f"workers disagree on the global step (rank {rank} at {trainer.step}, "
+                               f"sum over {world} workers {stats[-1]:.0f})")
+        elapsed = time.perf_counter() - t_window
+        images_seen += int(stats[-2])
+        trainer.extra["images_seen"] = images_seen
+        window = {"steps": list(range(trainer.step - len(losses) + 1, trainer.step + 1)),
+                  "loss": [v / world for v in stats[:-2]], "lr": lrs, "time": times,
+                  "images_per_s": stats[-2] / elapsed if elapsed > 0 else 0.0, "images_seen": images_seen}
+        metrics = {"step": trainer.step, "epoch": trainer.epoch,
+                   "loss": sum(window["loss"]) / len(window["loss"]), "images_per_s": window["images_per_s"]}
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save({**trainer.state_dict(), "window": window}, Path(d) / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(trainer.step))
+        # logged only once the checkpoint that covers these steps is persisted: a resumed run never
+        # logs a step twice (steps after the last checkpoint are trained again, and logged then)
+        if client is not None:
+            _log_metrics(client, cfg["run_id"], _window_metrics(window))
+        losses, lrs, times, images = [], [], [], 0
+        if fault_at and start_step < fault_at <= trainer.step:
+            raise RuntimeError(f"injected fault after the checkpoint at step {trainer.step} ({FAULT_ENV})")
+        t_window = time.perf_counter()
 
     if rank == 0:
-        _save_final(raw, ema, scheduler, cfg, client)
+        _save_final(trainer, scheduler, cfg, client)
 
 
-def _save_final(raw, ema, scheduler, cfg: dict, client) -> None:
-    import copy
-
+def _save_final(trainer, scheduler, cfg: dict, client) -> None:
     from sweep.train.ddpm import image_grid, sample
 
-    final = copy.deepcopy(raw).to("cpu").eval()
-    ema.copy_to(final.parameters())
-    final = final.to(memory_format=__import__("torch").contiguous_format)
+    final = trainer.ema_model("cpu")
     out = Path(cfg["final_dir"])
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -199,7 +282,7 @@ def _save_final(raw, ema, scheduler, cfg: dict, client) -> None:
     tmp.rename(out)
     if client is not None and cfg["sample_grid"]:
         with tempfile.TemporaryDirectory() as d:
-            images = sample(final, dict(scheduler.config), cfg["sample_grid"], seed=cfg["seed"])
+            images = sample(final.to(trainer.device), dict(scheduler.config), cfg["sample_grid"], seed=cfg["seed"])
             image_grid(images, f"{d}/samples.png")
             client.log_artifact(cfg["run_id"], f"{d}/samples.png")
 
@@ -211,10 +294,13 @@ def train_dataset(config: PipelineConfig):
     import numpy as np
     import ray
 
+    from sweep.data.table import build_table
     from sweep.stages.extract import decode_batch
 
     table = build_table(config)
     rows = table.frame[table.frame["split"] == "train"].assign(shard=0)
+    # the table is ordered by class: mix it once here, so blocks (and a streamed epoch) are not one class each
+    rows = rows.sample(frac=1.0, random_state=config.seed)
     block = 256
     chunks = [rows.iloc[i: i + block] for i in range(0, len(rows), block)]
     ds = ray.data.from_pandas(chunks).map_batches(
@@ -228,11 +314,69 @@ def train_dataset(config: PipelineConfig):
     return ds.map_batches(keep_good, batch_format="numpy"), len(rows)
 
 
-def run(config: PipelineConfig) -> str:
-    """Train (or resume) and return the final checkpoint folder."""
+def _check_init_from(config: PipelineConfig) -> None:
+    """`init_from` must fit the pipeline's images (the U-Net's sample size and channels)."""
+    path = Path(config.pretrain.init_from)
+    cfg_file = path / "config.json" if (path / "config.json").is_file() else path / "unet" / "config.json"
+    if not cfg_file.is_file():
+        raise PretrainError(f"pretrain.init_from: no diffusers U-Net config in {path}")
+    unet = json.loads(cfg_file.read_text())
+    size, channels = unet.get("sample_size"), unet.get("in_channels")
+    if size not in (None, config.data.image_size) or channels != config.data.channels:
+        raise PretrainError(
+            f"pretrain.init_from: {path} is a U-Net for {channels}-channel {size}px images, but the pipeline "
+            f"has data.channels={config.data.channels} and data.image_size={config.data.image_size}")
+
+
+def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = None) -> dict:
+    """The `train_loop_config` of every worker (plain JSON values)."""
+    from sweep import tracking
+
+    storage = Storage.of(config.storage_root)
+    p = config.pretrain
+    fault = os.environ.get(FAULT_ENV, "").strip()
+    return {
+        **p.model_dump(mode="json"), "image_size": config.data.image_size, "channels": config.data.channels,
+        "seed": config.seed, "final_dir": str(storage.local("pretrain", "final")), "key": key or pretrain_key(config),
+        "tracking_uri": tracking.tracking_uri(config), "run_id": run_id, "cache_limit_bytes": 2 << 30,
+        "shuffle_buffer": 4 * p.batch_size,
+        # passed explicitly: env vars of the driver do not reach workers of a running (or remote) Ray
+        "fault_at_step": int(fault) if fault else 0,
+    }
+
+
+def make_trainer(config: PipelineConfig, run_id: str | None, dataset, key: str | None = None):
+    """The stage's TorchTrainer (also what `benchmarks/pretrain_throughput.py` times)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    storage = Storage.of(config.storage_root)
+    key = key or pretrain_key(config)
+    p = config.pretrain
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config(config, run_id, key),
+        scaling_config=ray.train.ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
+                                               resources_per_worker={"CPU": p.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            # same settings -> same run folder -> Ray Train V2 hands its latest checkpoint to get_checkpoint()
+            name=f"run-{key}",
+            storage_path=storage.pretrain_runs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def _cause(e: BaseException) -> str:
+    """One line for the user: Ray's worker-group errors carry tracebacks; their last line is the cause."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def run(config: PipelineConfig) -> str:
+    """Train (or resume) and return the final checkpoint folder."""
     storage = Storage.of(config.storage_root)
     key = pretrain_key(config)
     marker = read_json(f"{storage.pretrain_final}/{FINAL_MARKER}")
@@ -246,48 +390,36 @@ def run(config: PipelineConfig) -> str:
         )
     if not storage.is_local:
         raise PretrainError("pretrain: remote storage for pretrain/final is not supported yet; use a shared folder")
+    p = config.pretrain
+    if p.init_from:
+        _check_init_from(config)
+
+    from sweep import tracking  # MLflow: only once there is something to train
 
     init_ray(config)
     run_id = tracking.start_stage_run(config, "pretrain")
-    p = config.pretrain
     tracking.log_batch(config, run_id, params={
         "steps": p.steps, "batch_size": p.batch_size, "workers": p.workers, "lr": p.lr,
-        "warmup_steps": p.warmup_steps, "ema_decay": p.ema_decay, "grad_clip": p.grad_clip,
+        "warmup_steps": p.warmup_steps, "weight_decay": p.weight_decay, "ema_decay": p.ema_decay,
+        "grad_clip": p.grad_clip, "augment": p.augment, "checkpoint_every": p.checkpoint_every,
         "block_out_channels": p.model.block_out_channels, "layers_per_block": p.model.layers_per_block,
         "attention": p.model.attention, "num_train_timesteps": p.scheduler.num_train_timesteps,
         "beta_schedule": p.scheduler.beta_schedule, "image_size": config.data.image_size,
-        "channels": config.data.channels, "init_from": p.init_from})
+        "channels": config.data.channels, "init_from": p.init_from, "seed": config.seed})
     dataset, n_images = train_dataset(config)
     say(f"pretrain: {n_images} training images, {p.steps} steps x {p.batch_size} per worker x {p.workers} "
         f"worker(s){' on GPU' if p.use_gpu else ''}")
-    loop_config = {
-        **p.model_dump(mode="json"), "image_size": config.data.image_size, "channels": config.data.channels,
-        "seed": config.seed, "final_dir": str(storage.local("pretrain", "final")), "key": key,
-        "tracking_uri": tracking.tracking_uri(config), "run_id": run_id, "cache_limit_bytes": 2 << 30,
-    }
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
-                                               resources_per_worker={"CPU": p.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"run-{key}",  # same config -> same run folder -> Ray Train resumes its latest checkpoint
-            storage_path=storage.pretrain_runs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
-        ),
-        datasets={"train": dataset},
-    )
+    trainer = make_trainer(config, run_id, dataset, key)
     try:
         result = trainer.fit()
     except Exception as e:
         tracking.finish_run(config, run_id, "FAILED")
-        raise PretrainError(f"pretrain failed (rerun to resume from the last checkpoint): {e}") from e
+        raise PretrainError(f"pretrain failed (rerun to resume from the last checkpoint): {_cause(e)}") from e
     if not exists(f"{storage.pretrain_final}/{FINAL_MARKER}"):
         tracking.finish_run(config, run_id, "FAILED")
         raise PretrainError(f"pretrain ended without writing {storage.pretrain_final}")
     metrics = result.metrics or {}
     tracking.finish_run(config, run_id)
-    say(f"pretrain: done at step {metrics.get('step')} (last loss {metrics.get('loss', float('nan')):.4f}); "
-        f"U-Net saved to {storage.pretrain_final}")
+    say(f"pretrain: done at step {metrics.get('step', p.steps)} (last loss {metrics.get('loss', float('nan')):.4f}, "
+        f"{metrics.get('images_per_s', float('nan')):.1f} images/s); U-Net saved to {storage.pretrain_final}")
     return storage.pretrain_final

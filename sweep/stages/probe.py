@@ -1,24 +1,42 @@
 """`sweep probe`: one Ray Tune trial per (encoder, feature column); every trial is an MLflow child run.
 
-A trial reads only its column (Parquet projection), trains the whole (lr, weight decay) grid at once as
-independent heads (`sweep.probing`), keeps the head that is best on validation and reports its contract
-metrics. MLflow is written from the driver only, by a Tune callback when a trial completes: one writer, no
-SQLite lock contention, and the experiment is created once. A trial already finished in MLflow for this
-config is not run again, so a rerun after an interruption does only what is left.
+A trial reads only its column (Parquet projection; the label/split/domain columns are read once per worker
+process and reused by the trials that follow on the same reused actor), trains the whole (lr, weight decay)
+grid at once as independent heads (`sweep.probing`), keeps the head that is best on validation and reports
+its contract metrics once, at the end.
+
+MLflow is written from the driver only, by a Tune callback when a trial completes: one writer, no SQLite
+lock contention, the experiment created once. The callback only queues the result; a writer thread makes
+the child run (create with its tags, one `log_batch` of params, metrics and the per-epoch validation
+curve, terminate), so store latency never holds up Tune's scheduling loop. A trial that already has a
+FINISHED child run for this config hash is not run again, so a rerun after an interruption does only
+what is left; a child run left unfinished by an interruption is deleted and its trial rerun, so each
+trial ends with exactly one run.
+
+ASHA is not offered: every (block, timestep) column is a result of the study (the heat map), so stopping
+weak columns early would remove the very cells being compared; the per-column hyperparameter search is
+already done inside the trial by the heads, and early stopping on validation is `probe.patience`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import queue
+import threading
 import time
 
 import numpy as np
+from ray.tune import Callback
 
-from sweep import tracking
 from sweep.config import PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.stages.common import init_ray, say
 from sweep.storage import Storage
+
+CURVE_KEYS = ("val_acc", "val_macro_f1", "val_loss", "train_loss")
 
 
 class ProbeError(RuntimeError):
@@ -29,158 +47,324 @@ def trial_key(encoder: str, column: str) -> str:
     return f"{encoder}/{column}"
 
 
-def probe_column(store_uri: str, column: str, classes: list[str], probe: dict, seed: int) -> dict:
-    """One trial's computation, without Ray: read one column, probe it, return metrics and the choice."""
+# ------------------------------------------------------------------------------------- one trial
+
+_META_CACHE: dict[tuple, tuple] = {}  # per worker process: (store, shards) -> (labels, split, domain)
+
+
+def _read(store: FeatureStore, path: str, columns: list[str]):
+    """Some columns of one shard. Single-threaded: a trial has its own CPU(s), and Arrow's thread pool
+    doubled the CPU time of reading one float16 list column."""
+    import pyarrow.parquet as pq
+
+    with store.fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+
+
+def _read_meta(store: FeatureStore, files: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    key = (store.root, (store.manifest() or {}).get("key"), tuple(files))
+    if key not in _META_CACHE:
+        parts = [_read(store, f, ["label", "split", "domain"]) for f in files]
+        labels = np.concatenate([p.column("label").to_numpy() for p in parts]).astype(np.int64)
+        split = np.concatenate([p.column("split").to_numpy(zero_copy_only=False) for p in parts]).astype(str)
+        domain = np.concatenate([p.column("domain").to_numpy(zero_copy_only=False) for p in parts]).astype(str)
+        _META_CACHE.clear()  # one store at a time is plenty
+        _META_CACHE[key] = (labels, split, domain)
+    return _META_CACHE[key]
+
+
+def read_probe_data(store_uri: str, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(features float16 (n, dim), labels, split, domain) of one column over every completed shard: only
+    this column's data is read (Parquet column projection)."""
+    from sweep.features.store import FeatureStoreError, column_to_numpy
+
+    store = FeatureStore(store_uri)
+    spec = next((c for c in store.columns() if c["column"] == column), None)
+    if spec is None:
+        raise FeatureStoreError(f"{store.root}: no feature column {column!r}")
+    files = store.files()
+    if not files:
+        raise FeatureStoreError(f"{store.root}: no completed shards")
+    labels, split, domain = _read_meta(store, files)
+    chunks = [column_to_numpy(_read(store, f, [column]).column(column), spec["dim"]) for f in files]
+    features = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    if len(features) != len(labels):
+        raise FeatureStoreError(f"{store.root}: column {column!r} has {len(features)} rows, meta {len(labels)}")
+    return features, labels, split, domain
+
+
+@contextlib.contextmanager
+def compute_threads(threads: int | None):
+    """Limit torch and the BLAS/OpenMP pools (numpy, scikit-learn's k-means) to `threads` while inside;
+    None leaves them alone. A probe's tensors are small: one thread per trial is fastest, and more than
+    the trial's CPUs only fight the other trials (and other users) for cores."""
+    if threads is None:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def probe_column(store_uri: str, column: str, num_classes: int, probe: dict, seed: int,
+                 threads: int | None = None, device: str = "cpu") -> dict:
+    """One trial's computation, without Ray: read one column, probe it, return metrics and the choice.
+
+    Returns `metrics` (contract names: val/test/OOD, k-means), the chosen `lr`, `weight_decay`,
+    `best_epoch`, `epochs_run`, the chosen head's per-epoch `history` and `seconds` (wall time).
+    """
     from sweep.probing import ProbeConfig, Split, kmeans_scores, train_probe
 
-    features, meta = FeatureStore(store_uri).read_column(column)
-    split = np.asarray(meta.column("split").to_pylist(), dtype=object)
-    domain = np.asarray(meta.column("domain").to_pylist(), dtype=object)
-    labels = meta.column("label").to_numpy()
-
-    def part(mask: np.ndarray) -> Split:
-        return Split(X=features[mask], y=labels[mask])
-
-    ood = {str(d): part((split == "ood") & (domain == d)) for d in dict.fromkeys(domain[split == "ood"])}
-    test = part(split == "test") if (split == "test").any() else None
-    cfg = ProbeConfig(lrs=probe["lrs"], weight_decays=probe["weight_decays"], epochs=probe["epochs"],
-                      batch_size=probe["batch_size"], class_weights=probe["class_weights"],
-                      select=probe["select"], patience=probe["patience"], seed=seed)
     t0 = time.perf_counter()
-    result = train_probe(part(split == "train"), part(split == "val"), test, ood, len(classes), cfg)
-    metrics = dict(result.metrics)
-    if probe["kmeans"]:
-        evaluated = split == ("test" if test is not None else "val")
-        metrics.update(kmeans_scores(features[evaluated], labels[evaluated], k=len(classes), seed=seed))
+    with compute_threads(threads):
+        features, labels, split, domain = read_probe_data(store_uri, column)
+
+        def part(mask: np.ndarray) -> Split:
+            return Split(X=features[mask], y=labels[mask])
+
+        is_ood = split == "ood"
+        ood = {str(d): part(is_ood & (domain == d)) for d in dict.fromkeys(domain[is_ood].tolist())}
+        test = part(split == "test") if (split == "test").any() else None
+        cfg = ProbeConfig(lrs=probe["lrs"], weight_decays=probe["weight_decays"], epochs=probe["epochs"],
+                          batch_size=probe["batch_size"], class_weights=probe["class_weights"],
+                          select=probe["select"], patience=probe["patience"], seed=seed)
+        result = train_probe(part(split == "train"), part(split == "val"), test, ood, num_classes, cfg,
+                             device=device)
+        metrics = dict(result.metrics)
+        if probe["kmeans"]:
+            evaluated = split == ("test" if test is not None else "val")
+            metrics.update(kmeans_scores(features[evaluated], labels[evaluated], k=num_classes, seed=seed))
     return {
-        **metrics,
-        "lr": result.lr, "weight_decay": result.weight_decay, "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run, "probe_seconds": time.perf_counter() - t0,
-        "history": json.dumps(result.history),
+        "metrics": metrics, "lr": result.lr, "weight_decay": result.weight_decay,
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history,
+        "seconds": time.perf_counter() - t0,
     }
 
 
 def _trainable(config: dict) -> None:
     from ray import tune
 
+    import torch
+
     trial = config["trial"]
-    tune.report(probe_column(trial["store"], trial["column"], trial["classes"], config["probe"], config["seed"]))
+    run = config["run"]
+    device = "cuda" if run["gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    out = probe_column(trial["store"], trial["column"], run["num_classes"][trial["encoder"]], run["probe"],
+                       run["seed"], threads=run["threads"], device=device)
+    # Flat val metrics for Tune's own views; the whole outcome under "probe" for the MLflow callback.
+    tune.report({"val_acc": out["metrics"]["val_acc"], "val_macro_f1": out["metrics"]["val_macro_f1"],
+                 "probe": out})
 
 
-def _mlflow_callback(pipeline: PipelineConfig, parent_run_id: str, columns: dict[str, dict]):
-    """A Tune callback that writes one MLflow child run per completed trial, in one `log_batch`."""
-    from ray.tune import Callback
-    from mlflow.entities import Metric, Param, RunTag
+# ------------------------------------------------------------------------------ MLflow child runs
 
-    client = tracking.client_for(pipeline)
-    exp_id = tracking.ensure_experiment(pipeline)
-    tags = tracking.stage_tags(pipeline, "probe")
+class ChildRunWriter:
+    """Writes one MLflow child run per completed trial from a thread of the driver, in completion order."""
 
-    class MlflowChildRuns(Callback):
-        logged = 0
-        seconds = 0.0
+    def __init__(self, config: PipelineConfig, parent_run_id: str, columns: dict[str, dict]):
+        from sweep import tracking  # on the driver only: trial workers never import MLflow
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
+        self.config, self.parent, self.columns = config, parent_run_id, columns
+        self.tracking = tracking
+        self.client = tracking.client_for(config)
+        self.experiment_id = tracking.ensure_experiment(config)
+        self.tags = tracking.stage_tags(config, "probe")
+        p = config.probe
+        self.grid_params = {"lr_grid": p.lrs, "weight_decay_grid": p.weight_decays, "epochs": p.epochs,
+                            "batch_size": p.batch_size, "class_weights": p.class_weights, "select": p.select,
+                            "patience": p.patience}
+        self.logged, self.seconds, self.errors = 0, 0.0, []
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="probe-mlflow-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, outcome: dict) -> None:
+        self._queue.put((key, outcome))
+
+    def close(self) -> None:
+        """Write everything queued, then stop."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
             t0 = time.perf_counter()
-            result = trial.last_result or {}
-            key = trial.config["trial"]["key"]
-            col = columns[key]
-            run = client.create_run(exp_id, tags={
-                **tags, tracking.TAG_PARENT: parent_run_id, tracking.TAG_TRIAL: key,
-                "mlflow.runName": key})
-            now = int(time.time() * 1000)
-            metric_names = [k for k, v in result.items() if _is_metric(k, v)]
-            metrics = [Metric(k, float(result[k]), now, 0) for k in metric_names]
-            for h in json.loads(result.get("history", "[]")):
-                metrics += [Metric(f"history_{k}", float(v), now, int(h["epoch"]))
-                            for k, v in h.items() if k != "epoch"]
-            params = {"encoder": col["encoder"], "layer": col["layer"], "column": col["column"],
-                      "timestep": "" if col["timestep"] is None else col["timestep"],
-                      "resolution": col["resolution"], "dim": col["dim"], "lr": result.get("lr"),
-                      "weight_decay": result.get("weight_decay"), "best_epoch": result.get("best_epoch"),
-                      "lr_grid": pipeline.probe.lrs, "weight_decay_grid": pipeline.probe.weight_decays,
-                      "epochs": pipeline.probe.epochs, "class_weights": pipeline.probe.class_weights,
-                      "select": pipeline.probe.select}
-            client.log_batch(run.info.run_id, metrics=metrics[:1000],
-                             params=[Param(k, str(v)) for k, v in params.items()])
-            for i in range(1000, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
-                client.log_batch(run.info.run_id, metrics=metrics[i: i + 1000])
-            client.set_terminated(run.info.run_id, "FINISHED")
-            MlflowChildRuns.logged += 1
-            MlflowChildRuns.seconds += time.perf_counter() - t0
+            try:
+                self.write(*item)
+                self.logged += 1
+            except Exception as e:  # noqa: BLE001 - reported after the sweep; the trial reruns next time
+                self.errors.append(f"{item[0]}: {type(e).__name__}: {e}")
+            self.seconds += time.perf_counter() - t0
 
-    return MlflowChildRuns()
+    def write(self, key: str, outcome: dict) -> str:
+        col = self.columns[key]
+        params = {
+            "encoder": col["encoder"], "layer": col["layer"], "column": col["column"],
+            "timestep": "" if col["timestep"] is None else col["timestep"],
+            "resolution": col["resolution"], "dim": col["dim"],
+            "lr": outcome["lr"], "weight_decay": outcome["weight_decay"], "best_epoch": outcome["best_epoch"],
+            **self.grid_params,
+        }
+        metrics = {k: v for k, v in outcome["metrics"].items() if v is not None and np.isfinite(v)}
+        metrics.update(epochs_run=outcome["epochs_run"], trial_seconds=outcome["seconds"])
+        curves = {f"history_{k}": [h[k] for h in outcome["history"]] for k in CURVE_KEYS}
+        return self.tracking.log_child_run(
+            self.client, self.experiment_id, self.parent,
+            tags={**self.tags, self.tracking.TAG_TRIAL: key, "mlflow.runName": key},
+            params=params, metrics=metrics, curves=curves)
 
 
-_NOT_METRICS = {"lr", "weight_decay", "best_epoch", "epochs_run", "probe_seconds", "training_iteration",
-                "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
-                "iterations_since_restore", "done", "date", "hostname", "node_ip", "trial_id",
-                "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
+class MlflowChildRuns(Callback):
+    """Tune callback: queues each completed trial for the MLflow writer (the driver's Tune loop never waits
+    on the store); prints a progress line at most every 10 s."""
+
+    def __init__(self, writer: ChildRunWriter, total: int):
+        self.writer, self.total = writer, total
+        self.completed, self.failed = 0, 0
+        self.start = self.last_say = time.perf_counter()
+
+    def __getstate__(self):  # Tune pickles its run config; the writer (a thread) stays on the driver
+        return {**self.__dict__, "writer": None}
+
+    def setup(self, **info):
+        self.start = self.last_say = time.perf_counter()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        outcome = (trial.last_result or {}).get("probe")
+        if outcome is None:  # stopped before reporting: nothing to record, it reruns next time
+            return
+        self.writer.submit(trial.config["trial"]["key"], outcome)
+        self.completed += 1
+        self._progress()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed += 1
+        self._progress()
+
+    def _progress(self):
+        now = time.perf_counter()
+        done = self.completed + self.failed
+        if now - self.last_say >= 10 or done == self.total:
+            self.last_say = now
+            # the first trials carry the workers' start-up: no estimate from them alone
+            rate = done / max(now - self.start, 1e-9)
+            eta = f", ~{(self.total - done) / rate:.0f}s left" if 0 < done < self.total and done >= 4 else ""
+            say(f"probe: {done}/{self.total} trials ({self.failed} failed), {now - self.start:.0f}s{eta}")
 
 
-def _is_metric(key: str, value) -> bool:
-    return key not in _NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)
+# ------------------------------------------------------------------------------------------ stage
 
-
-def plan_trials(config: PipelineConfig) -> tuple[list[dict], dict[str, dict]]:
-    """Every (encoder, column) of the complete feature stores; raises when an encoder has none."""
+def plan_trials(config: PipelineConfig) -> tuple[list[dict], dict[str, dict], dict[str, int]]:
+    """Every (encoder, column) of the complete feature stores: trial configs, column specs by trial key,
+    and the number of classes of each encoder's store. Raises when an encoder has no complete store."""
     storage = Storage.of(config.storage_root)
-    trials, columns = [], {}
+    trials, columns, num_classes = [], {}, {}
     for spec in config.encoder_specs():
         store = FeatureStore(storage.features(spec.name))
         if not store.is_complete():
             raise ProbeError(f"probe: features of encoder {spec.name!r} are missing or incomplete at "
                              f"{store.root}; run `sweep extract` first")
         manifest = store.manifest()
+        num_classes[spec.name] = len(manifest["classes"])
         for col in manifest["columns"]:
             key = trial_key(spec.name, col["column"])
             columns[key] = {**col, "encoder": spec.name}
-            trials.append({"key": key, "store": store.root, "column": col["column"],
-                           "classes": manifest["classes"]})
-    return trials, columns
+            trials.append({"key": key, "encoder": spec.name, "store": store.root, "column": col["column"]})
+    return trials, columns, num_classes
+
+
+@contextlib.contextmanager
+def _quiet_tune():
+    """No per-trial CSV/JSON/TensorBoard files (MLflow is the record; 200+ trial folders of them cost time),
+    and no warning from the result grid about the files it then cannot find."""
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        analysis_log.setLevel(level)
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def run(config: PipelineConfig) -> dict:
     from ray import tune
 
-    trials, columns = plan_trials(config)
+    from sweep import tracking
+
+    t_start = time.perf_counter()
+    trials, columns, num_classes = plan_trials(config)
     done = tracking.finished_trials(config)
     todo = [t for t in trials if t["key"] not in done]
     if not todo:
         say(f"probe: all {len(trials)} trials already in MLflow for config {config.config_hash()}, nothing to do")
         return {"trials": len(trials), "ran": 0}
-    say(f"probe: {len(todo)} of {len(trials)} trials to run ({len(done)} already finished), "
+    stale = tracking.delete_unfinished_trial_runs(config, {t["key"] for t in todo})
+    say(f"probe: {len(todo)} of {len(trials)} trials to run ({len(done)} already finished"
+        f"{f', {stale} unfinished run(s) discarded' if stale else ''}), "
         f"{len(config.probe.lrs) * len(config.probe.weight_decays)} heads each")
     init_ray(config)
     parent = tracking.start_stage_run(config, "probe")
+    p = config.probe
     tracking.log_batch(config, parent, params={
-        "lrs": config.probe.lrs, "weight_decays": config.probe.weight_decays, "epochs": config.probe.epochs,
-        "class_weights": config.probe.class_weights, "select": config.probe.select, "trials": len(trials)})
-    probe = config.probe.model_dump(mode="json")
-    callback = _mlflow_callback(config, parent, columns)
+        "lrs": p.lrs, "weight_decays": p.weight_decays, "epochs": p.epochs, "batch_size": p.batch_size,
+        "class_weights": p.class_weights, "select": p.select, "patience": p.patience, "trials": len(trials),
+        "cpus_per_trial": p.cpus_per_trial, "gpus_per_trial": p.gpus_per_trial,
+        "max_concurrent_trials": p.max_concurrent_trials})
+    writer = ChildRunWriter(config, parent, columns)
+    callback = MlflowChildRuns(writer, len(todo))
     storage = Storage.of(config.storage_root)
-    resources = {"cpu": config.probe.cpus_per_trial, "gpu": config.probe.gpus_per_trial}
+    run_cfg = {"probe": p.model_dump(mode="json"), "seed": config.seed, "num_classes": num_classes,
+               "threads": max(1, int(p.cpus_per_trial)), "gpus": p.gpus_per_trial}
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, resources),
-        param_space={"trial": tune.grid_search(todo), "probe": probe, "seed": config.seed},
-        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=config.probe.max_concurrent_trials),
-        run_config=tune.RunConfig(name=f"probe-{config.config_hash()}", storage_path=storage.tune,
-                                  callbacks=[callback], verbose=1),
+        tune.with_resources(_trainable, {"cpu": p.cpus_per_trial, "gpu": p.gpus_per_trial}),
+        param_space={"trial": tune.grid_search(todo), "run": run_cfg},
+        tune_config=tune.TuneConfig(
+            reuse_actors=True, max_concurrent_trials=p.max_concurrent_trials,
+            trial_name_creator=lambda t: t.config["trial"]["key"],
+            trial_dirname_creator=lambda t: t.trial_id),
+        # one folder per attempt: a resumed sweep is a new, smaller Tune experiment (MLflow says what is done)
+        run_config=tune.RunConfig(name=f"probe-{config.config_hash()}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=storage.tune, callbacks=[callback], verbose=0),
     )
     t0 = time.perf_counter()
     try:
-        results = tuner.fit()
+        with _quiet_tune():
+            results = tuner.fit()
     except BaseException:
+        writer.close()  # what finished is kept
         tracking.finish_run(config, parent, "FAILED")
         raise
-    wall = time.perf_counter() - t0
+    tune_seconds = time.perf_counter() - t0
+    t_flush = time.perf_counter()
+    writer.close()
+    flush_seconds = time.perf_counter() - t_flush
+    wall = time.perf_counter() - t_start
     errors = [r.error for r in results if r.error is not None]
-    tracking.log_batch(config, parent, metrics={"sweep_seconds": wall, "trials_run": len(todo),
-                                                "trials_failed": len(errors)})
-    if errors:
+    missing = len(todo) - writer.logged
+    tracking.log_batch(config, parent, metrics={
+        "sweep_seconds": wall, "tune_seconds": tune_seconds, "trials_run": writer.logged,
+        "trials_failed": missing, "logging_seconds": writer.seconds})
+    if errors or missing:
         tracking.finish_run(config, parent, "FAILED")
-        raise ProbeError(f"probe: {len(errors)} of {len(todo)} trials failed; first: {errors[0]}")
+        first = errors[0] if errors else (writer.errors[0] if writer.errors else "interrupted")
+        raise ProbeError(f"probe: {missing} of {len(todo)} trials not recorded ({len(errors)} failed); first: "
+                         f"{first}. Rerun to do only those.")
     tracking.finish_run(config, parent)
-    say(f"probe: {len(todo)} trials in {wall:.1f}s (MLflow logging {callback.seconds:.1f}s); "
-        f"see `sweep best`")
-    return {"trials": len(trials), "ran": len(todo), "seconds": wall, "logging_seconds": callback.seconds}
+    say(f"probe: {len(todo)} trials in {wall:.1f}s (Tune {tune_seconds:.1f}s; MLflow writes {writer.seconds:.1f}s "
+        f"in the background, {flush_seconds:.1f}s after the last trial); see `sweep best`")
+    return {"trials": len(trials), "ran": len(todo), "seconds": wall, "tune_seconds": tune_seconds,
+            "logging_seconds": writer.seconds, "flush_seconds": flush_seconds}

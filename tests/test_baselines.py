@@ -1,0 +1,391 @@
+"""Baselines (issue 6): the torchvision-compatible ResNet, SimCLR pieces, the CNN encoder, and the
+`sweep baselines` stage on real Ray (tiny budgets: 16 px demo images, resnet18 with the small stem)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from sweep.cli import main
+from sweep.config import load_config
+from sweep.encoders.cnn import DEFAULT_LAYERS, CNNEncoder
+from sweep.encoders.resnet import (
+    ARCHS,
+    adapt_input_conv,
+    build_resnet,
+    infer_layout,
+    load_resnet_weights,
+    read_state_dict,
+)
+from sweep.stages import baselines
+from sweep.tracking import tracking_uri
+from sweep.train.simclr import nt_xent, two_views
+
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_store(monkeypatch):
+    """`mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, which `tracking_uri` prefers over a pipeline's
+    own store: without this, a second pipeline in one process would log into the first one's database."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+# ------------------------------------------------------------------------------------------ ResNet
+
+
+def _expected_keys(arch: str, with_fc: bool = True) -> int:
+    """State-dict entries from the architecture: a conv has 1 (weight, no bias); a BatchNorm 5 (weight,
+    bias, running_mean, running_var, num_batches_tracked); fc 2."""
+    kind, blocks = ARCHS[arch]
+    conv, bn = 1, 5
+    per_block = 2 * (conv + bn) if kind == "basic" else 3 * (conv + bn)
+    downsamples = 3 if kind == "basic" else 4  # layer1 of a bottleneck net widens 64 -> 256 too
+    return (conv + bn) + sum(blocks) * per_block + downsamples * (conv + bn) + (2 if with_fc else 0)
+
+
+def test_resnet_state_dict_uses_torchvision_names():
+    m = build_resnet("resnet18")
+    sd = m.state_dict()
+    assert _expected_keys("resnet18") == 122
+    assert len(sd) == 122
+    assert list(sd)[:6] == ["conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+                            "bn1.num_batches_tracked"]
+    for key, shape in {
+        "conv1.weight": (64, 3, 7, 7),
+        "layer1.0.conv1.weight": (64, 64, 3, 3),
+        "layer1.1.bn2.running_var": (64,),
+        "layer2.0.downsample.0.weight": (128, 64, 1, 1),
+        "layer2.0.downsample.1.num_batches_tracked": (),
+        "layer3.1.conv2.weight": (256, 256, 3, 3),
+        "layer4.0.downsample.1.bias": (512,),
+        "fc.weight": (1000, 512),
+        "fc.bias": (1000,),
+    }.items():
+        assert tuple(sd[key].shape) == shape, key
+    assert "layer1.0.downsample.0.weight" not in sd
+    # torchvision's published parameter counts
+    assert sum(p.numel() for p in m.parameters()) == 11_689_512
+    r50 = build_resnet("resnet50")
+    assert sum(p.numel() for p in r50.parameters()) == 25_557_032
+    sd50 = r50.state_dict()
+    assert len(sd50) == _expected_keys("resnet50") == 320
+    assert len(build_resnet("resnet34").state_dict()) == _expected_keys("resnet34") == 218
+    assert tuple(sd50["layer1.0.conv3.weight"].shape) == (256, 64, 1, 1)
+    assert tuple(sd50["layer1.0.downsample.0.weight"].shape) == (256, 64, 1, 1)
+    assert tuple(sd50["fc.weight"].shape) == (1000, 2048)
+    # the small stem and a classifier-free backbone keep every name
+    small = build_resnet("resnet18", num_classes=0, in_channels=1, small_input=True).state_dict()
+    assert len(small) == _expected_keys("resnet18", with_fc=False) == 120
+    assert set(small) == set(sd) - {"fc.weight", "fc.bias"}
+    assert tuple(small["conv1.weight"].shape) == (64, 1, 3, 3)
+    assert {n for n, _ in build_resnet("resnet18").named_children()} == {
+        "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"}
+
+
+def test_small_input_stem_keeps_resolution():
+    x = torch.randn(2, 1, 16, 16)
+    small = build_resnet("resnet18", num_classes=0, in_channels=1, small_input=True).eval()
+    large = build_resnet("resnet18", num_classes=0, in_channels=1, small_input=False).eval()
+    assert small.layer1(small.maxpool(small.relu(small.bn1(small.conv1(x))))).shape[-1] == 16
+    assert large.layer1(large.maxpool(large.relu(large.bn1(large.conv1(x))))).shape[-1] == 4
+    assert small(x).shape == (2, 512)
+
+
+def test_weight_file_loads_with_channel_adaptation(tmp_path):
+    torch.manual_seed(0)
+    rgb = build_resnet("resnet18", num_classes=10).eval()
+    # a DDP-saved, wrapped torch file (as many training scripts write them)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in rgb.state_dict().items()}}, path)
+    state = read_state_dict(path)
+    assert infer_layout(state) == {"in_channels": 3, "small_input": False, "num_classes": 10, "arch": "resnet18"}
+    grey = build_resnet("resnet18", num_classes=10, in_channels=1).eval()
+    load_resnet_weights(grey, state)
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(grey(x), rgb(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+    assert torch.equal(adapt_input_conv(state["conv1.weight"], 1), state["conv1.weight"].sum(1, keepdim=True))
+    # a backbone drops the classifier; a 7x7 stem does not fit the small stem
+    load_resnet_weights(build_resnet("resnet18", num_classes=0), state)
+    with pytest.raises(ValueError, match="small_input"):
+        load_resnet_weights(build_resnet("resnet18", num_classes=10, small_input=True), state)
+    with pytest.raises(ValueError, match="missing"):
+        load_resnet_weights(build_resnet("resnet34", num_classes=10), state)
+
+
+# ------------------------------------------------------------------------------------------ SimCLR
+
+
+def _nt_xent_reference(z1, z2, t):
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    losses = []
+    for i in range(2 * n):
+        pos = (i + n) % (2 * n)
+        sims = torch.stack([z[i] @ z[k] / t for k in range(2 * n) if k != i])
+        others = [k for k in range(2 * n) if k != i]
+        losses.append(-(sims[others.index(pos)] - torch.logsumexp(sims, 0)))
+    return torch.stack(losses).mean()
+
+
+def test_nt_xent_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    torch.testing.assert_close(nt_xent(z1, z2, 0.5), _nt_xent_reference(z1, z2, 0.5))
+    # matching views score far better than unrelated ones
+    assert nt_xent(z1, z1 + 0.01 * z2, 0.1) < nt_xent(z1, z2, 0.1) - 1.0
+
+
+_GATHER_WORKER = """
+import sys, torch, torch.distributed as dist
+from sweep.train.simclr import nt_xent
+rank, world, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+z1, z2 = torch.load(f"{path}/z.pt")
+n = z1.shape[0] // world
+a = z1[rank * n: (rank + 1) * n].clone().requires_grad_(True)
+b = z2[rank * n: (rank + 1) * n].clone().requires_grad_(True)
+loss = nt_xent(a, b, 0.5)
+loss.backward()
+total = loss.detach().clone()
+dist.all_reduce(total)
+# DDP averages gradients over workers
+torch.save((total / world, a.grad / world, b.grad / world), f"{path}/out{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_nt_xent_gathers_negatives_across_workers(tmp_path):
+    """Two gloo workers with half the batch each, gathering negatives, give the single-process loss on
+    the whole batch and (after DDP's averaging) its exact gradient."""
+    import socket
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    torch.save((z1, z2), tmp_path / "z.pt")
+    a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    full = nt_xent(a, b, 0.5)
+    full.backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", _GATHER_WORKER, str(r), "2", port, str(tmp_path)])
+             for r in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    out = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+    torch.testing.assert_close(out[0][0], full.detach())
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), a.grad)
+    torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), b.grad)
+
+
+def test_two_views_are_seeded_and_in_range():
+    x = torch.rand(6, 1, 16, 16) * 2 - 1
+    a1, a2 = two_views(x, generator=torch.Generator().manual_seed(1))
+    b1, b2 = two_views(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert a1.shape == x.shape and a1.min() >= -1 and a1.max() <= 1
+    assert not torch.allclose(a1, a2)
+
+
+def test_confusion_metrics_match_probe_metrics():
+    from sweep.probing.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 4, 50), rng.integers(0, 4, 50)
+    y[y == 3] = 2  # a class absent from y_true
+    conf = np.zeros((4, 4))
+    np.add.at(conf, (y, p), 1)
+    ours = baselines.confusion_metrics(conf, "test")
+    ref = classification_metrics(y, p, "test", num_classes=4, balanced=True)
+    assert ours == pytest.approx(ref)
+
+
+# ------------------------------------------------------------------------------------- CNN encoder
+
+
+def _reference_features(model, x, layers):
+    """Independent of PooledFeatureHooks: plain forward hooks on a full forward, then the spatial mean."""
+    out, handles = {}, []
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def record(_module, _inputs, output):
+            out.setdefault(name, output.float().mean(dim=(2, 3)))  # returns None: the output is unchanged
+
+        return record
+
+    for name in layers:
+        handles.append(modules[name].register_forward_hook(hook(name)))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tmp_path):
+    torch.manual_seed(0)
+    src = build_resnet("resnet18", num_classes=10).eval()  # 3 channels, ImageNet stem, like a torchvision file
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for m in src.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(src.state_dict(), weights)
+    path = write_pipeline(baselines=[{"name": "imagenet-r18", "kind": "pretrained", "arch": "resnet18",
+                                      "weights": str(weights)}])
+    cfg = load_config(path)
+    out = baselines.run(cfg)
+    final = out["imagenet-r18"]
+    meta = json.loads(open(f"{final}/baseline.json").read())
+    assert meta["kind"] == "pretrained" and meta["in_channels"] == 1 and meta["small_input"] is False
+    assert meta["num_classes"] == 10 and meta["input_mean"] is not None
+
+    enc = CNNEncoder(final, name="imagenet-r18")
+    assert enc.kind == "pretrained" and enc.name == "imagenet-r18"
+    assert [c.column for c in enc.columns] == list(DEFAULT_LAYERS)
+    assert [c.timestep for c in enc.columns] == [None] * 5
+    assert [c.dim for c in enc.columns] == [64, 128, 256, 512, 512]
+    assert [c.resolution for c in enc.columns] == [4, 2, 1, 1, 1]  # 16 px through the ImageNet stem
+
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    feats = enc.encode(x, [f"i{k}" for k in range(4)])
+    # independent computation: the source weights with conv1 summed over RGB, ImageNet normalisation
+    ref_model = build_resnet("resnet18", num_classes=10, in_channels=1).eval()
+    sd = src.state_dict()
+    sd["conv1.weight"] = sd["conv1.weight"].sum(1, keepdim=True)
+    ref_model.load_state_dict(sd)
+    xin = ((x + 1) / 2 - np.mean([0.485, 0.456, 0.406])) / np.mean([0.229, 0.224, 0.225])
+    ref = _reference_features(ref_model, xin.float(), DEFAULT_LAYERS)
+    for layer in DEFAULT_LAYERS:
+        assert feats[layer].dtype == np.float16 and feats[layer].shape == (4, enc.columns[
+            DEFAULT_LAYERS.index(layer)].dim)
+        np.testing.assert_allclose(feats[layer].astype(np.float32), ref[layer].numpy(), rtol=2e-3, atol=2e-3)
+
+    # the forward stops after the last requested layer
+    ran = []
+    enc2 = CNNEncoder(final, layers=["layer2", "layer1"])
+    enc2.model.layer3.register_forward_hook(lambda *a: ran.append("layer3"))
+    f2 = enc2.encode(x, ["a", "b", "c", "d"])
+    assert list(f2) == ["layer2", "layer1"] and ran == []
+    np.testing.assert_array_equal(f2["layer1"], feats["layer1"])
+    with pytest.raises(ValueError, match="unknown layer"):
+        CNNEncoder(final, layers=["layer5"])
+
+    # rerun: nothing rebuilt
+    before = open(f"{final}/model.safetensors", "rb").read()
+    baselines.run(cfg)
+    assert open(f"{final}/model.safetensors", "rb").read() == before
+
+
+def test_pretrained_needs_weights(write_pipeline):
+    from sweep.config import ConfigError
+
+    path = write_pipeline(baselines=[{"name": "p", "kind": "pretrained", "arch": "resnet18"}])
+    with pytest.raises(ConfigError, match="weights"):  # from the config model or, failing that, the stage
+        baselines.run(load_config(path))
+
+
+# ---------------------------------------------------------------------------------- training on Ray
+
+def _runs(cfg, name):
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return mlflow.search_runs(experiment_names=[cfg.experiment_name],
+                              filter_string=f"tags.`sweep.stage` = 'baselines' and tags.`sweep.baseline` = '{name}'")
+
+
+@pytest.mark.ray
+def test_supervised_trains_selects_on_val_and_reports_test_metrics(ray_local, write_pipeline):
+    from sweep.data.table import build_table
+
+    path = write_pipeline(baselines=[{"name": "sup", "kind": "supervised", "arch": "resnet18", "epochs": 3,
+                                      "batch_size": 16, "lr": 2.0e-3}])
+    cfg = load_config(path)
+    n_test = int((build_table(cfg).frame["split"] == "test").sum())
+    final = baselines.run(cfg)["sup"]
+    meta = json.loads(open(f"{final}/baseline.json").read())
+    assert meta["kind"] == "supervised" and meta["small_input"] is True and meta["in_channels"] == 1
+    assert meta["classes"] == sorted(meta["classes"]) and len(meta["classes"]) == 6
+    hist = meta["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[-1]["train_loss"] < 0.9 * hist[0]["train_loss"], hist
+    m = meta["metrics"]
+    best = max(hist, key=lambda h: h["val_macro_f1"])  # the first of equals
+    assert m["best_epoch"] == best["epoch"] and m["val_macro_f1"] == best["val_macro_f1"]
+    assert 0 <= m["test_acc"] <= 1 and 0 <= m["test_macro_f1"] <= 1 and m["test_images"] == n_test
+
+    runs = _runs(cfg, "sup")
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["status"] == "FINISHED" and run["tags.sweep.pipeline"] == "t"
+    assert run["metrics.test_acc"] == pytest.approx(m["test_acc"])
+    assert run["metrics.test_macro_f1"] == pytest.approx(m["test_macro_f1"])
+    client = mlflow.tracking.MlflowClient()
+    assert sorted(h.step for h in client.get_metric_history(run["run_id"], "epoch_train_loss")) == [1, 2, 3]
+    assert len(client.get_metric_history(run["run_id"], "train_loss")) == hist[-1]["step"]
+
+    # the encoder reads it back; a rerun skips the finished baseline
+    enc = CNNEncoder(final)
+    assert enc.kind == "supervised" and enc.name == "sup"
+    assert enc.encode(torch.zeros(2, 1, 16, 16), ["a", "b"])["layer3"].shape == (2, 256)
+    before = open(f"{final}/model.safetensors", "rb").read()
+    assert main(["baselines", str(path)]) == 0
+    assert open(f"{final}/model.safetensors", "rb").read() == before
+    assert len(_runs(cfg, "sup")) == 1
+
+
+@pytest.mark.ray
+def test_simclr_reads_no_label_and_resumes_exactly(ray_local, write_pipeline, tmp_path, monkeypatch):
+    """Run A: uninterrupted. Run B: the labels shuffled among the images, interrupted after epoch 1 and
+    resumed by rerunning. A SimCLR that reads no label and resumes exactly gives bit-identical weights."""
+    from safetensors.torch import load_file
+
+    import sweep.data.table as table_mod
+
+    spec = {"name": "ssl", "kind": "simclr", "arch": "resnet18", "epochs": 2, "batch_size": 32, "lr": 2.0e-3}
+    cfg = load_config(write_pipeline(baselines=[spec], pretrain={"workers": 1}))
+    ds, _ = baselines.train_dataset(cfg, "simclr")
+    assert set(ds.schema().names) == {"image", "row"}  # no label column at all
+
+    final = baselines.run(cfg)["ssl"]
+    meta = json.loads(open(f"{final}/baseline.json").read())
+    assert meta["kind"] == "simclr" and "classes" not in meta and meta["num_classes"] == 0
+    hist = meta["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"] - 0.05, hist
+    weights = load_file(f"{final}/model.safetensors")
+    assert "fc.weight" not in weights and len(weights) == 120
+    assert CNNEncoder(final).kind == "simclr"
+
+    real = table_mod.build_table
+
+    def shuffled(config):
+        table = real(config)
+        perm = np.random.default_rng(1).permutation(len(table.frame))
+        table.frame["label"] = table.frame["label"].to_numpy()[perm]
+        return table
+
+    monkeypatch.setattr(table_mod, "build_table", shuffled)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # run B logs to its own store
+    cfg2 = load_config(write_pipeline(baselines=[spec], pretrain={"workers": 1}),
+                       [f"storage={tmp_path / 'shuffled'}"])
+    assert not shuffled(cfg2).frame["label"].equals(real(cfg2).frame["label"])
+    monkeypatch.setenv(baselines.FAULT_ENV, "1")
+    with pytest.raises(baselines.BaselineError, match="rerun to resume"):
+        baselines.run(cfg2)
+    monkeypatch.delenv(baselines.FAULT_ENV)
+    final2 = baselines.run(cfg2)["ssl"]
+    meta2 = json.loads(open(f"{final2}/baseline.json").read())
+    assert [h["epoch"] for h in meta2["history"]] == [1, 2]
+    assert [h["train_loss"] for h in meta2["history"]] == [h["train_loss"] for h in hist]
+    weights2 = load_file(f"{final2}/model.safetensors")
+    assert set(weights2) == set(weights)
+    for k in weights:
+        assert torch.equal(weights[k], weights2[k]), k
+    assert len(_runs(cfg2, "ssl")) == 1  # the resumed training kept its MLflow run

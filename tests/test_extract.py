@@ -1,0 +1,313 @@
+"""`sweep extract` on real Ray and the real demo images, with an external checkpoint (no pretraining):
+the Parquet contract, values against an independent computation, bit-identical reruns, resume after an
+interruption, corrupt images, and refusal to mix settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import DEMO_IMAGES, small_pipeline
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+
+from sweep.config import PipelineConfig
+from sweep.data.preprocess import preprocess
+from sweep.data.table import build_table
+from sweep.encoders.diffusion import noise_for
+from sweep.features.store import FeatureStore, FeatureStoreError
+from sweep.stages import extract
+from sweep.stages.extract import ExtractError, extract_encoder
+
+pytestmark = pytest.mark.ray
+
+BLOCKS = ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+TIMESTEPS = [0, 100]
+N_IMAGES = 105  # the vendored demo set
+N_OOD = 9
+N_ALL = N_IMAGES + N_OOD
+
+
+def _config(storage: Path, checkpoint: Path, train: dict | None = None, ood: Path | None = None,
+            **extract_settings) -> PipelineConfig:
+    raw = small_pipeline(storage, extract={
+        "encoders": [{"name": "diffusion", "checkpoint": str(checkpoint)}],
+        "timesteps": TIMESTEPS, "batch_size": 32, "shard_size": 40, **extract_settings})
+    if train is not None:
+        raw["data"]["train"] = {**raw["data"]["train"], **train}
+    if ood is not None:
+        raw["data"]["ood"] = [{"name": "shifted", "source": "imagefolder", "path": str(ood)}]
+    return PipelineConfig.model_validate(raw)
+
+
+def _extract(config: PipelineConfig) -> dict:
+    return extract_encoder(config, config.encoder_specs()[0], build_table(config))
+
+
+def _store(config: PipelineConfig) -> FeatureStore:
+    return FeatureStore(f"{config.storage_root}/features/diffusion")
+
+
+def _rows(config: PipelineConfig) -> pa.Table:
+    """Every stored row (all columns), sorted by dataset and image id."""
+    store = _store(config)
+    table = pa.concat_tables([pq.read_table(f) for f in store.files()])
+    return table.sort_by([("domain", "ascending"), ("image_id", "ascending")])
+
+
+def _assert_identical(got: pa.Table, want: pa.Table) -> None:
+    """Same rows, same schema, every value bit for bit (float16 compared as raw bits)."""
+    assert got.schema == want.schema
+    assert got.column("image_id").to_pylist() == want.column("image_id").to_pylist()
+    differing = []
+    for name in want.column_names:
+        a, b = got.column(name).combine_chunks(), want.column(name).combine_chunks()
+        if isinstance(a.type, pa.FixedSizeListType):
+            same = np.array_equal(a.flatten().to_numpy().view(np.uint16), b.flatten().to_numpy().view(np.uint16))
+        else:
+            same = a.equals(b)
+        if not same:
+            differing.append(name)
+    assert not differing, f"columns differ: {differing}"
+
+
+@pytest.fixture(scope="module")
+def extracted(ray_local, tiny_unet_checkpoint, tmp_path_factory) -> PipelineConfig:
+    """One complete extraction of the demo set (105 images in shards of 40: 3 shards) plus a small OOD
+    dataset (9 of the demo images under another name: 1 shard of its own)."""
+    root = tmp_path_factory.mktemp("ex")
+    for name in ("Tripos", "Ciliophora", "Noctilucales"):
+        (root / "ood" / name).mkdir(parents=True)
+        for f in sorted((DEMO_IMAGES / name).glob("*.jpg"))[:N_OOD // 3]:
+            shutil.copyfile(f, root / "ood" / name / f.name)
+    config = _config(root / "store", tiny_unet_checkpoint, ood=root / "ood")
+    summary = _extract(config)
+    assert summary == {"images": N_ALL, "rows": N_ALL, "rejected": 0}
+    return config
+
+
+def test_parquet_and_manifest_follow_the_contract(extracted, tiny_unet_checkpoint):
+    store = _store(extracted)
+    m = json.loads(Path(store.manifest_uri).read_text())
+    assert m["encoder"] == "diffusion" and m["kind"] == "diffusion" and m["complete"] is True
+    assert m["checkpoint"] == str(tiny_unet_checkpoint) and len(m["checkpoint_hash"]) == 16
+    assert m["classes"] == sorted(p.name for p in DEMO_IMAGES.iterdir() if p.is_dir())
+    names = [f"{b}@t{t}" for t in TIMESTEPS for b in BLOCKS]
+    assert [c["column"] for c in m["columns"]] == names
+    for c in m["columns"]:
+        assert set(c) == {"column", "layer", "timestep", "dim", "resolution"}
+        assert c["column"] == f"{c['layer']}@t{c['timestep']}"
+    dims = {c["layer"]: (c["dim"], c["resolution"]) for c in m["columns"]}
+    # 16 px, block_out_channels [16, 32]: down blocks 16@8, 32@8 (last level has no downsampler), mid 32@8,
+    # up_blocks.0 32@16 (upsampled), up_blocks.1 16@16
+    assert dims == {"down_blocks.0": (16, 8), "down_blocks.1": (32, 8), "mid_block": (32, 8),
+                    "up_blocks.0": (32, 16), "up_blocks.1": (16, 16)}
+    shards = m["datasets"]["plankton"]
+    assert shards["num_shards"] == 3 and [s["index"] for s in shards["shards"]] == [0, 1, 2]
+    assert [s["rows"] for s in shards["shards"]] == [40, 40, 25] and m["rejected"] == []
+    assert m["datasets"]["shifted"]["num_shards"] == 1 and m["datasets"]["shifted"]["shards"][0]["rows"] == N_OOD
+    assert (Path(extracted.storage_root) / "features" / "diffusion" / "shifted" / "part-00000.parquet").is_file()
+
+    table = _rows(extracted)
+    schema = table.schema
+    assert schema.names == ["image_id", "label", "split", "domain", *names]
+    assert schema.field("image_id").type == pa.string() and schema.field("label").type == pa.int32()
+    assert schema.field("split").type == pa.string() and schema.field("domain").type == pa.string()
+    for c in m["columns"]:
+        assert schema.field(c["column"]).type == pa.list_(pa.float16(), c["dim"])
+    keys = list(zip(table.column("domain").to_pylist(), table.column("image_id").to_pylist()))
+    assert len(keys) == len(set(keys)) == N_ALL  # one row per image
+    expected = build_table(extracted).frame.set_index(["domain", "image_id"])
+    assert set(keys) == set(expected.index)
+    assert table.column("label").to_pylist() == expected.loc[keys, "label"].tolist()
+    assert table.column("split").to_pylist() == expected.loc[keys, "split"].tolist()
+    assert {s for (d, _), s in zip(keys, table.column("split").to_pylist()) if d == "shifted"} == {"ood"}
+    assert {s for (d, _), s in zip(keys, table.column("split").to_pylist()) if d == "plankton"} == {
+        "train", "val", "test"}
+
+
+def test_features_equal_an_independent_computation(extracted, tiny_unet_checkpoint):
+    unet = UNet2DModel.from_pretrained(tiny_unet_checkpoint).eval()
+    scheduler = DDPMScheduler.from_pretrained(tiny_unet_checkpoint)
+    table = _rows(extracted)
+    ids = table.column("image_id").to_pylist()
+    picks = [0, 41, 104, N_ALL - 1]  # rows of all three plankton shards and of the OOD dataset
+    outputs = {}
+
+    def grab(name):
+        def hook(_module, _inputs, output):
+            outputs[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    modules = dict(unet.named_modules())
+    handles = [modules[b].register_forward_hook(grab(b)) for b in BLOCKS]
+    try:
+        for row in picks:
+            image_id = ids[row]
+            x0 = preprocess(Image.open(DEMO_IMAGES / image_id), 16, 1)
+            for t in TIMESTEPS:
+                eps = noise_for(image_id, t, extracted.seed, x0.shape)
+                xt = scheduler.add_noise(x0[None], eps[None], torch.tensor([t]))
+                outputs.clear()
+                with torch.no_grad():
+                    unet(xt, torch.tensor([t]))
+                for b in BLOCKS:
+                    want = outputs[b].mean(dim=(2, 3))[0].numpy()
+                    got = np.asarray(table.column(f"{b}@t{t}")[row].as_py(), dtype=np.float32)
+                    # float16 rounding (2^-11 relative) plus float32 noise from another batch composition
+                    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4, err_msg=f"{image_id} {b}@t{t}")
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_rerun_on_finished_work_does_nothing(extracted, capsys):
+    store = _store(extracted)
+    before = Path(store.manifest_uri).read_text()
+    mtimes = {f: Path(f).stat().st_mtime_ns for f in store.files()}
+    assert _extract(extracted) == {"images": N_ALL, "rows": N_ALL, "rejected": 0}
+    assert "nothing to do" in capsys.readouterr().err
+    assert Path(store.manifest_uri).read_text() == before
+    assert {f: Path(f).stat().st_mtime_ns for f in store.files()} == mtimes
+    assert _rows(extracted).num_rows == N_ALL
+
+
+def test_changed_settings_are_refused_with_what_to_do(extracted):
+    def changed(**settings):
+        return extracted.model_copy(update={"extract": extracted.extract.model_copy(update=settings)})
+
+    with pytest.raises(FeatureStoreError) as err:
+        _extract(changed(timesteps=[0, 50]))
+    msg = str(err.value)
+    assert "(changed: timesteps: [0, 100] -> [0, 50])" in msg
+    assert "--set storage=" in msg and f"delete {_store(extracted).root}" in msg and "\n" not in msg
+    with pytest.raises(FeatureStoreError, match=r"\(changed: shard_size: 40 -> 50\)"):
+        _extract(changed(shard_size=50))
+    assert _store(extracted).is_complete()  # untouched
+
+
+def test_rerun_into_fresh_storage_interrupted_and_resumed_is_bit_identical(extracted, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Extract again into a fresh storage, interrupted after one shard, then resumed: exactly one row per
+    image, every value bit for bit the first extraction's (the resumed part included)."""
+    config = extracted.model_copy(update={"storage": str(tmp_path / "store")})
+    real_write = FeatureStore.write_shard
+    written = []
+
+    def fail_after_one(self, dataset, index, table, rejected=()):
+        if written:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the second shard was being written
+        written.append(index)
+        real_write(self, dataset, index, table, rejected)
+
+    monkeypatch.setattr(FeatureStore, "write_shard", fail_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(config)
+    monkeypatch.setattr(FeatureStore, "write_shard", real_write)
+    store = _store(config)
+    assert store.completed_shards("plankton") == {0} and not store.is_complete()
+    # a half-written shard left behind by a killed writer must never be read, and a stray tmp neither
+    folder = Path(config.storage_root) / "features" / "diffusion" / "plankton"
+    (folder / "part-00001.parquet.tmp").write_bytes(b"PAR1 half a shard")
+    (folder / "stray.tmp").write_bytes(b"junk")
+    capsys.readouterr()
+    _extract(config)
+    assert f"{N_ALL - 40} of {N_ALL} images to encode (1 shard(s) already complete)" in capsys.readouterr().err
+    _assert_identical(_rows(config), _rows(extracted))
+
+
+def test_lost_shards_are_extracted_again(extracted, tmp_path, capsys):
+    """Shards deleted from manifest and disk, and a shard file lost while still listed: a rerun redoes both."""
+    root = tmp_path / "store"
+    shutil.copytree(extracted.storage_root, root)
+    config = extracted.model_copy(update={"storage": str(root)})
+    manifest_path = root / "features" / "diffusion" / "_manifest.json"
+    m = json.loads(manifest_path.read_text())
+    m["datasets"]["plankton"]["shards"] = m["datasets"]["plankton"]["shards"][:2]  # shard 2 forgotten
+    m["complete"] = False
+    manifest_path.write_text(json.dumps(m))
+    (root / "features" / "diffusion" / "plankton" / "part-00002.parquet").unlink()
+    (root / "features" / "diffusion" / "plankton" / "part-00001.parquet").unlink()  # listed, but gone
+    capsys.readouterr()
+    assert _extract(config)["rows"] == N_ALL
+    err = capsys.readouterr().err
+    assert "part-00001.parquet is listed as complete but its file is gone" in err
+    assert f"65 of {N_ALL} images to encode (2 shard(s) already complete)" in err
+    _assert_identical(_rows(config), _rows(extracted))
+
+
+@pytest.fixture
+def corrupt_folder(tmp_path) -> tuple[Path, dict[str, str]]:
+    """A copy of the demo imagefolder with a truncated JPEG and a text file named .jpg planted in it."""
+    root = tmp_path / "images"
+    shutil.copytree(DEMO_IMAGES, root)
+    src = sorted((root / "Tripos").glob("*.jpg"))[0]
+    data = src.read_bytes()
+    (root / "Tripos" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "Ciliophora" / "notes.jpg").write_text("this is not an image\n")
+    return root, {"Tripos/truncated.jpg": "truncated", "Ciliophora/notes.jpg": "cannot identify image"}
+
+
+def test_corrupt_images_are_skipped_listed_and_counted(ray_local, corrupt_folder, tiny_unet_checkpoint,
+                                                       tmp_path, capsys):
+    root, bad = corrupt_folder
+    config = _config(tmp_path / "store", tiny_unet_checkpoint, max_bad_fraction=0.05,
+                     train={"source": "imagefolder", "path": str(root)})
+    summary = _extract(config)
+    assert summary == {"images": N_IMAGES + 2, "rows": N_IMAGES, "rejected": 2}
+    err = capsys.readouterr().err
+    assert "2 image(s) rejected" in err
+    m = json.loads(Path(_store(config).manifest_uri).read_text())
+    assert sorted(r["image_id"] for r in m["rejected"]) == sorted(bad)
+    for r in m["rejected"]:
+        assert bad[r["image_id"]] in r["reason"].lower(), r
+        assert r["domain"] == "plankton"
+    ids = _rows(config).column("image_id").to_pylist()
+    assert len(ids) == N_IMAGES and not set(bad) & set(ids)
+    assert set(ids) == {p.relative_to(DEMO_IMAGES).as_posix() for p in DEMO_IMAGES.glob("*/*.jpg")}
+
+
+def test_too_many_corrupt_images_fail_the_stage(ray_local, corrupt_folder, tiny_unet_checkpoint, tmp_path):
+    root, bad = corrupt_folder
+    config = _config(tmp_path / "store", tiny_unet_checkpoint, max_bad_fraction=0.01,  # allows 1 of 107
+                     train={"source": "imagefolder", "path": str(root)})
+    with pytest.raises(ExtractError) as err:
+        _extract(config)
+    msg = str(err.value)
+    assert "2 of 107 images could not be read" in msg and "extract.max_bad_fraction=0.01" in msg
+    assert "\n" not in msg
+    m = _store(config).manifest(reload=True)
+    assert not m["complete"] and {r["image_id"] for r in m["rejected"]} == set(bad)
+
+
+def test_decode_runs_in_tasks_apart_from_the_encoder_actors(ray_local, extracted, capsys):
+    """Decoding must not be fused into the encoder actors (it would run serially with the model)."""
+    frame = build_table(extracted).frame.assign(shard=0)
+    capsys.readouterr()
+    extract.build_dataset(extracted, frame, {"kind": "diffusion"}).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
+    assert "ActorPoolMapOperator[MapBatches(EncodeBatch)]" in physical, physical
+    assert "TaskPoolMapOperator[MapBatches(decode_chunk)]" in physical, physical
+
+
+def test_chunks_are_whole_batches_aligned_to_shards():
+    """Each Ray block is one encoder batch: batch_size rows, starting at a shard's first row, padded at the
+    shard's end, so a resumed run (fewer shards pending) batches every image exactly as a fresh run."""
+    frame = pd.DataFrame({"image_id": [f"i{k}" for k in range(10)], "path": [f"/p/{k}" for k in range(10)],
+                          "index": -1, "label": np.zeros(10, np.int32), "split": "train", "domain": "d",
+                          "shard": [0] * 7 + [1] * 3})
+    chunks = extract._chunks(frame, 4)
+    assert [len(c) for c in chunks] == [4, 4, 4]
+    assert [c["image_id"].tolist() for c in chunks] == [["i0", "i1", "i2", "i3"], ["i4", "i5", "i6", ""],
+                                                        ["i7", "i8", "i9", ""]]
+    assert [c["pad"].tolist() for c in chunks][1] == [False, False, False, True]
+    assert all((c["shard"].nunique() == 1) for c in chunks)
+    resumed = extract._chunks(frame[frame["shard"] == 1], 4)
+    assert resumed[0]["image_id"].tolist() == chunks[2]["image_id"].tolist()

@@ -1,0 +1,270 @@
+"""Pretraining: the pure training pieces, then one real Ray Train run (2 CPU workers) that is stopped by an
+injected fault after its first checkpoint and rerun: it must end at exactly the configured step with the
+optimiser state restored, log every step once, lower the loss, save a loadable EMA U-Net, and a further
+rerun must do nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import small_pipeline
+
+from sweep.config import load_config
+from sweep.stages import pretrain
+from sweep.train.augment import flips_and_rotations
+from sweep.train.loop import DDPMTrainer
+
+STEPS, EVERY, FAULT_AT = 30, 10, 10
+
+
+# ------------------------------------------------------------------------------------ pure pieces
+
+def _trainer(seed: int = 0, **kw) -> DDPMTrainer:
+    from sweep.encoders.diffusion import build_scheduler, build_unet
+
+    torch.manual_seed(seed)
+    args = {"lr": 2e-3, "total_steps": 10, "warmup_steps": 2, **kw}
+    return DDPMTrainer(build_unet(16, 1, [16, 32], 1, [False, False]), build_scheduler(), **args)
+
+
+def test_augment_applies_a_dihedral_transform_per_image():
+    x = torch.arange(6 * 2 * 4 * 4, dtype=torch.float32).view(6, 2, 4, 4)
+    y = flips_and_rotations(x, torch.Generator().manual_seed(1))
+    for a, b in zip(x, y):
+        group = [torch.rot90(f, k, dims=(-2, -1)) for f in (a, a.flip(-1)) for k in range(4)]
+        assert any(torch.equal(b, g) for g in group)
+
+
+def test_trainer_state_round_trip_continues_identically():
+    """A trainer restored from a checkpoint takes the same next step as one that never stopped."""
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    a = _trainer()
+    for _ in range(3):
+        a.train_step(x)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)  # as the checkpoint does (state_dict() holds references)
+    buf.seek(0)
+    b = _trainer(seed=1)  # other initial weights: everything must come from the state
+    b.load_state_dict(torch.load(buf, weights_only=False))
+    assert b.step == 3 and b.optimizer.state_dict()["state"][0]["step"] == 3
+    assert b.lr == pytest.approx(a.lr)
+    la, lb = a.train_step(x), b.train_step(x)
+    assert torch.equal(la, lb)
+    for p, q in zip(a.raw.parameters(), b.raw.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(a.ema.shadow_params, b.ema.shadow_params):
+        assert torch.equal(p, q)
+
+
+def test_warmup_then_cosine_and_ema_lags():
+    t = _trainer(total_steps=6, warmup_steps=2)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    lrs = []
+    for _ in range(6):
+        lrs.append(t.lr)
+        t.train_step(x)
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3) and lrs[2] == pytest.approx(2e-3)
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0  # cosine decay after the warm-up
+    ema = t.ema_model()
+    assert not ema.training and all(p.device.type == "cpu" for p in ema.parameters())
+    diff = max((p - q).abs().max().item() for p, q in zip(ema.parameters(), t.raw.parameters()))
+    assert diff > 0
+
+
+class _FakeShard:
+    def __init__(self, n: int):
+        self.data = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+        self.reads = 0
+
+    def iter_torch_batches(self, batch_size, **_):
+        self.reads += 1
+        for i in range(0, len(self.data), batch_size):
+            yield {"image": self.data[i: i + batch_size]}
+
+
+def test_batches_cache_a_small_shard_and_reshuffle_it():
+    shard = _FakeShard(10)
+    stream = pretrain._batches(shard, batch_size=4, cache_limit_bytes=1 << 20, seed=0, rank=0, start_epoch=5)
+    epochs: dict[int, list] = {}
+    for _ in range(9):  # 3 epochs of 3 batches (4 + 4 + 2)
+        e, x = next(stream)
+        epochs.setdefault(e, []).append(x.flatten().tolist())
+    assert list(epochs) == [5, 6, 7] and shard.reads == 1
+    for batches in epochs.values():
+        assert [len(b) for b in batches] == [4, 4, 2]
+        assert sorted(sum(batches, [])) == list(range(10))  # every image once per epoch
+    assert epochs[6] != epochs[7]
+
+
+def test_batches_stream_a_large_shard_every_epoch():
+    shard = _FakeShard(10)
+    stream = pretrain._batches(shard, batch_size=4, cache_limit_bytes=8, seed=0, rank=0)
+    for _ in range(6):
+        next(stream)
+    assert shard.reads == 2
+
+
+def test_init_from_builds_the_checkpoint_model_and_must_fit_the_images(tmp_path, tiny_unet_checkpoint):
+    unet, scheduler = pretrain._build_model({"init_from": str(tiny_unet_checkpoint)})
+    assert unet.config.sample_size == 16 and scheduler.config.num_train_timesteps == 1000
+    path = tmp_path / "p.yaml"
+    raw = small_pipeline(tmp_path / "store", pretrain={"init_from": str(tiny_unet_checkpoint)})
+    path.write_text(yaml.safe_dump(raw))
+    pretrain._check_init_from(load_config(path))  # fits: 16 px, 1 channel
+    with pytest.raises(pretrain.PretrainError, match="image_size=32"):
+        pretrain._check_init_from(load_config(path, ["data.image_size=32"]))
+
+
+def test_model_from_the_pipeline_settings():
+    unet, scheduler = pretrain._build_model({
+        "init_from": None, "image_size": 16, "channels": 3,
+        "model": {"block_out_channels": [8, 16, 16], "layers_per_block": 2, "attention": [False, True, False]},
+        "scheduler": {"num_train_timesteps": 500, "beta_schedule": "cosine"}})
+    assert unet.config.in_channels == unet.config.out_channels == 3
+    assert list(unet.config.block_out_channels) == [8, 16, 16] and unet.config.layers_per_block == 2
+    assert list(unet.config.down_block_types) == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    assert scheduler.config.beta_schedule == "squaredcos_cap_v2" and scheduler.config.num_train_timesteps == 500
+    assert unet(torch.zeros(1, 3, 16, 16), torch.tensor([3])).sample.shape == (1, 3, 16, 16)
+
+
+def test_fault_step_reaches_the_workers_through_the_loop_config(tmp_path, monkeypatch):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(small_pipeline(tmp_path / "store")))
+    config = load_config(path)
+    assert pretrain.loop_config(config, None)["fault_at_step"] == 0
+    monkeypatch.setenv(pretrain.FAULT_ENV, "3")
+    assert pretrain.loop_config(config, None)["fault_at_step"] == 3
+
+
+# ------------------------------------------------------------------------------------ real Ray Train
+
+def _checkpoints(run_dir: Path) -> dict[int, Path]:
+    return {int(p.name.rsplit("_", 1)[1]): p for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, ray_local):
+    """Run 1 stops (injected fault) after the checkpoint at step FAULT_AT; run 2 resumes and finishes;
+    run 3 finds the finished U-Net and does nothing."""
+    from sweep import tracking
+
+    root = tmp_path_factory.mktemp("pretrain")
+    raw = small_pipeline(root / "store", pretrain={
+        "steps": STEPS, "checkpoint_every": EVERY, "lr": 2.0e-3, "warmup_steps": 2, "batch_size": 8,
+        "workers": 2, "sample_grid": 4})
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    store = Path(config.storage_root)
+    client = tracking.client_for(config)
+    out: dict = {"config": config, "store": store, "client": client}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(pretrain.FAULT_ENV, str(FAULT_AT))
+        with pytest.raises(pretrain.PretrainError, match="injected fault"):
+            pretrain.run(config)
+    run_dirs = list((store / "pretrain").glob("run-*"))
+    assert len(run_dirs) == 1
+    out["run_dir"] = run_dir = run_dirs[0]
+    out["after_fault"] = {
+        "checkpoints": sorted(_checkpoints(run_dir)),
+        "final": (store / "pretrain" / "final").exists(),
+        "runs": [(r.info.run_id, r.info.status) for r in client.search_runs(
+            [client.get_experiment_by_name(config.experiment_name).experiment_id])],
+    }
+
+    final = pretrain.run(config)
+    assert Path(final) == store / "pretrain" / "final"
+
+    before = {p.name: p.stat().st_mtime_ns for p in Path(final).iterdir()}
+    t0 = time.perf_counter()
+    pretrain.run(config)
+    out["noop_s"] = time.perf_counter() - t0
+    out["noop_unchanged"] = before == {p.name: p.stat().st_mtime_ns for p in Path(final).iterdir()}
+    out["runs"] = client.search_runs([client.get_experiment_by_name(config.experiment_name).experiment_id])
+    return out
+
+
+@pytest.mark.ray
+def test_fault_stops_after_the_first_checkpoint(pretrained):
+    after = pretrained["after_fault"]
+    assert after["checkpoints"] == [FAULT_AT]
+    assert not after["final"]
+    assert [status for _, status in after["runs"]] == ["FAILED"]
+
+
+@pytest.mark.ray
+def test_rerun_resumes_and_trains_every_step_exactly_once(pretrained):
+    # one parent run, reused by the rerun, now finished
+    runs = pretrained["runs"]
+    assert len(runs) == 1 and runs[0].info.run_id == pretrained["after_fault"]["runs"][0][0]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["sweep.stage"] == "pretrain"
+    client = pretrained["client"]
+    for key in ("loss", "lr"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(1, STEPS + 1)), key  # none twice, none lost
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "images_per_s")) == [10, 20, 30]
+
+    ckpts = _checkpoints(pretrained["run_dir"])
+    assert sorted(ckpts) == [20, 30]  # num_to_keep=2
+    state = torch.load(ckpts[STEPS] / pretrain.STATE_FILE, map_location="cpu", weights_only=False)
+    assert state["step"] == STEPS
+    assert state["lr_schedule"]["last_epoch"] == STEPS
+    assert state["ema"]["optimization_step"] == STEPS
+    # AdamW's own step count: the optimiser state was restored at step 10, not restarted
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {STEPS}
+    assert state["window"]["steps"] == list(range(STEPS - EVERY + 1, STEPS + 1))
+
+
+@pytest.mark.ray
+def test_loss_falls(pretrained):
+    run = pretrained["runs"][0]
+    history = sorted(pretrained["client"].get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    loss = [m.value for m in history]
+    early, late = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
+    assert late < 0.5 * early, (early, late)
+
+
+@pytest.mark.ray
+def test_final_is_the_ema_unet_and_loads_with_diffusers(pretrained):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    final = pretrained["store"] / "pretrain" / "final"
+    unet = UNet2DModel.from_pretrained(final)
+    scheduler = DDPMScheduler.from_pretrained(final)
+    assert unet.config.sample_size == 16 and unet.config.in_channels == 1
+    assert scheduler.config.num_train_timesteps == 1000
+    assert json.loads((final / pretrain.FINAL_MARKER).read_text())["steps"] == STEPS
+
+    state = torch.load(_checkpoints(pretrained["run_dir"])[STEPS] / pretrain.STATE_FILE, map_location="cpu",
+                       weights_only=False)
+    names = [n for n, _ in unet.named_parameters()]
+    saved = dict(unet.named_parameters())
+    # the saved weights are the EMA of the last step, and differ from the raw weights of that step
+    for name, shadow in zip(names, state["ema"]["shadow_params"]):
+        torch.testing.assert_close(saved[name].detach(), shadow)
+    diff = max((saved[n].detach() - state["model"][n]).abs().max().item() for n in names)
+    assert diff > 1e-4
+
+
+@pytest.mark.ray
+def test_samples_grid_is_an_artifact_of_the_pretrain_run(pretrained):
+    run = pretrained["runs"][0]
+    client = pretrained["client"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["samples.png"]
+    assert run.data.params["steps"] == str(STEPS) and run.data.params["workers"] == "2"
+
+
+@pytest.mark.ray
+def test_rerun_of_a_finished_pretrain_does_nothing(pretrained):
+    assert pretrained["noop_unchanged"]
+    assert pretrained["noop_s"] < 5
+    assert sorted(_checkpoints(pretrained["run_dir"])) == [20, 30]
+    assert len(pretrained["runs"]) == 1

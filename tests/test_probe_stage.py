@@ -1,0 +1,306 @@
+"""`sweep probe` on real Ray, a real MLflow SQLite store and real features (the demo images through a small
+U-Net, extracted by the real extract stage): parity with scikit-learn, the test split never choosing,
+one child run per trial with every contract field, resume without duplicates, and `sweep best` against
+MLflow's own query."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import small_pipeline
+from mlflow.tracking import MlflowClient
+from sklearn.linear_model import LogisticRegression
+
+from sweep import cli, tracking
+from sweep.best import best, records
+from sweep.config import PipelineConfig
+from sweep.features.store import FeatureStore
+from sweep.probing import ProbeConfig, Split, train_probe
+from sweep.stages import extract, probe
+from sweep.stages.probe import probe_column, read_probe_data
+
+pytestmark = pytest.mark.ray
+
+BLOCKS = ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+TIMESTEPS = [0, 100, 400]
+N_TRIALS = len(BLOCKS) * len(TIMESTEPS)  # 15
+CONTRACT_PARAMS = {"encoder", "layer", "timestep", "resolution", "dim", "lr", "weight_decay"}
+CONTRACT_METRICS = {"val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "test_balanced_acc",
+                    "kmeans_nmi", "kmeans_ari"}
+
+
+def _raw(storage: Path, checkpoint: Path, **probe_settings) -> dict:
+    return small_pipeline(
+        storage,
+        extract={"encoders": [{"name": "diffusion", "checkpoint": str(checkpoint)}], "timesteps": TIMESTEPS,
+                 "batch_size": 64, "shard_size": 64},
+        probe={"epochs": 8, "lrs": [0.01, 0.1], "weight_decays": [0.0, 0.01], "kmeans": True,
+               "cpus_per_trial": 1, "max_concurrent_trials": 2, **probe_settings},
+    )
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, tiny_unet_checkpoint, tmp_path_factory) -> PipelineConfig:
+    """Features of the 105 demo images (5 blocks x 3 timesteps), then one full probe sweep."""
+    storage = tmp_path_factory.mktemp("probe") / "store"
+    config = PipelineConfig.model_validate(_raw(storage, tiny_unet_checkpoint))
+    extract.run(config)
+    out = probe.run(config)
+    assert out["ran"] == N_TRIALS
+    return config
+
+
+def _client(config: PipelineConfig) -> MlflowClient:
+    return tracking.client_for(config)
+
+
+def _children(config: PipelineConfig, run_view=mlflow.entities.ViewType.ACTIVE_ONLY) -> list:
+    client = _client(config)
+    exp = client.get_experiment_by_name(config.experiment_name)
+    return client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_PARENT}` LIKE '%'",
+                              run_view_type=run_view, max_results=1000)
+
+
+# ------------------------------------------------------------------ the probe against scikit-learn
+
+
+def _sklearn_choice(train: Split, val: Split, test: Split, wds: list[float], select: str):
+    """LogisticRegression per C = 1 / (wd * N_train) on the probe's standardisation, C chosen on val by
+    the probe's rule (best `select`, ties: lower val cross-entropy, then grid order)."""
+    Xtr = train.X.astype(np.float64)
+    mu, sd = Xtr.mean(0), Xtr.std(0)
+    sd = np.where(sd > 1e-8, sd, 1.0)
+    best_key, chosen = None, None
+    for i, wd in enumerate(wds):
+        model = LogisticRegression(C=1 / (wd * len(Xtr)), tol=1e-10, max_iter=20000)
+        model.fit((Xtr - mu) / sd, train.y)
+        Xva = (val.X.astype(np.float64) - mu) / sd
+        pred = model.predict(Xva)
+        acc = (pred == val.y).mean()
+        from sklearn.metrics import f1_score
+
+        f1 = f1_score(val.y, pred, labels=range(6), average="macro", zero_division=0)
+        proba = model.predict_proba(Xva)
+        ce = -np.log(proba[np.arange(len(val.y)), val.y]).mean()
+        key = (-(f1 if select == "val_macro_f1" else acc), ce, i)
+        if best_key is None or key < best_key:
+            test_acc = (model.predict((test.X.astype(np.float64) - mu) / sd) == test.y).mean()
+            best_key, chosen = key, (wd, test_acc)
+    return chosen
+
+
+def test_probe_matches_sklearn_on_real_features(swept):
+    # Converged heads (full batch, long cosine schedule) and sklearn at tight tolerance reach the same
+    # minimiser, so with the same standardisation and the same choice rule they predict the same labels:
+    # the test split has ~21 images, so a single different prediction would be a ~5 point gap.
+    store = f"{swept.storage_root}/features/diffusion"
+    wds = [1e-3, 1e-2, 1e-1]
+    cfg = ProbeConfig(lrs=[0.03, 0.1], weight_decays=wds, epochs=1500, batch_size=4096, select="val_acc")
+    gaps = []
+    for column in ("down_blocks.1@t0", "mid_block@t100", "up_blocks.1@t400"):
+        X, y, split, _ = read_probe_data(store, column)
+        train, val, test = (Split(X[split == s], y[split == s]) for s in ("train", "val", "test"))
+        res = train_probe(train, val, test, {}, 6, cfg)
+        wd, sk_acc = _sklearn_choice(train, val, test, wds, cfg.select)
+        gaps.append((column, res.metrics["test_acc"] - sk_acc, res.weight_decay, wd))
+    print(gaps)
+    for column, gap, wd_probe, wd_sk in gaps:
+        assert wd_probe == wd_sk, column
+        assert abs(gap) <= 0.005, column
+
+
+# ------------------------------------------------------------------ the test split chooses nothing
+
+
+def _store_with_test_labels_permuted(src: FeatureStore, dest: Path, seed: int = 0) -> FeatureStore:
+    """A copy of a store, with the test rows' labels shuffled among themselves (written through the
+    store's own API, so it is a complete, valid store)."""
+    rng = np.random.default_rng(seed)
+    out = FeatureStore(str(dest))
+    manifest = src.manifest()
+    out.open({k: v for k, v in manifest.items() if k not in ("key", "complete", "datasets", "rejected")},
+             manifest["key"], {d: v["num_shards"] for d, v in manifest["datasets"].items()})
+    for dataset, info in manifest["datasets"].items():
+        for shard in info["shards"]:
+            table = pq.read_table(f"{src.base}/{shard['file']}")
+            labels = table.column("label").to_numpy().copy()
+            is_test = np.asarray(table.column("split").to_pylist()) == "test"
+            labels[is_test] = rng.permutation(labels[is_test])
+            table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
+            out.write_shard(dataset, shard["index"], table)
+    out.mark_complete(manifest.get("summary", {}))
+    return out
+
+
+def test_test_labels_change_no_choice(swept, tmp_path):
+    src = FeatureStore(f"{swept.storage_root}/features/diffusion")
+    other = _store_with_test_labels_permuted(src, tmp_path / "permuted")
+    settings = {**swept.probe.model_dump(mode="json"), "epochs": 15}
+    changed = 0
+    for column in ("down_blocks.0@t0", "mid_block@t100", "up_blocks.0@t400"):
+        a = probe_column(src.root, column, 6, settings, seed=0, threads=1)
+        b = probe_column(other.root, column, 6, settings, seed=0, threads=1)
+        assert (a["lr"], a["weight_decay"], a["best_epoch"], a["epochs_run"]) == (
+            b["lr"], b["weight_decay"], b["best_epoch"], b["epochs_run"])
+        assert a["history"] == b["history"]
+        assert {k: v for k, v in a["metrics"].items() if k.startswith("val_")} == {
+            k: v for k, v in b["metrics"].items() if k.startswith("val_")}
+        changed += a["metrics"]["test_acc"] != b["metrics"]["test_acc"]
+    assert changed  # the permuted labels did reach the test metrics
+
+
+# ------------------------------------------------------------------ MLflow records of the sweep
+
+
+def test_one_child_run_per_trial_with_contract_fields(swept):
+    client = _client(swept)
+    exps = [e for e in client.search_experiments() if e.name == swept.experiment_name]
+    assert len(exps) == 1
+    parents = client.search_runs([exps[0].experiment_id],
+                                 f"tags.`{tracking.TAG_STAGE}` = 'probe' and attributes.status = 'FINISHED'")
+    parents = [r for r in parents if tracking.TAG_PARENT not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.metrics["trials_run"] == N_TRIALS and parent.data.metrics["trials_failed"] == 0
+
+    runs = _children(swept)
+    assert len(runs) == N_TRIALS
+    manifest = FeatureStore(f"{swept.storage_root}/features/diffusion").manifest()
+    expected = {c["column"]: c for c in manifest["columns"]}
+    assert {r.data.params["column"] for r in runs} == set(expected)
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+        assert tags[tracking.TAG_PARENT] == parent.info.run_id
+        assert tags[tracking.TAG_STAGE] == "probe" and tags[tracking.TAG_PIPELINE] == swept.name
+        assert tags[tracking.TAG_HASH] == swept.config_hash()
+        assert CONTRACT_PARAMS <= set(params)
+        col = expected[params["column"]]
+        assert params["encoder"] == "diffusion" and params["layer"] == col["layer"]
+        assert int(params["timestep"]) == col["timestep"] and int(params["dim"]) == col["dim"]
+        assert int(params["resolution"]) == col["resolution"]
+        assert float(params["lr"]) in swept.probe.lrs
+        assert float(params["weight_decay"]) in swept.probe.weight_decays
+        assert CONTRACT_METRICS <= set(metrics)
+        assert all(0.0 <= metrics[m] <= 1.0 for m in CONTRACT_METRICS - {"kmeans_ari"})
+        # the validation curve: one point per epoch, steps 1..epochs
+        curve = sorted(client.get_metric_history(r.info.run_id, "history_val_acc"), key=lambda m: m.step)
+        assert [m.step for m in curve] == list(range(1, swept.probe.epochs + 1))
+        assert curve[-1].value == pytest.approx(metrics["val_acc"], abs=0.05)  # the last epoch's head is kept
+
+
+def test_best_orders_as_mlflow_search_runs(swept, capsys):
+    for metric in ("val_macro_f1", "test_acc", "kmeans_nmi"):
+        ours = [r["run_id"] for r in best(swept, metric=metric, top=None)]
+        theirs = mlflow.search_runs(
+            experiment_names=[swept.experiment_name],
+            filter_string=(f"tags.`sweep.stage` = 'probe' and tags.`sweep.pipeline` = '{swept.name}' and "
+                           f"tags.`mlflow.parentRunId` LIKE '%' and attributes.status = 'FINISHED' and "
+                           f"tags.`sweep.config_hash` = '{swept.config_hash()}'"),
+            order_by=[f"metrics.`{metric}` DESC"])
+        assert ours == list(theirs["run_id"]) and len(ours) == N_TRIALS
+        values = [r[metric] for r in best(swept, metric=metric, top=None)]
+        assert values == sorted(values, reverse=True)
+
+    base = ["best", str(_pipeline_file(swept)), "--set", f"storage={swept.storage_root}"]
+    assert cli.main([*base, "--format", "json", "--top", "5", "--metric", "test_macro_f1"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert len(recs) == 5
+    for r in recs:
+        assert isinstance(r["run_id"], str) and r["encoder"] == "diffusion" and isinstance(r["layer"], str)
+        assert isinstance(r["timestep"], int) and isinstance(r["resolution"], int) and isinstance(r["dim"], int)
+        assert isinstance(r["lr"], float) and isinstance(r["weight_decay"], float)
+        for m in CONTRACT_METRICS:
+            assert isinstance(r[m], float), m
+    assert [r["test_macro_f1"] for r in recs] == sorted((r["test_macro_f1"] for r in recs), reverse=True)
+
+    assert cli.main([*base, "--format", "json", "--top", "0", "--encoder", "diffusion"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == N_TRIALS
+    assert cli.main([*base, "--format", "json", "--encoder", "simclr-resnet18"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert cli.main([*base, "--top", "3", "--metric", "kmeans_ari"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["#", "encoder", "layer"] and len(table) == 4
+    assert cli.main([*base, "--metric", "test_auc"]) == 2
+
+
+def _pipeline_file(config: PipelineConfig) -> Path:
+    import yaml
+
+    path = Path(config.storage_root).parent / "pipeline.yaml"
+    if not path.exists():
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+def test_records_types_for_a_non_diffusion_encoder():
+    import pandas as pd
+
+    frame = pd.DataFrame([{"run_id": "r1", "params.encoder": "supervised-resnet18", "params.layer": "layer3",
+                           "params.timestep": "", "params.resolution": "4", "params.dim": "256",
+                           "params.lr": "0.01", "params.weight_decay": "0.0", "metrics.val_acc": 0.5,
+                           "metrics.test_acc": float("nan"), "metrics.history_val_acc": 0.4}])
+    (rec,) = records(frame)
+    assert rec["timestep"] is None and rec["resolution"] == 4 and rec["dim"] == 256
+    assert rec["lr"] == 0.01 and rec["weight_decay"] == 0.0 and rec["val_acc"] == 0.5
+    assert rec["test_acc"] is None and "history_val_acc" not in rec
+    json.dumps(rec, allow_nan=False)
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_interrupted_sweep_resumes_without_duplicates(swept, tmp_path, monkeypatch):
+    # The MLflow store of the finished sweep, copied; then made to look interrupted: 3 trials never ran,
+    # one was interrupted while its run was written (RUNNING), the parent never finished.
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(tracking.local_mlflow_db(swept), db)
+    config = swept.model_copy(update={"tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{db}"})})
+    assert config.config_hash() == swept.config_hash()
+    client = _client(config)
+    runs = sorted(_children(config), key=lambda r: r.data.tags[tracking.TAG_TRIAL])
+    keep = {r.data.tags[tracking.TAG_TRIAL]: r.info.run_id for r in runs[4:]}
+    for r in runs[:4]:
+        client.delete_run(r.info.run_id)
+    stale_key = runs[0].data.tags[tracking.TAG_TRIAL]
+    stale = client.create_run(runs[0].info.experiment_id, tags={
+        **tracking.stage_tags(config, "probe"), tracking.TAG_TRIAL: stale_key,
+        tracking.TAG_PARENT: runs[0].data.tags[tracking.TAG_PARENT]})
+    parent_id = runs[0].data.tags[tracking.TAG_PARENT]
+    client.update_run(parent_id, status="FAILED")
+
+    # First rerun is interrupted again: one of the 4 remaining trials is never recorded.
+    lost = runs[1].data.tags[tracking.TAG_TRIAL]
+    real_write = probe.ChildRunWriter.write
+
+    def flaky_write(self, key, outcome):
+        if key == lost:
+            raise RuntimeError("store went away")
+        return real_write(self, key, outcome)
+
+    monkeypatch.setattr(probe.ChildRunWriter, "write", flaky_write)
+    with pytest.raises(probe.ProbeError, match="1 of 4 trials not recorded"):
+        probe.run(config)
+    assert client.get_run(parent_id).info.status == "FAILED"  # the same parent, resumed, failed again
+    assert client.get_run(stale.info.run_id).info.lifecycle_stage == "deleted"
+    monkeypatch.setattr(probe.ChildRunWriter, "write", real_write)
+
+    out = probe.run(config)
+    assert out["ran"] == 1  # only the lost trial
+    assert probe.run(config)["ran"] == 0  # and then nothing
+    children = _children(config)
+    by_key = {}
+    for r in children:
+        by_key.setdefault(r.data.tags[tracking.TAG_TRIAL], []).append(r)
+    assert len(children) == N_TRIALS and all(len(v) == 1 for v in by_key.values())
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all(by_key[k][0].info.run_id == run_id for k, run_id in keep.items())  # finished ones not redone
+    assert {r.data.tags[tracking.TAG_PARENT] for r in children} == {parent_id}
+    assert client.get_run(parent_id).info.status == "FINISHED"
