@@ -216,12 +216,14 @@ def main() -> int:
             shard_times.append(time.perf_counter())
 
         FeatureStore.write_shard = timed_write
+        cpu0 = time.process_time()
         start = time.perf_counter()
         try:
             summary = extract_encoder(config, spec, table)
         finally:
             FeatureStore.write_shard = write_shard
         pipe_s = time.perf_counter() - start
+        driver_cpu = time.process_time() - cpu0
         print(f"  pipeline    {_rate(n, pipe_s):8.2f} images/s ({summary})", flush=True)
         bare_2 = bare(unet, rest, args.batch_size) if n > half else 0.0
         print(f"  bare        {_rate(n - half, bare_2):8.2f} images/s (last {n - half} images)", flush=True)
@@ -247,7 +249,8 @@ def main() -> int:
         print(f"(a) pipeline (decode -> Parquet, via the stage): {pipe_rate:8.2f} images/s")
         if steady:
             print(f"    steady state, after the first shard:         {steady:8.2f} images/s "
-                  f"(start-up: {shard_times[0] - start - args.shard_size / steady:.1f}s of {pipe_s:.1f}s)")
+                  f"(first shard after {shard_times[0] - start:.1f}s of {pipe_s:.1f}s; driver CPU "
+                  f"{driver_cpu:.1f}s)")
         print(f"(b) bare forward on preloaded tensors:           {bare_rate:8.2f} images/s "
               f"(halves: {_rate(half, bare_1):.2f}, {_rate(n - half, bare_2):.2f})")
         print(f"(c) naive, one forward per (block, timestep):    {naive_rate:8.2f} images/s "

@@ -18,13 +18,14 @@ from conftest import DEMO_IMAGES, small_pipeline
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from sweep.config import PipelineConfig
+from sweep.cli import main
+from sweep.config import PipelineConfig, load_config
 from sweep.data.preprocess import preprocess
 from sweep.data.table import build_table
 from sweep.encoders.diffusion import noise_for
 from sweep.features.store import FeatureStore, FeatureStoreError
 from sweep.stages import extract
-from sweep.stages.extract import ExtractError, extract_encoder
+from sweep.stages.extract import extract_encoder
 
 pytestmark = pytest.mark.ray
 
@@ -274,15 +275,22 @@ def test_corrupt_images_are_skipped_listed_and_counted(ray_local, corrupt_folder
     assert set(ids) == {p.relative_to(DEMO_IMAGES).as_posix() for p in DEMO_IMAGES.glob("*/*.jpg")}
 
 
-def test_too_many_corrupt_images_fail_the_stage(ray_local, corrupt_folder, tiny_unet_checkpoint, tmp_path):
+def test_too_many_corrupt_images_fail_the_stage(ray_local, corrupt_folder, tiny_unet_checkpoint, write_pipeline,
+                                                capsys):
+    """Through the CLI, as a user sees it: exit code 1 and one line naming the count, the limit and what to do."""
     root, bad = corrupt_folder
-    config = _config(tmp_path / "store", tiny_unet_checkpoint, max_bad_fraction=0.01,  # allows 1 of 107
-                     train={"source": "imagefolder", "path": str(root)})
-    with pytest.raises(ExtractError) as err:
-        _extract(config)
-    msg = str(err.value)
-    assert "2 of 107 images could not be read" in msg and "extract.max_bad_fraction=0.01" in msg
-    assert "\n" not in msg
+    path = write_pipeline(
+        data={"train": {"name": "plankton", "source": "imagefolder", "path": str(root),
+                        "splits": {"val": 0.2, "test": 0.2}}},
+        extract={"encoders": [{"name": "diffusion", "checkpoint": str(tiny_unet_checkpoint)}],
+                 "timesteps": TIMESTEPS, "batch_size": 32, "shard_size": 40,
+                 "max_bad_fraction": 0.01})  # allows 1 of 107
+    capsys.readouterr()
+    assert main(["extract", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sweep: ExtractError: extract diffusion: 2 of 107 images could not be read"), err
+    assert "extract.max_bad_fraction=0.01" in err and "rerun" in err
+    config = load_config(path)
     m = _store(config).manifest(reload=True)
     assert not m["complete"] and {r["image_id"] for r in m["rejected"]} == set(bad)
 
