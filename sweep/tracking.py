@@ -133,33 +133,6 @@ def finished_trials(config: PipelineConfig) -> set[str]:
             return done
 
 
-def search_probe_runs(config: PipelineConfig, metric: str = "val_macro_f1", encoder: str | None = None,
-                      any_config: bool = False, max_results: int = 100_000) -> pd.DataFrame:
-    """The `sweep best` query: probe child runs of this pipeline, best first by `metric`.
-
-    Equivalent to this call in any MLflow client:
-    `mlflow.search_runs(experiment_names=[EXP], filter_string="tags.`sweep.stage` = 'probe' and
-    tags.`sweep.pipeline` = 'NAME' and tags.`mlflow.parentRunId` LIKE '%' and attributes.status = 'FINISHED'
-    and tags.`sweep.config_hash` = 'HASH'", order_by=["metrics.`M` DESC"])` (child runs only: the sweep's
-    parent run carries the same stage tag).
-    """
-    client_for(config)
-    if mlflow.get_experiment_by_name(config.experiment_name) is None:
-        return pd.DataFrame()
-    filters = [f"tags.`{TAG_STAGE}` = 'probe'", f"tags.`{TAG_PIPELINE}` = '{config.name}'",
-               f"tags.`{TAG_PARENT}` LIKE '%'", "attributes.status = 'FINISHED'"]
-    if not any_config:
-        filters.append(f"tags.`{TAG_HASH}` = '{config.config_hash()}'")
-    if encoder:
-        filters.append(f"params.encoder = '{encoder}'")
-    return mlflow.search_runs(
-        experiment_names=[config.experiment_name],
-        filter_string=" and ".join(filters),
-        order_by=[f"metrics.`{metric}` DESC", "attributes.start_time ASC"],
-        max_results=max_results,
-    )
-
-
 def local_mlflow_db(config: PipelineConfig) -> Path | None:
     uri = tracking_uri(config)
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
