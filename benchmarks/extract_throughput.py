@@ -51,7 +51,7 @@ from sweep.storage import Storage
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=768, help="images to extract (default 768)")
+    p.add_argument("--images", type=int, default=1024, help="images to extract (default 1024)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--timesteps", default="0,100,400", help="comma-separated (default 0,100,400)")
     p.add_argument("--width", type=int, default=32, help="base channels of the U-Net (128 = DDPM CIFAR-10)")
@@ -95,6 +95,62 @@ def _config(args, work: Path, checkpoint: Path, timesteps: list[int]) -> Pipelin
                     "layers": "blocks", "batch_size": args.batch_size, "shard_size": args.shard_size,
                     "actors": 1, "cpus_per_actor": args.threads},
     })
+
+
+class RayCpuMeter:
+    """CPU seconds (user + sys) spent by this process's descendants (Ray's GCS, raylet, workers, actors),
+    sampled from /proc every 0.2 s so that an actor that exits at the end of the pipeline is counted too.
+    On a shared machine, wall-clock rates move with other people's load; CPU seconds per image much less."""
+
+    def __init__(self):
+        import threading
+
+        self._seen: dict[int, float] = {}
+        self._base: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def _descendants(self) -> dict[int, float]:
+        parent, cpu = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(entry)] = int(fields[1])
+            cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / self._tick
+        me, out = os.getpid(), {}
+        for pid in cpu:
+            p, depth = parent.get(pid), 0
+            while p and p != me and depth < 16:
+                p, depth = parent.get(p), depth + 1
+            if p == me:
+                out[pid] = cpu[pid]
+        return out
+
+    def _run(self) -> None:
+        start = time.thread_time()
+        while not self._stop.wait(0.2):
+            for pid, c in self._descendants().items():
+                self._seen[pid] = max(c, self._seen.get(pid, 0.0))
+        self.own_seconds = time.thread_time() - start  # the sampler's own CPU, not the pipeline's
+
+    def __enter__(self) -> "RayCpuMeter":
+        self._base = self._descendants()
+        self._seen = dict(self._base)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for pid, c in self._descendants().items():
+            self._seen[pid] = max(c, self._seen.get(pid, 0.0))
+        self.seconds = sum(c - self._base.get(pid, 0.0) for pid, c in self._seen.items())
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -204,7 +260,9 @@ def main() -> int:
         half = (n // args.batch_size + 1) // 2 * args.batch_size
         first = {t: x[:half] for t, x in xs.items()}
         rest = {t: x[half:] for t, x in xs.items()}
+        cpu = time.process_time()
         bare_1 = bare(unet, first, args.batch_size)
+        bare_cpu = time.process_time() - cpu
         print(f"  bare        {_rate(half, bare_1):8.2f} images/s (first {half} images)", flush=True)
 
         spec = config.encoder_specs()[0]
@@ -219,13 +277,16 @@ def main() -> int:
         cpu0 = time.process_time()
         start = time.perf_counter()
         try:
-            summary = extract_encoder(config, spec, table)
+            with RayCpuMeter() as ray_cpu:
+                summary = extract_encoder(config, spec, table)
         finally:
             FeatureStore.write_shard = write_shard
         pipe_s = time.perf_counter() - start
-        driver_cpu = time.process_time() - cpu0
+        driver_cpu = time.process_time() - cpu0 - ray_cpu.own_seconds
         print(f"  pipeline    {_rate(n, pipe_s):8.2f} images/s ({summary})", flush=True)
+        cpu = time.process_time()
         bare_2 = bare(unet, rest, args.batch_size) if n > half else 0.0
+        bare_cpu += time.process_time() - cpu
         print(f"  bare        {_rate(n - half, bare_2):8.2f} images/s (last {n - half} images)", flush=True)
 
         # sanity: the pipeline stored what the model computes
@@ -249,10 +310,12 @@ def main() -> int:
         print(f"(a) pipeline (decode -> Parquet, via the stage): {pipe_rate:8.2f} images/s")
         if steady:
             print(f"    steady state, after the first shard:         {steady:8.2f} images/s "
-                  f"(first shard after {shard_times[0] - start:.1f}s of {pipe_s:.1f}s; driver CPU "
-                  f"{driver_cpu:.1f}s)")
+                  f"(first shard written after {shard_times[0] - start:.1f}s of {pipe_s:.1f}s)")
         print(f"(b) bare forward on preloaded tensors:           {bare_rate:8.2f} images/s "
               f"(halves: {_rate(half, bare_1):.2f}, {_rate(n - half, bare_2):.2f})")
+        pipe_cpu = driver_cpu + ray_cpu.seconds
+        print(f"    CPU seconds per image: pipeline {pipe_cpu / n:.3f} (driver {driver_cpu:.1f}s + Ray processes "
+              f"{ray_cpu.seconds:.1f}s), bare {bare_cpu / n:.3f}: bare/pipeline = {bare_cpu / pipe_cpu:.3f}")
         print(f"(c) naive, one forward per (block, timestep):    {naive_rate:8.2f} images/s "
               f"(hooked one forward per timestep: {hooked_rate:.2f})")
         print(f"pipeline / bare = {r1:.3f}  (target >= 0.85: {'met' if r1 >= 0.85 else 'MISSED'})"

@@ -14,7 +14,7 @@ MLflow logging of rank 0, the Train controller.
 Steady state: the wall time between the end of step W (a checkpoint step after the first epoch and the
 first checkpoint) and the end of the last step, checkpoints in between included. Start-up (Ray, workers,
 imports, the first Ray Data epoch) is excluded from both. With `--rounds N` the two loops alternate N times
-(ABAB...) and the medians are compared.
+(plain/Ray, Ray/plain, ...) and the medians are compared.
 
 On a shared machine wall-clock throughput swings with other people's load (2x between two identical plain
 runs was seen here), so the benchmark also samples the CPU time of its whole process tree (the plain
@@ -128,10 +128,15 @@ def run_plain(cfg: dict, shards) -> list[dict]:
 
 def run_ray(config) -> list[dict]:
     """The stage itself; its report steps with wall time (the per-step MLflow timestamp) and images seen."""
+    import ray
+
     from sweep import tracking
     from sweep.stages import pretrain
 
-    pretrain.run(config)
+    try:
+        pretrain.run(config)
+    finally:
+        ray.shutdown()  # every round starts clean, and an idle Ray does not count against the plain loop's CPU
     client = tracking.client_for(config)
     exp = client.get_experiment_by_name(config.experiment_name)
     run = client.search_runs([exp.experiment_id], filter_string="tags.`sweep.stage` = 'pretrain'",
@@ -269,18 +274,24 @@ def main(argv: list[str] | None = None) -> int:
               f"{res['window_images_per_s']}; {time.perf_counter() - t:.0f}s in all; load {os.getloadavg()[0]:.1f})",
               flush=True)
 
-    for r in range(args.rounds):
+    def plain_round(r: int) -> None:
         t = time.perf_counter()
         with CPUSampler() as cpu:
             marks = run_plain(cfg, shards)
         results["plain"].append(steady(marks, args.skip_reports, cpu))
         show("plain DDP", r, results["plain"][-1], t)
+
+    def ray_round(r: int) -> None:
         t = time.perf_counter()
         config = load_config(args.pipeline, overrides + [f"storage={work}/{r}"])
         with CPUSampler() as cpu:
             marks = run_ray(config)
         results["ray"].append(steady(marks, args.skip_reports, cpu))
         show("Ray Train", r, results["ray"][-1], t)
+
+    for r in range(args.rounds):  # ABBA...: neither loop always goes first
+        for one in ((plain_round, ray_round) if r % 2 == 0 else (ray_round, plain_round)):
+            one(r)
 
     def median(loop: str, key: str) -> float:
         return statistics.median(x[key] for x in results[loop])

@@ -196,51 +196,35 @@ def test_changed_settings_are_refused_with_what_to_do(extracted):
 
 def test_rerun_into_fresh_storage_interrupted_and_resumed_is_bit_identical(extracted, tmp_path, monkeypatch,
                                                                            capsys):
-    """Extract again into a fresh storage, interrupted after one shard, then resumed: exactly one row per
-    image, every value bit for bit the first extraction's (the resumed part included)."""
+    """Extract again into a fresh storage; interrupt it after two shards; lose one of them (listed in the
+    manifest, file gone) and leave half-written files behind; resume: exactly one row per image, and every
+    value bit for bit the first extraction's, the resumed part included."""
     config = extracted.model_copy(update={"storage": str(tmp_path / "store")})
     real_write = FeatureStore.write_shard
     written = []
 
-    def fail_after_one(self, dataset, index, table, rejected=()):
-        if written:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the second shard was being written
+    def fail_after_two(self, dataset, index, table, rejected=()):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the third shard was being written
         written.append(index)
         real_write(self, dataset, index, table, rejected)
 
-    monkeypatch.setattr(FeatureStore, "write_shard", fail_after_one)
+    monkeypatch.setattr(FeatureStore, "write_shard", fail_after_two)
     with pytest.raises(KeyboardInterrupt):
         _extract(config)
     monkeypatch.setattr(FeatureStore, "write_shard", real_write)
     store = _store(config)
-    assert store.completed_shards("plankton") == {0} and not store.is_complete()
-    # a half-written shard left behind by a killed writer must never be read, and a stray tmp neither
+    assert store.completed_shards("plankton") == {0, 1} and not store.is_complete()
     folder = Path(config.storage_root) / "features" / "diffusion" / "plankton"
-    (folder / "part-00001.parquet.tmp").write_bytes(b"PAR1 half a shard")
+    (folder / "part-00000.parquet").unlink()  # listed as complete, but lost
+    # a half-written shard left behind by a killed writer must never be read, and a stray tmp neither
+    (folder / "part-00002.parquet.tmp").write_bytes(b"PAR1 half a shard")
     (folder / "stray.tmp").write_bytes(b"junk")
     capsys.readouterr()
-    _extract(config)
-    assert f"{N_ALL - 40} of {N_ALL} images to encode (1 shard(s) already complete)" in capsys.readouterr().err
-    _assert_identical(_rows(config), _rows(extracted))
-
-
-def test_lost_shards_are_extracted_again(extracted, tmp_path, capsys):
-    """Shards deleted from manifest and disk, and a shard file lost while still listed: a rerun redoes both."""
-    root = tmp_path / "store"
-    shutil.copytree(extracted.storage_root, root)
-    config = extracted.model_copy(update={"storage": str(root)})
-    manifest_path = root / "features" / "diffusion" / "_manifest.json"
-    m = json.loads(manifest_path.read_text())
-    m["datasets"]["plankton"]["shards"] = m["datasets"]["plankton"]["shards"][:2]  # shard 2 forgotten
-    m["complete"] = False
-    manifest_path.write_text(json.dumps(m))
-    (root / "features" / "diffusion" / "plankton" / "part-00002.parquet").unlink()
-    (root / "features" / "diffusion" / "plankton" / "part-00001.parquet").unlink()  # listed, but gone
-    capsys.readouterr()
-    assert _extract(config)["rows"] == N_ALL
+    assert _extract(config) == {"images": N_ALL, "rows": N_ALL, "rejected": 0}
     err = capsys.readouterr().err
-    assert "part-00001.parquet is listed as complete but its file is gone" in err
-    assert f"65 of {N_ALL} images to encode (2 shard(s) already complete)" in err
+    assert "shard plankton/part-00000.parquet is listed as complete but its file is gone" in err
+    assert f"{N_ALL - 40} of {N_ALL} images to encode (1 shard(s) already complete)" in err
     _assert_identical(_rows(config), _rows(extracted))
 
 

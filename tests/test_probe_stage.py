@@ -54,6 +54,7 @@ def swept(ray_local, tiny_unet_checkpoint, tmp_path_factory) -> PipelineConfig:
     extract.run(config)
     out = probe.run(config)
     assert out["ran"] == N_TRIALS
+    assert out["workers"] == 2  # max_concurrent_trials, actually reached (see probe._wait_for_peers)
     return config
 
 

@@ -97,7 +97,7 @@ class FeatureStore:
         written but not yet recorded, a stray `*.tmp`) are never read and are overwritten when their
         shard is written."""
         existing = self.manifest(reload=True)
-        self.dropped: list[str] = []
+        self.dropped = []
         if existing is not None and existing.get("key") != key:
             raise FeatureStoreError(self._mismatch(existing, settings))
         if existing is None:

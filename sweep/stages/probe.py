@@ -21,12 +21,12 @@ already done inside the trial by the heads, and early stopping on validation is 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
 import threading
 import time
+import uuid
 
 import numpy as np
 from ray.tune import Callback
@@ -37,6 +37,7 @@ from sweep.stages.common import init_ray, say
 from sweep.storage import Storage
 
 CURVE_KEYS = ("val_acc", "val_macro_f1", "val_loss", "train_loss")
+RENDEZVOUS_TIMEOUT_S = 120.0  # longest a worker's first trial waits for the other workers to start
 
 
 class ProbeError(RuntimeError):
@@ -148,6 +149,48 @@ def probe_column(store_uri: str, column: str, num_classes: int, probe: dict, see
     }
 
 
+class _Rendezvous:
+    """Counts the trial workers (processes) that have started, so the first ones can wait for the rest."""
+
+    def __init__(self):
+        self.workers: set[int] = set()
+
+    def arrive(self, worker: int) -> int:
+        self.workers.add(worker)
+        return len(self.workers)
+
+    def count(self) -> int:
+        return len(self.workers)
+
+
+_ARRIVED = False  # per worker process: has it checked in with this sweep's rendezvous?
+
+
+def _wait_for_peers(name: str, needed: int, timeout_s: float) -> None:
+    """Hold a worker's first trial until `needed` workers have started (or `timeout_s` passed).
+
+    Why: with `reuse_actors=True`, Tune hands a pending trial to an actor that has just finished (and
+    drops the actor it had requested for it) whenever that is sooner than the new actor's start-up. A
+    probe trial takes about a second and a worker's start (process, imports) several, so without this
+    wait every trial of a sweep ran on ONE actor whatever `max_concurrent_trials` said. Once all workers
+    are up they each take the next trial as they finish, and the wait is never paid again.
+    """
+    global _ARRIVED
+    import ray
+
+    if _ARRIVED:
+        return
+    _ARRIVED = True
+    try:
+        rendezvous = ray.get_actor(name)
+        ray.get(rendezvous.arrive.remote(os.getpid()))
+        deadline = time.monotonic() + timeout_s
+        while ray.get(rendezvous.count.remote()) < needed and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except ValueError:  # the sweep is over (rendezvous gone): nothing to wait for
+        pass
+
+
 def _trainable(config: dict) -> None:
     from ray import tune
 
@@ -155,12 +198,31 @@ def _trainable(config: dict) -> None:
 
     trial = config["trial"]
     run = config["run"]
+    if run.get("rendezvous"):
+        _wait_for_peers(run["rendezvous"], run["workers"], run["rendezvous_timeout_s"])
     device = "cuda" if run["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     out = probe_column(trial["store"], trial["column"], run["num_classes"][trial["encoder"]], run["probe"],
                        run["seed"], threads=run["threads"], device=device)
+    out["worker"] = os.getpid()
     # Flat val metrics for Tune's own views; the whole outcome under "probe" for the MLflow callback.
     tune.report({"val_acc": out["metrics"]["val_acc"], "val_macro_f1": out["metrics"]["val_macro_f1"],
                  "probe": out})
+
+
+def concurrent_workers(config: PipelineConfig, trials: int) -> int:
+    """How many trials can run at once: `max_concurrent_trials`, the cluster's CPUs and GPUs (at the time
+    of asking) and the number of trials, whichever is smallest."""
+    import math
+
+    import ray
+
+    p = config.probe
+    total = ray.cluster_resources()
+    fit = [trials, p.max_concurrent_trials or trials,
+           math.floor(total.get("CPU", 0) / p.cpus_per_trial + 1e-9)]
+    if p.gpus_per_trial > 0:
+        fit.append(math.floor(total.get("GPU", 0) / p.gpus_per_trial + 1e-9))
+    return max(1, min(fit))
 
 
 # ------------------------------------------------------------------------------ MLflow child runs
@@ -228,6 +290,7 @@ class MlflowChildRuns(Callback):
     def __init__(self, writer: ChildRunWriter, total: int):
         self.writer, self.total = writer, total
         self.completed, self.failed = 0, 0
+        self.workers: set[int] = set()
         self.start = self.last_say = time.perf_counter()
 
     def __getstate__(self):  # Tune pickles its run config; the writer (a thread) stays on the driver
@@ -241,6 +304,7 @@ class MlflowChildRuns(Callback):
         if outcome is None:  # stopped before reporting: nothing to record, it reruns next time
             return
         self.writer.submit(trial.config["trial"]["key"], outcome)
+        self.workers.add(outcome.get("worker"))
         self.completed += 1
         self._progress()
 
@@ -301,6 +365,7 @@ def _quiet_tune():
 
 
 def run(config: PipelineConfig) -> dict:
+    import ray
     from ray import tune
 
     from sweep import tracking
@@ -327,8 +392,13 @@ def run(config: PipelineConfig) -> dict:
     writer = ChildRunWriter(config, parent, columns)
     callback = MlflowChildRuns(writer, len(todo))
     storage = Storage.of(config.storage_root)
+    workers = concurrent_workers(config, len(todo))
+    rendezvous_name = f"sweep-probe-rendezvous-{uuid.uuid4().hex[:12]}"
+    rendezvous = ray.remote(num_cpus=0)(_Rendezvous).options(name=rendezvous_name).remote()
     run_cfg = {"probe": p.model_dump(mode="json"), "seed": config.seed, "num_classes": num_classes,
-               "threads": max(1, int(p.cpus_per_trial)), "gpus": p.gpus_per_trial}
+               "threads": max(1, int(p.cpus_per_trial)), "gpus": p.gpus_per_trial,
+               "rendezvous": rendezvous_name if workers > 1 else None, "workers": workers,
+               "rendezvous_timeout_s": RENDEZVOUS_TIMEOUT_S}
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": p.cpus_per_trial, "gpu": p.gpus_per_trial}),
         param_space={"trial": tune.grid_search(todo), "run": run_cfg},
@@ -348,6 +418,8 @@ def run(config: PipelineConfig) -> dict:
         writer.close()  # what finished is kept
         tracking.finish_run(config, parent, "FAILED")
         raise
+    finally:
+        ray.kill(rendezvous)
     tune_seconds = time.perf_counter() - t0
     t_flush = time.perf_counter()
     writer.close()
@@ -364,7 +436,9 @@ def run(config: PipelineConfig) -> dict:
         raise ProbeError(f"probe: {missing} of {len(todo)} trials not recorded ({len(errors)} failed); first: "
                          f"{first}. Rerun to do only those.")
     tracking.finish_run(config, parent)
-    say(f"probe: {len(todo)} trials in {wall:.1f}s (Tune {tune_seconds:.1f}s; MLflow writes {writer.seconds:.1f}s "
-        f"in the background, {flush_seconds:.1f}s after the last trial); see `sweep best`")
+    say(f"probe: {len(todo)} trials in {wall:.1f}s on {len(callback.workers)} worker(s) (Tune {tune_seconds:.1f}s; "
+        f"MLflow writes {writer.seconds:.1f}s in the background, {flush_seconds:.1f}s after the last trial); "
+        f"see `sweep best`")
     return {"trials": len(trials), "ran": len(todo), "seconds": wall, "tune_seconds": tune_seconds,
-            "logging_seconds": writer.seconds, "flush_seconds": flush_seconds}
+            "logging_seconds": writer.seconds, "flush_seconds": flush_seconds, "workers": len(callback.workers),
+            "max_workers": workers}
