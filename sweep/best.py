@@ -53,6 +53,37 @@ def best(config: PipelineConfig, metric: str = "val_macro_f1", top: int | None =
     return recs[:top] if top else recs
 
 
+REFERENCE_METRICS = ("test_acc", "test_macro_f1", "test_balanced_acc", "val_acc", "val_macro_f1")
+
+
+def references(config: PipelineConfig) -> list[dict]:
+    """The supervised baselines' own end-to-end numbers (their classifier, not a probe), one per trained
+    `supervised` baseline of this pipeline: the reference row the probes are read against."""
+    from sweep.stages.baselines import baseline_key
+
+    keys = {b.name: baseline_key(config, b) for b in config.baselines if b.kind == "supervised"}
+    runs = tracking.search_baseline_runs(config, keys)
+    out = []
+    for _, r in runs.iterrows():
+        rec = {"run_id": r["run_id"], "encoder": r.get("tags.sweep.baseline"), "arch": r.get("params.arch"),
+               "best_epoch": _num(r.get("metrics.best_epoch"), int)}
+        rec.update({m: _num(r.get(f"metrics.{m}")) for m in REFERENCE_METRICS})
+        out.append(rec)
+    return out
+
+
+def format_references(refs: list[dict]) -> str:
+    if not refs:
+        return "(no supervised baseline trained)"
+    header = ["encoder", "arch", "best_epoch", *REFERENCE_METRICS]
+    rows = [[str(r.get(h)) if h in ("encoder", "arch", "best_epoch") else
+             ("-" if r.get(h) is None else f"{r[h]:.4f}") for h in header] for r in refs]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
 def format_table(recs: list[dict], metric: str) -> str:
     if not recs:
         return "(no probe runs)"

@@ -164,6 +164,24 @@ def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
                               order_by=[f"metrics.`{metric}` DESC"], max_results=max_results)
 
 
+def search_baseline_runs(config: PipelineConfig, keys: dict[str, str]) -> pd.DataFrame:
+    """The finished `baselines` runs of these baselines (name -> baseline key), newest first. The key, not
+    the config hash, ties a run to its baseline: changing the probe grid leaves a trained baseline (and its
+    run) valid."""
+    client_for(config)
+    if not keys or mlflow.get_experiment_by_name(config.experiment_name) is None:
+        return pd.DataFrame()
+    frames = []
+    for name, key in keys.items():
+        frames.append(mlflow.search_runs(
+            experiment_names=[config.experiment_name],
+            filter_string=(f"tags.`{TAG_STAGE}` = 'baselines' and tags.`sweep.baseline` = '{name}' and "
+                           f"tags.`sweep.baseline_key` = '{key}' and attributes.status = 'FINISHED'"),
+            order_by=["attributes.start_time DESC"], max_results=1))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def delete_unfinished_trial_runs(config: PipelineConfig, keys: set[str] | None = None) -> int:
     """Delete the probe child runs of this config that never finished (a sweep interrupted while it wrote
     them), so that rerunning their trials leaves exactly one run per trial. `keys`: only these trials.

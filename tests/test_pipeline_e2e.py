@@ -1,9 +1,10 @@
-"""The walking skeleton end to end through the CLI: pretrain -> extract -> probe -> report -> best,
-then a rerun that must duplicate nothing."""
+"""The whole study end to end through the CLI: pretrain + baselines (supervised, SimCLR) -> extract every
+encoder -> one probe sweep over all of them -> report -> best, then a rerun that must duplicate nothing."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pyarrow.parquet as pq
@@ -25,40 +26,70 @@ def _probe_runs(cfg):
                               filter_string="tags.`sweep.stage` = 'probe' and tags.`mlflow.parentRunId` LIKE '%'")
 
 
-def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys):
-    path = write_pipeline(extract={"timesteps": [0, 50, 100], "batch_size": 32, "shard_size": 40})
+BASELINES = [
+    {"name": "sup", "kind": "supervised", "arch": "resnet18", "epochs": 2, "batch_size": 16, "lr": 2.0e-3},
+    {"name": "ssl", "kind": "simclr", "arch": "resnet18", "epochs": 1, "batch_size": 32, "lr": 2.0e-3},
+]
+
+
+def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the pipeline's own store, whatever ran before
+    path = write_pipeline(extract={"timesteps": [0, 50, 100], "batch_size": 32, "shard_size": 40},
+                          baselines=BASELINES)
     cfg = load_config(path)
     assert main(["run", str(path)]) == 0
 
     store = cfg.storage_root
-    manifest = json.load(open(f"{store}/features/diffusion/_manifest.json"))
-    assert manifest["complete"] and len(manifest["columns"]) == 15  # 5 blocks x 3 timesteps
-    rows = sum(pq.read_metadata(f"{store}/features/diffusion/{s['file']}").num_rows
-               for d in manifest["datasets"].values() for s in d["shards"])
-    assert rows == 105
+    manifests = {e: json.load(open(f"{store}/features/{e}/_manifest.json")) for e in ("diffusion", "sup", "ssl")}
+    assert len(manifests["diffusion"]["columns"]) == 15  # 5 blocks x 3 timesteps
+    for encoder, manifest in manifests.items():
+        assert manifest["complete"], encoder
+        rows = sum(pq.read_metadata(f"{store}/features/{encoder}/{s['file']}").num_rows
+                   for d in manifest["datasets"].values() for s in d["shards"])
+        assert rows == 105, encoder
+    for encoder in ("sup", "ssl"):  # every layer of a baseline, no timestep
+        assert [(c["layer"], c["timestep"]) for c in manifests[encoder]["columns"]] == [
+            (layer, None) for layer in ("layer1", "layer2", "layer3", "layer4", "avgpool")]
 
     capsys.readouterr()
     assert main(["best", str(path), "--format", "json", "--top", "0"]) == 0
     recs = json.loads(capsys.readouterr().out)
-    assert len(recs) == 15
+    assert len(recs) == 25  # one probe run per encoder x column, all in one sweep
     for r in recs:
-        assert all(r.get(k) is not None for k in CONTRACT), r
-        assert isinstance(r["timestep"], int) and isinstance(r["resolution"], int) and isinstance(r["dim"], int)
+        assert all(r.get(k) is not None for k in CONTRACT if k != "timestep"), r
+        assert isinstance(r["resolution"], int) and isinstance(r["dim"], int)
+        assert isinstance(r["timestep"], int) if r["encoder"] == "diffusion" else r["timestep"] is None
         assert 0.0 <= r["test_acc"] <= 1.0
-    assert {(r["layer"], r["timestep"]) for r in recs} == {
-        (c["layer"], c["timestep"]) for c in manifest["columns"]}
+    assert {(r["encoder"], r["layer"], r["timestep"]) for r in recs} == {
+        (e, c["layer"], c["timestep"]) for e, m in manifests.items() for c in m["columns"]}
     assert [r["val_macro_f1"] for r in recs] == sorted((r["val_macro_f1"] for r in recs), reverse=True)
+    assert main(["best", str(path), "--format", "json", "--top", "0", "--encoder", "sup"]) == 0
+    sup = json.loads(capsys.readouterr().out)
+    assert [r["run_id"] for r in sup] == [r["run_id"] for r in recs if r["encoder"] == "sup"]
 
-    # the report stage wrote its files
-    assert (cfg.storage_root and __import__("pathlib").Path(store, "report", "report.md").is_file())
+    # the supervised baseline's own end-to-end numbers: in MLflow and in the report
+    meta = json.load(open(f"{store}/baselines/sup/final/baseline.json"))
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    reference = mlflow.search_runs(experiment_names=[cfg.experiment_name],
+                                   filter_string="tags.`sweep.stage` = 'baselines' and tags.`sweep.baseline` = 'sup'")
+    assert len(reference) == 1
+    for m in ("test_acc", "test_macro_f1", "test_balanced_acc"):
+        assert reference.iloc[0][f"metrics.{m}"] == pytest.approx(meta["metrics"][m])
+    report = Path(store, "report", "report.md").read_text()
+    assert "## Supervised reference (end to end)" in report
+    assert f"{meta['metrics']['test_macro_f1']:.4f}" in report
+    assert {"## diffusion", "## sup", "## ssl"} <= set(report.splitlines())
+    assert Path(store, "report", "heatmap_diffusion_val_macro_f1.png").is_file()
 
-    # rerun on finished work: no new feature rows, no new MLflow probe runs
+    # rerun on finished work: no new feature rows, no new MLflow runs, baselines untouched
     n_runs = len(_probe_runs(cfg))
-    assert n_runs == 15
+    assert n_runs == 25
+    weights = Path(store, "baselines", "sup", "final", "model.safetensors").read_bytes()
     assert main(["run", str(path)]) == 0
     assert len(_probe_runs(cfg)) == n_runs
-    manifest2 = json.load(open(f"{store}/features/diffusion/_manifest.json"))
-    assert manifest2["datasets"] == manifest["datasets"]
+    for encoder, manifest in manifests.items():
+        assert json.load(open(f"{store}/features/{encoder}/_manifest.json"))["datasets"] == manifest["datasets"]
+    assert Path(store, "baselines", "sup", "final", "model.safetensors").read_bytes() == weights
 
     # the table format names the columns a user looks for
     assert main(["best", str(path), "--top", "3"]) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from sweep import tracking
-from sweep.best import best, format_table
+from sweep.best import best, format_references, format_table, references
 from sweep.config import PipelineConfig
 from sweep.stages.common import say
 from sweep.storage import Storage
@@ -57,6 +57,14 @@ def run(config: PipelineConfig) -> str:
              f"Config hash `{config.config_hash()}`; {len(frame)} probe runs; best chosen on "
              f"`{config.probe.select}` (validation), `{metric}` shown.", "",
              "## Best configurations", "", "```", format_table(recs[:10], config.probe.select), "```", ""]
+    refs = references(config)
+    if refs:
+        frame_refs = pd.DataFrame(refs)
+        frame_refs.to_csv(out / "supervised_reference.csv", index=False)
+        lines += ["## Supervised reference (end to end)", "",
+                  "Each supervised baseline's own classifier, chosen on validation and scored once on test: "
+                  "what a fully supervised network reaches on these images, for reading the probes against.",
+                  "", "```", format_references(refs), "```", ""]
     for encoder, group in frame.groupby("encoder", sort=True):
         lines += [f"## {encoder}", ""]
         if group["timestep"].notna().any():
@@ -64,6 +72,11 @@ def run(config: PipelineConfig) -> str:
                 name = f"heatmap_{encoder}_{m}.png"
                 _heatmap(group, m, f"{encoder}: {m} by block and timestep", out / name)
                 lines += [f"![{encoder} {m}]({name})", ""]
+        else:  # a baseline: one row per layer, in network order
+            rows = group.sort_values("column")[["layer", "resolution", "dim",
+                                                 *dict.fromkeys([config.probe.select, metric])]]
+            lines += ["```", rows.drop_duplicates().to_string(index=False, float_format=lambda v: f"{v:.4f}"),
+                      "```", ""]
         top = group.sort_values(config.probe.select, ascending=False).iloc[0]
         lines += [f"- best {encoder}: `{top['column']}` (resolution {top['resolution']}): "
                   f"{metric} {top.get(metric, float('nan')):.4f}", ""]
