@@ -6,8 +6,10 @@ must never be seen half-done goes to a temporary name first and is renamed when 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,3 +108,67 @@ def upload_dir(local: str | os.PathLike, uri: str) -> None:
     fs, path = _split(uri)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local), path, destination_filesystem=fs)
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    uri = str(uri)
+    return "://" in uri and not uri.startswith("file://")
+
+
+def publish_dir(local: str | os.PathLike, uri: str, marker: str) -> None:
+    """Make the finished local folder `local` the content of `uri`, so that a reader who finds `marker`
+    there finds everything. Local: rename into place (atomic). Remote (no directory rename in object
+    stores): clear `uri`, upload every other file, then `marker` last."""
+    local = Path(local)
+    if not (local / marker).is_file():
+        raise FileNotFoundError(f"{local / marker}: the completion marker must exist before publishing")
+    if not is_remote(uri):
+        out = Path(uri.removeprefix("file://"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+        if out.exists():
+            out.rename(old)
+        shutil.move(str(local), out)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    fs, path = _split(uri)
+    fs.create_dir(path, recursive=True)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    staging = Path(local).with_name(f"{local.name}.upload-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        (local / marker).rename(staging / marker)
+        pafs.copy_files(str(local), path, destination_filesystem=fs)
+        pafs.copy_files(str(staging / marker), f"{path}/{marker}", destination_filesystem=fs)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SWEEP_CACHE", "~/.cache/sweep")).expanduser()
+
+
+def fetch_dir(uri: str | os.PathLike) -> Path:
+    """A local folder with the content of `uri`: the folder itself when local, else a copy downloaded once
+    into the cache (`$SWEEP_CACHE`, default ~/.cache/sweep), keyed by the remote files' names, sizes and
+    modification times so a republished checkpoint is fetched again."""
+    uri = str(uri)
+    if not is_remote(uri):
+        return Path(uri.removeprefix("file://"))
+    fs, path = _split(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = sorted((i.path[len(path):], i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    if not files:
+        raise FileNotFoundError(f"nothing at {uri}")
+    key = hashlib.sha256(repr((uri, files)).encode()).hexdigest()[:16]
+    target = cache_root() / "remote" / key
+    if target.is_dir():
+        return target
+    tmp = target.with_name(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        tmp.rename(target)
+    except OSError:  # another process fetched it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -36,6 +36,13 @@ def tracking_uri(config: PipelineConfig) -> str:
     if _ENV_URI:
         return _ENV_URI
     storage = Storage.of(config.storage_root)
+    if not storage.is_local:
+        from sweep.config import ConfigError
+
+        raise ConfigError(
+            f"tracking.uri: needed when storage is remote ({storage.root}): the default SQLite store must be "
+            f"on a local disk. Point it at an MLflow server (cluster.yaml runs one on the head node: "
+            f"--set tracking.uri=http://HEAD:5000) or a local sqlite:///path/mlflow.db")
     path = storage.local("mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"

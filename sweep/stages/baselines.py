@@ -37,7 +37,7 @@ from sweep.config import BaselineConfig, ConfigError, PipelineConfig
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
 from sweep.stages.common import init_ray, say
-from sweep.storage import Storage, read_json
+from sweep.storage import Storage, is_remote, publish_dir, read_json
 
 FAULT_ENV = "SWEEP_BASELINE_FAULT_AT_EPOCH"  # fault injection for resume tests: fail after this epoch
 TAG_BASELINE = "sweep.baseline"
@@ -108,17 +108,19 @@ def validate(config: PipelineConfig, index: int, b: BaselineConfig) -> None:
 # ------------------------------------------------------------------------------------ final folder
 
 def write_final(out: str | Path, state: dict, meta: dict) -> None:
-    """Weights + baseline.json into `out`, atomically (temporary sibling, then rename)."""
+    """Weights + baseline.json into `out` (a local folder or a URI); baseline.json, the completion marker,
+    appears last (see `storage.publish_dir`)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
+    out = str(out)
+    tmp = Path(tempfile.mkdtemp()) / "final" if is_remote(out) else Path(out).with_name(Path(out).name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish_dir(tmp, out, META_FILE)
+    if is_remote(out):
+        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def confusion_metrics(conf, prefix: str) -> dict[str, float]:
@@ -542,12 +544,9 @@ def run_baseline(config: PipelineConfig, index: int, b: BaselineConfig, get_tabl
 
     validate(config, index, b)
     storage = Storage.of(config.storage_root)
-    if not storage.is_local:
-        raise BaselineError("baselines: remote storage for baselines/<name>/final is not supported yet; "
-                            "use a shared folder")
-    final = storage.local("baselines", b.name, "final")
+    final = storage.baseline_final(b.name)
     key = baseline_key(config, b)
-    marker = read_json(str(final / META_FILE))
+    marker = read_json(f"{final}/{META_FILE}")
     if marker is not None and marker.get("key") == key:
         say(f"baselines {b.name}: {final} is complete for this config, nothing to do")
         return str(final)
@@ -615,7 +614,7 @@ def run_baseline(config: PipelineConfig, index: int, b: BaselineConfig, get_tabl
     except Exception as e:
         tracking.finish_run(config, run_id, "FAILED")
         raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): {e}") from e
-    done = read_json(str(final / META_FILE))
+    done = read_json(f"{final}/{META_FILE}")
     if done is None or done.get("key") != key:
         tracking.finish_run(config, run_id, "FAILED")
         raise BaselineError(f"baseline {b.name!r} ended without writing {final}")

@@ -23,7 +23,7 @@ from sweep.config import EncoderSpec, PipelineConfig
 from sweep.data.table import ImageTable, build_table
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint, to_table
 from sweep.stages.common import Timer, init_ray, say
-from sweep.storage import Storage, exists
+from sweep.storage import Storage, exists, fetch_dir
 
 
 class ExtractError(RuntimeError):
@@ -55,15 +55,22 @@ def encoder_kwargs(config: PipelineConfig, spec: EncoderSpec) -> dict:
 def build_encoder(kwargs: dict, device: str = "cpu"):
     kwargs = dict(kwargs)
     kind = kwargs.pop("kind")
+    uri = kwargs["checkpoint"]
+    kwargs["checkpoint"] = str(fetch_dir(uri))  # a remote checkpoint is downloaded once per machine
     if kind == "diffusion":
         from sweep.encoders.diffusion import DiffusionEncoder
 
-        return DiffusionEncoder(device=device, **kwargs)
-    if kind == "cnn":
+        encoder = DiffusionEncoder(device=device, **kwargs)
+    elif kind == "cnn":
         from sweep.encoders.cnn import CNNEncoder
 
-        return CNNEncoder(device=device, **kwargs)
-    raise ExtractError(f"unknown encoder kind {kind!r}")
+        encoder = CNNEncoder(device=device, **kwargs)
+    else:
+        raise ExtractError(f"unknown encoder kind {kind!r}")
+    if str(uri) != kwargs["checkpoint"]:
+        encoder.checkpoint_hash  # noqa: B018 - hashed (and cached) from the local copy...
+        encoder.checkpoint = str(uri)  # ...while the manifest names where the checkpoint lives
+    return encoder
 
 
 def decode_batch(batch: dict[str, np.ndarray], size: int, channels: int) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sweep.config import PipelineConfig
 from sweep.stages.common import init_ray, say
-from sweep.storage import Storage, exists, read_json
+from sweep.storage import Storage, exists, is_remote, publish_dir, read_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
 # the feature store are imported where they are used, not here.
@@ -272,14 +272,16 @@ def _save_final(trainer, scheduler, cfg: dict, client) -> None:
     from sweep.train.ddpm import image_grid, sample
 
     final = trainer.ema_model("cpu")
-    out = Path(cfg["final_dir"])
-    tmp = out.with_name(out.name + ".tmp")
+    out = cfg["final_dir"]
+    # written next to its destination when local (the rename is then atomic), else in a temporary folder
+    tmp = Path(tempfile.mkdtemp()) / "final" if is_remote(out) else Path(out).with_name(Path(out).name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     final.save_pretrained(tmp)
     scheduler.save_pretrained(tmp)
     (tmp / FINAL_MARKER).write_text(json.dumps({"key": cfg["key"], "steps": cfg["steps"]}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish_dir(tmp, out, FINAL_MARKER)  # the marker last: a reader who sees it sees the whole folder
+    if is_remote(out):
+        shutil.rmtree(tmp.parent, ignore_errors=True)
     if client is not None and cfg["sample_grid"]:
         with tempfile.TemporaryDirectory() as d:
             images = sample(final.to(trainer.device), dict(scheduler.config), cfg["sample_grid"], seed=cfg["seed"])
@@ -337,7 +339,7 @@ def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = No
     fault = os.environ.get(FAULT_ENV, "").strip()
     return {
         **p.model_dump(mode="json"), "image_size": config.data.image_size, "channels": config.data.channels,
-        "seed": config.seed, "final_dir": str(storage.local("pretrain", "final")), "key": key or pretrain_key(config),
+        "seed": config.seed, "final_dir": storage.pretrain_final, "key": key or pretrain_key(config),
         "tracking_uri": tracking.tracking_uri(config), "run_id": run_id, "cache_limit_bytes": 2 << 30,
         "shuffle_buffer": 4 * p.batch_size,
         # passed explicitly: env vars of the driver do not reach workers of a running (or remote) Ray
@@ -388,8 +390,6 @@ def run(config: PipelineConfig) -> str:
             f"{storage.pretrain_final} holds a U-Net trained with other settings; delete it to retrain "
             f"or set another storage"
         )
-    if not storage.is_local:
-        raise PretrainError("pretrain: remote storage for pretrain/final is not supported yet; use a shared folder")
     p = config.pretrain
     if p.init_from:
         _check_init_from(config)

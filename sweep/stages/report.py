@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pandas as pd
 
 from sweep import tracking
 from sweep.best import best, format_references, format_table, references
 from sweep.config import PipelineConfig
 from sweep.stages.common import say
-from sweep.storage import Storage
+from sweep.storage import Storage, upload_dir
 
 
 def _heatmap(frame: pd.DataFrame, metric: str, title: str, path) -> None:
@@ -45,7 +49,8 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path) -> None:
 
 def run(config: PipelineConfig) -> str:
     storage = Storage.of(config.storage_root)
-    out = storage.local("report")
+    # written locally, then uploaded when the storage is remote
+    out = storage.local("report") if storage.is_local else Path(tempfile.mkdtemp()) / "report"
     out.mkdir(parents=True, exist_ok=True)
     metric = config.report.metric
     recs = best(config, metric=config.probe.select, top=None)
@@ -86,5 +91,8 @@ def run(config: PipelineConfig) -> str:
     for f in out.iterdir():
         client.log_artifact(run_id, str(f))
     tracking.finish_run(config, run_id)
-    say(f"report: {out / 'report.md'}")
-    return str(out / "report.md")
+    if not storage.is_local:
+        upload_dir(out, storage.report)
+        shutil.rmtree(out.parent, ignore_errors=True)
+    say(f"report: {storage.report}/report.md")
+    return f"{storage.report}/report.md"
