@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _border_fill(image: Image.Image) -> int | tuple[int, ...]:
@@ -22,6 +26,15 @@ def preprocess(image: Image.Image, size: int, channels: int) -> torch.Tensor:
     Any size, aspect ratio or mode is accepted. The image is padded to a square with its own background
     colour (never stretched), then resized with antialiasing, so shapes keep their proportions.
     """
+    import torch
+
+    return torch.from_numpy(preprocess_array(image, size, channels))
+
+
+def preprocess_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """`preprocess` as a numpy array, bit for bit (float32 division and subtraction are the same IEEE
+    operations in numpy and torch). Decode workers use it and never import torch: each of them would pay
+    seconds of start-up for it, on the same cores as the encoder actors."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if size < 1:
@@ -41,7 +54,8 @@ def preprocess(image: Image.Image, size: int, channels: int) -> torch.Tensor:
         a = a[None]
     else:
         a = a.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(a)).div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
+    a = np.ascontiguousarray(a) / np.float32(127.5) - np.float32(1.0)
+    return np.clip(a, np.float32(-1.0), np.float32(1.0), out=a)
 
 
 def decode_rows(paths, indices, size: int, channels: int) -> tuple[np.ndarray, list[str]]:
@@ -56,7 +70,7 @@ def decode_rows(paths, indices, size: int, channels: int) -> tuple[np.ndarray, l
     errors = [""] * len(paths)
     for i, (path, index) in enumerate(zip(paths, indices)):
         try:
-            out[i] = preprocess(load_image(str(path), int(index)), size, channels).numpy()
+            out[i] = preprocess_array(load_image(str(path), int(index)), size, channels)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image, not a bad job
             errors[i] = f"{type(e).__name__}: {e}".strip()[:300] or type(e).__name__
     return out, errors

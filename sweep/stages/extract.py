@@ -248,6 +248,7 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     say(f"extract {spec.name}: {len(columns)} feature columns, {len(pending)} of {total} images to encode "
         f"({skipped} shard(s) already complete)")
 
+    init_ray(config)  # only now: a rerun over finished shards needs no Ray at all
     ds = build_dataset(config, pending, kwargs)
     expected = pending.groupby(["domain", "shard"], sort=False).size().to_dict()
     buffers: dict[tuple[str, int], list[pa.Table]] = defaultdict(list)
@@ -332,7 +333,6 @@ def run(config: PipelineConfig) -> dict[str, dict]:
 
     table = build_table(config)
     say(f"data: {table.summary()}")
-    init_ray(config)
     run_id = tracking.start_stage_run(config, "extract")
     results = {}
     try:
