@@ -77,9 +77,9 @@ def run(config: PipelineConfig) -> str:
                 name = f"heatmap_{encoder}_{m}.png"
                 _heatmap(group, m, f"{encoder}: {m} by block and timestep", out / name)
                 lines += [f"![{encoder} {m}]({name})", ""]
-        else:  # a baseline: one row per layer, in network order
-            rows = group.sort_values("column")[["layer", "resolution", "dim",
-                                                 *dict.fromkeys([config.probe.select, metric])]]
+        else:  # a baseline: one row per layer, in network order (finest feature map first)
+            shown = ["layer", "resolution", "dim", *dict.fromkeys([config.probe.select, metric])]
+            rows = group.sort_values(["resolution", "column"], ascending=[False, True])[shown]
             lines += ["```", rows.drop_duplicates().to_string(index=False, float_format=lambda v: f"{v:.4f}"),
                       "```", ""]
         top = group.sort_values(config.probe.select, ascending=False).iloc[0]
