@@ -65,7 +65,8 @@ def references(config: PipelineConfig) -> list[dict]:
     runs = tracking.search_baseline_runs(config, keys)
     out = []
     for _, r in runs.iterrows():
-        rec = {"run_id": r["run_id"], "encoder": r.get("tags.sweep.baseline"), "arch": r.get("params.arch"),
+        rec = {"run_id": r["run_id"], "encoder": r.get(f"tags.{tracking.TAG_BASELINE}"),
+               "arch": r.get("params.arch"),
                "best_epoch": _num(r.get("metrics.best_epoch"), int)}
         rec.update({m: _num(r.get(f"metrics.{m}")) for m in REFERENCE_METRICS})
         out.append(rec)

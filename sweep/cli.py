@@ -95,8 +95,6 @@ def cmd_best(config: PipelineConfig, args) -> None:
             print(f"[sweep] no probe runs for this config (hash {config.config_hash()}); runs exist for other "
                   f"settings of {config.name!r}: pass the same --set overrides, or --any-config", file=sys.stderr)
     if args.format == "json":
-        from sweep.best import to_json
-
         print(to_json(recs))
     else:
         print(format_table(recs, metric))

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,13 @@ class _Model(BaseModel):
 
 def _is_remote(path: str) -> bool:
     return "://" in path
+
+
+def _safe_name(value: str, what: str) -> str:
+    """Names become folder names and MLflow tag values: keep them to a safe alphabet."""
+    if not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError(f"{what} must be letters, digits, '-', '_' or '.', got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -78,12 +85,7 @@ class DatasetSpec(_Model):
     path: str | None = None
     limit: int | None = Field(None, ge=1, description="keep at most this many images (stratified sample)")
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError(f"dataset name must be letters, digits, '-', '_' or '.', got {v!r}")
-        return v
+    _name = field_validator("name")(lambda v: _safe_name(v, "dataset name"))
 
     @model_validator(mode="after")
     def _path(self) -> "DatasetSpec":
@@ -194,12 +196,7 @@ class BaselineConfig(_Model):
     weights: str | None = None
     layers: list[str] | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError(f"baseline name must be letters, digits, '-', '_' or '.', got {v!r}")
-        return v
+    _name = field_validator("name")(lambda v: _safe_name(v, "baseline name"))
 
     @model_validator(mode="after")
     def _weights(self) -> "BaselineConfig":

@@ -6,10 +6,12 @@ must never be seen half-done goes to a temporary name first and is renamed when 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +34,6 @@ class Storage:
     @property
     def is_local(self) -> bool:
         return "://" not in self.root or self.root.startswith("file://")
-
-    @property
-    def fs_and_base(self) -> tuple[pafs.FileSystem, str]:
-        return pafs.FileSystem.from_uri(self.root)
 
     def uri(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -132,16 +130,31 @@ def publish_dir(local: str | os.PathLike, uri: str, marker: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
         return
     fs, path = _split(uri)
-    fs.create_dir(path, recursive=True)
     fs.delete_dir_contents(path, missing_dir_ok=True)
     staging = Path(local).with_name(f"{local.name}.upload-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
         (local / marker).rename(staging / marker)
-        pafs.copy_files(str(local), path, destination_filesystem=fs)
-        pafs.copy_files(str(staging / marker), f"{path}/{marker}", destination_filesystem=fs)
+        upload_dir(local, uri)
+        upload_dir(staging, uri)  # the marker alone, last
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(uri: str, marker: str):
+    """A local folder to write a finished folder into; when the block ends without error it becomes the
+    content of `uri` (`publish_dir`, `marker` last). Staged next to a local destination (the rename is then
+    atomic), in a temporary folder for a remote one."""
+    remote = is_remote(uri)
+    tmp = Path(tempfile.mkdtemp()) / "final" if remote else Path(uri).with_name(Path(uri).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        publish_dir(tmp, uri, marker)
+    finally:
+        shutil.rmtree(tmp.parent if remote else tmp, ignore_errors=True)
 
 
 def cache_root() -> Path:

@@ -22,8 +22,9 @@ TAG_PIPELINE = "sweep.pipeline"
 TAG_HASH = "sweep.config_hash"
 TAG_TRIAL = "sweep.trial"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_BASELINE = "sweep.baseline"  # a baseline's training run: its name...
+TAG_BASELINE_KEY = "sweep.baseline_key"  # ...and the fingerprint of what made its weights
 
-CONTRACT_METRICS = ("val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "test_balanced_acc")
 # read once: mlflow.set_tracking_uri() writes this variable, which must not leak one pipeline's store into the next
 _ENV_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
@@ -182,8 +183,8 @@ def search_baseline_runs(config: PipelineConfig, keys: dict[str, str]) -> pd.Dat
     for name, key in keys.items():
         frames.append(mlflow.search_runs(
             experiment_names=[config.experiment_name],
-            filter_string=(f"tags.`{TAG_STAGE}` = 'baselines' and tags.`sweep.baseline` = '{name}' and "
-                           f"tags.`sweep.baseline_key` = '{key}' and attributes.status = 'FINISHED'"),
+            filter_string=(f"tags.`{TAG_STAGE}` = 'baselines' and tags.`{TAG_BASELINE}` = '{name}' and "
+                           f"tags.`{TAG_BASELINE_KEY}` = '{key}' and attributes.status = 'FINISHED'"),
             order_by=["attributes.start_time DESC"], max_results=1))
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sweep.config import ConfigError, DatasetSpec, PipelineConfig, TrainDataset
+from sweep.config import ConfigError, PipelineConfig, TrainDataset
 from sweep.data.sources import scan
 
 SPLITS = ("train", "val", "test")

@@ -323,7 +323,8 @@ def train_probe(
         metric = (acc, f1)[sel]
         # train_loss: epoch mean of the data term + the penalty at the end of the epoch.
         train_loss = data_loss + 0.5 * (wd_hw * W.square()).sum((1, 2))
-        per_epoch.append({"val_acc": acc, "val_macro_f1": f1, "val_loss": vloss, "train_loss": train_loss.cpu().numpy()})
+        per_epoch.append({"val_acc": acc, "val_macro_f1": f1, "val_loss": vloss,
+                          "train_loss": train_loss.cpu().numpy()})
 
         # Without early stopping a head is its latest (finally: converged) weights. With it, a head keeps
         # the first epoch reaching its best metric, and training stops after `patience` epochs in which

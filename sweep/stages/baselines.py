@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,45 +32,34 @@ from pathlib import Path
 import numpy as np
 
 from sweep import tracking
-from sweep.config import BaselineConfig, ConfigError, PipelineConfig
+from sweep.config import BaselineConfig, PipelineConfig
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
 from sweep.stages.common import init_ray, say
-from sweep.storage import Storage, is_remote, publish_dir, read_json
+from sweep.storage import Storage, read_json, staged_dir
 
 FAULT_ENV = "SWEEP_BASELINE_FAULT_AT_EPOCH"  # fault injection for resume tests: fail after this epoch
-TAG_BASELINE = "sweep.baseline"
-TAG_BASELINE_KEY = "sweep.baseline_key"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of the steps, then cosine decay to 0
 EVAL_BATCH = 256
-
-# Settings that BaselineConfig may not declare yet, with their defaults (None: decided per baseline).
-OPTIONAL = {"small_input": None, "weight_decay": 1.0e-4, "temperature": 0.5, "projection_dim": 128,
-            "checkpoint_every": 1, "normalize": None}
 
 
 class BaselineError(RuntimeError):
     pass
 
 
-def option(b: BaselineConfig, key: str):
-    value = getattr(b, key, None)
-    return OPTIONAL[key] if value is None else value
-
-
 def resolved(config: PipelineConfig, b: BaselineConfig) -> dict:
     """Every setting of a trained baseline, defaults filled in."""
-    small = option(b, "small_input")
+    small = b.small_input
     if small is None:
         from sweep.encoders.resnet import default_small_input
 
         small = default_small_input(config.data.image_size)
     return {"kind": b.kind, "arch": b.arch, "epochs": b.epochs, "batch_size": b.batch_size, "lr": b.lr,
-            "weight_decay": float(option(b, "weight_decay")), "small_input": bool(small),
+            "weight_decay": b.weight_decay, "small_input": bool(small),
             "in_channels": config.data.channels, "image_size": config.data.image_size,
-            **({"temperature": float(option(b, "temperature")), "projection_dim": int(option(b, "projection_dim"))}
+            **({"temperature": b.temperature, "projection_dim": b.projection_dim}
                if b.kind == "simclr" else {}),
             **({"select": config.probe.select} if b.kind == "supervised" else {})}
 
@@ -82,27 +70,9 @@ def baseline_key(config: PipelineConfig, b: BaselineConfig) -> str:
     if b.kind == "pretrained":
         from sweep.encoders.base import checkpoint_hash
 
-        return fingerprint("pretrained", b.arch, checkpoint_hash(b.weights), option(b, "small_input"),
-                           option(b, "normalize"), config.data.channels, config.data.image_size)
+        return fingerprint("pretrained", b.arch, checkpoint_hash(b.weights), b.small_input,
+                           b.normalize, config.data.channels, config.data.image_size)
     return fingerprint(resolved(config, b), config.data.model_dump(mode="json", exclude={"ood"}), config.seed)
-
-
-def validate(config: PipelineConfig, index: int, b: BaselineConfig) -> None:
-    from sweep.encoders.resnet import ARCHS
-
-    where = f"baselines.{index}"
-    if b.arch not in ARCHS:
-        raise ConfigError(f"{where}.arch: unknown arch {b.arch!r}; choose from {', '.join(ARCHS)}")
-    if b.kind == "pretrained":
-        if not b.weights:
-            raise ConfigError(f"{where}.weights: a pretrained baseline needs a local weight file")
-        if "://" in b.weights or not Path(b.weights).is_file():
-            raise ConfigError(f"{where}.weights: not a local file: {b.weights}")
-    elif b.weights:
-        raise ConfigError(f"{where}.weights: only a pretrained baseline takes weights (this one is {b.kind})")
-    normalize = option(b, "normalize")
-    if normalize not in (None, "none", "imagenet"):
-        raise ConfigError(f"{where}.normalize: must be none or imagenet, got {normalize!r}")
 
 
 # ------------------------------------------------------------------------------------ final folder
@@ -112,15 +82,9 @@ def write_final(out: str | Path, state: dict, meta: dict) -> None:
     appears last (see `storage.publish_dir`)."""
     from safetensors.torch import save_file
 
-    out = str(out)
-    tmp = Path(tempfile.mkdtemp()) / "final" if is_remote(out) else Path(out).with_name(Path(out).name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    publish_dir(tmp, out, META_FILE)
-    if is_remote(out):
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+    with staged_dir(str(out), META_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def confusion_metrics(conf, prefix: str) -> dict[str, float]:
@@ -495,19 +459,21 @@ def _start_run(config: PipelineConfig, b: BaselineConfig, key: str) -> str:
     exp_id = tracking.ensure_experiment(config)
     runs = client.search_runs(
         [exp_id],
-        filter_string=(f"tags.`{tracking.TAG_STAGE}` = 'baselines' and tags.`{TAG_BASELINE}` = '{b.name}' "
-                       f"and tags.`{TAG_BASELINE_KEY}` = '{key}' and attributes.status != 'FINISHED'"),
+        filter_string=(f"tags.`{tracking.TAG_STAGE}` = 'baselines' and tags.`{tracking.TAG_BASELINE}` = "
+                       f"'{b.name}' and tags.`{tracking.TAG_BASELINE_KEY}` = '{key}' "
+                       f"and attributes.status != 'FINISHED'"),
         order_by=["attributes.start_time DESC"], max_results=1)
     if runs:
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
-    tags = {**tracking.stage_tags(config, "baselines"), TAG_BASELINE: b.name, TAG_BASELINE_KEY: key,
+    tags = {**tracking.stage_tags(config, "baselines"), tracking.TAG_BASELINE: b.name,
+            tracking.TAG_BASELINE_KEY: key,
             "sweep.baseline_kind": b.kind, "mlflow.runName": f"baselines/{b.name}"}
     return client.create_run(exp_id, tags=tags).info.run_id
 
 
 def _normalisation(b: BaselineConfig, channels: int) -> tuple[list | None, list | None]:
-    normalize = option(b, "normalize") or ("imagenet" if b.kind == "pretrained" else "none")
+    normalize = b.normalize or ("imagenet" if b.kind == "pretrained" else "none")
     if normalize == "none":
         return None, None
     if channels == 1:  # a grey image stands for R = G = B: one mean/std, the channel average
@@ -524,7 +490,7 @@ def build_pretrained(config: PipelineConfig, b: BaselineConfig, out: str | Path,
     layout = infer_layout(state)
     if layout["arch"] and layout["arch"] != b.arch:
         raise BaselineError(f"baseline {b.name!r}: arch is {b.arch} but {b.weights} holds a {layout['arch']}")
-    small = option(b, "small_input")
+    small = b.small_input
     small = layout["small_input"] if small is None else bool(small)
     model = build_resnet(b.arch, num_classes=layout["num_classes"], in_channels=config.data.channels,
                          small_input=small)
@@ -538,11 +504,10 @@ def build_pretrained(config: PipelineConfig, b: BaselineConfig, out: str | Path,
     return meta
 
 
-def run_baseline(config: PipelineConfig, index: int, b: BaselineConfig, get_table) -> str:
+def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table) -> str:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    validate(config, index, b)
     storage = Storage.of(config.storage_root)
     final = storage.baseline_final(b.name)
     key = baseline_key(config, b)
@@ -587,7 +552,7 @@ def run_baseline(config: PipelineConfig, index: int, b: BaselineConfig, get_tabl
             **({"classes": list(table.classes)} if b.kind == "supervised" else {})}
     loop_config = {
         **settings, "name": b.name, "seed": config.seed, "cpus_per_worker": p.cpus_per_worker,
-        "checkpoint_every": int(option(b, "checkpoint_every")), "n_train": n_train,
+        "checkpoint_every": b.checkpoint_every, "n_train": n_train,
         "final_dir": str(final), "meta": meta, "tracking_uri": tracking.tracking_uri(config), "run_id": run_id,
         "cache_limit_bytes": 2 << 30, "fault_at_epoch": int(os.environ.get(FAULT_ENV, "0") or 0),
     }
@@ -634,8 +599,6 @@ def run(config: PipelineConfig) -> dict[str, str]:
     if not config.baselines:
         say("baselines: none configured")
         return {}
-    for i, b in enumerate(config.baselines):
-        validate(config, i, b)
     cache: dict = {}
 
     def get_table():
@@ -646,4 +609,4 @@ def run(config: PipelineConfig) -> dict[str, str]:
             say(f"data: {cache['table'].summary()}")
         return cache["table"]
 
-    return {b.name: run_baseline(config, i, b, get_table) for i, b in enumerate(config.baselines)}
+    return {b.name: run_baseline(config, b, get_table) for b in config.baselines}

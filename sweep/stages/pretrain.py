@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from sweep.config import PipelineConfig
 from sweep.stages.common import init_ray, say
-from sweep.storage import Storage, exists, is_remote, publish_dir, read_json
+from sweep.storage import Storage, exists, read_json, staged_dir
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
 # the feature store are imported where they are used, not here.
@@ -272,16 +271,10 @@ def _save_final(trainer, scheduler, cfg: dict, client) -> None:
     from sweep.train.ddpm import image_grid, sample
 
     final = trainer.ema_model("cpu")
-    out = cfg["final_dir"]
-    # written next to its destination when local (the rename is then atomic), else in a temporary folder
-    tmp = Path(tempfile.mkdtemp()) / "final" if is_remote(out) else Path(out).with_name(Path(out).name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    final.save_pretrained(tmp)
-    scheduler.save_pretrained(tmp)
-    (tmp / FINAL_MARKER).write_text(json.dumps({"key": cfg["key"], "steps": cfg["steps"]}, indent=1))
-    publish_dir(tmp, out, FINAL_MARKER)  # the marker last: a reader who sees it sees the whole folder
-    if is_remote(out):
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+    with staged_dir(cfg["final_dir"], FINAL_MARKER) as tmp:  # the marker last: whoever sees it sees it all
+        final.save_pretrained(tmp)
+        scheduler.save_pretrained(tmp)
+        (tmp / FINAL_MARKER).write_text(json.dumps({"key": cfg["key"], "steps": cfg["steps"]}, indent=1))
     if client is not None and cfg["sample_grid"]:
         with tempfile.TemporaryDirectory() as d:
             images = sample(final.to(trainer.device), dict(scheduler.config), cfg["sample_grid"], seed=cfg["seed"])
