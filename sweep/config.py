@@ -181,7 +181,8 @@ class PretrainConfig(_Model):
 class BaselineConfig(_Model):
     name: str
     kind: Literal["supervised", "simclr", "pretrained"]
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    arch: str = Field("resnet18", description="resnet18 | resnet34 | resnet50; a pretrained baseline also takes "
+                                              "torchvision:<name>, timm:<name> or <module>:<callable>")
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1.0e-3, gt=0)
@@ -194,6 +195,8 @@ class BaselineConfig(_Model):
     normalize: Literal["none", "imagenet"] | None = Field(None, description="default: imagenet for pretrained, "
                                                                            "none otherwise")
     weights: str | None = None
+    arch_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a torchvision: / "
+                                      "timm: / <module>:<callable> arch (e.g. {img_size: 32} for a timm ViT)")
     layers: list[str] | None = None
 
     _name = field_validator("name")(lambda v: _safe_name(v, "baseline name"))
@@ -207,6 +210,13 @@ class BaselineConfig(_Model):
                 raise ValueError(f"weights must be a local file: {self.weights}")
         elif self.weights:
             raise ValueError(f"weights is only for kind pretrained (this baseline is {self.kind})")
+        from sweep.encoders import zoo  # imports no torch: only the arch's form is checked here
+
+        if self.kind != "pretrained" and not zoo.is_builtin(self.arch):
+            raise ValueError(f"arch {self.arch!r}: a {self.kind} baseline trains one of {', '.join(zoo.BUILTIN)}")
+        if self.arch_args and zoo.is_builtin(self.arch):
+            raise ValueError(f"arch_args is for torchvision: / timm: / <module>:<callable> archs, not {self.arch}")
+        zoo.check_arch(self.arch)
         return self
 
 
@@ -254,7 +264,8 @@ class ExtractConfig(_Model):
 # --------------------------------------------------------------------------------------------- probe
 
 class ProbeConfig(_Model):
-    lrs: list[float] = [1.0e-3, 1.0e-2, 1.0e-1]
+    # Adam step sizes on whitened features (sweep/probing/linear.py): 0.1-1 converge in a few epochs
+    lrs: list[float] = [0.1, 0.3, 1.0]
     weight_decays: list[float] = [0.0, 1.0e-4, 1.0e-2]
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(1024, ge=1)

@@ -98,7 +98,7 @@ def _sklearn_choice(train: Split, val: Split, test: Split, wds: list[float], sel
 
 
 def test_probe_matches_sklearn_on_real_features(swept):
-    # Converged heads (full batch, long cosine schedule) and sklearn at tight tolerance reach the same
+    # Converged heads (full batch, many averaged steps) and sklearn at tight tolerance reach the same
     # minimiser, so with the same standardisation and the same choice rule they predict the same labels:
     # the test split has ~21 images, so a single different prediction would be a ~5 point gap.
     store = f"{swept.storage_root}/features/diffusion"

@@ -17,8 +17,12 @@ def say(message: str) -> None:
     print(f"[sweep] {message}", file=sys.stderr, flush=True)
 
 
-def init_ray(config: PipelineConfig) -> None:
-    """Connect to the configured cluster, or start a local Ray on demand."""
+def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
+    """Connect to the configured cluster, or start a local Ray on demand.
+
+    ``dashboard``: start the local Ray with its dashboard. Ray Train needs it (without it, its
+    PlacementGroupCleaner logs "State API unavailable" every second); Ray Data and Tune do not, and on a
+    small machine it costs about 1.5 s of start-up and a share of a core while it runs."""
     import ray
 
     if ray.is_initialized():
@@ -31,7 +35,7 @@ def init_ray(config: PipelineConfig) -> None:
         return
     # logical CPUs: Ray Train workers and Ray Data tasks must fit side by side even on a 2-core machine
     num_cpus = config.ray.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=True, logging_level=logging.WARNING)
 
 

@@ -389,7 +389,7 @@ def run(config: PipelineConfig) -> str:
 
     from sweep import tracking  # MLflow: only once there is something to train
 
-    init_ray(config)
+    init_ray(config, dashboard=True)  # Ray Train
     run_id = tracking.start_stage_run(config, "pretrain")
     tracking.log_batch(config, run_id, params={
         "steps": p.steps, "batch_size": p.batch_size, "workers": p.workers, "lr": p.lr,
