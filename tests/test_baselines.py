@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -283,6 +286,85 @@ def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tm
     before = open(f"{final}/model.safetensors", "rb").read()
     baselines.run(cfg)
     assert open(f"{final}/model.safetensors", "rb").read() == before
+
+
+def test_pretrained_any_architecture_from_a_factory(write_pipeline, tmp_path, monkeypatch):
+    # `<module>:<callable>` builds the architecture (here tests/nets.py), the weights come from the file
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import nets
+
+    torch.manual_seed(1)
+    src = nets.tiny_rgb_net(classes=7).eval()
+    with torch.no_grad():
+        for m in src.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    weights = tmp_path / "tiny.safetensors"
+    from safetensors.torch import save_file
+    save_file(src.state_dict(), str(weights))
+    path = write_pipeline(baselines=[{"name": "mine", "kind": "pretrained", "arch": "nets:tiny_rgb_net",
+                                      "arch_args": {"classes": 7}, "weights": str(weights)}])
+    final = baselines.run(load_config(path))["mine"]
+    meta = json.loads(open(f"{final}/baseline.json").read())
+    assert meta["arch"] == "nets:tiny_rgb_net" and meta["in_channels"] == 1 and meta["model_in_channels"] == 3
+    assert len(meta["input_mean"]) == 3  # ImageNet statistics per RGB channel: grey is repeated first
+
+    enc = CNNEncoder(final)
+    assert enc.model.fc.out_features == 7  # arch_args reach the constructor, at build and at load
+    layers = ["stem", "stage1", "stage2", "avgpool"]  # top-level children minus flatten and the classifier
+    assert [c.column for c in enc.columns] == layers and [c.dim for c in enc.columns] == [8, 12, 16, 16]
+    assert [c.resolution for c in enc.columns] == [8, 8, 4, 1]
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    feats = enc.encode(x, ["a", "b", "c"])
+    # independent computation: the source network on grey repeated to RGB, ImageNet-normalised
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        h0 = src.stem(((x.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std)
+        h1 = src.stage1(h0)
+        h2 = src.stage2(h1)
+    for layer, h in zip(layers, (h0, h1, h2, h2.mean((2, 3), keepdim=True))):
+        np.testing.assert_allclose(feats[layer].astype(np.float32), h.mean((2, 3)).numpy(), rtol=2e-3, atol=2e-3)
+
+    # weights of another architecture are refused with the keys that differ
+    other = tmp_path / "other.pth"
+    torch.save({"stem.weight": torch.zeros(8, 3, 3, 3)}, other)
+    path = write_pipeline(baselines=[{"name": "bad", "kind": "pretrained", "arch": "nets:tiny_rgb_net",
+                                      "arch_args": {"classes": 7}, "weights": str(other)}])
+    with pytest.raises(baselines.BaselineError, match=r"bad.*missing \['stem.bias'"):
+        baselines.run(load_config(path))
+
+
+@pytest.mark.parametrize("arch, match", [
+    ("torchvision:resnet18", "torchvision"), ("timm:resnet18", "timm"), ("nets:no_such_net", "no callable"),
+    ("no_such_module_xyz:net", "cannot be imported"),
+])
+def test_pretrained_arch_errors_name_the_arch(write_pipeline, tmp_path, monkeypatch, arch, match):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    provider = arch.split(":")[0]
+    if provider in ("torchvision", "timm"):
+        try:
+            importlib.import_module("torchvision.models" if provider == "torchvision" else "timm")
+            pytest.skip(f"{provider} imports here: the missing-package error cannot be produced")
+        except Exception:  # noqa: BLE001 - not installed, or a build that does not match this torch
+            pass
+    weights = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, weights)
+    path = write_pipeline(baselines=[{"name": "p", "kind": "pretrained", "arch": arch, "weights": str(weights)}])
+    with pytest.raises(baselines.BaselineError, match=f"{re.escape(arch)}.*{match}"):
+        baselines.run(load_config(path))
+
+
+def test_arch_forms_checked_in_the_config(write_pipeline):
+    from sweep.config import ConfigError
+
+    path = write_pipeline(baselines=[{"name": "s", "kind": "supervised", "arch": "timm:resnet18"}])
+    with pytest.raises(ConfigError, match="supervised baseline trains one of resnet18"):
+        load_config(path)
+    path = write_pipeline(baselines=[{"name": "s", "kind": "supervised", "arch": "vgg"}])
+    with pytest.raises(ConfigError, match="arch 'vgg'"):
+        load_config(path)
 
 
 def test_pretrained_needs_weights(write_pipeline):

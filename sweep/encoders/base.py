@@ -114,8 +114,12 @@ def _first_tensor(output: Any, path: str) -> torch.Tensor:
 
 
 def _pool(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W...) -> mean over the spatial dims; (B, tokens, C), a transformer block's output (ViT,
+    or a linear layer inside an attention block) -> mean over the tokens; (B, C) as is."""
     # Average in float32 even under autocast: bf16 sums over a 32x32 map would lose the low bits.
     t = t.float()
+    if t.ndim == 3:
+        return t.mean(dim=1)
     return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t
 
 
@@ -174,11 +178,15 @@ class PooledFeatureHooks:
         self.shapes: dict[str, tuple[int, ...]] = shapes  # per-sample output shape, e.g. (C, H, W)
 
     def dim(self, layer: str) -> int:
-        return self.shapes[layer][0]
+        shape = self.shapes[layer]
+        return shape[1] if len(shape) == 2 else shape[0]  # (tokens, C): channels last
 
     def resolution(self, layer: str) -> int:
-        """Spatial side of the layer's output (its height; 1 for a flat (B, C) output)."""
+        """Spatial side of the layer's output (its height; for (tokens, C), the side of a square token
+        grid, rounded down; 1 for a flat (B, C) output)."""
         shape = self.shapes[layer]
+        if len(shape) == 2:
+            return max(1, int(shape[0] ** 0.5))
         return shape[1] if len(shape) > 1 else 1
 
     def _run(self, make_hook, args, kwargs) -> None:

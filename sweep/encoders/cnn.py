@@ -1,8 +1,10 @@
-"""A frozen baseline CNN (ResNet) as a feature encoder, loaded from ``baselines/<name>/final/``.
+"""A frozen baseline CNN as a feature encoder, loaded from ``baselines/<name>/final/``.
 
-A baseline folder holds ``model.safetensors`` (torchvision-format ResNet state dict) and ``baseline.json``
-(``arch``, ``in_channels``, ``small_input``, ``num_classes``, ``kind``, ``image_size``, optional input
-normalisation, ``classes`` for a supervised baseline). Columns are named by the layer (``layer3``), with no
+A baseline folder holds ``model.safetensors`` (the model's state dict: torchvision-format for the built-in
+ResNets) and ``baseline.json`` (``arch``, ``in_channels``, ``small_input``, ``num_classes``, ``kind``,
+``image_size``, optional input normalisation, ``classes`` for a supervised baseline; for a torchvision / timm /
+factory ``arch`` (`sweep.encoders.zoo`) also ``model_in_channels``: a grey image is repeated to the model's
+3 channels). Columns are named by the layer (``layer3``), with no
 timestep; features are the spatial mean of each layer's output, from one forward stopped after the last
 requested layer, stored as float16.
 """
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from sweep.encoders.base import Encoder, FeatureColumn, PooledFeatureHooks
+from sweep.encoders import zoo
 from sweep.encoders.resnet import build_resnet, load_resnet_weights, read_state_dict
 
 META_FILE = "baseline.json"
@@ -36,9 +39,13 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def load_baseline(folder: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The ResNet of a baseline folder (float32, CPU, eval mode) and its ``baseline.json``."""
+    """The network of a baseline folder (float32, CPU, eval mode) and its ``baseline.json``."""
     folder = Path(folder)
     meta = read_meta(folder)
+    if not zoo.is_builtin(meta["arch"]):
+        model = zoo.build(meta["arch"], meta.get("arch_args"))
+        zoo.load_state_strict(model, read_state_dict(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
+        return model.eval(), meta
     model = build_resnet(meta["arch"], num_classes=int(meta.get("num_classes", 0)),
                          in_channels=int(meta["in_channels"]), small_input=bool(meta["small_input"]))
     load_resnet_weights(model, read_state_dict(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
@@ -47,15 +54,21 @@ def load_baseline(folder: str | Path) -> tuple[torch.nn.Module, dict]:
 
 def input_transform(meta: dict):
     """Images in [-1, 1] -> what the network was trained on. Trained baselines see [-1, 1] as is; a
-    pretrained one may carry per-channel ``input_mean``/``input_std`` for [0, 1] intensities (ImageNet's)."""
+    pretrained one may carry per-channel ``input_mean``/``input_std`` for [0, 1] intensities (ImageNet's),
+    and grey images are repeated to the channels of a model that expects more (``model_in_channels``)."""
     mean, std = meta.get("input_mean"), meta.get("input_std")
-    if mean is None or std is None:
+    repeat = int(meta.get("model_in_channels") or meta["in_channels"]) // int(meta["in_channels"])
+    if (mean is None or std is None) and repeat == 1:
         return lambda x: x
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    m = s = None
+    if mean is not None and std is not None:
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return ((x + 1) / 2 - m.to(x.device)) / s.to(x.device)
+        if repeat > 1:
+            x = x.repeat(1, repeat, 1, 1)
+        return x if m is None else ((x + 1) / 2 - m.to(x.device)) / s.to(x.device)
 
     return apply
 
@@ -87,13 +100,14 @@ class CNNEncoder(Encoder):
         if precision == "bf16" and not self._autocast:
             warnings.warn(f"precision bf16 applies on CUDA only; running fp32 on {self.device}", stacklevel=2)
         if layers is None:
-            layers = list(DEFAULT_LAYERS)
+            layers = list(DEFAULT_LAYERS) if zoo.is_builtin(meta["arch"]) else zoo.default_layers(model)
         elif isinstance(layers, str):
             layers = [layers]
         self.layers = list(layers)
         self.in_channels = int(meta["in_channels"])
         size = int(meta.get("image_size") or 32)
-        example = torch.zeros((1, self.in_channels, size, size), device=self.device)
+        model_in = int(meta.get("model_in_channels") or self.in_channels)
+        example = torch.zeros((1, model_in, size, size), device=self.device)
         self._hooks = PooledFeatureHooks(self.model, self.layers, example)
         self._columns = [
             FeatureColumn(column=layer, layer=layer, timestep=None, dim=self._hooks.dim(layer),

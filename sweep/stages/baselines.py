@@ -9,8 +9,10 @@ Each entry of `baselines:` is one of
   logged to MLflow (`test_acc`, `test_macro_f1`, `test_balanced_acc`): the supervised reference.
 - `simclr`: the same backbone + a projection head trained with NT-Xent on two augmented views of each image
   (`sweep.train.simclr`). Labels never reach it: its Ray Data dataset has only the image and a row number.
-- `pretrained`: the architecture with weights from a local file (`weights`: torchvision/timm state dict,
-  `.pth`/`.pt`/`.safetensors`); nothing is trained or downloaded.
+- `pretrained`: the architecture with weights from a local file (`weights`: a state dict, `.pth`/`.pt`/
+  `.safetensors`); nothing is trained or downloaded. `arch` is a built-in ResNet (torchvision/timm-format
+  weights, conv1 adapted to the data's channels), or `torchvision:<name>`, `timm:<name>`, `<module>:<callable>`
+  (`sweep.encoders.zoo`: the model is built without weights, then every key of the file is loaded).
 
 Outputs (DESIGN "Storage layout"): `baselines/<name>/final/` holds `model.safetensors` (torchvision-format
 ResNet state dict; no `fc` for SimCLR) and `baseline.json` (arch, in_channels, small_input, kind, classes for
@@ -33,6 +35,7 @@ import numpy as np
 
 from sweep import tracking
 from sweep.config import BaselineConfig, PipelineConfig
+from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
 from sweep.stages.common import init_ray, say
@@ -71,7 +74,8 @@ def baseline_key(config: PipelineConfig, b: BaselineConfig) -> str:
         from sweep.encoders.base import checkpoint_hash
 
         return fingerprint("pretrained", b.arch, checkpoint_hash(b.weights), b.small_input,
-                           b.normalize, config.data.channels, config.data.image_size)
+                           b.normalize, config.data.channels, config.data.image_size,
+                           *([b.arch_args] if b.arch_args else []))
     return fingerprint(resolved(config, b), config.data.model_dump(mode="json", exclude={"ood"}), config.seed)
 
 
@@ -83,7 +87,8 @@ def write_final(out: str | Path, state: dict, meta: dict) -> None:
     from safetensors.torch import save_file
 
     with staged_dir(str(out), META_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
+        # clone: safetensors refuses tensors that share memory (tied weights in some timm/torchvision models)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -487,6 +492,8 @@ def build_pretrained(config: PipelineConfig, b: BaselineConfig, out: str | Path,
     from sweep.encoders.resnet import build_resnet, infer_layout, load_resnet_weights, read_state_dict
 
     state = read_state_dict(b.weights)
+    if not zoo.is_builtin(b.arch):
+        return _build_zoo_pretrained(config, b, out, key, state)
     layout = infer_layout(state)
     if layout["arch"] and layout["arch"] != b.arch:
         raise BaselineError(f"baseline {b.name!r}: arch is {b.arch} but {b.weights} holds a {layout['arch']}")
@@ -499,6 +506,29 @@ def build_pretrained(config: PipelineConfig, b: BaselineConfig, out: str | Path,
     meta = {"name": b.name, "kind": "pretrained", "arch": b.arch, "in_channels": config.data.channels,
             "small_input": small, "num_classes": layout["num_classes"], "image_size": config.data.image_size,
             "input_mean": mean, "input_std": std, "weights": str(b.weights),
+            "weights_hash": checkpoint_hash(b.weights), "key": key}
+    write_final(out, model.state_dict(), meta)
+    return meta
+
+
+def _build_zoo_pretrained(config: PipelineConfig, b: BaselineConfig, out, key: str, state: dict) -> dict:
+    """A torchvision / timm / factory architecture (`sweep.encoders.zoo`) with every key of the file."""
+    from sweep.encoders.base import checkpoint_hash
+
+    try:
+        model = zoo.build(b.arch, b.arch_args)
+        zoo.load_state_strict(model, state, source=str(b.weights))
+        model_in = zoo.input_channels(model)
+    except zoo.ArchError as e:
+        raise BaselineError(f"baseline {b.name!r}: {e}") from e
+    channels = config.data.channels
+    if model_in != channels and channels != 1:
+        raise BaselineError(f"baseline {b.name!r}: {b.arch} takes {model_in}-channel images, the data has "
+                            f"{channels} (data.channels)")
+    mean, std = _normalisation(b, model_in)  # grey images are repeated to the model's channels first
+    meta = {"name": b.name, "kind": "pretrained", "arch": b.arch, "arch_args": b.arch_args, "in_channels": channels,
+            "model_in_channels": model_in, "small_input": None, "num_classes": None,
+            "image_size": config.data.image_size, "input_mean": mean, "input_std": std, "weights": str(b.weights),
             "weights_hash": checkpoint_hash(b.weights), "key": key}
     write_final(out, model.state_dict(), meta)
     return meta
@@ -539,7 +569,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table) -> str:
     table = get_table()
     settings = resolved(config, b)
     p = config.pretrain
-    init_ray(config)
+    init_ray(config, dashboard=True)  # Ray Train
     run_id = _start_run(config, b, key)
     dataset, n_train = train_dataset(config, b.kind, table)
     tracking.log_batch(config, run_id, params={**settings, "workers": p.workers, "use_gpu": p.use_gpu,

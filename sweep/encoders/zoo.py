@@ -1,0 +1,144 @@
+"""Architectures for `pretrained` baselines: the built-in ResNets, any torchvision or timm model, or any
+factory callable, built WITHOUT weights (the weights always come from the local file the user names).
+
+``arch`` forms:
+
+- ``resnet18`` / ``resnet34`` / ``resnet50``: the built-in ResNets (`sweep.encoders.resnet`), which read
+  torchvision- and timm-format ResNet weights and need neither package.
+- ``torchvision:<name>``: ``torchvision.models.get_model(name, weights=None)``, e.g.
+  ``torchvision:convnext_tiny``.
+- ``timm:<name>``: ``timm.create_model(name, pretrained=False)``, e.g. ``timm:efficientnet_b0``.
+- ``<module>:<callable>``: ``import module; callable()`` returns an ``nn.Module``, for architectures of
+  your own (``mylab.nets:plankton_cnn``).
+
+torchvision and timm are optional: they are imported only for the forms that name them, and a missing or
+broken install is reported with the baseline's ``arch``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a model is built: checking a config needs no torch
+    from torch import nn
+
+BUILTIN = ("resnet18", "resnet34", "resnet50")
+_CLASSIFIER_NAMES = {"fc", "classifier", "head", "heads", "last_linear"}
+
+
+class ArchError(ValueError):
+    pass
+
+
+def is_builtin(arch: str) -> bool:
+    return arch in BUILTIN
+
+
+def check_arch(arch: str) -> str:
+    """Syntax of an ``arch`` value (what a config file can be checked for without importing anything)."""
+    if is_builtin(arch):
+        return arch
+    provider, sep, name = arch.partition(":")
+    if not sep or not provider or not name or any(c.isspace() for c in arch):
+        raise ArchError(f"arch {arch!r}: expected one of {', '.join(BUILTIN)}, torchvision:<model name>, "
+                        f"timm:<model name> or <module>:<callable>")
+    return arch
+
+
+def _import(module: str, arch: str):
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - ImportError, or a binary that does not match this torch
+        hint = (" (install the torchvision release built for your torch, e.g. torch 2.14.1 with torchvision "
+                "0.29.1)" if module.split(".")[0] in ("torchvision", "timm") else "")
+        raise ArchError(f"arch {arch!r} needs the Python module {module!r}, which cannot be imported here: "
+                        f"{type(e).__name__}: {e}{hint}") from e
+
+
+def build(arch: str, kwargs: dict | None = None) -> nn.Module:
+    """The architecture named by ``arch`` (not a built-in ResNet), randomly initialised, in eval mode;
+    ``kwargs`` go to the constructor (``img_size=32`` for a timm ViT, ``num_classes=...``)."""
+    from torch import nn
+
+    check_arch(arch)
+    kwargs = dict(kwargs or {})
+    provider, _, name = arch.partition(":")
+    if provider == "torchvision":
+        models = _import("torchvision.models", arch)
+        try:
+            model = models.get_model(name, weights=None, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise ArchError(f"arch {arch!r}: {e}") from e
+    elif provider == "timm":
+        timm = _import("timm", arch)
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except (RuntimeError, TypeError) as e:  # timm: "Unknown model (...)"
+            raise ArchError(f"arch {arch!r}: {e}") from e
+    else:
+        factory = getattr(_import(provider, arch), name, None)
+        if not callable(factory):
+            raise ArchError(f"arch {arch!r}: module {provider!r} has no callable {name!r}")
+        try:
+            model = factory(**kwargs)
+        except TypeError as e:
+            raise ArchError(f"arch {arch!r}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ArchError(f"arch {arch!r} built a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def input_channels(model: nn.Module) -> int:
+    """Channels the model's first convolution (a ViT's patch embedding is one too) expects."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    raise ArchError(f"{type(model).__name__}: no Conv2d found, cannot tell how many input channels it expects")
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """Layers probed when the baseline lists none: timm's own feature stages (``feature_info``), else the
+    model's top-level children minus its classifier (fc/classifier/head, linear, dropout, flatten), with a
+    torchvision-style ``features`` trunk (VGG, EfficientNet, MobileNet, ConvNeXt, DenseNet) split into its
+    stages ``features.0``, ``features.1``, ..."""
+    from torch import nn
+
+    info = getattr(model, "feature_info", None)
+    if info is not None:
+        try:
+            names = [f["module"] for f in info]
+        except (TypeError, KeyError):
+            names = []
+        modules = dict(model.named_modules())
+        names = [n for n in names if n in modules and n]
+        if names:
+            return list(dict.fromkeys(names))
+    names = []
+    for n, m in model.named_children():
+        if n in _CLASSIFIER_NAMES or isinstance(m, (nn.Linear, nn.Dropout, nn.Flatten, nn.Identity)):
+            continue
+        if n == "features" and isinstance(m, nn.Sequential) and len(m) > 1:
+            names += [f"features.{k}" for k, _ in m.named_children()]
+        else:
+            names.append(n)
+    if not names:
+        raise ArchError(f"{type(model).__name__}: no default layers; list module paths in the baseline's `layers`")
+    return names
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
+    """Every key and every shape of ``model`` from ``state`` (a classifier included), or a clear error."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ArchError(f"{source}: state dict does not match {type(model).__name__}: "
+                        f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ArchError(f"{source}: {k} has shape {tuple(state[k].shape)}, the model needs {tuple(v.shape)}")
+    model.load_state_dict(state, strict=True)
