@@ -356,6 +356,51 @@ def test_pretrained_arch_errors_name_the_arch(write_pipeline, tmp_path, monkeypa
         baselines.run(load_config(path))
 
 
+@pytest.mark.parametrize("arch, args", [("torchvision:resnet18", {}), ("timm:resnet18", {}),
+                                         ("timm:vit_tiny_patch16_224", {"img_size": 16})])
+def test_pretrained_torchvision_and_timm(write_pipeline, tmp_path, arch, args):
+    # Runs where torchvision / timm import (e.g. torch 2.14.1 + torchvision 0.29.1); PyPI's torchvision does
+    # not import beside the CPU-only torch 2.13.0 of the quick install, so there it is skipped.
+    provider, _, name = arch.partition(":")
+    try:
+        lib = importlib.import_module("torchvision.models" if provider == "torchvision" else "timm")
+    except Exception as e:  # noqa: BLE001 - not installed, or a build that does not match this torch
+        pytest.skip(f"{provider} does not import here: {type(e).__name__}")
+    torch.manual_seed(0)
+    src = (lib.get_model(name, weights=None, **args) if provider == "torchvision"
+           else lib.create_model(name, pretrained=False, **args)).eval()
+    from safetensors.torch import save_file
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in src.state_dict().items()}, str(weights))
+    path = write_pipeline(baselines=[{"name": "ref", "kind": "pretrained", "arch": arch, "arch_args": args,
+                                      "weights": str(weights)}])
+    cfg = load_config(path)
+    enc = CNNEncoder(baselines.run(cfg)["ref"])
+    size = cfg.data.image_size
+    x = torch.rand(2, 1, size, size) * 2 - 1
+    feats = enc.encode(x, ["a", "b"])
+    # independent computation: hooks on the source model, grey repeated to RGB, ImageNet normalisation
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    out, mods = {}, dict(src.named_modules())
+
+    def keep(name):
+        def hook(_module, _inputs, output):  # returns None: a returned value would replace the output
+            out.setdefault(name, output.clone())  # clone: an in-place ReLU may follow (torchvision's bn1)
+        return hook
+
+    hooks = [mods[c.layer].register_forward_hook(keep(c.layer)) for c in enc.columns]
+    with torch.no_grad():
+        src(((x.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std)
+    for h in hooks:
+        h.remove()
+    for c in enc.columns:
+        ref = out[c.layer].float()
+        ref = ref.mean(1) if ref.ndim == 3 else ref.mean((2, 3)) if ref.ndim == 4 else ref
+        np.testing.assert_allclose(feats[c.column].astype(np.float32), ref.numpy(),
+                                   rtol=2e-3, atol=2e-3 * float(ref.abs().max()), err_msg=c.column)
+
+
 def test_arch_forms_checked_in_the_config(write_pipeline):
     from sweep.config import ConfigError
 
