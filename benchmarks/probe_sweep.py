@@ -19,6 +19,8 @@ weight decays = 9 heads, 5 epochs, batch 2048, k-means off), all trials with one
 (a') control    (a) again with the MLflow child-run writes switched off: how much of the overhead is MLflow's.
 (b) bare       the same `probe_column` calls one after another in this process, no Ray, no MLflow.
                Overhead = 1 - (b) / (slots x (a)): the share of the sweep's CPU slots not spent in trial compute.
+(b') pool      the same calls in `slots` spawned plain processes: start-up, imports and two trials sharing
+               the cores and memory, without Ray or MLflow; 1 - (b') / (a) is what Tune + MLflow add to that.
 (c) sklearn    `LogisticRegression` (lbfgs, multinomial, max_iter 1000) fitted once per (trial, C) on a sample of
                trials, C = 1 / (wd * N_train) for each weight decay of the grid (wd = 0: no penalty), C chosen
                on the same validation split by the same rule as the probe, on the same standardised features;
@@ -29,13 +31,14 @@ weight decays = 9 heads, 5 epochs, batch 2048, k-means off), all trials with one
 Targets: overhead <= 15 % of the sweep; the probe sweep >= 10x faster than per-configuration scikit-learn at
 equal or better test accuracy.
 
-Measured on an idle 2-core VM (two runs of this script, same code; the VM's speed swings by 20 %):
-  sweep 72.6 / 78.8 s (Ray start + planning 9.0 / 11.9 s, Tune 63.6 / 66.9 s), bare 99.1 / 92.8 s (0.47 / 0.44 s
-  per trial), overhead 22.1 / 30.6 %; the MLflow-off control: Tune 63.4 s, i.e. MLflow writes are 3.8 points
-  of it (a separate control run of the sweep alone: Tune 51.0 s without MLflow, 69.2 s with it). In the
-  progress lines the first ~9 trials take ~11 s (two worker processes start, import torch, read the label
-  columns), the rest run at ~3.8 trials/s against 4.5 ideal. scikit-learn 6.75 / 5.97 s per trial -> speed-up
-  9.8 / 8.0x (compute vs compute 14.3 / 13.5x); test accuracy +0.024 points (min -0.18, max +0.25) in both.
+Measured on an idle 2-core VM (three runs of this script, same code; the VM's speed swings by 20 %):
+  sweep 72.6 / 78.8 / 91.5 s (Ray start + planning 9.0 / 11.9 / 12.4 s, Tune 63.6 / 66.9 / 79.1 s), bare 99.1 /
+  92.8 / 99.0 s (0.44-0.47 s per trial), overhead 22.1 / 30.6 / 37.4 %. Controls: without MLflow writes Tune took
+  63.4 / 63.6 s (runs 2 / 3); the same trials in 2 spawned plain processes 46.8 s (run 3), i.e. two trials side by
+  side cost nothing here and the overhead is Tune's (first ~9 trials take ~11 s while two workers start and
+  import torch; ~0.04 s per trial after) plus MLflow's (~35 ms CPU per child run in the driver, 4-15 points).
+  scikit-learn 5.7-6.8 s per trial -> speed-up 9.8 / 8.0 / 6.5x (compute vs compute 13.0-14.3x); test accuracy
+  +0.024 points (min -0.18, max +0.25) in all three.
 """
 
 from __future__ import annotations
@@ -167,6 +170,26 @@ def run_bare(config, columns: list[str]) -> tuple[float, float, dict[str, dict]]
     return time.perf_counter() - w0, time.process_time() - c0, out
 
 
+def _plain_trial(args):
+    from sweep.stages.probe import probe_column
+
+    return probe_column(*args, threads=1)["seconds"]
+
+
+def run_plain_pool(config, columns: list[str], slots: int) -> float:
+    """(b'): the same trials in `slots` plain processes (multiprocessing, spawned: their start and imports
+    count, as a Tune worker's do), no Ray, no MLflow: what running trials side by side costs by itself."""
+    import multiprocessing
+
+    store = f"{config.storage_root}/features/diffusion"
+    settings = config.probe.model_dump(mode="json")
+    print(f"(b') {slots} plain processes: {_load()} before", flush=True)
+    w0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(slots) as pool:
+        pool.map(_plain_trial, [(store, c, 10, settings, config.seed) for c in columns], chunksize=1)
+    return time.perf_counter() - w0
+
+
 def run_sklearn(config, columns: list[str]) -> list[dict]:
     """(c): per sampled trial, the probe (`probe_column`, read included) and LogisticRegression once per
     (trial, C), timed one right after the other in this process (paired: both see the same machine
@@ -248,6 +271,7 @@ def main() -> None:
     columns = sorted(in_trial)
     n = len(columns)
     bare_wall, bare_cpu, bare = run_bare(config, columns)
+    pool_wall = run_plain_pool(config, columns, args.slots)
     step = max(1, n // args.sklearn_sample)
     sample = columns[::step][: args.sklearn_sample]
     sk = run_sklearn(config, sample)
@@ -281,6 +305,9 @@ def main() -> None:
           f"   [target <= 15 %]")
     print(f"      same, from the trials' own clocks {100 * busy:4.1f} % = 1 - sum(in-trial seconds) / "
           f"({slots} x (Tune + flush));  with Ray's start-up counted too: {100 * overhead_all:.1f} %")
+    print(f"(b') same trials in {slots} plain processes (spawned, no Ray, no MLflow) {pool_wall:.1f} s wall: running "
+          f"them side by side on this machine already costs {100 * (1 - bare_wall / (slots * pool_wall)):.1f} %; "
+          f"Tune + MLflow against it: {100 * (1 - pool_wall / tune_wall):.1f} %")
     tune_only = 1 - bare_wall / (slots * out_control["tune_seconds"])
     print(f"      control, the same sweep with no MLflow child runs written: Tune {out_control['tune_seconds']:.1f} s, "
           f"overhead {100 * tune_only:.1f} %: MLflow's share of the above is {100 * (overhead - tune_only):.1f} points")
