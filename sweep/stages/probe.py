@@ -209,9 +209,17 @@ def _trainable(config: dict) -> None:
                  "probe": out})
 
 
+def _local_ray(config: PipelineConfig) -> bool:
+    """Is the Ray of this run one that sweep starts on this machine (no cluster address)?"""
+    return not (config.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
 def concurrent_workers(config: PipelineConfig, trials: int) -> int:
     """How many trials can run at once: `max_concurrent_trials`, the cluster's CPUs and GPUs (at the time
-    of asking) and the number of trials, whichever is smallest."""
+    of asking) and the number of trials, whichever is smallest; on a local Ray started by sweep, also the
+    machine's cores. (That Ray declares at least 4 logical CPUs so Ray Train and Ray Data fit side by side
+    on a small machine; a probe trial is one busy thread, so more trials than cores only add workers to
+    start: on 2 cores, 4 workers importing torch at once held the demo's first trial back 18 s.)"""
     import math
 
     import ray
@@ -220,6 +228,8 @@ def concurrent_workers(config: PipelineConfig, trials: int) -> int:
     total = ray.cluster_resources()
     fit = [trials, p.max_concurrent_trials or trials,
            math.floor(total.get("CPU", 0) / p.cpus_per_trial + 1e-9)]
+    if _local_ray(config) and p.max_concurrent_trials is None:
+        fit.append(max(1, math.floor((os.cpu_count() or 1) / p.cpus_per_trial + 1e-9)))
     if p.gpus_per_trial > 0:
         fit.append(math.floor(total.get("GPU", 0) / p.gpus_per_trial + 1e-9))
     return max(1, min(fit))
@@ -403,7 +413,8 @@ def run(config: PipelineConfig) -> dict:
         tune.with_resources(_trainable, {"cpu": p.cpus_per_trial, "gpu": p.gpus_per_trial}),
         param_space={"trial": tune.grid_search(todo), "run": run_cfg},
         tune_config=tune.TuneConfig(
-            reuse_actors=True, max_concurrent_trials=p.max_concurrent_trials,
+            # a local machine's cap is fixed; a cluster may grow, so there only the user's limit applies
+            reuse_actors=True, max_concurrent_trials=workers if _local_ray(config) else p.max_concurrent_trials,
             trial_name_creator=lambda t: t.config["trial"]["key"],
             trial_dirname_creator=lambda t: t.trial_id),
         # one folder per attempt: a resumed sweep is a new, smaller Tune experiment (MLflow says what is done)
