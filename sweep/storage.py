@@ -33,7 +33,7 @@ class Storage:
 
     @property
     def is_local(self) -> bool:
-        return "://" not in self.root or self.root.startswith("file://")
+        return not is_remote(self.root)
 
     def uri(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sweep.encoders.base import Encoder, FeatureColumn, PooledFeatureHooks
 from sweep.encoders import zoo
+from sweep.encoders.base import Encoder, FeatureColumn, PooledFeatureHooks
 from sweep.encoders.resnet import build_resnet, load_resnet_weights, read_state_dict
 
 META_FILE = "baseline.json"

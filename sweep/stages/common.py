@@ -17,6 +17,11 @@ def say(message: str) -> None:
     print(f"[sweep] {message}", file=sys.stderr, flush=True)
 
 
+def ray_address(config: PipelineConfig) -> str | None:
+    """The cluster to connect to (`ray.address`, else $RAY_ADDRESS); None: sweep starts a local Ray."""
+    return config.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
     """Connect to the configured cluster, or start a local Ray on demand.
 
@@ -27,7 +32,7 @@ def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(config)
     # the project must be importable in every worker; an installed package is, a checkout may not be
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if address:

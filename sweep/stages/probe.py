@@ -33,7 +33,7 @@ from ray.tune import Callback
 
 from sweep.config import PipelineConfig
 from sweep.features.store import FeatureStore
-from sweep.stages.common import init_ray, say
+from sweep.stages.common import init_ray, ray_address, say
 from sweep.storage import Storage
 
 CURVE_KEYS = ("val_acc", "val_macro_f1", "val_loss", "train_loss")
@@ -209,11 +209,6 @@ def _trainable(config: dict) -> None:
                  "probe": out})
 
 
-def _local_ray(config: PipelineConfig) -> bool:
-    """Is the Ray of this run one that sweep starts on this machine (no cluster address)?"""
-    return not (config.ray.address or os.environ.get("RAY_ADDRESS"))
-
-
 def concurrent_workers(config: PipelineConfig, trials: int) -> int:
     """How many trials can run at once: `max_concurrent_trials`, the cluster's CPUs and GPUs (at the time
     of asking) and the number of trials, whichever is smallest; on a local Ray started by sweep, also the
@@ -228,7 +223,7 @@ def concurrent_workers(config: PipelineConfig, trials: int) -> int:
     total = ray.cluster_resources()
     fit = [trials, p.max_concurrent_trials or trials,
            math.floor(total.get("CPU", 0) / p.cpus_per_trial + 1e-9)]
-    if _local_ray(config) and p.max_concurrent_trials is None:
+    if ray_address(config) is None and p.max_concurrent_trials is None:
         fit.append(max(1, math.floor((os.cpu_count() or 1) / p.cpus_per_trial + 1e-9)))
     if p.gpus_per_trial > 0:
         fit.append(math.floor(total.get("GPU", 0) / p.gpus_per_trial + 1e-9))
@@ -414,7 +409,7 @@ def run(config: PipelineConfig) -> dict:
         param_space={"trial": tune.grid_search(todo), "run": run_cfg},
         tune_config=tune.TuneConfig(
             # a local machine's cap is fixed; a cluster may grow, so there only the user's limit applies
-            reuse_actors=True, max_concurrent_trials=workers if _local_ray(config) else p.max_concurrent_trials,
+            reuse_actors=True, max_concurrent_trials=p.max_concurrent_trials if ray_address(config) else workers,
             trial_name_creator=lambda t: t.config["trial"]["key"],
             trial_dirname_creator=lambda t: t.trial_id),
         # one folder per attempt: a resumed sweep is a new, smaller Tune experiment (MLflow says what is done)
