@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -74,6 +75,30 @@ def test_metrics_match_hand_computation():
     assert set(classification_metrics(y_true, y_pred, "ood_x", 4)) == {"ood_x_acc", "ood_x_macro_f1"}
     empty = classification_metrics([], [], "ood_y", 4)
     assert all(np.isnan(v) for v in empty.values())
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_metrics_equal_sklearn(case):
+    # The contract metrics are counted with numpy; they must equal scikit-learn's on random labels,
+    # with classes absent from y_true or y_pred, labels beyond num_classes' range unused, and
+    # non-contiguous labels when num_classes is not given.
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    rng = np.random.default_rng(case)
+    C, n = [2, 5, 10, 10, 7, 3][case], int(rng.integers(1, 300))
+    y_true = rng.integers(0, max(1, C - case % 3), n)  # the top classes absent from y_true for some cases
+    y_pred = np.where(rng.random(n) < 0.6, y_true, rng.integers(0, C, n))
+    if case == 5:  # arbitrary label values, no num_classes
+        y_true, y_pred, C = y_true * 7 + 3, y_pred * 7 + 3, None
+    labels = list(range(C)) if C is not None else sorted(set(y_true) | set(y_pred))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_bal = balanced_accuracy_score(y_true, y_pred)
+    m = classification_metrics(y_true, y_pred, "x", C, balanced=True)
+    assert m["x_acc"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    assert m["x_macro_f1"] == pytest.approx(
+        f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0), abs=1e-12)
+    assert m["x_balanced_acc"] == pytest.approx(ref_bal, abs=1e-12)
 
 
 def test_vectorised_head_metrics_match_sklearn():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
 def kmeans_scores(X, y, k: int, seed: int = 0, n_init: int = 3) -> dict[str, float]:
@@ -14,6 +12,10 @@ def kmeans_scores(X, y, k: int, seed: int = 0, n_init: int = 3) -> dict[str, flo
     high-variance channel dominates the Euclidean distance. ``n_init`` is small and fixed: the score
     is a diagnostic, and a fixed seed keeps it reproducible.
     """
+    # imported here: only sweeps with k-means on pay scikit-learn's import (~2.5 s) in their workers
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y).ravel()
     if X.ndim != 2 or X.shape[0] != y.shape[0]:
