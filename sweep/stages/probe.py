@@ -35,6 +35,7 @@ from ray.tune import Callback, Trainable
 from sweep.config import PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.stages.common import init_ray, ray_address, say
+from sweep.stages.rendezvous import Rendezvous
 from sweep.storage import Storage
 
 CURVE_KEYS = ("val_acc", "val_macro_f1", "val_loss", "train_loss")
@@ -158,25 +159,11 @@ def probe_column(store_uri: str, column: str, num_classes: int, probe: dict, see
     }
 
 
-class _Rendezvous:
-    """Counts the trial workers (processes) that have started, so the first ones can wait for the rest."""
-
-    def __init__(self):
-        self.workers: set[int] = set()
-
-    def arrive(self, worker: int) -> int:
-        self.workers.add(worker)
-        return len(self.workers)
-
-    def count(self) -> int:
-        return len(self.workers)
-
-
 _ARRIVED = False  # per worker process: has it checked in with this sweep's rendezvous?
 
 
-def _wait_for_peers(name: str, needed: int, timeout_s: float) -> None:
-    """Hold a worker's first trial until `needed` workers have started (or `timeout_s` passed).
+def _wait_for_peers(name: str, timeout_s: float) -> None:
+    """Hold a worker's first trial until all the sweep's workers have started (or `timeout_s` passed).
 
     Why: with `reuse_actors=True`, Tune hands a pending trial to an actor that has just finished (and
     drops the actor it had requested for it) whenever that is sooner than the new actor's start-up. A
@@ -191,12 +178,8 @@ def _wait_for_peers(name: str, needed: int, timeout_s: float) -> None:
         return
     _ARRIVED = True
     try:
-        rendezvous = ray.get_actor(name)
-        ray.get(rendezvous.arrive.remote(os.getpid()))
-        deadline = time.monotonic() + timeout_s
-        while ray.get(rendezvous.count.remote()) < needed and time.monotonic() < deadline:
-            time.sleep(0.05)
-    except ValueError:  # the sweep is over (rendezvous gone): nothing to wait for
+        ray.get(ray.get_actor(name).arrive.remote(os.getpid(), timeout_s))
+    except (ValueError, ray.exceptions.RayActorError):  # the sweep is over (rendezvous gone): no one to wait for
         pass
 
 
@@ -224,7 +207,7 @@ class ProbeTrial(Trainable):
 
         trial, run = self.trials[self.key], self.run
         if run.get("rendezvous"):
-            _wait_for_peers(run["rendezvous"], run["workers"], run["rendezvous_timeout_s"])
+            _wait_for_peers(run["rendezvous"], run["rendezvous_timeout_s"])
         device = "cuda" if run["gpus"] > 0 and torch.cuda.is_available() else "cpu"
         out = probe_column(trial["store"], trial["column"], run["num_classes"][trial["encoder"]], run["probe"],
                            run["seed"], threads=run["threads"], device=device)
@@ -446,11 +429,10 @@ def run(config: PipelineConfig) -> dict:
     storage = Storage.of(config.storage_root)
     workers = concurrent_workers(config, len(todo))
     rendezvous_name = f"sweep-probe-rendezvous-{uuid.uuid4().hex[:12]}"
-    rendezvous = ray.remote(num_cpus=0)(_Rendezvous).options(name=rendezvous_name).remote()
+    rendezvous = ray.remote(num_cpus=0)(Rendezvous).options(name=rendezvous_name).remote(workers)
     run_cfg = {"probe": p.model_dump(mode="json"), "seed": config.seed, "num_classes": num_classes,
                "threads": max(1, int(p.cpus_per_trial)), "gpus": p.gpus_per_trial,
-               "rendezvous": rendezvous_name if workers > 1 else None, "workers": workers,
-               "rendezvous_timeout_s": RENDEZVOUS_TIMEOUT_S}
+               "rendezvous": rendezvous_name if workers > 1 else None, "rendezvous_timeout_s": RENDEZVOUS_TIMEOUT_S}
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(ProbeTrial, trials={t["key"]: t for t in todo}, run=run_cfg),
                             {"cpu": p.cpus_per_trial, "gpu": p.gpus_per_trial}),
