@@ -255,6 +255,10 @@ def main() -> None:
     p.add_argument("--cache", default="/tmp/sweep-bench-fmnist", help="checkpoint + feature store, kept")
     p.add_argument("--slots", type=int, default=os.cpu_count() or 1, help="concurrent trials (default: cores)")
     p.add_argument("--sklearn-sample", type=int, default=12, help="trials fitted with scikit-learn")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="(a) then (b), this many times: the machine's speed drifts by minutes, so each "
+                        "sweep is set against the bare run right after it")
+    p.add_argument("--controls", action="store_true", help="also (a') and (b'): where the overhead comes from")
     p.add_argument("--extract-only", action="store_true")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -263,24 +267,27 @@ def main() -> None:
     print(f"features ready ({'cached' if not extract_s else f'extracted in {extract_s:.0f}s'}): {path}")
     if args.extract_only:
         return
-    work = Path(tempfile.mkdtemp(prefix="probe-bench-"))
-    config, out, sweep_wall = run_sweep(cache, work, args.slots)
-    in_trial = trial_seconds(config)
-    control = Path(tempfile.mkdtemp(prefix="probe-bench-control-"))
-    _, out_control, _ = run_sweep(cache, control, args.slots, mlflow_writes=False)
-    columns = sorted(in_trial)
+    slots, pairs, workdirs = args.slots, [], []
+    for _ in range(args.repeats):
+        work = Path(tempfile.mkdtemp(prefix="probe-bench-"))
+        workdirs.append(work)
+        config, out, sweep_wall = run_sweep(cache, work, slots)
+        in_trial = trial_seconds(config)
+        columns = sorted(in_trial)
+        bare_wall, bare_cpu, _ = run_bare(config, columns)
+        pairs.append({"out": out, "sweep_wall": sweep_wall, "in_trial": in_trial, "bare_wall": bare_wall,
+                      "bare_cpu": bare_cpu})
     n = len(columns)
-    bare_wall, bare_cpu, bare = run_bare(config, columns)
-    pool_wall = run_plain_pool(config, columns, args.slots)
+    controls = {}
+    if args.controls:
+        control = Path(tempfile.mkdtemp(prefix="probe-bench-control-"))
+        workdirs.append(control)
+        controls["tune"] = run_sweep(cache, control, slots, mlflow_writes=False)[1]["tune_seconds"]
+        controls["pool"] = run_plain_pool(config, columns, slots)
     step = max(1, n // args.sklearn_sample)
     sample = columns[::step][: args.sklearn_sample]
     sk = run_sklearn(config, sample)
 
-    slots = args.slots
-    tune_wall = out["tune_seconds"] + out["flush_seconds"]  # Tuner.fit + MLflow's last writes
-    overhead = 1 - bare_wall / (slots * tune_wall)
-    overhead_all = 1 - bare_wall / (slots * sweep_wall)
-    busy = 1 - sum(in_trial.values()) / (slots * tune_wall)
     sk_per_trial = float(np.mean([r["fit_seconds"] for r in sk]))
     probe_per_trial = float(np.mean([r["probe_seconds"] for r in sk]))
     sk_total = sk_per_trial * n
@@ -295,28 +302,44 @@ def main() -> None:
           f"10,000 test), {len(p.lrs) * len(p.weight_decays)} heads each ({len(p.lrs)} lrs x "
           f"{len(p.weight_decays)} weight decays), {p.epochs} epochs, batch {p.batch_size}, k-means off; "
           f"{slots} trials at a time, 1 CPU each")
-    print(f"(a) sweep, `sweep probe` in-process {sweep_wall:7.1f} s wall = Ray start + planning "
-          f"{sweep_wall - tune_wall:.1f} s + Tune {out['tune_seconds']:.1f} s + MLflow flush "
-          f"{out['flush_seconds']:.1f} s (MLflow writes: {out['logging_seconds']:.1f} s in a background thread); "
-          f"trials ran on {out['workers']} worker(s)")
-    print(f"(b) same trials, one process       {bare_wall:7.1f} s wall, {bare_cpu:.1f} s CPU, 1 thread "
-          f"({bare_wall / n:.2f} s per trial; / {slots} slots = {bare_wall / slots:.1f} s)")
-    print(f"    Tune + MLflow overhead          {100 * overhead:6.1f} % = 1 - (b) / ({slots} x (Tune + flush))"
-          f"   [target <= 15 %]")
-    print(f"      same, from the trials' own clocks {100 * busy:4.1f} % = 1 - sum(in-trial seconds) / "
-          f"({slots} x (Tune + flush));  with Ray's start-up counted too: {100 * overhead_all:.1f} %")
-    print(f"(b') same trials in {slots} plain processes (spawned, no Ray, no MLflow) {pool_wall:.1f} s wall: running "
-          f"them side by side on this machine already costs {100 * (1 - bare_wall / (slots * pool_wall)):.1f} %; "
-          f"Tune + MLflow against it: {100 * (1 - pool_wall / tune_wall):.1f} %")
-    tune_only = 1 - bare_wall / (slots * out_control["tune_seconds"])
-    print(f"      control, the same sweep with no MLflow child runs written: Tune {out_control['tune_seconds']:.1f} s, "
-          f"overhead {100 * tune_only:.1f} %: MLflow's share of the above is {100 * (overhead - tune_only):.1f} points")
+    overheads, speedups = [], []
+    for i, r in enumerate(pairs, 1):
+        out, sweep_wall, bare_wall = r["out"], r["sweep_wall"], r["bare_wall"]
+        tune_wall = out["tune_seconds"] + out["flush_seconds"]  # Tuner.fit + MLflow's last writes
+        overhead = 1 - bare_wall / (slots * tune_wall)
+        busy = 1 - sum(r["in_trial"].values()) / (slots * tune_wall)
+        speedup = sk_total / slots / sweep_wall
+        overheads.append(overhead)
+        speedups.append(speedup)
+        print(f"run {i}/{len(pairs)}:")
+        print(f"  (a) sweep, `sweep probe` in-process {sweep_wall:7.1f} s wall = Ray start + planning "
+              f"{sweep_wall - tune_wall:.1f} s + Tune {out['tune_seconds']:.1f} s + MLflow flush "
+              f"{out['flush_seconds']:.1f} s (MLflow writes: {out['logging_seconds']:.1f} s in a background "
+              f"thread); trials ran on {out['workers']} worker(s)")
+        print(f"  (b) same trials, one process       {bare_wall:7.1f} s wall, {r['bare_cpu']:.1f} s CPU, 1 thread "
+              f"({bare_wall / n:.2f} s per trial; / {slots} slots = {bare_wall / slots:.1f} s)")
+        print(f"      Tune + MLflow overhead          {100 * overhead:6.1f} % = 1 - (b) / ({slots} x (Tune + flush))"
+              f"   [target <= 15 %]")
+        print(f"        same, from the trials' own clocks {100 * busy:4.1f} % = 1 - sum(in-trial seconds) / "
+              f"({slots} x (Tune + flush));  with Ray's start-up counted too: "
+              f"{100 * (1 - bare_wall / (slots * sweep_wall)):.1f} %")
+        print(f"      speed-up, sweep (a) vs scikit-learn (c) on {slots} cores   {speedup:5.1f} x   [target >= 10 x]")
+    if len(pairs) > 1:
+        print(f"over the {len(pairs)} runs: overhead mean {100 * np.mean(overheads):.1f} % "
+              f"({', '.join(f'{100 * o:.1f}' for o in overheads)}); speed-up mean {np.mean(speedups):.1f} x "
+              f"({', '.join(f'{s:.1f}' for s in speedups)})")
+    if controls:
+        bare_wall, tune_wall = pairs[-1]["bare_wall"], pairs[-1]["out"]["tune_seconds"]
+        print(f"(b') same trials in {slots} plain processes (spawned, no Ray, no MLflow) {controls['pool']:.1f} s wall: "
+              f"running them side by side on this machine already costs "
+              f"{100 * (1 - bare_wall / (slots * controls['pool'])):.1f} %; Tune + MLflow against it (run "
+              f"{len(pairs)}): {100 * (1 - controls['pool'] / tune_wall):.1f} %")
+        print(f"(a') control, the same sweep with no MLflow child runs written: Tune {controls['tune']:.1f} s, "
+              f"overhead against run {len(pairs)}'s (b) {100 * (1 - bare_wall / (slots * controls['tune'])):.1f} %")
     print(f"(c) on {len(sk)} sampled trials, paired, 1 thread each: probe (read included) "
           f"{probe_per_trial:.2f} s per trial, scikit-learn {sk_per_trial:.2f} s per trial "
           f"({len(p.weight_decays)} fits; lbfgs iterations median {int(np.median(iters))}, max {max(iters)})")
     print(f"    scikit-learn for the grid       {sk_total:7.1f} s on 1 core, {sk_total / slots:.1f} s on {slots}")
-    print(f"    speed-up, sweep (a) vs scikit-learn on {slots} cores   {sk_total / slots / sweep_wall:5.1f} x   "
-          f"[target >= 10 x]")
     print(f"    speed-up, compute vs compute (paired)  {sk_per_trial / probe_per_trial:5.1f} x")
     print(f"    test accuracy, probe - scikit-learn: {100 * gaps.mean():+.3f} points mean (min {100 * gaps.min():+.2f}, "
           f"max {100 * gaps.max():+.2f}); same weight decay chosen in {same_wd}/{len(sk)}   [target >= 0]")
@@ -326,8 +349,8 @@ def main() -> None:
     print(f"total benchmark time {time.perf_counter() - t_start:.0f} s "
           f"({'features cached' if not extract_s else f'incl. {extract_s:.0f} s one-time extraction'}); "
           f"{_load()}")
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(control, ignore_errors=True)
+    for work in workdirs:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """`sweep probe`: one Ray Tune trial per (encoder, feature column); every trial is an MLflow child run.
 
-A trial reads only its column (Parquet projection; the label/split/domain columns are read once per worker
-process and reused by the trials that follow on the same reused actor), trains the whole (lr, weight decay)
-grid at once as independent heads (`sweep.probing`), keeps the head that is best on validation and reports
-its contract metrics once, at the end.
+A trial reads only its column (Parquet projection; the label/split/domain columns and the shards'
+footers are read once per worker process and reused by the trials that follow on the same reused
+actor), trains the whole (lr, weight decay) grid at once as independent heads (`sweep.probing`), keeps
+the head that is best on validation and reports its contract metrics once, at the end.
 
 MLflow is written from the driver only, by a Tune callback when a trial completes: one writer, no SQLite
-lock contention, the experiment created once. The callback only queues the result; a writer thread makes
-the child run (create with its tags, one `log_batch` of params, metrics and the per-epoch validation
-curve, terminate), so store latency never holds up Tune's scheduling loop. A trial that already has a
-FINISHED child run for this config hash is not run again, so a rerun after an interruption does only
-what is left; a child run left unfinished by an interruption is deleted and its trial rerun, so each
-trial ends with exactly one run.
+lock contention, the experiment created once. The callback takes the outcome out of the result Tune
+keeps (Tune's experiment state stays small) and queues it; a writer thread makes the child run (create
+with its tags, one `log_batch` of params, metrics and the per-epoch validation curve, terminate), so
+store latency never holds up Tune's scheduling loop. A trial that already has a FINISHED child run for
+this config hash is not run again, so a rerun after an interruption does only what is left; a child run
+left unfinished by an interruption is deleted and its trial rerun, so each trial ends with exactly one run.
 
 ASHA is not offered: every (block, timestep) column is a result of the study (the heat map), so stopping
 weak columns early would remove the very cells being compared; the per-column hyperparameter search is
