@@ -1,7 +1,7 @@
 """Cost of the probe sweep at full depth: Ray Tune + MLflow against the bare trial compute, and against
 scikit-learn fitted once per (trial, hyperparameter).
 
-    .venv/bin/python benchmarks/probe_sweep.py [--cache /tmp/sweep-bench-fmnist] [--sklearn-sample 12]
+    .venv/bin/python benchmarks/probe_sweep.py [--cache /tmp/sweep-bench-fmnist] [--repeats 2] [--controls]
 
 Features: all 70,000 Fashion-MNIST images (60,000 official train, split 85/15 into train/val by the pipeline
 seed, and the official 10,000 test images) through a small random-init diffusers U-Net ([16, 32, 64] channels,
@@ -16,11 +16,13 @@ weight decays = 9 heads, 5 epochs, batch 2048, k-means off), all trials with one
 
 (a) sweep      `sweep.stages.probe.run` end to end: Ray start, one Tune trial per column (2 at a time,
                `reuse_actors=True`), MLflow parent + one child run per trial in a fresh SQLite store.
-(a') control    (a) again with the MLflow child-run writes switched off: how much of the overhead is MLflow's.
 (b) bare       the same `probe_column` calls one after another in this process, no Ray, no MLflow.
-               Overhead = 1 - (b) / (slots x (a)): the share of the sweep's CPU slots not spent in trial compute.
-(b') pool      the same calls in `slots` spawned plain processes: start-up, imports and two trials sharing
-               the cores and memory, without Ray or MLflow; 1 - (b') / (a) is what Tune + MLflow add to that.
+               Overhead = 1 - (b) / (slots x Tune): the share of the sweep's CPU slots not spent in trial
+               compute. (a) and (b) run in turn --repeats times, each sweep set against the bare run right
+               after it: the VM's speed drifts by 20-30 % over minutes.
+(a') control   with --controls: (a) again with the MLflow child-run writes switched off (MLflow's share).
+(b') pool      with --controls: the same calls in `slots` spawned plain processes: start-up, imports and
+               trials sharing the cores, without Ray or MLflow.
 (c) sklearn    `LogisticRegression` (lbfgs, multinomial, max_iter 1000) fitted once per (trial, C) on a sample of
                trials, C = 1 / (wd * N_train) for each weight decay of the grid (wd = 0: no penalty), C chosen
                on the same validation split by the same rule as the probe, on the same standardised features;
