@@ -33,14 +33,20 @@ weight decays = 9 heads, 5 epochs, batch 2048, k-means off), all trials with one
 Targets: overhead <= 15 % of the sweep; the probe sweep >= 10x faster than per-configuration scikit-learn at
 equal or better test accuracy.
 
-Measured on an idle 2-core VM (three runs of this script, same code; the VM's speed swings by 20 %):
-  sweep 72.6 / 78.8 / 91.5 s (Ray start + planning 9.0 / 11.9 / 12.4 s, Tune 63.6 / 66.9 / 79.1 s), bare 99.1 /
-  92.8 / 99.0 s (0.44-0.47 s per trial), overhead 22.1 / 30.6 / 37.4 %. Controls: without MLflow writes Tune took
-  63.4 / 63.6 s (runs 2 / 3); the same trials in 2 spawned plain processes 46.8 s (run 3), i.e. two trials side by
-  side cost nothing here and the overhead is Tune's (first ~9 trials take ~11 s while two workers start and
-  import torch; ~0.04 s per trial after) plus MLflow's (~35 ms CPU per child run in the driver, 4-15 points).
-  scikit-learn 5.7-6.8 s per trial -> speed-up 9.8 / 8.0 / 6.5x (compute vs compute 13.0-14.3x); test accuracy
-  +0.024 points (min -0.18, max +0.25) in all three.
+Measured on an idle 2-core VM, whose speed drifts by 20-30 % over minutes (the bare run took 0.31 s per trial
+in one round and 0.41 s in the next):
+  `--controls`, 2 rounds: sweep 51.7 / 63.5 s (Ray start + planning 6.7 / 6.4 s, Tune 45.0 / 57.1 s), bare 66.1 /
+  85.3 s, overhead 26.5 / 25.3 %; from the trials' own clocks 15.8 / 15.9 %: the trials themselves ran ~10 %
+  longer than bare because the driver (Tune's loop, and MLflow's ~40 ms of CPU per child run against trials of
+  0.3-0.4 s) shares their two cores. Control without the MLflow child runs: Tune 49.4 s, 13.6 % against round
+  2's bare. Single rounds of the same code measured 18.9 % and 25.6 / 26.3 %.
+  `--slots 1` (one trial at a time: the driver has a core of its own): overhead 12.6 %, the same from the
+  trials' own clocks: what Tune + MLflow cost by themselves is ~5 s of worker start-up (Ray worker, `import
+  ray.tune`, `import torch`) and ~25 ms per trial.
+  scikit-learn 5.8 s per trial -> speed-up 11.8 / 9.6x (compute vs compute 14.4x); test accuracy +0.024 points
+  (min -0.18, max +0.25).
+  Before the class trainable, the trial table passed once, the cached shard footers and the numpy metrics
+  (sweep/stages/probe.py): sweep 72.6-91.5 s, overhead 22-37 %, speed-up 6.5-9.8x.
 """
 
 from __future__ import annotations
