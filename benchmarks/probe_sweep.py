@@ -164,18 +164,18 @@ def trial_seconds(config) -> dict[str, float]:
     return dict(zip(runs["params.column"], runs["metrics.trial_seconds"]))
 
 
-def run_bare(config, columns: list[str]) -> tuple[float, float, dict[str, dict]]:
-    """(b): the same trials' computation one after another in this process, one thread each."""
+def run_bare(config, columns: list[str]) -> tuple[float, float]:
+    """(b): the same trials' computation one after another in this process, one thread each; returns
+    (wall, CPU) seconds."""
     from sweep.stages.probe import probe_column
 
     store = f"{config.storage_root}/features/diffusion"
     settings = config.probe.model_dump(mode="json")
-    out = {}
     print(f"(b) bare: {_load()} before", flush=True)
     w0, c0 = time.perf_counter(), time.process_time()
     for column in columns:
-        out[column] = probe_column(store, column, 10, settings, config.seed, threads=1)
-    return time.perf_counter() - w0, time.process_time() - c0, out
+        probe_column(store, column, 10, settings, config.seed, threads=1)
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def _plain_trial(args):
@@ -282,7 +282,7 @@ def main() -> None:
         config, out, sweep_wall = run_sweep(cache, work, slots)
         in_trial = trial_seconds(config)
         columns = sorted(in_trial)
-        bare_wall, bare_cpu, _ = run_bare(config, columns)
+        bare_wall, bare_cpu = run_bare(config, columns)
         pairs.append({"out": out, "sweep_wall": sweep_wall, "in_trial": in_trial, "bare_wall": bare_wall,
                       "bare_cpu": bare_cpu})
     n = len(columns)

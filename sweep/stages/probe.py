@@ -428,11 +428,13 @@ def run(config: PipelineConfig) -> dict:
     callback = MlflowChildRuns(writer, len(todo))
     storage = Storage.of(config.storage_root)
     workers = concurrent_workers(config, len(todo))
-    rendezvous_name = f"sweep-probe-rendezvous-{uuid.uuid4().hex[:12]}"
-    rendezvous = ray.remote(num_cpus=0)(Rendezvous).options(name=rendezvous_name).remote(workers)
+    # one worker has no one to wait for: no rendezvous actor (and no worker process started for it)
+    rendezvous_name = f"sweep-probe-rendezvous-{uuid.uuid4().hex[:12]}" if workers > 1 else None
+    rendezvous = (ray.remote(num_cpus=0)(Rendezvous).options(name=rendezvous_name).remote(workers)
+                  if rendezvous_name else None)
     run_cfg = {"probe": p.model_dump(mode="json"), "seed": config.seed, "num_classes": num_classes,
                "threads": max(1, int(p.cpus_per_trial)), "gpus": p.gpus_per_trial,
-               "rendezvous": rendezvous_name if workers > 1 else None, "rendezvous_timeout_s": RENDEZVOUS_TIMEOUT_S}
+               "rendezvous": rendezvous_name, "rendezvous_timeout_s": RENDEZVOUS_TIMEOUT_S}
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(ProbeTrial, trials={t["key"]: t for t in todo}, run=run_cfg),
                             {"cpu": p.cpus_per_trial, "gpu": p.gpus_per_trial}),
@@ -457,7 +459,8 @@ def run(config: PipelineConfig) -> dict:
         tracking.finish_run(config, parent, "FAILED")
         raise
     finally:
-        ray.kill(rendezvous)
+        if rendezvous is not None:
+            ray.kill(rendezvous)
     tune_seconds = time.perf_counter() - t0
     t_flush = time.perf_counter()
     writer.close()
