@@ -145,7 +145,7 @@ def run_sweep(cache: Path, work: Path, slots: int, mlflow_writes: bool = True):
     print(f"{label} sweep: {_load()} before", flush=True)
     write = probe.ChildRunWriter.write
     if not mlflow_writes:
-        probe.ChildRunWriter.write = lambda self, key, outcome: None
+        probe.ChildRunWriter.write = lambda self, batch: []
     try:
         t0 = time.perf_counter()
         out = probe.run(config)
