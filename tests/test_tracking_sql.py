@@ -76,7 +76,8 @@ def test_rows_equal_the_clients(store):
         "FINISHED", 1_700_000_000_000, 1_700_000_004_321, "diffusion/a", "researcher")
     assert b.info.artifact_uri == a.info.artifact_uri.replace(reference, bulk)
     history = sorted((m.step, m.value) for m in client.get_metric_history(bulk, "history_val_loss"))
-    assert history[0][0] == 1 and math.isnan(history[0][1]) and history[1:] == [(2, 2.0), (3, 1.7976931348623157e308)]  # MLflow stores inf as the largest float
+    assert history[0][0] == 1 and math.isnan(history[0][1])
+    assert history[1:] == [(2, 2.0), (3, 1.7976931348623157e308)]  # MLflow stores inf as the largest float
     found = client.search_runs([experiment_id], f"tags.`{tracking.TAG_PARENT}` = '{parent}' and "
                                                 f"attributes.status = 'FINISHED'", order_by=["metrics.val_acc DESC"])
     assert {r.info.run_id for r in found} == {reference, bulk}
@@ -118,3 +119,48 @@ def test_an_inactive_experiment_is_refused(store):
 
 def test_a_server_store_is_not_written_directly():
     assert tracking_sql.sql_store(MlflowClient("http://127.0.0.1:1")) is None
+
+
+def test_through_an_mlflow_server_the_client_writes_the_same_runs(tmp_path):
+    """A real `mlflow server` on 127.0.0.1: runs go through the client there (the server does the SQL), and
+    read back equal to a run inserted into the server's database directly."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "server.db"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        assert tracking_sql.sql_store(client) is None
+        experiment_id = client.create_experiment("served")
+        parent = client.create_run(experiment_id).info.run_id
+        served = tracking.log_finished_runs(client, experiment_id,
+                                            [_run(parent, "diffusion/a"), _run(parent, "diffusion/b")])
+        direct = tracking_sql.insert_runs(tracking_sql.sql_store(MlflowClient(f"sqlite:///{db}")), experiment_id,
+                                          [_run(parent, "diffusion/a")])
+        assert _rows(db, served[0]) == _rows(db, direct[0])
+        a, b = client.get_run(served[0]), client.get_run(direct[0])
+        assert (a.data.params, a.data.metrics, a.data.tags) == (b.data.params, b.data.metrics, b.data.tags)
+        assert client.get_run(served[1]).data.tags[tracking.TAG_TRIAL] == "diffusion/b"
+        assert all(client.get_run(i).info.status == "FINISHED" for i in [*served, *direct])
+    finally:
+        server.terminate()
+        server.wait(30)
