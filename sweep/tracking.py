@@ -6,7 +6,10 @@ child runs linked by `mlflow.parentRunId`.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -14,10 +17,8 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking_sql
 from sweep.config import PipelineConfig
 from sweep.storage import Storage
-from sweep.tracking_sql import FinishedRun
 
 TAG_STAGE = "sweep.stage"
 TAG_PIPELINE = "sweep.pipeline"
@@ -220,6 +221,26 @@ def delete_unfinished_trial_runs(config: PipelineConfig, keys: set[str] | None =
     return len(stale)
 
 
+@dataclass
+class FinishedRun:
+    """A finished run to be written whole: its tags (the parent link included), params, metrics at step 0, and
+    curves (`curves[name][i]` at step i + 1), all metrics stamped `end_time`; times in ms since the epoch."""
+
+    tags: dict[str, str]
+    params: dict
+    metrics: dict[str, float]
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    start_time: int = 0
+    end_time: int = 0
+
+    def entities(self) -> tuple[list[Metric], list[Param], list[RunTag]]:
+        metrics = [Metric(k, float(v), self.end_time, 0) for k, v in self.metrics.items()]
+        for name, values in self.curves.items():
+            metrics += [Metric(name, float(v), self.end_time, i + 1) for i, v in enumerate(values)]
+        params = [Param(k, str(v)) for k, v in self.params.items()]
+        return metrics, params, [RunTag(k, v) for k, v in self.tags.items()]
+
+
 def log_finished_run(client: MlflowClient, experiment_id: str, run: FinishedRun) -> str:
     """One finished run through the client, in three store calls: create it with every tag, one
     `log_batch` of params and metrics (more batches only past MLflow's per-batch limits), terminate.
@@ -242,7 +263,20 @@ def log_finished_runs(client: MlflowClient, experiment_id: str, runs: list[Finis
     """Finished runs (child runs: `TAG_PARENT` among their tags). Into a SQL store in one transaction, all
     or none, at a few ms of CPU a run (`sweep.tracking_sql`); to an MLflow server through the client, one
     run after another. Returns the run ids."""
-    store = tracking_sql.sql_store(client)
+    tracking_sql = _sql_writer()
+    store = tracking_sql.sql_store(client) if tracking_sql else None
     if store is not None:
         return tracking_sql.insert_runs(store, experiment_id, runs)
     return [log_finished_run(client, experiment_id, run) for run in runs]
+
+
+@functools.cache
+def _sql_writer():
+    """`sweep.tracking_sql`, or None (said once) where an MLflow release moved the internals it uses: then
+    runs go through the client, slower but the same."""
+    try:
+        from sweep import tracking_sql
+    except ImportError as e:
+        logging.getLogger(__name__).warning("MLflow runs are written one by one through the client: %s", e)
+        return None
+    return tracking_sql

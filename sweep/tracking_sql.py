@@ -9,15 +9,17 @@ a whole batch of runs in one transaction. A run is thus in the store finished an
 `tests/test_tracking_sql.py` checks, table by table, that the rows equal what the client writes.
 
 Only for SQL stores (`sqlite:///`, `postgresql://`, ...), where this process owns the database; for an
-MLflow server (`http://`) the caller writes through the client, and the SQL work is the server's.
+MLflow server (`http://`) the caller writes through the client, and the SQL work is the server's. It uses
+MLflow's internal modules: `sweep.tracking` imports it only when it writes, and falls back to the client
+(with a warning) if an MLflow release moved them.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from mlflow.entities import LifecycleStage, Metric, Param, RunStatus, RunTag, SourceType
+from mlflow.entities import LifecycleStage, RunStatus, SourceType
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
@@ -28,24 +30,8 @@ from mlflow.utils.uri import append_to_uri_path
 from mlflow.utils.validation import _validate_batch_log_data
 from sqlalchemy import insert
 
-
-@dataclass
-class FinishedRun:
-    """A finished run to be written whole: its tags (the parent link included), params, metrics at step 0, and
-    curves (`curves[name][i]` at step i + 1), all metrics stamped `end_time`; times in ms since the epoch."""
-
-    tags: dict[str, str]
-    params: dict
-    metrics: dict[str, float]
-    curves: dict[str, list[float]] = field(default_factory=dict)
-    start_time: int = 0
-    end_time: int = 0
-
-    def entities(self) -> tuple[list[Metric], list[Param], list[RunTag]]:
-        metrics = [Metric(k, float(v), self.end_time, 0) for k, v in self.metrics.items()]
-        for name, values in self.curves.items():
-            metrics += [Metric(name, float(v), self.end_time, i + 1) for i, v in enumerate(values)]
-        return metrics, [Param(k, str(v)) for k, v in self.params.items()], [RunTag(k, v) for k, v in self.tags.items()]
+if TYPE_CHECKING:
+    from sweep.tracking import FinishedRun
 
 
 def sql_store(client) -> SqlAlchemyStore | None:

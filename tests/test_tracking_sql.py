@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sweep import tracking, tracking_sql
-from sweep.tracking_sql import FinishedRun
+from sweep.tracking import FinishedRun
 
 
 @pytest.fixture()
