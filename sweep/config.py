@@ -206,6 +206,8 @@ class BaselineConfig(_Model):
         if self.kind == "pretrained":
             if not self.weights:
                 raise ValueError("a pretrained baseline needs weights: a local .pth/.pt/.safetensors file")
+            if self.weights.startswith("file://"):  # a local file as a URI: the path it names
+                self.weights = self.weights[len("file://"):]
             if _is_remote(self.weights) or not Path(self.weights).is_file():
                 raise ValueError(f"weights must be a local file: {self.weights}")
         elif self.weights:

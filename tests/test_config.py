@@ -102,3 +102,14 @@ def test_defaults_follow_design(tmp_path):
     assert cfg.extract.timesteps == [0, 25, 50, 100, 200, 400]
     assert [s.name for s in cfg.encoder_specs()] == ["diffusion"]
     assert cfg.probe.select == "val_macro_f1"
+
+
+def test_pretrained_weights_may_be_a_file_uri(write_pipeline, tmp_path, capsys):
+    weights = tmp_path / "r18.pth"
+    weights.write_bytes(b"")
+    spec = {"name": "r18", "kind": "pretrained", "arch": "resnet18"}
+    config = load_config(write_pipeline(baselines=[{**spec, "weights": f"file://{weights}"}]))
+    assert config.baselines[0].weights == str(weights)
+    for bad in ("s3://bucket/r18.pth", f"file://{tmp_path}/missing.pth"):
+        assert main(["validate", str(write_pipeline(baselines=[{**spec, "weights": bad}]))]) == 2
+        assert "weights must be a local file" in capsys.readouterr().err
