@@ -405,10 +405,14 @@ def plan_trials(config: PipelineConfig) -> tuple[list[dict], dict[str, dict], di
 @contextlib.contextmanager
 def _quiet_tune():
     """No per-trial CSV/JSON/TensorBoard files (MLflow is the record; 200+ trial folders of them cost time),
-    and no warning from the result grid about the files it then cannot find."""
-    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
+    Tune's experiment state saved once a minute (and at the end) rather than every few seconds (a sweep
+    resumes from MLflow, not from it: ~0.4 s of driver CPU per 200 trials, taken from the trials' cores),
+    and no warning from the result grid about the files it then cannot find. A user's own setting of
+    either variable is kept."""
+    settings = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "60"}
+    before = {key: os.environ.get(key) for key in settings}
+    for key, value in settings.items():
+        os.environ.setdefault(key, value)
     analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = analysis_log.level
     analysis_log.setLevel(logging.ERROR)
@@ -416,10 +420,11 @@ def _quiet_tune():
         yield
     finally:
         analysis_log.setLevel(level)
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _pending_trials(config: PipelineConfig, trials: list[dict]) -> tuple[set[str], list[dict], int]:
