@@ -34,19 +34,26 @@ Targets: overhead <= 15 % of the sweep; the probe sweep >= 10x faster than per-c
 equal or better test accuracy.
 
 Measured on an idle 2-core VM, whose speed drifts by 20-30 % over minutes (the bare run took 0.31 s per trial
-in one round and 0.41 s in the next):
-  `--controls`, 2 rounds: sweep 51.7 / 63.5 s (Ray start + planning 6.7 / 6.4 s, Tune 45.0 / 57.1 s), bare 66.1 /
-  85.3 s, overhead 26.5 / 25.3 %; from the trials' own clocks 15.8 / 15.9 %: the trials themselves ran ~10 %
-  longer than bare because the driver (Tune's loop, and MLflow's ~40 ms of CPU per child run against trials of
-  0.3-0.4 s) shares their two cores. Control without the MLflow child runs: Tune 49.4 s, 13.6 % against round
-  2's bare. Single rounds of the same code measured 18.9 % and 25.6 / 26.3 %.
-  `--slots 1` (one trial at a time: the driver has a core of its own): overhead 12.6 %, the same from the
-  trials' own clocks: what Tune + MLflow cost by themselves is ~5 s of worker start-up (Ray worker, `import
-  ray.tune`, `import torch`) and ~25 ms per trial.
-  scikit-learn 5.8 s per trial -> speed-up 11.8 / 9.6x (compute vs compute 14.4x); test accuracy +0.024 points
+in one round and 0.41 s in another):
+  `--controls`, 2 rounds: sweep 58.2 / 55.9 s (Ray start + planning 7.8 / 6.6 s, Tune 50.3 / 49.2 s), bare 73.3 /
+  73.1 s, overhead 27.2 / 25.8 %; from the trials' own clocks 14.9 / 13.7 %. The 210 MLflow child runs took 0.6-0.7 s
+  of writes in ~21 batches (sweep.tracking_sql; run by run through MlflowClient they took 9-13 s, ~40 ms of driver
+  CPU each), and switching them off no longer changes the sweep's time beyond the machine's drift (Tune 54.1 / 56.4 s
+  with them, 58.1 / 56.3 s without, alternated). (b') two plain processes ran the trials in 39.9 s: 8.3 % over
+  bare / 2 by themselves (their start-up and sharing the machine).
+  Where the rest goes (instrumented sweeps): each worker takes ~4.5 s from its process start to its first trial
+  (Ray's runtime-env launcher and worker, `import ray.tune` ~0.8 s, `import torch` ~1.7 s; both workers and Tune's
+  start share the 2 cores): ~9 slot-seconds; ~18 ms between trials on a worker: ~4 slot-seconds; in the steady
+  state the trials get 91 % of the CPU (Tune's loop on the driver 3.6 %, Ray's own processes ~3 %, idle Ray
+  workers ~1.5 %, over a 30 s window).
+  `--slots 1` (one trial at a time: the driver has a core of its own): from the trials' own clocks 7.8 % (was 12.6 %
+  with MLflow written run by run): the worker's start-up and ~15 ms between trials. Against that round's bare run
+  it read 31 %, but the trials themselves ran 0.44 s each in the sweep and 0.33 s in the bare run minutes later
+  (the machine's drift: the same trials alternated in-process and in a Ray actor run at the same speed).
+  scikit-learn 5.65 s per trial -> speed-up 10.2 / 10.6x (compute vs compute 15.8x); test accuracy +0.024 points
   (min -0.18, max +0.25).
-  Before the class trainable, the trial table passed once, the cached shard footers and the numpy metrics
-  (sweep/stages/probe.py): sweep 72.6-91.5 s, overhead 22-37 %, speed-up 6.5-9.8x.
+  Earlier: MLflow written run by run, 19-27 % overhead, sweep 51.7-66.1 s; before the class trainable, the trial table
+  passed once, the cached shard footers and the numpy metrics (sweep/stages/probe.py): 72.6-91.5 s, 22-37 %.
 """
 
 from __future__ import annotations
