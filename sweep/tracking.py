@@ -230,8 +230,14 @@ class FinishedRun:
     params: dict
     metrics: dict[str, float]
     curves: dict[str, list[float]] = field(default_factory=dict)
-    start_time: int = 0
-    end_time: int = 0
+    start_time: int | None = None  # default: end_time
+    end_time: int | None = None  # default: now
+
+    def __post_init__(self):
+        import time
+
+        self.end_time = int(time.time() * 1000) if self.end_time is None else self.end_time
+        self.start_time = self.end_time if self.start_time is None else self.start_time
 
     def entities(self) -> tuple[list[Metric], list[Param], list[RunTag]]:
         metrics = [Metric(k, float(v), self.end_time, 0) for k, v in self.metrics.items()]

@@ -85,13 +85,17 @@ def test_rows_equal_the_clients(store):
     assert client.get_run(bulk).info.lifecycle_stage == "deleted"
 
 
-def test_a_run_without_a_name_gets_one_as_mlflow_gives_it(store):
+def test_a_run_without_a_name_or_times_gets_them_as_mlflow_gives_them(store):
+    import time
+
     client, experiment_id, parent, db = store
-    run = _run(parent, "diffusion/b")
-    del run.tags["mlflow.runName"]
+    before = int(time.time() * 1000)
+    run = FinishedRun(tags={tracking.TAG_PARENT: parent}, params={"lr": 0.1}, metrics={"val_acc": 0.5})
     (bulk,) = tracking_sql.insert_runs(tracking_sql.sql_store(client), experiment_id, [run])
     got = client.get_run(bulk)
     assert got.info.run_name and got.data.tags["mlflow.runName"] == got.info.run_name
+    assert before <= got.info.start_time == got.info.end_time <= int(time.time() * 1000)
+    assert got.data.metrics == {"val_acc": 0.5} and got.data.params == {"lr": "0.1"}
 
 
 def test_a_batch_is_written_all_or_none(store):
