@@ -1,5 +1,7 @@
-"""The whole study end to end through the CLI: pretrain + baselines (supervised, SimCLR) -> extract every
-encoder -> one probe sweep over all of them -> report -> best, then a rerun that must duplicate nothing."""
+"""The whole study end to end through the CLI: pretrain + a supervised baseline -> extract every encoder -> one
+probe sweep over all of them -> report -> best, then a rerun that must duplicate nothing. (A SimCLR baseline
+goes through the same stages; it has its own test in test_baselines.py, and a third Ray Train run here would
+add ~40 s to the suite for no path this test does not already take.)"""
 
 from __future__ import annotations
 
@@ -26,10 +28,7 @@ def _probe_runs(cfg):
                               filter_string="tags.`sweep.stage` = 'probe' and tags.`mlflow.parentRunId` LIKE '%'")
 
 
-BASELINES = [
-    {"name": "sup", "kind": "supervised", "arch": "resnet18", "epochs": 2, "batch_size": 16, "lr": 2.0e-3},
-    {"name": "ssl", "kind": "simclr", "arch": "resnet18", "epochs": 1, "batch_size": 32, "lr": 2.0e-3},
-]
+BASELINES = [{"name": "sup", "kind": "supervised", "arch": "resnet18", "epochs": 2, "batch_size": 16, "lr": 2.0e-3}]
 
 
 def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys, monkeypatch):
@@ -40,21 +39,21 @@ def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys, monkeypatch
     assert main(["run", str(path)]) == 0
 
     store = cfg.storage_root
-    manifests = {e: json.load(open(f"{store}/features/{e}/_manifest.json")) for e in ("diffusion", "sup", "ssl")}
+    manifests = {e: json.load(open(f"{store}/features/{e}/_manifest.json")) for e in ("diffusion", "sup")}
     assert len(manifests["diffusion"]["columns"]) == 15  # 5 blocks x 3 timesteps
     for encoder, manifest in manifests.items():
         assert manifest["complete"], encoder
         rows = sum(pq.read_metadata(f"{store}/features/{encoder}/{s['file']}").num_rows
                    for d in manifest["datasets"].values() for s in d["shards"])
         assert rows == 105, encoder
-    for encoder in ("sup", "ssl"):  # every layer of a baseline, no timestep
+    for encoder in ("sup",):  # every layer of a baseline, no timestep
         assert [(c["layer"], c["timestep"]) for c in manifests[encoder]["columns"]] == [
             (layer, None) for layer in ("layer1", "layer2", "layer3", "layer4", "avgpool")]
 
     capsys.readouterr()
     assert main(["best", str(path), "--format", "json", "--top", "0"]) == 0
     recs = json.loads(capsys.readouterr().out)
-    assert len(recs) == 25  # one probe run per encoder x column, all in one sweep
+    assert len(recs) == 20  # one probe run per encoder x column, all in one sweep
     for r in recs:
         assert all(r.get(k) is not None for k in CONTRACT if k != "timestep"), r
         assert isinstance(r["resolution"], int) and isinstance(r["dim"], int)
@@ -78,12 +77,12 @@ def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys, monkeypatch
     report = Path(store, "report", "report.md").read_text()
     assert "## Supervised reference (end to end)" in report
     assert f"{meta['metrics']['test_macro_f1']:.4f}" in report
-    assert {"## diffusion", "## sup", "## ssl"} <= set(report.splitlines())
+    assert {"## diffusion", "## sup"} <= set(report.splitlines())
     assert Path(store, "report", "heatmap_diffusion_val_macro_f1.png").is_file()
 
     # rerun on finished work: no new feature rows, no new MLflow runs, baselines untouched
     n_runs = len(_probe_runs(cfg))
-    assert n_runs == 25
+    assert n_runs == 20
     weights = Path(store, "baselines", "sup", "final", "model.safetensors").read_bytes()
     assert main(["run", str(path)]) == 0
     assert len(_probe_runs(cfg)) == n_runs
