@@ -62,8 +62,7 @@ def insert_runs(store: SqlAlchemyStore, experiment_id: str, runs: list[FinishedR
             "run_uuid": run_id, "name": by_key[MLFLOW_RUN_NAME],
             "source_type": SourceType.to_string(SourceType.UNKNOWN), "source_name": "", "entry_point_name": "",
             "user_id": by_key.get(MLFLOW_USER, "unknown"), "status": RunStatus.to_string(RunStatus.FINISHED),
-            "start_time": run.start_time,
-            "end_time": run.end_time, "deleted_time": None, "source_version": "",
+            "start_time": run.start_time, "end_time": run.end_time, "deleted_time": None, "source_version": "",
             "lifecycle_stage": LifecycleStage.ACTIVE, "experiment_id": int(experiment_id),
             "artifact_uri": append_to_uri_path(experiment.artifact_location, run_id,
                                                SqlAlchemyStore.ARTIFACTS_FOLDER_NAME)})

@@ -253,7 +253,7 @@ class ChildRunWriter:
                  batch_seconds: float = BATCH_SECONDS):
         from sweep import tracking  # on the driver only: trial workers never import MLflow
 
-        self.config, self.parent, self.columns = config, parent_run_id, columns
+        self.config, self.columns = config, columns
         self.tracking, self.batch_seconds = tracking, batch_seconds
         self.client = tracking.client_for(config)
         self.experiment_id = tracking.ensure_experiment(config)
@@ -299,18 +299,18 @@ class ChildRunWriter:
     def write(self, batch: list[tuple[str, dict, float]]) -> list[str]:
         """Records a batch of (trial key, outcome, finish time); returns a line per trial not recorded
         (reported after the sweep; such a trial reruns next time)."""
-        runs = [self.finished_run(key, outcome, finished) for key, outcome, finished in batch]
         try:
+            runs = [self.finished_run(*item) for item in batch]
             self.tracking.log_finished_runs(self.client, self.experiment_id, runs)
             return []
         except Exception:  # noqa: BLE001 - one bad run must not cost the others theirs: each on its own
             pass
         errors = []
-        for (key, _, _), run in zip(batch, runs):
+        for item in batch:
             try:
-                self.tracking.log_finished_runs(self.client, self.experiment_id, [run])
+                self.tracking.log_finished_runs(self.client, self.experiment_id, [self.finished_run(*item)])
             except Exception as e:  # noqa: BLE001
-                errors.append(f"{key}: {type(e).__name__}: {e}")
+                errors.append(f"{item[0]}: {type(e).__name__}: {e}")
         return errors
 
     def finished_run(self, key: str, outcome: dict, finished: float):
