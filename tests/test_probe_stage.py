@@ -255,6 +255,38 @@ def test_records_types_for_a_non_diffusion_encoder():
     json.dumps(rec, allow_nan=False)
 
 
+def _report_env_trainable():
+    """A Tune trainable reporting the environment its actor was given (defined in a function: Ray pickles it
+    by value, as workers cannot import this test module)."""
+    import os
+
+    import ray
+    from ray import tune
+
+    class ReportEnv(tune.Trainable):
+        def step(self):
+            return {"pl": os.environ.get("PL_DISABLE_FORK"), "done": True,
+                    "env_vars": sorted(ray.get_runtime_context().runtime_env.get("env_vars", {}))}
+    return ReportEnv
+
+
+def test_trial_actors_get_no_runtime_env(ray_local, tmp_path):
+    """Tune's default actor runtime_env (PL_DISABLE_FORK) costs each probe worker a second interpreter at
+    start; `_plain_worker_env` leaves it out for the sweep's Tuner, and puts Tune's default back after."""
+    from ray import tune
+    from ray.tune.execution import class_cache
+
+    def fit():
+        tuner = tune.Tuner(_report_env_trainable(), run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+        return [(r.metrics["pl"], r.metrics["env_vars"]) for r in tuner.fit()]
+
+    assert fit() == [("1", ["PL_DISABLE_FORK"])]  # Tune's default, as the docstring describes it
+    with probe._plain_worker_env():
+        assert "PL_DISABLE_FORK" not in class_cache.DEFAULT_ENV_VARS
+        assert fit() == [(None, [])]
+    assert class_cache.DEFAULT_ENV_VARS["PL_DISABLE_FORK"] == "1"
+
+
 # ------------------------------------------------------------------ resume
 
 
