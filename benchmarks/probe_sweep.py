@@ -16,10 +16,11 @@ weight decays = 9 heads, 5 epochs, batch 2048, k-means off), all trials with one
 
 (a) sweep      `sweep.stages.probe.run` end to end: Ray start, one Tune trial per column (2 at a time,
                `reuse_actors=True`), MLflow parent + one child run per trial in a fresh SQLite store.
-(b) bare       the same `probe_column` calls one after another in this process, no Ray, no MLflow.
+(b) bare       the same `probe_column` calls one after another in this process, no Ray, no MLflow, in two
+               halves (every other column): one right before (a), one right after, so that the VM's drift
+               (20-30 % over minutes) cancels to first order instead of landing on one side of the ratio.
                Overhead = 1 - (b) / (slots x Tune): the share of the sweep's CPU slots not spent in trial
-               compute. (a) and (b) run in turn --repeats times, each sweep set against the bare run right
-               after it: the VM's speed drifts by 20-30 % over minutes.
+               compute. Each round is (b) 1/2, (a), (b) 2/2; --repeats rounds.
 (a') control   with --controls: (a) again with the MLflow child-run writes switched off (MLflow's share).
 (b') pool      with --controls: the same calls in `slots` spawned plain processes: start-up, imports and
                trials sharing the cores, without Ray or MLflow.
@@ -33,25 +34,27 @@ weight decays = 9 heads, 5 epochs, batch 2048, k-means off), all trials with one
 Targets: overhead <= 15 % of the sweep; the probe sweep >= 10x faster than per-configuration scikit-learn at
 equal or better test accuracy.
 
-Measured on an idle 2-core VM, whose speed drifts by 20-30 % over minutes (the bare run took 0.31 s per trial
-in one round and 0.41 s in another):
-  `--controls`, 2 rounds: sweep 58.2 / 55.9 s (Ray start + planning 7.8 / 6.6 s, Tune 50.3 / 49.2 s), bare 73.3 /
-  73.1 s, overhead 27.2 / 25.8 %; from the trials' own clocks 14.9 / 13.7 %. The 210 MLflow child runs took 0.6-0.7 s
-  of writes in ~21 batches (sweep.tracking_sql; run by run through MlflowClient they took 9-13 s, ~40 ms of driver
-  CPU each), and switching them off no longer changes the sweep's time beyond the machine's drift (Tune 54.1 / 56.4 s
-  with them, 58.1 / 56.3 s without, alternated). (b') two plain processes ran the trials in 39.9 s: 8.3 % over
-  bare / 2 by themselves (their start-up and sharing the machine).
-  Where the rest goes (instrumented sweeps): each worker takes ~4.5 s from its process start to its first trial
-  (Ray's runtime-env launcher and worker, `import ray.tune` ~0.8 s, `import torch` ~1.7 s; both workers and Tune's
-  start share the 2 cores): ~9 slot-seconds; ~18 ms between trials on a worker: ~4 slot-seconds; in the steady
-  state the trials get 91 % of the CPU (Tune's loop on the driver 3.6 %, Ray's own processes ~3 %, idle Ray
-  workers ~1.5 %, over a 30 s window).
-  `--slots 1` (one trial at a time: the driver has a core of its own): from the trials' own clocks 7.8 % (was 12.6 %
-  with MLflow written run by run): the worker's start-up and ~15 ms between trials. Against that round's bare run
-  it read 31 %, but the trials themselves ran 0.44 s each in the sweep and 0.33 s in the bare run minutes later
-  (the machine's drift: the same trials alternated in-process and in a Ray actor run at the same speed).
-  scikit-learn 5.65 s per trial -> speed-up 10.2 / 10.6x (compute vs compute 15.8x); test accuracy +0.024 points
-  (min -0.18, max +0.25).
+Measured on an idle 2-core VM, whose speed drifts by 20-30 % over minutes (the bare run took 0.33 s per trial
+in one round and 0.44 s in another; the halves of one round's bare run differed by up to 24 %):
+  5 rounds in two runs (`--controls`, then `--repeats 3`): sweep 46.0-60.9 s (Ray start + planning 4.4-9.0 s, Tune
+  41.5-51.9 s), bare 69.4-93.1 s; overhead 19.3 / 10.1 / 21.9 / 16.4 / 21.2 %, mean 17.8 % (the session before:
+  25.8-27.2 %, with the whole bare run after the sweep); from the trials' own clocks 12.0-14.2 %. (b') two plain
+  processes ran the trials 2.0 % over bare / 2 by themselves; (a') without MLflow's child runs the sweep was no
+  faster (Tune 56.2 s against 51.7-51.9 s with them, in that run).
+  MLflow: the 210 child runs take 0.5-0.8 s of writes in ~20 batches in a background thread (sweep.tracking_sql;
+  run by run through MlflowClient they took 9-13 s, ~40 ms of driver CPU each).
+  Where the rest goes (instrumented sweeps): each worker takes 3-4.5 s from Tune's start to its first trial
+  (Ray worker, `import ray.tune` ~1 s, `import torch` ~2 s, both workers and Tune's own start sharing the 2 cores;
+  it was ~1 s more while Tune's PL_DISABLE_FORK runtime_env sent each worker through Ray's runtime-env launcher,
+  see `_plain_worker_env` in sweep/stages/probe.py): ~8 slot-seconds. ~15 ms between trials on a worker: ~11.5 ms
+  from a trial's end to the next `reset_config` (the result's trip to the driver and Tune's ~10 ms of driver CPU
+  per trial: trial objects, trainable-registry lookups in Ray's GCS, actor calls) and ~3.5 ms from there to
+  `step`: ~3 slot-seconds. In the steady state the trials get 93.6 % of the CPU (Tune's loop on the driver 3 %,
+  Ray's own processes ~2.5 %, the rendezvous actor 0.5 %, over a 25 s window).
+  `--slots 1` (one trial at a time: the driver has a core of its own; measured before the runtime_env change):
+  from the trials' own clocks 7.8 %.
+  scikit-learn 6.24-6.29 s per trial -> speed-up 10.2-13.0x by round, mean 11.0 / 11.2x (compute vs compute
+  14.5-14.9x); test accuracy +0.024 points (min -0.18, max +0.25).
   Earlier: MLflow written run by run, 19-27 % overhead, sweep 51.7-66.1 s; before the class trainable, the trial table
   passed once, the cached shard footers and the numpy metrics (sweep/stages/probe.py): 72.6-91.5 s, 22-37 %.
 """
@@ -138,16 +141,29 @@ def _load() -> str:
     return "load average %.1f" % os.getloadavg()[0]
 
 
+def bench_config(cache: Path, work: Path, slots: int):
+    """The benchmark pipeline with its storage in `work` (fresh MLflow store), reading the cached features."""
+    from sweep.config import load_config
+
+    if not (work / "features").exists():
+        (work / "features").symlink_to(cache / "features", target_is_directory=True)
+    return load_config(cache / "pipeline.yaml", [f"storage={work}", f"probe.max_concurrent_trials={slots}"])
+
+
+def feature_columns(config) -> list[str]:
+    from sweep.features.store import FeatureStore
+
+    return sorted(c["column"] for c in FeatureStore(f"{config.storage_root}/features/diffusion").manifest()["columns"])
+
+
 def run_sweep(cache: Path, work: Path, slots: int, mlflow_writes: bool = True):
     """(a): the probe stage in this process, Ray not yet running (its start is part of the sweep).
     With ``mlflow_writes=False`` the child runs are not written (a control: what MLflow costs)."""
     import ray
 
-    from sweep.config import load_config
     from sweep.stages import probe
 
-    (work / "features").symlink_to(cache / "features", target_is_directory=True)
-    config = load_config(cache / "pipeline.yaml", [f"storage={work}", f"probe.max_concurrent_trials={slots}"])
+    config = bench_config(cache, work, slots)
     label = "(a)" if mlflow_writes else "(a') control"
     print(f"{label} sweep: {_load()} before", flush=True)
     write = probe.ChildRunWriter.write
@@ -171,14 +187,14 @@ def trial_seconds(config) -> dict[str, float]:
     return dict(zip(runs["params.column"], runs["metrics.trial_seconds"]))
 
 
-def run_bare(config, columns: list[str]) -> tuple[float, float]:
+def run_bare(config, columns: list[str], label: str = "") -> tuple[float, float]:
     """(b): the same trials' computation one after another in this process, one thread each; returns
     (wall, CPU) seconds."""
     from sweep.stages.probe import probe_column
 
     store = f"{config.storage_root}/features/diffusion"
     settings = config.probe.model_dump(mode="json")
-    print(f"(b) bare: {_load()} before", flush=True)
+    print(f"(b) bare{label}: {len(columns)} trials, {_load()} before", flush=True)
     w0, c0 = time.perf_counter(), time.process_time()
     for column in columns:
         probe_column(store, column, 10, settings, config.seed, threads=1)
@@ -283,15 +299,23 @@ def main() -> None:
     if args.extract_only:
         return
     slots, pairs, workdirs = args.slots, [], []
+    warm = Path(tempfile.mkdtemp(prefix="probe-bench-warm-"))
+    workdirs.append(warm)
+    columns = feature_columns(bench_config(cache, warm, slots))
+    run_bare(bench_config(cache, warm, slots), columns[:1], " warm-up, untimed")  # imports, page cache
     for _ in range(args.repeats):
         work = Path(tempfile.mkdtemp(prefix="probe-bench-"))
         workdirs.append(work)
+        # (b) in two halves, one on each side of (a) (every other column): the machine's drift over the
+        # minutes of a round cancels to first order instead of landing on one side of the ratio
+        before = run_bare(bench_config(cache, work, slots), columns[0::2], " 1/2, before (a)")
         config, out, sweep_wall = run_sweep(cache, work, slots)
+        after = run_bare(config, columns[1::2], " 2/2, after (a)")
         in_trial = trial_seconds(config)
-        columns = sorted(in_trial)
-        bare_wall, bare_cpu = run_bare(config, columns)
-        pairs.append({"out": out, "sweep_wall": sweep_wall, "in_trial": in_trial, "bare_wall": bare_wall,
-                      "bare_cpu": bare_cpu})
+        if sorted(in_trial) != columns:
+            raise SystemExit(f"the sweep recorded {len(in_trial)} trials, the feature store has {len(columns)} columns")
+        pairs.append({"out": out, "sweep_wall": sweep_wall, "in_trial": in_trial, "bare_wall": before[0] + after[0],
+                      "bare_cpu": before[1] + after[1], "halves": (before[0], after[0])})
     n = len(columns)
     controls = {}
     if args.controls:
@@ -332,7 +356,8 @@ def main() -> None:
               f"{out['flush_seconds']:.1f} s (MLflow writes: {out['logging_seconds']:.1f} s in a background "
               f"thread); trials ran on {out['workers']} worker(s)")
         print(f"  (b) same trials, one process       {bare_wall:7.1f} s wall, {r['bare_cpu']:.1f} s CPU, 1 thread "
-              f"({bare_wall / n:.2f} s per trial; / {slots} slots = {bare_wall / slots:.1f} s)")
+              f"({bare_wall / n:.2f} s per trial; / {slots} slots = {bare_wall / slots:.1f} s); halves before / "
+              f"after (a): {r['halves'][0]:.1f} / {r['halves'][1]:.1f} s")
         print(f"      Tune + MLflow overhead          {100 * overhead:6.1f} % = 1 - (b) / ({slots} x (Tune + flush))"
               f"   [target <= 15 %]")
         print(f"        same, from the trials' own clocks {100 * busy:4.1f} % = 1 - sum(in-trial seconds) / "
