@@ -51,8 +51,8 @@ in one round and 0.44 s in another; the halves of one round's bare run differed 
   per trial: trial objects, trainable-registry lookups in Ray's GCS, actor calls) and ~3.5 ms from there to
   `step`: ~3 slot-seconds. In the steady state the trials get 93.6 % of the CPU (Tune's loop on the driver 3 %,
   Ray's own processes ~2.5 %, the rendezvous actor 0.5 %, over a 25 s window).
-  `--slots 1` (one trial at a time: the driver has a core of its own; measured before the runtime_env change):
-  from the trials' own clocks 7.8 %.
+  `--slots 1` (one trial at a time: the driver has a core of its own), one round: overhead 13.2 %, from the trials'
+  own clocks 7.4 % (Tune 77.6 s, bare 67.3 s in halves of 32.0 / 35.3 s).
   scikit-learn 6.24-6.29 s per trial -> speed-up 10.2-13.0x by round, mean 11.0 / 11.2x (compute vs compute
   14.5-14.9x); test accuracy +0.024 points (min -0.18, max +0.25).
   Earlier: MLflow written run by run, 19-27 % overhead, sweep 51.7-66.1 s; before the class trainable, the trial table
