@@ -433,7 +433,9 @@ def _plain_worker_env():
     Lightning workaround, ray-project/ray#28197; the probe does not use Lightning). Any runtime_env makes Ray
     launch each worker through its runtime-env setup script (a second interpreter that imports Ray) and rules
     out the workers Ray prestarted: ~1 s more per worker before its first trial on 2 cores. Without the
-    variable the actors take plain workers. Ray internals: if they move, Tune's default stays in force."""
+    variable the actors take plain workers (unless the driver's environment holds a variable that Tune
+    forwards to its actors, such as AWS credentials for S3 storage: those keep a runtime_env). Ray internals:
+    if they move, Tune's default stays in force."""
     try:
         from ray.tune.execution import class_cache
 
