@@ -145,25 +145,27 @@ def bench_config(cache: Path, work: Path, slots: int):
     """The benchmark pipeline with its storage in `work` (fresh MLflow store), reading the cached features."""
     from sweep.config import load_config
 
-    if not (work / "features").exists():
-        (work / "features").symlink_to(cache / "features", target_is_directory=True)
+    (work / "features").symlink_to(cache / "features", target_is_directory=True)
     return load_config(cache / "pipeline.yaml", [f"storage={work}", f"probe.max_concurrent_trials={slots}"])
+
+
+def feature_store(config) -> str:
+    return f"{config.storage_root}/features/diffusion"
 
 
 def feature_columns(config) -> list[str]:
     from sweep.features.store import FeatureStore
 
-    return sorted(c["column"] for c in FeatureStore(f"{config.storage_root}/features/diffusion").manifest()["columns"])
+    return sorted(c["column"] for c in FeatureStore(feature_store(config)).manifest()["columns"])
 
 
-def run_sweep(cache: Path, work: Path, slots: int, mlflow_writes: bool = True):
+def run_sweep(config, mlflow_writes: bool = True):
     """(a): the probe stage in this process, Ray not yet running (its start is part of the sweep).
     With ``mlflow_writes=False`` the child runs are not written (a control: what MLflow costs)."""
     import ray
 
     from sweep.stages import probe
 
-    config = bench_config(cache, work, slots)
     label = "(a)" if mlflow_writes else "(a') control"
     print(f"{label} sweep: {_load()} before", flush=True)
     write = probe.ChildRunWriter.write
@@ -176,7 +178,7 @@ def run_sweep(cache: Path, work: Path, slots: int, mlflow_writes: bool = True):
     finally:
         probe.ChildRunWriter.write = write
         ray.shutdown()
-    return config, out, wall
+    return out, wall
 
 
 def trial_seconds(config) -> dict[str, float]:
@@ -192,7 +194,7 @@ def run_bare(config, columns: list[str], label: str = "") -> tuple[float, float]
     (wall, CPU) seconds."""
     from sweep.stages.probe import probe_column
 
-    store = f"{config.storage_root}/features/diffusion"
+    store = feature_store(config)
     settings = config.probe.model_dump(mode="json")
     print(f"(b) bare{label}: {len(columns)} trials, {_load()} before", flush=True)
     w0, c0 = time.perf_counter(), time.process_time()
@@ -212,7 +214,7 @@ def run_plain_pool(config, columns: list[str], slots: int) -> float:
     count, as a Tune worker's do), no Ray, no MLflow: what running trials side by side costs by itself."""
     import multiprocessing
 
-    store = f"{config.storage_root}/features/diffusion"
+    store = feature_store(config)
     settings = config.probe.model_dump(mode="json")
     print(f"(b') {slots} plain processes: {_load()} before", flush=True)
     w0 = time.perf_counter()
@@ -235,7 +237,7 @@ def run_sklearn(config, columns: list[str]) -> list[dict]:
 
     from sweep.stages.probe import probe_column, read_probe_data
 
-    store = f"{config.storage_root}/features/diffusion"
+    store = feature_store(config)
     wds, select = config.probe.weight_decays, config.probe.select
     settings = config.probe.model_dump(mode="json")
     rows = []
@@ -301,15 +303,17 @@ def main() -> None:
     slots, pairs, workdirs = args.slots, [], []
     warm = Path(tempfile.mkdtemp(prefix="probe-bench-warm-"))
     workdirs.append(warm)
-    columns = feature_columns(bench_config(cache, warm, slots))
-    run_bare(bench_config(cache, warm, slots), columns[:1], " warm-up, untimed")  # imports, page cache
+    warm_config = bench_config(cache, warm, slots)
+    columns = feature_columns(warm_config)
+    run_bare(warm_config, columns[:1], " warm-up, untimed")  # imports, page cache
     for _ in range(args.repeats):
         work = Path(tempfile.mkdtemp(prefix="probe-bench-"))
         workdirs.append(work)
         # (b) in two halves, one on each side of (a) (every other column): the machine's drift over the
         # minutes of a round cancels to first order instead of landing on one side of the ratio
-        before = run_bare(bench_config(cache, work, slots), columns[0::2], " 1/2, before (a)")
-        config, out, sweep_wall = run_sweep(cache, work, slots)
+        config = bench_config(cache, work, slots)
+        before = run_bare(config, columns[0::2], " 1/2, before (a)")
+        out, sweep_wall = run_sweep(config)
         after = run_bare(config, columns[1::2], " 2/2, after (a)")
         in_trial = trial_seconds(config)
         if sorted(in_trial) != columns:
@@ -321,7 +325,7 @@ def main() -> None:
     if args.controls:
         control = Path(tempfile.mkdtemp(prefix="probe-bench-control-"))
         workdirs.append(control)
-        controls["tune"] = run_sweep(cache, control, slots, mlflow_writes=False)[1]["tune_seconds"]
+        controls["tune"] = run_sweep(bench_config(cache, control, slots), mlflow_writes=False)[0]["tune_seconds"]
         controls["pool"] = run_plain_pool(config, columns, slots)
     step = max(1, n // args.sklearn_sample)
     sample = columns[::step][: args.sklearn_sample]

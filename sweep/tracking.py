@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,8 +110,6 @@ def finish_run(config: PipelineConfig, run_id: str, status: str = "FINISHED") ->
 
 def log_batch(config: PipelineConfig, run_id: str, metrics: dict[str, float] | None = None,
               params: dict | None = None, tags: dict | None = None, step: int = 0) -> None:
-    import time
-
     now = int(time.time() * 1000)
     client_for(config).log_batch(
         run_id,
@@ -234,8 +233,6 @@ class FinishedRun:
     end_time: int | None = None  # default: now
 
     def __post_init__(self):
-        import time
-
         self.end_time = int(time.time() * 1000) if self.end_time is None else self.end_time
         self.start_time = self.end_time if self.start_time is None else self.start_time
 
