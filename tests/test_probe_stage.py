@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import mlflow
@@ -339,3 +340,37 @@ def test_interrupted_sweep_resumes_without_duplicates(swept, tmp_path, monkeypat
     assert all(by_key[k][0].info.run_id == run_id for k, run_id in keep.items())  # finished ones not redone
     assert {r.data.tags[tracking.TAG_PARENT] for r in children} == {parent_id}
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+@pytest.mark.ray
+def test_rendezvous_releases_everyone_at_the_last_arrival_and_times_out_alone(ray_local):
+    """Three Ray tasks arriving 0 / 0.6 / 1.2 s apart all leave together, once the third has checked in;
+    a worker whose peers never come leaves after its timeout; `clear` removes a sweep's check-ins."""
+    from ray.experimental import internal_kv
+
+    from sweep.stages import rendezvous
+
+    @ray_local.remote(num_cpus=0)
+    def worker(prefix: str, delay: float, needed: int, timeout_s: float) -> tuple[float, float, int]:
+        time.sleep(delay)
+        arrived_at = time.time()
+        count = rendezvous.arrive(prefix, needed, timeout_s)
+        return arrived_at, time.time(), count
+
+    out = ray_local.get([worker.remote("test-meet", d, 3, 30.0) for d in (0.0, 0.6, 1.2)])
+    last_arrival = max(a for a, _, _ in out)
+    assert [count for _, _, count in out] == [3, 3, 3]
+    assert all(last_arrival <= left <= last_arrival + 1.0 for _, left, _ in out)
+    assert all(left - arrived >= 0 for arrived, left, _ in out)
+    assert out[0][1] - out[0][0] >= 1.0  # the first one waited for the last
+
+    arrived, left, count = ray_local.get(worker.remote("test-alone", 0.0, 2, 0.5))
+    assert count == 1 and 0.5 <= left - arrived < 5.0
+
+    def listed(prefix: str) -> list[bytes]:
+        return internal_kv._internal_kv_list(prefix + "/", namespace=rendezvous.NAMESPACE)
+
+    assert len(listed("test-meet")) == 3
+    rendezvous.clear("test-meet")
+    assert listed("test-meet") == [] and len(listed("test-alone")) == 1
+    rendezvous.clear("test-alone")

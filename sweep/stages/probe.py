@@ -37,7 +37,7 @@ from ray.tune import Callback, Trainable
 from sweep.config import PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.stages.common import init_ray, ray_address, say
-from sweep.stages.rendezvous import Rendezvous
+from sweep.stages import rendezvous
 from sweep.storage import Storage
 
 CURVE_KEYS = ("val_acc", "val_macro_f1", "val_loss", "train_loss")
@@ -163,11 +163,12 @@ def probe_column(store_uri: str, column: str, num_classes: int, probe: dict, see
     }
 
 
-_ARRIVED = False  # per worker process: has it checked in with this sweep's rendezvous?
+_ARRIVED: set[str] = set()  # per worker process: the sweeps whose rendezvous it has checked in with
 
 
-def _wait_for_peers(name: str, timeout_s: float) -> None:
-    """Hold a worker's first trial until all the sweep's workers have started (or `timeout_s` passed).
+def _wait_for_peers(prefix: str, needed: int, timeout_s: float) -> None:
+    """Hold a worker's first trial of a sweep until all the sweep's workers have started (or `timeout_s`
+    passed).
 
     Why: with `reuse_actors=True`, Tune hands a pending trial to an actor that has just finished (and
     drops the actor it had requested for it) whenever that is sooner than the new actor's start-up. A
@@ -175,16 +176,10 @@ def _wait_for_peers(name: str, timeout_s: float) -> None:
     wait every trial of a sweep ran on ONE actor whatever `max_concurrent_trials` said. Once all workers
     are up they each take the next trial as they finish, and the wait is never paid again.
     """
-    global _ARRIVED
-    import ray
-
-    if _ARRIVED:
+    if prefix in _ARRIVED:
         return
-    _ARRIVED = True
-    try:
-        ray.get(ray.get_actor(name).arrive.remote(os.getpid(), timeout_s))
-    except (ValueError, ray.exceptions.RayActorError):  # the sweep is over (rendezvous gone): no one to wait for
-        pass
+    _ARRIVED.add(prefix)
+    rendezvous.arrive(prefix, needed, timeout_s)
 
 
 class ProbeTrial(Trainable):
@@ -211,7 +206,7 @@ class ProbeTrial(Trainable):
 
         trial, run = self.trials[self.key], self.run
         if run.get("rendezvous"):
-            _wait_for_peers(run["rendezvous"], run["rendezvous_timeout_s"])
+            _wait_for_peers(run["rendezvous"], run["workers"], run["rendezvous_timeout_s"])
         device = "cuda" if run["gpus"] > 0 and torch.cuda.is_available() else "cpu"
         out = probe_column(trial["store"], trial["column"], run["num_classes"][trial["encoder"]], run["probe"],
                            run["seed"], threads=run["threads"], device=device)
@@ -462,7 +457,6 @@ def _pending_trials(config: PipelineConfig, trials: list[dict]) -> tuple[set[str
 
 
 def run(config: PipelineConfig) -> dict:
-    import ray
     from ray import tune
 
     from sweep import tracking
@@ -493,13 +487,11 @@ def run(config: PipelineConfig) -> dict:
     callback = MlflowChildRuns(writer, len(todo))
     storage = Storage.of(config.storage_root)
     workers = concurrent_workers(config, len(todo))
-    # one worker has no one to wait for: no rendezvous actor (and no worker process started for it)
-    rendezvous_name = f"sweep-probe-rendezvous-{uuid.uuid4().hex[:12]}" if workers > 1 else None
-    rendezvous = (ray.remote(num_cpus=0)(Rendezvous).options(name=rendezvous_name).remote(workers)
-                  if rendezvous_name else None)
+    # one worker has no one to wait for
+    meeting = f"probe-{uuid.uuid4().hex[:12]}" if workers > 1 else None
     run_cfg = {"probe": p.model_dump(mode="json"), "seed": config.seed, "num_classes": num_classes,
-               "threads": max(1, int(p.cpus_per_trial)), "gpus": p.gpus_per_trial,
-               "rendezvous": rendezvous_name, "rendezvous_timeout_s": RENDEZVOUS_TIMEOUT_S}
+               "threads": max(1, int(p.cpus_per_trial)), "gpus": p.gpus_per_trial, "workers": workers,
+               "rendezvous": meeting, "rendezvous_timeout_s": RENDEZVOUS_TIMEOUT_S}
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(ProbeTrial, trials={t["key"]: t for t in todo}, run=run_cfg),
                             {"cpu": p.cpus_per_trial, "gpu": p.gpus_per_trial}),
@@ -524,8 +516,8 @@ def run(config: PipelineConfig) -> dict:
         tracking.finish_run(config, parent, "FAILED")
         raise
     finally:
-        if rendezvous is not None:
-            ray.kill(rendezvous)
+        if meeting is not None:
+            rendezvous.clear(meeting)
     tune_seconds = time.perf_counter() - t0
     t_flush = time.perf_counter()
     writer.close()
