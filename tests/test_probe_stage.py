@@ -288,6 +288,35 @@ def test_trial_actors_get_no_runtime_env(ray_local, tmp_path):
     assert class_cache.DEFAULT_ENV_VARS["PL_DISABLE_FORK"] == "1"
 
 
+def test_trainable_lookups_cached_only_inside_the_sweep(ray_local, monkeypatch):
+    """Inside `_cached_trainable_lookups` Tune's registry answers repeated lookups of a trainable from the
+    first one (its two GCS reads, then none); outside, every lookup reads the GCS twice again."""
+    from ray.tune import registry
+
+    registry.register_trainable("sweep-test-cached", _report_env_trainable())
+    reads = []
+    read = registry._internal_kv_get
+    monkeypatch.setattr(registry, "_internal_kv_get", lambda key, **kw: reads.append(key) or read(key, **kw))
+
+    def lookups(n: int) -> list:
+        return [registry.get_trainable_cls("sweep-test-cached") for _ in range(n)]
+
+    lookups(3)
+    assert len(reads) == 6  # Tune's own: a `contains` and a `get` read per lookup
+    reads.clear()
+    with probe._cached_trainable_lookups():
+        found = lookups(3)
+        assert len(reads) == 2 and found[0].__name__ == "ReportEnv"
+        assert registry._global_registry.contains(registry.TRAINABLE_CLASS, "sweep-test-cached")
+        assert len(reads) == 2
+        assert not registry._global_registry.contains(registry.TRAINABLE_CLASS, "sweep-test-never-registered")
+        assert len(reads) == 3  # what is not cached is still asked
+    assert "get" not in vars(registry._global_registry) and "contains" not in vars(registry._global_registry)
+    reads.clear()
+    lookups(1)
+    assert len(reads) == 2
+
+
 # ------------------------------------------------------------------ resume
 
 
