@@ -34,27 +34,29 @@ weight decays = 9 heads, 5 epochs, batch 2048, k-means off), all trials with one
 Targets: overhead <= 15 % of the sweep; the probe sweep >= 10x faster than per-configuration scikit-learn at
 equal or better test accuracy.
 
-Measured on an idle 2-core VM, whose speed drifts by 20-30 % over minutes (the bare run took 0.33 s per trial
-in one round and 0.44 s in another; the halves of one round's bare run differed by up to 24 %):
-  5 rounds in two runs (`--controls`, then `--repeats 3`): sweep 46.0-60.9 s (Ray start + planning 4.4-9.0 s, Tune
-  41.5-51.9 s), bare 69.4-93.1 s; overhead 19.3 / 10.1 / 21.9 / 16.4 / 21.2 %, mean 17.8 % (the session before:
-  25.8-27.2 %, with the whole bare run after the sweep); from the trials' own clocks 12.0-14.2 %. (b') two plain
-  processes ran the trials 2.0 % over bare / 2 by themselves; (a') without MLflow's child runs the sweep was no
-  faster (Tune 56.2 s against 51.7-51.9 s with them, in that run).
-  MLflow: the 210 child runs take 0.5-0.8 s of writes in ~20 batches in a background thread (sweep.tracking_sql;
-  run by run through MlflowClient they took 9-13 s, ~40 ms of driver CPU each).
-  Where the rest goes (instrumented sweeps): each worker takes 3-4.5 s from Tune's start to its first trial
-  (Ray worker, `import ray.tune` ~1 s, `import torch` ~2 s, both workers and Tune's own start sharing the 2 cores;
-  it was ~1 s more while Tune's PL_DISABLE_FORK runtime_env sent each worker through Ray's runtime-env launcher,
-  see `_plain_worker_env` in sweep/stages/probe.py): ~8 slot-seconds. ~15 ms between trials on a worker: ~11.5 ms
-  from a trial's end to the next `reset_config` (the result's trip to the driver and Tune's ~10 ms of driver CPU
-  per trial: trial objects, trainable-registry lookups in Ray's GCS, actor calls) and ~3.5 ms from there to
-  `step`: ~3 slot-seconds. In the steady state the trials get 93.6 % of the CPU (Tune's loop on the driver 3 %,
-  Ray's own processes ~2.5 %, the rendezvous actor 0.5 %, over a 25 s window).
-  `--slots 1` (one trial at a time: the driver has a core of its own), one round: overhead 13.2 %, from the trials'
-  own clocks 7.4 % (Tune 77.6 s, bare 67.3 s in halves of 32.0 / 35.3 s).
-  scikit-learn 6.24-6.29 s per trial -> speed-up 10.2-13.0x by round, mean 11.0 / 11.2x (compute vs compute
-  14.5-14.9x); test accuracy +0.024 points (min -0.18, max +0.25).
+Measured on an idle 2-core VM, whose speed drifts by 20-50 % over minutes (the bare run took 0.33 s per trial
+in one round and 0.44 s in another; the halves of one round's bare run differed by up to 50 %), so a single
+round's overhead ranges over 20 points and the figure to read is the pooled one over several rounds:
+  7 rounds in two runs (`--repeats 3` before `_cached_trainable_lookups`, then `--repeats 4`): sweep 45.1-57.5 s (Ray start + planning 4.6-8.8 s,
+  Tune 39.9-52.2 s), bare 69.4-81.5 s; overhead 0.5 / 12.5 / 28.4 % and 11.8 / 20.7 / 22.0 / 11.1 %: mean 15.3 %,
+  pooled 15.9 % (14.7 % and 16.8 % per run; the session before: mean 17.8 % over 5 rounds). From the trials' own
+  clocks 10.7-15.4 %, mean 12.3 % (before: 12.0-14.2 %). Inside the sweep the trials themselves ran 4.5 % slower
+  than bare on average (-11 to +22 % by round: the drift again); two plain processes (--controls, b', the
+  session before) cost 2.0 % of that by themselves. With Ray's start-up counted too: 13.6-35.4 %.
+  MLflow: the 210 child runs take 0.4-0.7 s of writes in ~20 batches in a background thread (sweep.tracking_sql;
+  run by run through MlflowClient they took 9-13 s, ~40 ms of driver CPU each); (a') without them the sweep
+  was no faster (the session before).
+  Where the rest goes (instrumented sweeps): both workers start their first trial 2.7-4.3 s after `Tuner.fit`
+  (they are the two Ray prestarts for the driver; the actor is on them ~0.1 s after `fit`, then `import ray.tune`
+  with the probe module ~1 s and `import torch` ~1.5 s, in step with the machine's speed): ~6-8 slot-seconds of
+  ~90. Between trials on a worker 12 ms median (15 ms before `_cached_trainable_lookups`): ~2.8 slot-seconds.
+  Tune's last steps after the last trial (final experiment state of 210 trials, actors stopped) 0.3-0.7 s.
+  In the steady state Tune's driver loop and Ray's own processes (raylet, GCS, dashboard agent, log monitor:
+  ~5 % of one core idle) take the rest of the trials' CPU.
+  `--slots 1` (one trial at a time: the driver has a core of its own), one round the session before: overhead
+  13.2 %, from the trials' own clocks 7.4 % (Tune 77.6 s, bare 67.3 s in halves of 32.0 / 35.3 s).
+  scikit-learn 5.42-5.67 s per trial -> speed-up 10.4-13.2x by round, mean 11.5x in both runs (compute vs
+  compute 13.7-16.1x); test accuracy +0.024 points (min -0.18, max +0.25).
   Earlier: MLflow written run by run, 19-27 % overhead, sweep 51.7-66.1 s; before the class trainable, the trial table
   passed once, the cached shard footers and the numpy metrics (sweep/stages/probe.py): 72.6-91.5 s, 22-37 %.
 """
@@ -369,8 +371,13 @@ def main() -> None:
               f"{100 * (1 - bare_wall / (slots * sweep_wall)):.1f} %")
         print(f"      speed-up, sweep (a) vs scikit-learn (c) on {slots} cores   {speedup:5.1f} x   [target >= 10 x]")
     if len(pairs) > 1:
+        # pooled: every round's seconds summed first, so a round in a slow phase of the machine weighs as
+        # much as its seconds, not as much as its ratio (rounds differ by up to 20 points from the drift)
+        pooled = 1 - sum(r["bare_wall"] for r in pairs) / sum(
+            slots * (r["out"]["tune_seconds"] + r["out"]["flush_seconds"]) for r in pairs)
         print(f"over the {len(pairs)} runs: overhead mean {100 * np.mean(overheads):.1f} % "
-              f"({', '.join(f'{100 * o:.1f}' for o in overheads)}); speed-up mean {np.mean(speedups):.1f} x "
+              f"({', '.join(f'{100 * o:.1f}' for o in overheads)}), median {100 * np.median(overheads):.1f} %, "
+              f"pooled {100 * pooled:.1f} %; speed-up mean {np.mean(speedups):.1f} x "
               f"({', '.join(f'{s:.1f}' for s in speedups)})")
     if controls:
         bare_wall, tune_wall = pairs[-1]["bare_wall"], pairs[-1]["out"]["tune_seconds"]
