@@ -192,6 +192,39 @@ def pretrained(tmp_path_factory, ray_local):
 
 
 @pytest.mark.ray
+def test_steps_logged_before_a_lost_checkpoint_are_not_logged_again(tmp_path, ray_local):
+    """A run can fail right after rank 0 logged a window but before Ray Train registered that window's
+    checkpoint (its controller saw the failure first): the rerun then starts before the window. Simulated by
+    removing the Ray Train run folder after the fault: the rerun trains from step 0 again, and MLflow still
+    holds every step once, the first attempt's values for the steps it had logged."""
+    import shutil
+
+    from sweep import tracking
+
+    raw = small_pipeline(tmp_path / "store", pretrain={
+        "steps": 2 * EVERY, "checkpoint_every": EVERY, "lr": 2.0e-3, "warmup_steps": 2, "batch_size": 8,
+        "workers": 1, "sample_grid": 0})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(pretrain.FAULT_ENV, str(EVERY))
+        with pytest.raises(pretrain.PretrainError, match="injected fault"):
+            pretrain.run(config)
+    client = tracking.client_for(config)
+    (run,) = client.search_runs([client.get_experiment_by_name(config.experiment_name).experiment_id])
+    first = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert sorted(first) == list(range(1, EVERY + 1))
+    for run_dir in (Path(config.storage_root) / "pretrain").glob("run-*"):
+        shutil.rmtree(run_dir)
+
+    pretrain.run(config)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 2 * EVERY + 1))  # none twice, none lost
+    assert {m.step: m.value for m in history if m.step <= EVERY} == first
+
+
+@pytest.mark.ray
 def test_fault_stops_after_the_first_checkpoint(pretrained):
     after = pretrained["after_fault"]
     assert after["checkpoints"] == [FAULT_AT]

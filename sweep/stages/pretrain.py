@@ -12,8 +12,8 @@ deprecated in V2 and raises). The EMA weights and the scheduler end up in `pretr
 MLflow (rank 0 only): per-step `loss` (mean over all workers, one all-reduce per report) and `lr` stamped
 with the wall time each step ended, `images_per_s` and `images_seen` per report, all sent in one batch right
 after each checkpoint is persisted, so a resumed run logs every step exactly once (the steps after the last
-checkpoint are trained again and logged then); a sample grid `samples.png` at the end. All of it goes to the
-stage's parent run.
+checkpoint are trained again and logged then, unless MLflow already has them: see `logged_before`); a sample
+grid `samples.png` at the end. All of it goes to the stage's parent run.
 
 Throughput (benchmarks/pretrain_throughput.py): the step itself is `sweep.train.loop.DDPMTrainer`, shared with
 a plain-DDP loop in the benchmark; per step this loop adds no sync, no logging and no Ray call; a shard that
@@ -125,13 +125,16 @@ def _window_metrics(window: dict, after_step: int = 0) -> list:
     return out
 
 
+def _last_logged_step(client, run_id: str) -> int:
+    return max((m.step for m in client.get_metric_history(run_id, "loss")), default=0)
+
+
 def _relog_lost_window(client, run_id: str, window: dict | None) -> None:
     """After a resume: the last checkpoint's window may be persisted but not yet in MLflow (a crash
     between the report and the log); log exactly the steps MLflow lacks."""
     if not window or not window["steps"]:
         return
-    history = client.get_metric_history(run_id, "loss")
-    logged = max((m.step for m in history), default=0)
+    logged = _last_logged_step(client, run_id)
     if logged < window["steps"][-1]:
         _log_metrics(client, run_id, _window_metrics(window, after_step=logged))
 
@@ -211,6 +214,10 @@ def train_loop(cfg: dict) -> None:
         if client is not None:
             _relog_lost_window(client, cfg["run_id"], state.get("window"))
         state = None
+    # Steps MLflow already holds are not logged again. Normally that is none past this start, but a run that
+    # failed right after a report can have logged a window whose checkpoint Ray Train never registered (the
+    # controller saw the failure first): this run starts before it, trains those steps again, logs them once.
+    logged_before = _last_logged_step(client, cfg["run_id"]) if client is not None else 0
     start_step = trainer.step
     images_seen = trainer.extra.get("images_seen", 0)  # global count, for throughput and epochs
     trainer.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))  # DDP: gloo on CPU, nccl on GPU
@@ -257,7 +264,7 @@ def train_loop(cfg: dict) -> None:
         # logged only once the checkpoint that covers these steps is persisted: a resumed run never
         # logs a step twice (steps after the last checkpoint are trained again, and logged then)
         if client is not None:
-            _log_metrics(client, cfg["run_id"], _window_metrics(window))
+            _log_metrics(client, cfg["run_id"], _window_metrics(window, after_step=logged_before))
         losses, lrs, times, images = [], [], [], 0
         if fault_at and start_step < fault_at <= trainer.step:
             raise RuntimeError(f"injected fault after the checkpoint at step {trainer.step} ({FAULT_ENV})")
