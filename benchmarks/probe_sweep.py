@@ -36,16 +36,20 @@ equal or better test accuracy.
 
 Measured on an idle 2-core VM, whose speed drifts by 20-50 % over minutes (the bare run took 0.33 s per trial
 in one round and 0.44 s in another; the halves of one round's bare run differed by up to 50 %), so a single
-round's overhead ranges over 20 points and the figure to read is the pooled one over several rounds:
-  7 rounds in two runs (`--repeats 3` before `_cached_trainable_lookups`, then `--repeats 4`): sweep 45.1-57.5 s (Ray start + planning 4.6-8.8 s,
-  Tune 39.9-52.2 s), bare 69.4-81.5 s; overhead 0.5 / 12.5 / 28.4 % and 11.8 / 20.7 / 22.0 / 11.1 %: mean 15.3 %,
-  pooled 15.9 % (14.7 % and 16.8 % per run; the session before: mean 17.8 % over 5 rounds). From the trials' own
-  clocks 10.7-15.4 %, mean 12.3 % (before: 12.0-14.2 %). Inside the sweep the trials themselves ran 4.5 % slower
-  than bare on average (-11 to +22 % by round: the drift again); two plain processes (--controls, b', the
-  session before) cost 2.0 % of that by themselves. With Ray's start-up counted too: 13.6-35.4 %.
-  MLflow: the 210 child runs take 0.4-0.7 s of writes in ~20 batches in a background thread (sweep.tracking_sql;
-  run by run through MlflowClient they took 9-13 s, ~40 ms of driver CPU each); (a') without them the sweep
-  was no faster (the session before).
+round's overhead ranges over 30 points and the figure to read is the pooled one over several rounds:
+  12 rounds in four runs this session (A `--repeats 3` before `_cached_trainable_lookups`, B `--repeats 4`, C
+  `--repeats 4` right after a demo and a test-suite run, D `--repeats 1 --controls`): sweep 45.1-72.1 s (Ray start
+  + planning 4.6-11.1 s, Tune 39.9-61.1 s), bare 69.4-95.5 s; overhead A 0.5 / 12.5 / 28.4 %, B 11.8 / 20.7 /
+  22.0 / 11.1 %, C 21.8 / 32.5 / 29.4 / 15.7 %, D 18.3 %: pooled per run 14.7 / 16.8 / 25.2 / 18.3 %, over all 12
+  rounds 19.6 % (the session before: mean 17.8 % over 5 rounds). From the trials' own clocks 10.7-15.4 %, mean
+  11.9 % (before: 12.0-14.2 %): the slots Tune leaves idle are stable; what moves the headline is how much slower
+  the trials themselves run inside the sweep than in the bare run of the same round, -11 to +30 % (+9.7 % on
+  average; all four of run C positive). Two plain processes (b', run D) cost 3.2 % by themselves; in run D the
+  same sweep without MLflow's child runs (a') read 10.3 % against the 18.3 % of the sweep with them, minutes apart,
+  while those writes took 0.6 s in a background thread: the spread between two runs of the same code is larger
+  than what is being measured. With Ray's start-up counted too: 13.6-40.9 %.
+  MLflow: the 210 child runs take 0.4-1.0 s of writes in ~20 batches in a background thread (sweep.tracking_sql;
+  run by run through MlflowClient they took 9-13 s, ~40 ms of driver CPU each).
   Where the rest goes (instrumented sweeps): both workers start their first trial 2.7-4.3 s after `Tuner.fit`
   (they are the two Ray prestarts for the driver; the actor is on them ~0.1 s after `fit`, then `import ray.tune`
   with the probe module ~1 s and `import torch` ~1.5 s, in step with the machine's speed): ~6-8 slot-seconds of
@@ -55,8 +59,9 @@ round's overhead ranges over 20 points and the figure to read is the pooled one 
   ~5 % of one core idle) take the rest of the trials' CPU.
   `--slots 1` (one trial at a time: the driver has a core of its own), one round the session before: overhead
   13.2 %, from the trials' own clocks 7.4 % (Tune 77.6 s, bare 67.3 s in halves of 32.0 / 35.3 s).
-  scikit-learn 5.42-5.67 s per trial -> speed-up 10.4-13.2x by round, mean 11.5x in both runs (compute vs
-  compute 13.7-16.1x); test accuracy +0.024 points (min -0.18, max +0.25).
+  scikit-learn 5.42-6.29 s per trial -> speed-up 8.7-13.2x by round (below 10x in the two slowest rounds of run
+  C), 11.5 / 11.5 / 10.2 / 11.5x mean per run (compute vs compute 13.7-16.1x); test accuracy +0.024 points (min
+  -0.18, max +0.25).
   Earlier: MLflow written run by run, 19-27 % overhead, sweep 51.7-66.1 s; before the class trainable, the trial table
   passed once, the cached shard footers and the numpy metrics (sweep/stages/probe.py): 72.6-91.5 s, 22-37 %.
 """
@@ -372,7 +377,7 @@ def main() -> None:
         print(f"      speed-up, sweep (a) vs scikit-learn (c) on {slots} cores   {speedup:5.1f} x   [target >= 10 x]")
     if len(pairs) > 1:
         # pooled: every round's seconds summed first, so a round in a slow phase of the machine weighs as
-        # much as its seconds, not as much as its ratio (rounds differ by up to 20 points from the drift)
+        # much as its seconds, not as much as its ratio (rounds differ by up to 30 points from the drift)
         pooled = 1 - sum(r["bare_wall"] for r in pairs) / sum(
             slots * (r["out"]["tune_seconds"] + r["out"]["flush_seconds"]) for r in pairs)
         print(f"over the {len(pairs)} runs: overhead mean {100 * np.mean(overheads):.1f} % "
