@@ -326,7 +326,8 @@ def main() -> None:
         if sorted(in_trial) != columns:
             raise SystemExit(f"the sweep recorded {len(in_trial)} trials, the feature store has {len(columns)} columns")
         pairs.append({"out": out, "sweep_wall": sweep_wall, "in_trial": in_trial, "bare_wall": before[0] + after[0],
-                      "bare_cpu": before[1] + after[1], "halves": (before[0], after[0])})
+                      "bare_cpu": before[1] + after[1], "halves": (before[0], after[0]),
+                      "tune_wall": out["tune_seconds"] + out["flush_seconds"]})  # Tuner.fit + MLflow's last writes
     n = len(columns)
     controls = {}
     if args.controls:
@@ -354,8 +355,7 @@ def main() -> None:
           f"{slots} trials at a time, 1 CPU each")
     overheads, speedups = [], []
     for i, r in enumerate(pairs, 1):
-        out, sweep_wall, bare_wall = r["out"], r["sweep_wall"], r["bare_wall"]
-        tune_wall = out["tune_seconds"] + out["flush_seconds"]  # Tuner.fit + MLflow's last writes
+        out, sweep_wall, bare_wall, tune_wall = r["out"], r["sweep_wall"], r["bare_wall"], r["tune_wall"]
         overhead = 1 - bare_wall / (slots * tune_wall)
         busy = 1 - sum(r["in_trial"].values()) / (slots * tune_wall)
         speedup = sk_total / slots / sweep_wall
@@ -378,8 +378,7 @@ def main() -> None:
     if len(pairs) > 1:
         # pooled: every round's seconds summed first, so a round in a slow phase of the machine weighs as
         # much as its seconds, not as much as its ratio (rounds differ by up to 30 points from the drift)
-        pooled = 1 - sum(r["bare_wall"] for r in pairs) / sum(
-            slots * (r["out"]["tune_seconds"] + r["out"]["flush_seconds"]) for r in pairs)
+        pooled = 1 - sum(r["bare_wall"] for r in pairs) / (slots * sum(r["tune_wall"] for r in pairs))
         print(f"over the {len(pairs)} runs: overhead mean {100 * np.mean(overheads):.1f} % "
               f"({', '.join(f'{100 * o:.1f}' for o in overheads)}), median {100 * np.median(overheads):.1f} %, "
               f"pooled {100 * pooled:.1f} %; speed-up mean {np.mean(speedups):.1f} x "

@@ -129,14 +129,14 @@ def _last_logged_step(client, run_id: str) -> int:
     return max((m.step for m in client.get_metric_history(run_id, "loss")), default=0)
 
 
-def _relog_lost_window(client, run_id: str, window: dict | None) -> None:
+def _relog_lost_window(client, run_id: str, window: dict | None, logged: int) -> int:
     """After a resume: the last checkpoint's window may be persisted but not yet in MLflow (a crash
-    between the report and the log); log exactly the steps MLflow lacks."""
-    if not window or not window["steps"]:
-        return
-    logged = _last_logged_step(client, run_id)
-    if logged < window["steps"][-1]:
-        _log_metrics(client, run_id, _window_metrics(window, after_step=logged))
+    between the report and the log); log exactly the steps MLflow lacks (it holds steps up to `logged`).
+    Returns the last step MLflow holds now."""
+    if not window or not window["steps"] or logged >= window["steps"][-1]:
+        return logged
+    _log_metrics(client, run_id, _window_metrics(window, after_step=logged))
+    return window["steps"][-1]
 
 
 class _FirstBatchInBackground:
@@ -209,15 +209,15 @@ def train_loop(cfg: dict) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(cfg["tracking_uri"])
-    if state is not None:
-        trainer.load_state_dict(state)
-        if client is not None:
-            _relog_lost_window(client, cfg["run_id"], state.get("window"))
-        state = None
     # Steps MLflow already holds are not logged again. Normally that is none past this start, but a run that
     # failed right after a report can have logged a window whose checkpoint Ray Train never registered (the
     # controller saw the failure first): this run starts before it, trains those steps again, logs them once.
     logged_before = _last_logged_step(client, cfg["run_id"]) if client is not None else 0
+    if state is not None:
+        trainer.load_state_dict(state)
+        if client is not None:
+            logged_before = _relog_lost_window(client, cfg["run_id"], state.get("window"), logged_before)
+        state = None
     start_step = trainer.step
     images_seen = trainer.extra.get("images_seen", 0)  # global count, for throughput and epochs
     trainer.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))  # DDP: gloo on CPU, nccl on GPU

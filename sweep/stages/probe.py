@@ -402,9 +402,8 @@ def _quiet_tune():
     """No per-trial CSV/JSON/TensorBoard files (MLflow is the record; 200+ trial folders of them cost time),
     Tune's experiment state saved every 10 minutes (and at the start and end) rather than every few seconds (a
     sweep resumes from MLflow, not from it, and each save serialises every trial: ~0.4 s of driver CPU per 200
-    trials, taken from the trials' cores),
-    and no warning from the result grid about the files it then cannot find. A user's own setting of
-    either variable is kept."""
+    trials, taken from the trials' cores), and no warning from the result grid about the files it then cannot
+    find. A user's own setting of either variable is kept."""
     settings = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "600"}
     before = {key: os.environ.get(key) for key in settings}
     for key, value in settings.items():
