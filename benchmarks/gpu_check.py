@@ -8,8 +8,8 @@ What it runs, on one GPU (`--device cpu --tiny` runs the same code on a CPU in a
 script itself):
 1. Pretraining: two `DDPMTrainer`s from the same initial U-Net (pipelines/fashion-mnist.yaml's model, 32 px)
    on the same batches: the CUDA path sweep uses (bf16 autocast, channels_last) and the same trainer with
-   autocast off (fp32; TF32 off too, so that fp32 means fp32). Reports the mean loss of each over the compared steps and their steps per second; the
-   bf16 trainer then goes on to `--steps`.
+   autocast off (fp32; TF32 off too, so that fp32 means fp32). Reports the mean loss of each over the
+   compared steps and their steps per second; the bf16 trainer then goes on to `--steps`.
 2. Extraction: the bf16 trainer's EMA U-Net as a frozen encoder (`DiffusionEncoder`, "blocks" x 6 timesteps)
    over all 70,000 images in bf16 and in fp32: images per second for each, and how far bf16 features are
    from fp32 ones (relative L2 error per column); fp32 on the GPU is also checked against the CPU.
