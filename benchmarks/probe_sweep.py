@@ -37,17 +37,16 @@ equal or better test accuracy.
 Measured on an idle 2-core VM, whose speed drifts by 20-50 % over minutes (the bare run took 0.33 s per trial
 in one round and 0.44 s in another; the halves of one round's bare run differed by up to 50 %), so a single
 round's overhead ranges over 30 points and the figure to read is the pooled one over several rounds:
-  12 rounds in four runs this session (A `--repeats 3` before `_cached_trainable_lookups`, B `--repeats 4`, C
-  `--repeats 4` right after a demo and a test-suite run, D `--repeats 1 --controls`): sweep 45.1-72.1 s (Ray start
-  + planning 4.6-11.1 s, Tune 39.9-61.1 s), bare 69.4-95.5 s; overhead A 0.5 / 12.5 / 28.4 %, B 11.8 / 20.7 /
-  22.0 / 11.1 %, C 21.8 / 32.5 / 29.4 / 15.7 %, D 18.3 %: pooled per run 14.7 / 16.8 / 25.2 / 18.3 %, over all 12
-  rounds 19.6 % (the session before: mean 17.8 % over 5 rounds). From the trials' own clocks 10.7-15.4 %, mean
-  11.9 % (before: 12.0-14.2 %): the slots Tune leaves idle are stable; what moves the headline is how much slower
-  the trials themselves run inside the sweep than in the bare run of the same round, -11 to +30 % (+9.7 % on
-  average; all four of run C positive). Two plain processes (b', run D) cost 3.2 % by themselves; in run D the
-  same sweep without MLflow's child runs (a') read 10.3 % against the 18.3 % of the sweep with them, minutes apart,
-  while those writes took 0.6 s in a background thread: the spread between two runs of the same code is larger
-  than what is being measured. With Ray's start-up counted too: 13.6-40.9 %.
+  Latest, `--repeats 3` (one run, the machine in a steady phase): overhead 21.6 / 19.4 / 19.8 %, pooled 20.3 %
+  = idle slots 11.3 % (the trials' own clocks) + trials 9.0 % slower than bare; during Tune the driver used
+  2.6-2.7 s of CPU (2.9 % of the slots: Tune's loop, the MLflow writer thread, Ray's client threads) and Ray's
+  own processes 1.2-1.3 s (1.4 %). The trial workers run at nice 15 (Ray's default), so that CPU comes straight
+  out of the trials. Measured apart: two probe processes side by side slow each other by -6 to +2 % (no
+  contention worth naming on these two cores), and a trial costs the same CPU in a Ray actor as in a plain
+  process (+-3 % over 3 alternated pairs); the rest of the 9 % is each worker's cold first trial (shard footers,
+  label columns, first torch calls) and what these figures cannot split. Speed-up 10.9 / 11.9 / 11.0x.
+  The session before, 12 rounds in four runs: overhead 0.5-32.5 % by round (the VM drifting), pooled 19.6 %,
+  from the trials' own clocks 10.7-15.4 % (mean 11.9 %); with Ray's start-up counted too: 13.6-40.9 %.
   MLflow: the 210 child runs take 0.4-1.0 s of writes in ~20 batches in a background thread (sweep.tracking_sql;
   run by run through MlflowClient they took 9-13 s, ~40 ms of driver CPU each).
   Where the rest goes (instrumented sweeps): both workers start their first trial 2.7-4.3 s after `Tuner.fit`
@@ -166,26 +165,60 @@ def feature_columns(config) -> list[str]:
     return sorted(c["column"] for c in FeatureStore(feature_store(config)).manifest()["columns"])
 
 
+def _ray_service_cpu() -> dict[int, float]:
+    """CPU seconds so far of each of Ray's own processes on this machine (GCS, raylet, dashboard, log
+    monitor, agents): not this driver, not the worker processes (idle ones and trial actors)."""
+    import psutil
+
+    seconds = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.pid == os.getpid() or "default_worker.py" in cmd or cmd.startswith(("ray::IDLE", "ray::ProbeTrial")):
+                continue
+            if "site-packages/ray/" in cmd or cmd.startswith("ray::"):
+                times = proc.cpu_times()
+                seconds[proc.pid] = times.user + times.system
+        except psutil.Error:
+            continue
+    return seconds
+
+
 def run_sweep(config, mlflow_writes: bool = True):
     """(a): the probe stage in this process, Ray not yet running (its start is part of the sweep).
-    With ``mlflow_writes=False`` the child runs are not written (a control: what MLflow costs)."""
+    With ``mlflow_writes=False`` the child runs are not written (a control: what MLflow costs).
+    Also measures the CPU that this driver (Tune's loop, the MLflow writer, Ray's client threads) and Ray's
+    own processes used during `Tuner.fit`: what the trials' cores gave to something other than trials."""
     import ray
+    from ray import tune
 
     from sweep.stages import probe
 
     label = "(a)" if mlflow_writes else "(a') control"
     print(f"{label} sweep: {_load()} before", flush=True)
-    write = probe.ChildRunWriter.write
+    write, fit = probe.ChildRunWriter.write, tune.Tuner.fit
     if not mlflow_writes:
         probe.ChildRunWriter.write = lambda self, batch: []
+    cpu = {}
+
+    def measured_fit(tuner):
+        before, driver = _ray_service_cpu(), time.process_time()
+        try:
+            return fit(tuner)
+        finally:
+            cpu["driver"] = time.process_time() - driver
+            after = _ray_service_cpu()
+            cpu["ray"] = sum(after[pid] - before[pid] for pid in after if pid in before)
+
+    tune.Tuner.fit = measured_fit
     try:
         t0 = time.perf_counter()
         out = probe.run(config)
         wall = time.perf_counter() - t0
     finally:
-        probe.ChildRunWriter.write = write
+        probe.ChildRunWriter.write, tune.Tuner.fit = write, fit
         ray.shutdown()
-    return out, wall
+    return {**out, "driver_cpu": cpu["driver"], "ray_cpu": cpu["ray"]}, wall
 
 
 def trial_seconds(config) -> dict[str, float]:
@@ -374,15 +407,25 @@ def main() -> None:
         print(f"        same, from the trials' own clocks {100 * busy:4.1f} % = 1 - sum(in-trial seconds) / "
               f"({slots} x (Tune + flush));  with Ray's start-up counted too: "
               f"{100 * (1 - bare_wall / (slots * sweep_wall)):.1f} %")
+        slots_s = slots * tune_wall
+        print(f"        = idle slots {100 * busy:.1f} % + trials slower than bare "
+              f"{100 * (sum(r['in_trial'].values()) - bare_wall) / slots_s:+.1f} %; CPU taken during Tune by "
+              f"the driver {out['driver_cpu']:.1f} s ({100 * out['driver_cpu'] / slots_s:.1f} % of the slots), "
+              f"by Ray's own processes {out['ray_cpu']:.1f} s ({100 * out['ray_cpu'] / slots_s:.1f} %)")
         print(f"      speed-up, sweep (a) vs scikit-learn (c) on {slots} cores   {speedup:5.1f} x   [target >= 10 x]")
     if len(pairs) > 1:
         # pooled: every round's seconds summed first, so a round in a slow phase of the machine weighs as
         # much as its seconds, not as much as its ratio (rounds differ by up to 30 points from the drift)
-        pooled = 1 - sum(r["bare_wall"] for r in pairs) / (slots * sum(r["tune_wall"] for r in pairs))
+        slots_s = slots * sum(r["tune_wall"] for r in pairs)
+        pooled = 1 - sum(r["bare_wall"] for r in pairs) / slots_s
+        idle = 1 - sum(sum(r["in_trial"].values()) for r in pairs) / slots_s
         print(f"over the {len(pairs)} runs: overhead mean {100 * np.mean(overheads):.1f} % "
               f"({', '.join(f'{100 * o:.1f}' for o in overheads)}), median {100 * np.median(overheads):.1f} %, "
               f"pooled {100 * pooled:.1f} %; speed-up mean {np.mean(speedups):.1f} x "
               f"({', '.join(f'{s:.1f}' for s in speedups)})")
+        print(f"  pooled = idle slots {100 * idle:.1f} % + trials slower than bare {100 * (pooled - idle):+.1f} %; "
+              f"CPU during Tune: the driver {100 * sum(r['out']['driver_cpu'] for r in pairs) / slots_s:.1f} %, "
+              f"Ray's own processes {100 * sum(r['out']['ray_cpu'] for r in pairs) / slots_s:.1f} % of the slots")
     if controls:
         bare_wall, tune_wall = pairs[-1]["bare_wall"], pairs[-1]["out"]["tune_seconds"]
         print(f"(b') same trials in {slots} plain processes (spawned, no Ray, no MLflow) {controls['pool']:.1f} s wall: "
