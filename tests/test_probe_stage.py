@@ -288,6 +288,27 @@ def test_trial_actors_get_no_runtime_env(ray_local, tmp_path):
     assert class_cache.DEFAULT_ENV_VARS["PL_DISABLE_FORK"] == "1"
 
 
+def test_a_stopped_trial_actor_ends_quietly_on_sigterm(ray_local):
+    """Ray's worker turns SIGTERM into SystemExit, which printed "Exception ignored" when it landed in a
+    garbage-collection callback as the raylet ended a worker that Tune had let go. Once Tune has stopped a
+    probe actor (`stop` -> `cleanup`), SIGTERM takes the default action instead; until then it stays Ray's."""
+    import signal
+
+    import ray
+    from ray import tune
+
+    class Probe(probe.ProbeTrial):
+        def sigterm(self) -> str:
+            handler = signal.getsignal(signal.SIGTERM)
+            return "default" if handler == signal.SIG_DFL else type(handler).__name__
+
+    actor = ray.remote(num_cpus=0)(tune.with_parameters(Probe, trials={}, run={})).remote(config={"trial": "k"})
+    assert ray.get(actor.sigterm.remote()) == "function"  # Ray's handler while trials may still come
+    ray.get(actor.stop.remote())
+    assert ray.get(actor.sigterm.remote()) == "default"
+    ray.kill(actor)
+
+
 def test_trainable_lookups_cached_only_inside_the_sweep(ray_local, monkeypatch):
     """Inside `_cached_trainable_lookups` Tune's registry answers repeated lookups of a trainable from the
     first one (its two GCS reads, then none); outside, every lookup reads the GCS twice again."""
