@@ -22,8 +22,9 @@ weight decays = 9 heads, 5 epochs, batch 2048, k-means off), all trials with one
                Overhead = 1 - (b) / (slots x Tune): the share of the sweep's CPU slots not spent in trial
                compute. Each round is (b) 1/2, (a), (b) 2/2; --repeats rounds.
 (a') control   with --controls: (a) again with the MLflow child-run writes switched off (MLflow's share).
-(b') pool      with --controls: the same calls in `slots` spawned plain processes: start-up, imports and
-               trials sharing the cores, without Ray or MLflow.
+(b') pool      with --controls, in every round right after (a): the same calls in `slots` spawned plain
+               processes (start-up, imports and trials sharing the cores, without Ray or MLflow). What Tune +
+               MLflow add over running the same trials in as many plain processes = 1 - (b') / Tune.
 (c) sklearn    `LogisticRegression` (lbfgs, multinomial, max_iter 1000) fitted once per (trial, C) on a sample of
                trials, C = 1 / (wd * N_train) for each weight decay of the grid (wd = 0: no penalty), C chosen
                on the same validation split by the same rule as the probe, on the same standardised features;
@@ -37,14 +38,18 @@ equal or better test accuracy.
 Measured on an idle 2-core VM, whose speed drifts by 20-50 % over minutes (the bare run took 0.33 s per trial
 in one round and 0.44 s in another; the halves of one round's bare run differed by up to 50 %), so a single
 round's overhead ranges over 30 points and the figure to read is the pooled one over several rounds:
-  Latest, `--repeats 3` (one run, the machine in a steady phase): overhead 21.6 / 19.4 / 19.8 %, pooled 20.3 %
-  = idle slots 11.3 % (the trials' own clocks) + trials 9.0 % slower than bare; during Tune the driver used
-  2.6-2.7 s of CPU (2.9 % of the slots: Tune's loop, the MLflow writer thread, Ray's client threads) and Ray's
-  own processes 1.2-1.3 s (1.4 %). The trial workers run at nice 15 (Ray's default), so that CPU comes straight
-  out of the trials. Measured apart: two probe processes side by side slow each other by -6 to +2 % (no
-  contention worth naming on these two cores), and a trial costs the same CPU in a Ray actor as in a plain
-  process (+-3 % over 3 alternated pairs); the rest of the 9 % is each worker's cold first trial (shard footers,
-  label columns, first torch calls) and what these figures cannot split. Speed-up 10.9 / 11.9 / 11.0x.
+  Latest, two runs of `--repeats 3`. Without controls (the machine in a steady phase): overhead 21.6 / 19.4 /
+  19.8 %, pooled 20.3 % = idle slots 11.3 % (the trials' own clocks) + trials 9.0 % slower than bare; during
+  Tune the driver used 2.6-2.7 s of CPU (2.9 % of the slots: Tune's loop, the MLflow writer thread, Ray's client
+  threads) and Ray's own processes 1.2-1.3 s (1.4 %); the trial workers run at nice 15 (Ray's default), so that
+  CPU comes straight out of the trials. With `--controls`: overhead 17.8 / 29.2 / 22.5 %, pooled 23.4 %; the
+  same trials in two plain spawned processes (b') cost 6.7 / 9.8 / 11.1 % (pooled 9.2 %) against (b) by
+  themselves (their start-up and imports, ~3 s per process, as a Ray worker's), and Tune + MLflow add 11.9 /
+  21.4 / 12.8 % (pooled 15.6 %) over them. Measured apart: two probe processes side by side slow each other by
+  -6 to +2 % (no contention worth naming on these two cores); a trial costs the same CPU in a Ray actor as in a
+  plain process (+-3 % over 3 alternated pairs); and the sweep with and without MLflow's child-run writes, 4
+  alternated pairs: Tune 43.5 vs 44.5 s mean (the machine slowing from 38 to 54 s over the 8 sweeps), the
+  writes adding 0.4 s of driver CPU. Speed-up 10.5-11.9x.
   The session before, 12 rounds in four runs: overhead 0.5-32.5 % by round (the VM drifting), pooled 19.6 %,
   from the trials' own clocks 10.7-15.4 % (mean 11.9 %); with Ray's start-up counted too: 13.6-40.9 %.
   MLflow: the 210 child runs take 0.4-1.0 s of writes in ~20 batches in a background thread (sweep.tracking_sql;
@@ -354,12 +359,13 @@ def main() -> None:
         config = bench_config(cache, work, slots)
         before = run_bare(config, columns[0::2], " 1/2, before (a)")
         out, sweep_wall = run_sweep(config)
+        pool = run_plain_pool(config, columns, slots) if args.controls else None
         after = run_bare(config, columns[1::2], " 2/2, after (a)")
         in_trial = trial_seconds(config)
         if sorted(in_trial) != columns:
             raise SystemExit(f"the sweep recorded {len(in_trial)} trials, the feature store has {len(columns)} columns")
         pairs.append({"out": out, "sweep_wall": sweep_wall, "in_trial": in_trial, "bare_wall": before[0] + after[0],
-                      "bare_cpu": before[1] + after[1], "halves": (before[0], after[0]),
+                      "bare_cpu": before[1] + after[1], "halves": (before[0], after[0]), "pool": pool,
                       "tune_wall": out["tune_seconds"] + out["flush_seconds"]})  # Tuner.fit + MLflow's last writes
     n = len(columns)
     controls = {}
@@ -367,7 +373,6 @@ def main() -> None:
         control = Path(tempfile.mkdtemp(prefix="probe-bench-control-"))
         workdirs.append(control)
         controls["tune"] = run_sweep(bench_config(cache, control, slots), mlflow_writes=False)[0]["tune_seconds"]
-        controls["pool"] = run_plain_pool(config, columns, slots)
     step = max(1, n // args.sklearn_sample)
     sample = columns[::step][: args.sklearn_sample]
     sk = run_sklearn(config, sample)
@@ -412,6 +417,10 @@ def main() -> None:
               f"{100 * (sum(r['in_trial'].values()) - bare_wall) / slots_s:+.1f} %; CPU taken during Tune by "
               f"the driver {out['driver_cpu']:.1f} s ({100 * out['driver_cpu'] / slots_s:.1f} % of the slots), "
               f"by Ray's own processes {out['ray_cpu']:.1f} s ({100 * out['ray_cpu'] / slots_s:.1f} %)")
+        if r["pool"]:
+            print(f"      (b') same trials in {slots} plain processes (spawned: start-up and imports count, no Ray, no "
+                  f"MLflow) {r['pool']:.1f} s: {100 * (1 - bare_wall / (slots * r['pool'])):.1f} % against (b); "
+                  f"Tune + MLflow add {100 * (1 - r['pool'] / tune_wall):.1f} % over it")
         print(f"      speed-up, sweep (a) vs scikit-learn (c) on {slots} cores   {speedup:5.1f} x   [target >= 10 x]")
     if len(pairs) > 1:
         # pooled: every round's seconds summed first, so a round in a slow phase of the machine weighs as
@@ -426,12 +435,12 @@ def main() -> None:
         print(f"  pooled = idle slots {100 * idle:.1f} % + trials slower than bare {100 * (pooled - idle):+.1f} %; "
               f"CPU during Tune: the driver {100 * sum(r['out']['driver_cpu'] for r in pairs) / slots_s:.1f} %, "
               f"Ray's own processes {100 * sum(r['out']['ray_cpu'] for r in pairs) / slots_s:.1f} % of the slots")
+        if args.controls:
+            pools = sum(r["pool"] for r in pairs)
+            print(f"  pooled (b') plain processes {100 * (1 - sum(r['bare_wall'] for r in pairs) / (slots * pools)):.1f} "
+                  f"% against (b); Tune + MLflow add {100 * (1 - pools / sum(r['tune_wall'] for r in pairs)):.1f} % over them")
     if controls:
-        bare_wall, tune_wall = pairs[-1]["bare_wall"], pairs[-1]["out"]["tune_seconds"]
-        print(f"(b') same trials in {slots} plain processes (spawned, no Ray, no MLflow) {controls['pool']:.1f} s wall: "
-              f"running them side by side on this machine already costs "
-              f"{100 * (1 - bare_wall / (slots * controls['pool'])):.1f} %; Tune + MLflow against it (run "
-              f"{len(pairs)}): {100 * (1 - controls['pool'] / tune_wall):.1f} %")
+        bare_wall = pairs[-1]["bare_wall"]
         print(f"(a') control, the same sweep with no MLflow child runs written: Tune {controls['tune']:.1f} s, "
               f"overhead against run {len(pairs)}'s (b) {100 * (1 - bare_wall / (slots * controls['tune'])):.1f} %")
     print(f"(c) on {len(sk)} sampled trials, paired, 1 thread each: probe (read included) "
