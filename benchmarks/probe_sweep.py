@@ -328,6 +328,23 @@ def run_sklearn(config, columns: list[str]) -> list[dict]:
     return rows
 
 
+def shares(rounds: list[dict], slots: int) -> dict[str, float]:
+    """The overhead and its parts as shares of the Tune slots, from the rounds' seconds summed (one round, or
+    several pooled: a round in a slow phase of the machine then weighs as much as its seconds)."""
+    slots_s = slots * sum(r["tune_wall"] for r in rounds)
+    bare = sum(r["bare_wall"] for r in rounds)
+    out = {"overhead": 1 - bare / slots_s,
+           "idle": 1 - sum(sum(r["in_trial"].values()) for r in rounds) / slots_s,  # the trials' own clocks
+           "driver": sum(r["out"]["driver_cpu"] for r in rounds) / slots_s,
+           "ray": sum(r["out"]["ray_cpu"] for r in rounds) / slots_s}
+    out["slower"] = out["overhead"] - out["idle"]  # trials slower inside the sweep than bare
+    if all(r["pool"] for r in rounds):
+        pool = sum(r["pool"] for r in rounds)
+        out["pool_vs_bare"] = 1 - bare / (slots * pool)
+        out["tune_vs_pool"] = 1 - slots * pool / slots_s
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", default="/tmp/sweep-bench-fmnist", help="checkpoint + feature store, kept")
@@ -394,10 +411,9 @@ def main() -> None:
     overheads, speedups = [], []
     for i, r in enumerate(pairs, 1):
         out, sweep_wall, bare_wall, tune_wall = r["out"], r["sweep_wall"], r["bare_wall"], r["tune_wall"]
-        overhead = 1 - bare_wall / (slots * tune_wall)
-        busy = 1 - sum(r["in_trial"].values()) / (slots * tune_wall)
+        share = shares([r], slots)
         speedup = sk_total / slots / sweep_wall
-        overheads.append(overhead)
+        overheads.append(share["overhead"])
         speedups.append(speedup)
         print(f"run {i}/{len(pairs)}:")
         print(f"  (a) sweep, `sweep probe` in-process {sweep_wall:7.1f} s wall = Ray start + planning "
@@ -407,38 +423,32 @@ def main() -> None:
         print(f"  (b) same trials, one process       {bare_wall:7.1f} s wall, {r['bare_cpu']:.1f} s CPU, 1 thread "
               f"({bare_wall / n:.2f} s per trial; / {slots} slots = {bare_wall / slots:.1f} s); halves before / "
               f"after (a): {r['halves'][0]:.1f} / {r['halves'][1]:.1f} s")
-        print(f"      Tune + MLflow overhead          {100 * overhead:6.1f} % = 1 - (b) / ({slots} x (Tune + flush))"
-              f"   [target <= 15 %]")
-        print(f"        same, from the trials' own clocks {100 * busy:4.1f} % = 1 - sum(in-trial seconds) / "
+        print(f"      Tune + MLflow overhead          {100 * share['overhead']:6.1f} % = 1 - (b) / ({slots} x "
+              f"(Tune + flush))   [target <= 15 %]")
+        print(f"        same, from the trials' own clocks {100 * share['idle']:4.1f} % = 1 - sum(in-trial seconds) / "
               f"({slots} x (Tune + flush));  with Ray's start-up counted too: "
               f"{100 * (1 - bare_wall / (slots * sweep_wall)):.1f} %")
-        slots_s = slots * tune_wall
-        print(f"        = idle slots {100 * busy:.1f} % + trials slower than bare "
-              f"{100 * (sum(r['in_trial'].values()) - bare_wall) / slots_s:+.1f} %; CPU taken during Tune by "
-              f"the driver {out['driver_cpu']:.1f} s ({100 * out['driver_cpu'] / slots_s:.1f} % of the slots), "
-              f"by Ray's own processes {out['ray_cpu']:.1f} s ({100 * out['ray_cpu'] / slots_s:.1f} %)")
-        if r["pool"]:
+        print(f"        = idle slots {100 * share['idle']:.1f} % + trials slower than bare {100 * share['slower']:+.1f} "
+              f"%; CPU taken during Tune by the driver {out['driver_cpu']:.1f} s ({100 * share['driver']:.1f} % of "
+              f"the slots), by Ray's own processes {out['ray_cpu']:.1f} s ({100 * share['ray']:.1f} %)")
+        if "pool_vs_bare" in share:
             print(f"      (b') same trials in {slots} plain processes (spawned: start-up and imports count, no Ray, no "
-                  f"MLflow) {r['pool']:.1f} s: {100 * (1 - bare_wall / (slots * r['pool'])):.1f} % against (b); "
-                  f"Tune + MLflow add {100 * (1 - r['pool'] / tune_wall):.1f} % over it")
+                  f"MLflow) {r['pool']:.1f} s: {100 * share['pool_vs_bare']:.1f} % against (b); "
+                  f"Tune + MLflow add {100 * share['tune_vs_pool']:.1f} % over it")
         print(f"      speed-up, sweep (a) vs scikit-learn (c) on {slots} cores   {speedup:5.1f} x   [target >= 10 x]")
     if len(pairs) > 1:
-        # pooled: every round's seconds summed first, so a round in a slow phase of the machine weighs as
-        # much as its seconds, not as much as its ratio (rounds differ by up to 30 points from the drift)
-        slots_s = slots * sum(r["tune_wall"] for r in pairs)
-        pooled = 1 - sum(r["bare_wall"] for r in pairs) / slots_s
-        idle = 1 - sum(sum(r["in_trial"].values()) for r in pairs) / slots_s
+        # pooled: rounds differ by up to 30 points from the drift (see `shares`)
+        pooled = shares(pairs, slots)
         print(f"over the {len(pairs)} runs: overhead mean {100 * np.mean(overheads):.1f} % "
               f"({', '.join(f'{100 * o:.1f}' for o in overheads)}), median {100 * np.median(overheads):.1f} %, "
-              f"pooled {100 * pooled:.1f} %; speed-up mean {np.mean(speedups):.1f} x "
+              f"pooled {100 * pooled['overhead']:.1f} %; speed-up mean {np.mean(speedups):.1f} x "
               f"({', '.join(f'{s:.1f}' for s in speedups)})")
-        print(f"  pooled = idle slots {100 * idle:.1f} % + trials slower than bare {100 * (pooled - idle):+.1f} %; "
-              f"CPU during Tune: the driver {100 * sum(r['out']['driver_cpu'] for r in pairs) / slots_s:.1f} %, "
-              f"Ray's own processes {100 * sum(r['out']['ray_cpu'] for r in pairs) / slots_s:.1f} % of the slots")
-        if args.controls:
-            pools = sum(r["pool"] for r in pairs)
-            print(f"  pooled (b') plain processes {100 * (1 - sum(r['bare_wall'] for r in pairs) / (slots * pools)):.1f} "
-                  f"% against (b); Tune + MLflow add {100 * (1 - pools / sum(r['tune_wall'] for r in pairs)):.1f} % over them")
+        print(f"  pooled = idle slots {100 * pooled['idle']:.1f} % + trials slower than bare "
+              f"{100 * pooled['slower']:+.1f} %; CPU during Tune: the driver {100 * pooled['driver']:.1f} %, "
+              f"Ray's own processes {100 * pooled['ray']:.1f} % of the slots")
+        if "pool_vs_bare" in pooled:
+            print(f"  pooled (b') plain processes {100 * pooled['pool_vs_bare']:.1f} % against (b); Tune + MLflow "
+                  f"add {100 * pooled['tune_vs_pool']:.1f} % over them")
     if controls:
         bare_wall = pairs[-1]["bare_wall"]
         print(f"(a') control, the same sweep with no MLflow child runs written: Tune {controls['tune']:.1f} s, "

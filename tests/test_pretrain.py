@@ -192,7 +192,7 @@ def pretrained(tmp_path_factory, ray_local):
 
 
 @pytest.mark.ray
-def test_steps_logged_before_a_lost_checkpoint_are_not_logged_again(tmp_path, ray_local):
+def test_steps_logged_before_a_lost_checkpoint_are_not_logged_again(write_pipeline, ray_local):
     """A run can fail right after rank 0 logged a window but before Ray Train registered that window's
     checkpoint (its controller saw the failure first): the rerun then starts before the window. Simulated by
     removing the Ray Train run folder after the fault: the rerun trains from step 0 again, and MLflow still
@@ -201,12 +201,9 @@ def test_steps_logged_before_a_lost_checkpoint_are_not_logged_again(tmp_path, ra
 
     from sweep import tracking
 
-    raw = small_pipeline(tmp_path / "store", pretrain={
+    config = load_config(write_pipeline(pretrain={
         "steps": 2 * EVERY, "checkpoint_every": EVERY, "lr": 2.0e-3, "warmup_steps": 2, "batch_size": 8,
-        "workers": 1, "sample_grid": 0})
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    config = load_config(path)
+        "workers": 1, "sample_grid": 0}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(pretrain.FAULT_ENV, str(EVERY))
         with pytest.raises(pretrain.PretrainError, match="injected fault"):
