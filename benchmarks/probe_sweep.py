@@ -2,6 +2,7 @@
 scikit-learn fitted once per (trial, hyperparameter).
 
     .venv/bin/python benchmarks/probe_sweep.py [--cache /tmp/sweep-bench-fmnist] [--repeats 2] [--controls]
+                                               [--epochs 5]
 
 Features: all 70,000 Fashion-MNIST images (60,000 official train, split 85/15 into train/val by the pipeline
 seed, and the official 10,000 test images) through a small random-init diffusers U-Net ([16, 32, 64] channels,
@@ -50,6 +51,15 @@ round's overhead ranges over 30 points and the figure to read is the pooled one 
   plain process (+-3 % over 3 alternated pairs); and the sweep with and without MLflow's child-run writes, 4
   alternated pairs: Tune 43.5 vs 44.5 s mean (the machine slowing from 38 to 54 s over the 8 sweeps), the
   writes adding 0.4 s of driver CPU. Speed-up 10.5-11.9x.
+  Trial length (`--epochs`, one run of `--repeats 2` each): the sweep's own cost stays at about 18-19
+  slot-seconds (pooled: slots x Tune - bare, per sweep) at 5, 10 and 15 epochs, so its share falls as trials
+  lengthen, while the speed-up over scikit-learn, whose fits do not depend on epochs, falls with it. 10 epochs
+  (0.52-0.57 s per bare trial): overhead 18.1 / 10.3 %, pooled 14.2 %; speed-up 8.5 / 8.7x (12 sampled trials;
+  compute vs compute 8.8x); accuracy +0.004 points. 15 epochs (0.70-0.82 s): overhead 10.9 / 10.4 %, pooled
+  10.6 %; speed-up 9.5 / 11.3x, but on a 6-trial sample whose scikit-learn fits were dearer (9.5 s per trial
+  against 5.9-6.3 s on the 12-trial sample: at that rate ~7x); accuracy -0.003 points. No trial length meets
+  all three targets on this 2-core machine. The cores are busy 98.6 % of the time during `Tuner.fit` after its
+  first 5 s (/proc/stat, one sweep): no idle CPU is left for the sweep's own work to hide in.
   The session before, 12 rounds in four runs: overhead 0.5-32.5 % by round (the VM drifting), pooled 19.6 %,
   from the trials' own clocks 10.7-15.4 % (mean 11.9 %); with Ray's start-up counted too: 13.6-40.9 %.
   MLflow: the 210 child runs take 0.4-1.0 s of writes in ~20 batches in a background thread (sweep.tracking_sql;
@@ -152,12 +162,13 @@ def _load() -> str:
     return "load average %.1f" % os.getloadavg()[0]
 
 
-def bench_config(cache: Path, work: Path, slots: int):
+def bench_config(cache: Path, work: Path, slots: int, epochs: int = PROBE["epochs"]):
     """The benchmark pipeline with its storage in `work` (fresh MLflow store), reading the cached features."""
     from sweep.config import load_config
 
     (work / "features").symlink_to(cache / "features", target_is_directory=True)
-    return load_config(cache / "pipeline.yaml", [f"storage={work}", f"probe.max_concurrent_trials={slots}"])
+    return load_config(cache / "pipeline.yaml", [f"storage={work}", f"probe.max_concurrent_trials={slots}",
+                                                 f"probe.epochs={epochs}"])
 
 
 def feature_store(config) -> str:
@@ -354,6 +365,9 @@ def main() -> None:
                    help="(a) then (b), this many times: the machine's speed drifts by minutes, so each "
                         "sweep is set against the bare run right after it")
     p.add_argument("--controls", action="store_true", help="also (a') and (b'): where the overhead comes from")
+    p.add_argument("--epochs", type=int, default=PROBE["epochs"],
+                   help="probe epochs per trial (longer trials: the sweep's fixed costs weigh less, and "
+                        "the speed-up over scikit-learn shrinks)")
     p.add_argument("--extract-only", action="store_true")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -365,7 +379,7 @@ def main() -> None:
     slots, pairs, workdirs = args.slots, [], []
     warm = Path(tempfile.mkdtemp(prefix="probe-bench-warm-"))
     workdirs.append(warm)
-    warm_config = bench_config(cache, warm, slots)
+    warm_config = bench_config(cache, warm, slots, args.epochs)
     columns = feature_columns(warm_config)
     run_bare(warm_config, columns[:1], " warm-up, untimed")  # imports, page cache
     for _ in range(args.repeats):
@@ -373,7 +387,7 @@ def main() -> None:
         workdirs.append(work)
         # (b) in two halves, one on each side of (a) (every other column): the machine's drift over the
         # minutes of a round cancels to first order instead of landing on one side of the ratio
-        config = bench_config(cache, work, slots)
+        config = bench_config(cache, work, slots, args.epochs)
         before = run_bare(config, columns[0::2], " 1/2, before (a)")
         out, sweep_wall = run_sweep(config)
         pool = run_plain_pool(config, columns, slots) if args.controls else None
@@ -389,7 +403,7 @@ def main() -> None:
     if args.controls:
         control = Path(tempfile.mkdtemp(prefix="probe-bench-control-"))
         workdirs.append(control)
-        controls["tune"] = run_sweep(bench_config(cache, control, slots), mlflow_writes=False)[0]["tune_seconds"]
+        controls["tune"] = run_sweep(bench_config(cache, control, slots, args.epochs), mlflow_writes=False)[0]["tune_seconds"]
     step = max(1, n // args.sklearn_sample)
     sample = columns[::step][: args.sklearn_sample]
     sk = run_sklearn(config, sample)
