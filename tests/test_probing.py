@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from threadpoolctl import threadpool_limits
 
-from sweep.probing import ProbeConfig, Split, classification_metrics, kmeans_scores, train_probe
+from sweep.probing import ProbeConfig, Split, classification_metrics, kmeans_scores, probe_epochs, train_probe
 from sweep.probing.linear import _acc_f1
 
 
@@ -232,8 +232,7 @@ def test_early_stopping_keeps_best_epoch():
     X, y = make_blobs(n_samples=3000, centers=4, n_features=16, cluster_std=1.0, random_state=0)
     train, val, test = _splits(X, y, [1500, 750, 750])
     cfg = ProbeConfig(lrs=[1e-2, 1e-1], weight_decays=[1e-4], epochs=60, batch_size=256, patience=3)
-    seen = []
-    es = train_probe(train, val, test, {}, 4, cfg, on_epoch=lambda e, info: seen.append((e, info)))
+    es = train_probe(train, val, test, {}, 4, cfg)
     full = train_probe(train, val, test, {}, 4, dataclasses.replace(cfg, patience=None))
     assert es.epochs_run < cfg.epochs and len(es.history) == es.epochs_run
     # It stopped because the selection metric did not improve in the last `patience` epochs.
@@ -247,9 +246,35 @@ def test_early_stopping_keeps_best_epoch():
     assert classification_metrics(val.y, es.predict(val.X), "val", 4) == pytest.approx(
         {k: v for k, v in es.metrics.items() if k.startswith("val_")})
     assert es.metrics["val_macro_f1"] == pytest.approx(best_val)
-    assert [e for e, _ in seen] == list(range(1, es.epochs_run + 1))
-    assert {"val_acc", "val_macro_f1", "lr", "weight_decay", "train_loss"} <= set(seen[-1][1])
-    assert seen[-1][1]["val_macro_f1"] == pytest.approx(es.metrics["val_macro_f1"])
+
+    # Epoch by epoch (what an ASHA trial reports): the same epochs, the last one flagged final, and its
+    # result exactly train_probe's.
+    seen = [(info, result_now()) for info, result_now in probe_epochs(train, val, test, {}, 4, cfg)]
+    assert [info["epoch"] for info, _ in seen] == list(range(1, es.epochs_run + 1))
+    assert [info["final"] for info, _ in seen] == [False] * (es.epochs_run - 1) + [True]
+    assert {"val_acc", "val_macro_f1", "lr", "weight_decay", "train_loss", "best_epoch"} <= set(seen[-1][0])
+    assert seen[-1][0]["val_macro_f1"] == pytest.approx(es.metrics["val_macro_f1"])
+    assert seen[-1][1].metrics == es.metrics and np.array_equal(seen[-1][1].weight, es.weight)
+
+
+def test_probe_epochs_results_are_the_state_of_their_epoch(small):
+    """A result taken after epoch k (a trial stopped there) is that epoch's: its history is the first k
+    epochs, its kept weights are not overwritten by later epochs, and its val metrics are those weights'."""
+    train, val, test = small
+    cfg = dataclasses.replace(SMALL_CFG, epochs=6)
+    seen = [(info, result_now()) for info, result_now in probe_epochs(train, val, test, {"a": test}, 4, cfg)]
+    full = train_probe(train, val, test, {"a": test}, 4, cfg)
+    assert len(seen) == 6 and seen[-1][0]["final"] and not any(info["final"] for info, _ in seen[:-1])
+    for k, (info, res) in enumerate(seen, 1):
+        assert res.epochs_run == len(res.history) == k
+        if (res.lr, res.weight_decay) == (full.lr, full.weight_decay):  # the same head: the same epochs
+            assert res.history == full.history[:k]
+        assert classification_metrics(val.y, res.predict(val.X), "val", 4) == pytest.approx(
+            {m: v for m, v in res.metrics.items() if m.startswith("val_")})
+        assert {"test_acc", "ood_a_acc"} <= set(res.metrics)
+        assert (info["lr"], info["weight_decay"]) == (res.lr, res.weight_decay)
+    assert not np.array_equal(seen[0][1].weight, seen[-1][1].weight)  # epoch 1's weights kept as they were
+    assert seen[-1][1].metrics == full.metrics and np.array_equal(seen[-1][1].weight, full.weight)
 
 
 def test_standardisation_uses_train_statistics(small):

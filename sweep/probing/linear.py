@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -236,7 +236,6 @@ def train_probe(
     num_classes: int,
     config: ProbeConfig,
     device: str | torch.device = "cpu",
-    on_epoch: Callable[[int, dict], None] | None = None,
 ) -> ProbeResult:
     """Train every (lr, weight_decay) head at once; keep the head that is best on validation.
 
@@ -245,10 +244,30 @@ def train_probe(
     docstring for why). Across heads the best kept weights by ``config.select`` win (ties: lower val
     loss, then grid order, lrs outer). Test and OOD sets are scored only for the chosen head, after
     all choices are made.
+    """
+    for _, result_now in probe_epochs(train, val, test, ood, num_classes, config, device):
+        pass
+    return result_now()
 
-    ``on_epoch(epoch, info)`` is called after each epoch (1-based) with the current leader's
-    best-so-far ``val_acc``, ``val_macro_f1``, ``val_loss`` and its ``lr``, ``weight_decay``,
-    ``best_epoch`` and this epoch's ``train_loss``: what a Tune trial would report.
+
+def probe_epochs(
+    train: Split,
+    val: Split,
+    test: Split | None,
+    ood: dict[str, Split] | None,
+    num_classes: int,
+    config: ProbeConfig,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[dict, Callable[[], ProbeResult]]]:
+    """`train_probe` one epoch at a time, for a scheduler that may stop it between epochs (ASHA).
+
+    Yields ``(info, result_now)`` after each epoch: ``info`` holds the ``epoch`` (1-based), the current
+    leader's best-so-far ``val_acc``, ``val_macro_f1``, ``val_loss``, its ``lr``, ``weight_decay``,
+    ``best_epoch``, this epoch's ``train_loss``, and ``final`` (no epoch follows: the last one, or early
+    stopping's). ``result_now()`` is the `ProbeResult` as of that epoch, as if training ended there (the
+    leader and its kept weights; test and OOD scored for it): call it before advancing. The last one is
+    exactly what `train_probe` returns. Epochs run against the planned ``config.epochs`` (the tail
+    average starts halfway through those), so stopping after k epochs differs from planning k.
     """
     ood = ood or {}
     _check_inputs(train, val, test, ood, num_classes, config)
@@ -301,6 +320,11 @@ def train_probe(
     total_steps = config.epochs * len(batch_starts)
     step, last_improved = 0, 0
     sel = 1 if config.select == "val_macro_f1" else 0
+
+    def result_now() -> ProbeResult:
+        # Without early stopping a head is its latest (tail-averaged) weights; with it, its best epoch's.
+        return _finish_probe(val, test, ood, C, grid, config.select, leader, best_W if early_stopping else head_W,
+                             R, mean, std, per_epoch, best_metric, best_loss, best_epoch)
 
     # Rows are shuffled once (one gather: minibatches are then views) and every epoch visits the
     # minibatches in a fresh random order: reshuffling all rows each epoch cost ~8% of a trial in
@@ -356,37 +380,42 @@ def train_probe(
             best_metric[better], best_loss[better], best_epoch[better] = metric[better], vloss[better], epoch
 
         leader = min(range(H), key=lambda h: (-best_metric[h], best_loss[h], h))
-        if on_epoch is not None:
-            e = per_epoch[best_epoch[leader] - 1]
-            on_epoch(epoch, {
-                "epoch": epoch,
-                "val_acc": float(e["val_acc"][leader]),
-                "val_macro_f1": float(e["val_macro_f1"][leader]),
-                "val_loss": float(e["val_loss"][leader]),
-                "train_loss": float(per_epoch[-1]["train_loss"][leader]),
-                "lr": grid[leader][0],
-                "weight_decay": grid[leader][1],
-                "best_epoch": int(best_epoch[leader]),
-            })
-        if early_stopping and epoch - last_improved >= config.patience:
+        e = per_epoch[best_epoch[leader] - 1]
+        final = epoch == config.epochs or (early_stopping and epoch - last_improved >= config.patience)
+        yield {
+            "epoch": epoch,
+            "val_acc": float(e["val_acc"][leader]),
+            "val_macro_f1": float(e["val_macro_f1"][leader]),
+            "val_loss": float(e["val_loss"][leader]),
+            "train_loss": float(per_epoch[-1]["train_loss"][leader]),
+            "lr": grid[leader][0],
+            "weight_decay": grid[leader][1],
+            "best_epoch": int(best_epoch[leader]),
+            "final": final,
+        }, result_now
+        if final:
             break
 
-    if not early_stopping:
-        best_W = head_W  # the final (averaged) weights
-    h = leader  # chosen on validation only; test / OOD are touched below, after the choice
-    Wh = best_W[h].cpu().double().numpy()
+
+def _finish_probe(val: Split, test: Split | None, ood: dict[str, Split], num_classes: int, grid, select: str,
+                  leader: int, kept_W: torch.Tensor, R: torch.Tensor, mean: np.ndarray, std: np.ndarray,
+                  per_epoch: list[dict], best_metric, best_loss, best_epoch) -> ProbeResult:
+    """The chosen head's result: its kept weights mapped back to standardised features, its history and
+    its metrics. The choice (``leader``) is made on validation only; test and OOD are touched here, after."""
+    h = leader
+    Wh = kept_W[h].cpu().double().numpy()
     Wh = np.concatenate([Wh[:, :-1] @ R.cpu().double().numpy().T, Wh[:, -1:]], axis=1).astype(np.float32)
     result = ProbeResult(
         metrics={},
         lr=grid[h][0],
         weight_decay=grid[h][1],
         best_epoch=int(best_epoch[h]),
-        epochs_run=epoch,
+        epochs_run=len(per_epoch),
         history=[
             {"epoch": i + 1, **{k: float(v[h]) for k, v in e.items()}} for i, e in enumerate(per_epoch)
         ],
         head_scores=[
-            {"lr": lr, "weight_decay": wd, config.select: float(best_metric[j]),
+            {"lr": lr, "weight_decay": wd, select: float(best_metric[j]),
              "val_loss": float(best_loss[j]), "best_epoch": int(best_epoch[j])}
             for j, (lr, wd) in enumerate(grid)
         ],
@@ -395,6 +424,7 @@ def train_probe(
         mean=mean,
         std=std,
     )
+    C = num_classes
     metrics = classification_metrics(val.y, result.predict(val.X), "val", C)
     if test is not None:
         metrics.update(classification_metrics(test.y, result.predict(test.X), "test", C, balanced=True))
