@@ -265,6 +265,15 @@ class ExtractConfig(_Model):
 
 # --------------------------------------------------------------------------------------------- probe
 
+class AshaConfig(_Model):
+    """Asynchronous successive halving across trials (Tune's ASHAScheduler over epochs, on `select`):
+    every trial runs `grace_period` epochs; at each rung (grace_period x reduction_factor^k epochs) a
+    trial outside the best 1 / reduction_factor of those that reached it so far stops there, and its
+    result as of that epoch is recorded (tag `sweep.stopped_by=asha`)."""
+    grace_period: int = Field(1, ge=1, description="epochs before any trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1)
+
+
 class ProbeConfig(_Model):
     # Adam step sizes on whitened features (sweep/probing/linear.py): 0.1-1 converge in a few epochs
     lrs: list[float] = [0.1, 0.3, 1.0]
@@ -278,6 +287,8 @@ class ProbeConfig(_Model):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    # off by default: a stopped column's cell of the heat map is a result of fewer epochs
+    asha: AshaConfig | None = None
 
     @field_validator("lrs", "weight_decays")
     @classmethod
@@ -285,6 +296,13 @@ class ProbeConfig(_Model):
         if not v:
             raise ValueError("the probe grid needs at least one value")
         return v
+
+    @model_validator(mode="after")
+    def _asha_can_stop(self) -> "ProbeConfig":
+        if self.asha is not None and self.asha.grace_period >= self.epochs:
+            raise ValueError(f"asha.grace_period ({self.asha.grace_period}) must be below epochs ({self.epochs}): "
+                             "ASHA would never stop a trial")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- top
@@ -366,6 +384,8 @@ class PipelineConfig(_Model):
     def config_hash(self) -> str:
         """Hash of everything that changes results (not where they are stored or tracked)."""
         payload = self.model_dump(mode="json", exclude={"storage", "tracking", "ray", "report"})
+        if payload["probe"]["asha"] is None:  # the hash of a pipeline without it, as before it existed
+            del payload["probe"]["asha"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -25,6 +25,8 @@ def test_demo_pipeline_is_valid(capsys):
         ("data.train.path=/no/such/folder", "data.train", "path does not exist: /no/such/folder"),
         ("pretrain.model.attention=[true]", "pretrain.model", "one per level"),
         ("extract.encoders=[nosuch]", "extract.encoders.0", "unknown encoder 'nosuch'"),
+        ("probe.asha={grace_period: 20}", "probe", "asha.grace_period (20) must be below epochs (20)"),
+        ("probe.asha.reduction_factor=1", "probe.asha.reduction_factor", "greater than 1"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):
@@ -90,6 +92,10 @@ def test_config_hash_tracks_results_not_locations(write_pipeline):
     base = load_config(path)
     assert load_config(path, ["storage=/elsewhere", "tracking.uri=sqlite:///x.db"]).config_hash() == base.config_hash()
     assert load_config(path, ["probe.epochs=7"]).config_hash() != base.config_hash()
+    assert load_config(path, ["probe.asha={grace_period: 2}"]).config_hash() != base.config_hash()
+    # The demo's hash from before `probe.asha` existed: an optional key left unset must not change the hash
+    # of existing pipelines (MLflow finds their finished trials by it).
+    assert load_config("pipelines/demo.yaml").config_hash() == "edc90e18f19a"
     assert load_config(path).storage_root == base.storage_root
 
 

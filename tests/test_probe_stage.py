@@ -21,10 +21,10 @@ from sklearn.linear_model import LogisticRegression
 
 from sweep import cli, tracking
 from sweep.best import best, records
-from sweep.config import PipelineConfig
+from sweep.config import AshaConfig, PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.probing import ProbeConfig, Split, train_probe
-from sweep.stages import extract, probe
+from sweep.stages import extract, probe, report
 from sweep.stages.probe import probe_column, read_probe_data
 
 pytestmark = pytest.mark.ray
@@ -390,6 +390,56 @@ def test_interrupted_sweep_resumes_without_duplicates(swept, tmp_path, monkeypat
     assert all(by_key[k][0].info.run_id == run_id for k, run_id in keep.items())  # finished ones not redone
     assert {r.data.tags[tracking.TAG_PARENT] for r in children} == {parent_id}
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+# ------------------------------------------------------------------ ASHA
+
+
+def test_asha_stops_weak_columns_and_records_each_as_of_its_stop(swept, tmp_path):
+    """`probe.asha`: weak columns stop at a rung, strong ones run all epochs; every trial still ends with
+    exactly one finished child run, a stopped one tagged and recorded as of the epoch it stopped at (its
+    metrics are those of the same column probed without Ray, taken at that epoch); a rerun runs nothing."""
+    asha = AshaConfig(grace_period=1, reduction_factor=2)
+    config = swept.model_copy(update={
+        "probe": swept.probe.model_copy(update={"asha": asha, "kmeans": False}),
+        "tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
+    assert config.config_hash() != swept.config_hash()
+    out = probe.run(config)
+    assert out["ran"] == N_TRIALS
+    children = _children(config)
+    assert sorted(r.data.tags[tracking.TAG_TRIAL] for r in children) == sorted(
+        probe.trial_key("diffusion", c["column"]) for c in FeatureStore(f"{swept.storage_root}/features/diffusion").columns())
+    assert all(r.info.status == "FINISHED" and CONTRACT_PARAMS <= set(r.data.params) for r in children)
+    stopped = [r for r in children if r.data.tags.get(probe.TAG_STOPPED_BY) == "asha"]
+    ran_out = [r for r in children if probe.TAG_STOPPED_BY not in r.data.tags]
+    epochs = config.probe.epochs
+    assert stopped and ran_out  # 15 trials over rungs at 1, 2 and 4 epochs: some stop, the leaders go on
+    assert out["stopped_early"] == len(stopped)
+    assert all(r.data.metrics["epochs_run"] == epochs for r in ran_out)
+    rungs = {1, 2, 4}
+    assert all(r.data.metrics["epochs_run"] in rungs for r in stopped)
+    assert {r.data.params["asha_grace_period"] for r in children} == {"1"}
+
+    # A stopped trial's record, against the same column probed epoch by epoch in this process
+    for run in (stopped[0], ran_out[0]):
+        k = int(run.data.metrics["epochs_run"])
+        column = run.data.params["column"]
+        steps = probe.probe_column_epochs(f"{swept.storage_root}/features/diffusion", column, 6,
+                                          config.probe.model_dump(mode="json"), config.seed, threads=1)
+        for info, outcome in steps:
+            if info["epoch"] == k:
+                expected = outcome()
+                break
+        steps.close()
+        assert expected["final"] == (k == epochs)
+        for name, value in expected["metrics"].items():
+            assert run.data.metrics[name] == pytest.approx(value, abs=1e-6), (column, name)
+        assert float(run.data.params["lr"]) == expected["lr"]
+        assert len(_client(config).get_metric_history(run.info.run_id, "history_val_acc")) == k
+
+    assert probe.run(config)["ran"] == 0  # stopped trials count as done
+    md = Path(report.run(config)).read_text()
+    assert f"ASHA was on: {len(stopped)} of {N_TRIALS} columns ran fewer than {epochs} epochs" in md
 
 
 @pytest.mark.ray

@@ -15,15 +15,20 @@ child run for this config hash is not run again, so a rerun after an interruptio
 left; a child run left unfinished by an interruption (written through an MLflow server, run by run) is
 deleted and its trial rerun, so each trial ends with exactly one run.
 
-ASHA is not offered: every (block, timestep) column is a result of the study (the heat map), so stopping
-weak columns early would remove the very cells being compared; the per-column hyperparameter search is
-already done inside the trial by the heads, and early stopping on validation is `probe.patience`.
+ASHA (`probe.asha`, off by default) stops weak columns early: a trial then runs one epoch per Tune step
+and reports its outcome so far at every step, so a stopped trial is recorded as of its last epoch (child
+run tagged `sweep.stopped_by=asha`, `epochs_run` below `probe.epochs`) and is not rerun on resume. Off by
+default because every (block, timestep) column is a result of the study (the heat map): a stopped
+column's cell is a result of fewer epochs, and which columns stop depends on the order trials report in.
+The per-column hyperparameter search is done inside the trial by the heads either way, and early stopping
+on validation within a trial is `probe.patience`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -44,6 +49,7 @@ CURVE_KEYS = ("val_acc", "val_macro_f1", "val_loss", "train_loss")
 RENDEZVOUS_TIMEOUT_S = 120.0  # longest a worker's first trial waits for the other workers to start
 # finished trials written to MLflow together (a crash loses at most these: they rerun on resume)
 BATCH_SECONDS = 2.0
+TAG_STOPPED_BY = "sweep.stopped_by"  # on the child run of a trial ASHA stopped early: "asha"
 
 
 class ProbeError(RuntimeError):
@@ -133,9 +139,21 @@ def probe_column(store_uri: str, column: str, num_classes: int, probe: dict, see
     """One trial's computation, without Ray: read one column, probe it, return metrics and the choice.
 
     Returns `metrics` (contract names: val/test/OOD, k-means), the chosen `lr`, `weight_decay`,
-    `best_epoch`, `epochs_run`, the chosen head's per-epoch `history` and `seconds` (wall time).
+    `best_epoch`, `epochs_run`, the chosen head's per-epoch `history`, `seconds` (wall time) and `final`
+    (True: training ran to its end).
     """
-    from sweep.probing import ProbeConfig, Split, kmeans_scores, train_probe
+    for info, outcome in probe_column_epochs(store_uri, column, num_classes, probe, seed, threads, device):
+        if info["final"]:
+            return outcome()  # while the column's thread limits are still in force (k-means runs in it)
+    raise AssertionError("probe_epochs ended without a final epoch")
+
+
+def probe_column_epochs(store_uri: str, column: str, num_classes: int, probe: dict, seed: int,
+                        threads: int | None = None, device: str = "cpu"):
+    """`probe_column` one epoch at a time (an ASHA trial, which the scheduler may stop between epochs):
+    yields `(info, outcome)` after each epoch, `info` as `sweep.probing.probe_epochs` gives it and
+    `outcome()` what `probe_column` returns had training ended there (call it before advancing)."""
+    from sweep.probing import ProbeConfig, Split, kmeans_scores, probe_epochs
 
     t0 = time.perf_counter()
     with compute_threads(threads):
@@ -150,17 +168,25 @@ def probe_column(store_uri: str, column: str, num_classes: int, probe: dict, see
         cfg = ProbeConfig(lrs=probe["lrs"], weight_decays=probe["weight_decays"], epochs=probe["epochs"],
                           batch_size=probe["batch_size"], class_weights=probe["class_weights"],
                           select=probe["select"], patience=probe["patience"], seed=seed)
-        result = train_probe(part(split == "train"), part(split == "val"), test, ood, num_classes, cfg,
-                             device=device)
-        metrics = dict(result.metrics)
-        if probe["kmeans"]:
-            evaluated = split == ("test" if test is not None else "val")
-            metrics.update(kmeans_scores(features[evaluated], labels[evaluated], k=num_classes, seed=seed))
-    return {
-        "metrics": metrics, "lr": result.lr, "weight_decay": result.weight_decay,
-        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history,
-        "seconds": time.perf_counter() - t0,
-    }
+        kmeans: dict[str, float] = {}  # of the features alone: the same at every epoch
+
+        def outcome_of(info: dict, result_now) -> dict:
+            result = result_now()
+            metrics = dict(result.metrics)
+            if probe["kmeans"]:
+                if not kmeans:
+                    evaluated = split == ("test" if test is not None else "val")
+                    kmeans.update(kmeans_scores(features[evaluated], labels[evaluated], k=num_classes, seed=seed))
+                metrics.update(kmeans)
+            return {
+                "metrics": metrics, "lr": result.lr, "weight_decay": result.weight_decay,
+                "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history,
+                "seconds": time.perf_counter() - t0, "final": info["final"],
+            }
+
+        for info, result_now in probe_epochs(part(split == "train"), part(split == "val"), test, ood,
+                                             num_classes, cfg, device=device):
+            yield info, functools.partial(outcome_of, info, result_now)
 
 
 _ARRIVED: set[str] = set()  # per worker process: the sweeps whose rendezvous it has checked in with
@@ -196,8 +222,10 @@ class ProbeTrial(Trainable):
         # trial table in the grid, Tune deep-copied it for every trial: O(trials^2) driver CPU.)
         self.trials, self.run = trials, run
         self.key = config["trial"]
+        self.epochs = None  # with ASHA: this trial's epochs so far (a probe_column_epochs generator)
 
     def reset_config(self, new_config: dict) -> bool:
+        self._end_epochs()
         self.key = new_config["trial"]
         return True
 
@@ -208,12 +236,32 @@ class ProbeTrial(Trainable):
         if run.get("rendezvous"):
             _wait_for_peers(run["rendezvous"], run["workers"], run["rendezvous_timeout_s"])
         device = "cuda" if run["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-        out = probe_column(trial["store"], trial["column"], run["num_classes"][trial["encoder"]], run["probe"],
-                           run["seed"], threads=run["threads"], device=device)
+        args = (trial["store"], trial["column"], run["num_classes"][trial["encoder"]], run["probe"], run["seed"],
+                run["threads"], device)
+        if not run["probe"].get("asha"):  # the whole column in this one step
+            return self._result(probe_column(*args))
+        # ASHA: one epoch per step, each reporting the outcome so far, so that a trial the scheduler
+        # stops between epochs still has its record (its last result)
+        if self.epochs is None:
+            self.epochs = probe_column_epochs(*args)
+        info, outcome = next(self.epochs)
+        result = self._result(outcome())
+        if info["final"]:
+            self._end_epochs()
+        return result
+
+    @staticmethod
+    def _result(out: dict) -> dict:
         out["worker"] = os.getpid()
-        # Flat val metrics for Tune's own views; the whole outcome under "probe" for the MLflow callback.
+        # Flat val metrics for Tune's own views (and ASHA's); the whole outcome under "probe" for the
+        # MLflow callback.
         return {"val_acc": out["metrics"]["val_acc"], "val_macro_f1": out["metrics"]["val_macro_f1"],
-                "probe": out, "done": True}
+                "probe": out, "done": out["final"]}
+
+    def _end_epochs(self) -> None:
+        if self.epochs is not None:
+            self.epochs.close()  # leaves the column's thread limits
+            self.epochs = None
 
     def cleanup(self) -> None:
         # Tune calls this (through `stop`) before it lets the actor go. As the worker then exits, the raylet
@@ -226,6 +274,7 @@ class ProbeTrial(Trainable):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         except ValueError:  # not the main thread: Ray's handler stays
             pass
+        self._end_epochs()
 
 
 def concurrent_workers(config: PipelineConfig, trials: int) -> int:
@@ -269,6 +318,9 @@ class ChildRunWriter:
         self.grid_params = {"lr_grid": p.lrs, "weight_decay_grid": p.weight_decays, "epochs": p.epochs,
                             "batch_size": p.batch_size, "class_weights": p.class_weights, "select": p.select,
                             "patience": p.patience}
+        if p.asha is not None:
+            self.grid_params.update(asha_grace_period=p.asha.grace_period,
+                                    asha_reduction_factor=p.asha.reduction_factor)
         self.logged, self.batches, self.seconds, self.errors = 0, 0, 0.0, []
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="probe-mlflow-writer", daemon=True)
@@ -334,8 +386,11 @@ class ChildRunWriter:
         metrics = {k: v for k, v in outcome["metrics"].items() if v is not None and np.isfinite(v)}
         metrics.update(epochs_run=outcome["epochs_run"], trial_seconds=outcome["seconds"])
         end = int(finished * 1000)
+        tags = {**self.tags, self.tracking.TAG_TRIAL: key, "mlflow.runName": key}
+        if not outcome.get("final", True):
+            tags[TAG_STOPPED_BY] = "asha"
         return self.tracking.FinishedRun(
-            tags={**self.tags, self.tracking.TAG_TRIAL: key, "mlflow.runName": key}, params=params,
+            tags=tags, params=params,
             metrics=metrics, curves={f"history_{k}": [h[k] for h in outcome["history"]] for k in CURVE_KEYS},
             start_time=end - int(1000 * outcome["seconds"]), end_time=end)
 
@@ -346,7 +401,7 @@ class MlflowChildRuns(Callback):
 
     def __init__(self, writer: ChildRunWriter, total: int):
         self.writer, self.total = writer, total
-        self.completed, self.failed = 0, 0
+        self.completed, self.failed, self.stopped = 0, 0, 0
         self.outcomes: dict[str, dict] = {}  # trial id -> its reported outcome, until it completes
         self.workers: set[int] = set()
         self.start = self.last_say = time.perf_counter()
@@ -369,6 +424,7 @@ class MlflowChildRuns(Callback):
         if outcome is None:  # stopped before reporting: nothing to record, it reruns next time
             return
         self.writer.submit(trial.config["trial"], outcome)
+        self.stopped += not outcome.get("final", True)  # by the scheduler (ASHA) before its last epoch
         self.workers.add(outcome.get("worker"))
         self.completed += 1
         self._progress()
@@ -491,6 +547,16 @@ def _cached_trainable_lookups():
         del tune_registry.get, tune_registry.contains  # ... and uncover them
 
 
+def _asha(p):
+    """Tune's ASHA over epochs (one step of a trial = one epoch) on the selection metric, or None."""
+    if p.asha is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", metric=p.select, mode="max", max_t=p.epochs,
+                         grace_period=p.asha.grace_period, reduction_factor=p.asha.reduction_factor)
+
+
 def _pending_trials(config: PipelineConfig, trials: list[dict]) -> tuple[set[str], list[dict], int]:
     """MLflow's side of planning: the keys of trials already finished for this config, the trials left,
     and how many unfinished child runs of those were deleted (an interrupted sweep's)."""
@@ -528,7 +594,9 @@ def run(config: PipelineConfig) -> dict:
         "lrs": p.lrs, "weight_decays": p.weight_decays, "epochs": p.epochs, "batch_size": p.batch_size,
         "class_weights": p.class_weights, "select": p.select, "patience": p.patience, "trials": len(trials),
         "cpus_per_trial": p.cpus_per_trial, "gpus_per_trial": p.gpus_per_trial,
-        "max_concurrent_trials": p.max_concurrent_trials})
+        "max_concurrent_trials": p.max_concurrent_trials,
+        **({"asha_grace_period": p.asha.grace_period, "asha_reduction_factor": p.asha.reduction_factor}
+           if p.asha else {})})
     writer = ChildRunWriter(config, parent, columns)
     callback = MlflowChildRuns(writer, len(todo))
     storage = Storage.of(config.storage_root)
@@ -545,6 +613,7 @@ def run(config: PipelineConfig) -> dict:
         tune_config=tune.TuneConfig(
             # a local machine's cap is fixed; a cluster may grow, so there only the user's limit applies
             reuse_actors=True, max_concurrent_trials=p.max_concurrent_trials if ray_address(config) else workers,
+            scheduler=_asha(p),
             trial_name_creator=lambda t: t.config["trial"],
             trial_dirname_creator=lambda t: t.trial_id),
         # one folder per attempt: a resumed sweep is a new, smaller Tune experiment (MLflow says what is done)
@@ -580,10 +649,11 @@ def run(config: PipelineConfig) -> dict:
         raise ProbeError(f"probe: {missing} of {len(todo)} trials not recorded ({len(errors)} failed); first: "
                          f"{first}. Rerun to do only those.")
     tracking.finish_run(config, parent)
-    say(f"probe: {len(todo)} trials in {wall:.1f}s on {len(callback.workers)} worker(s) (Tune {tune_seconds:.1f}s; "
+    stopped = f", {callback.stopped} stopped early by ASHA" if p.asha else ""
+    say(f"probe: {len(todo)} trials{stopped} in {wall:.1f}s on {len(callback.workers)} worker(s) (Tune {tune_seconds:.1f}s; "
         f"MLflow writes {writer.seconds:.1f}s in {writer.batches} batches in the background, {flush_seconds:.1f}s "
         f"after the last trial); "
         f"see `sweep best`")
     return {"trials": len(trials), "ran": len(todo), "seconds": wall, "tune_seconds": tune_seconds,
             "logging_seconds": writer.seconds, "flush_seconds": flush_seconds, "workers": len(callback.workers),
-            "max_workers": workers}
+            "max_workers": workers, "stopped_early": callback.stopped}

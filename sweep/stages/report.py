@@ -62,6 +62,11 @@ def run(config: PipelineConfig) -> str:
              f"Config hash `{config.config_hash()}`; {len(frame)} probe runs; best chosen on "
              f"`{config.probe.select}` (validation), `{metric}` shown.", "",
              "## Best configurations", "", "```", format_table(recs[:10], config.probe.select), "```", ""]
+    if config.probe.asha is not None and "epochs_run" in frame:
+        short = int((frame["epochs_run"] < config.probe.epochs).sum())
+        lines[4:4] = [f"ASHA was on: {short} of {len(frame)} columns ran fewer than {config.probe.epochs} epochs "
+                      "(stopped at a rung, or by `patience`); their cells are results of fewer epochs "
+                      "(`epochs_run` in probe_runs.csv).", ""]
     refs = references(config)
     if refs:
         frame_refs = pd.DataFrame(refs)
