@@ -318,9 +318,7 @@ class ChildRunWriter:
         self.grid_params = {"lr_grid": p.lrs, "weight_decay_grid": p.weight_decays, "epochs": p.epochs,
                             "batch_size": p.batch_size, "class_weights": p.class_weights, "select": p.select,
                             "patience": p.patience}
-        if p.asha is not None:
-            self.grid_params.update(asha_grace_period=p.asha.grace_period,
-                                    asha_reduction_factor=p.asha.reduction_factor)
+        self.grid_params.update(_asha_params(p))
         self.logged, self.batches, self.seconds, self.errors = 0, 0, 0.0, []
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="probe-mlflow-writer", daemon=True)
@@ -557,6 +555,12 @@ def _asha(p):
                          grace_period=p.asha.grace_period, reduction_factor=p.asha.reduction_factor)
 
 
+def _asha_params(p) -> dict:
+    """ASHA's settings as MLflow params (of the parent run and of every child run), when it is on."""
+    return {} if p.asha is None else {"asha_grace_period": p.asha.grace_period,
+                                      "asha_reduction_factor": p.asha.reduction_factor}
+
+
 def _pending_trials(config: PipelineConfig, trials: list[dict]) -> tuple[set[str], list[dict], int]:
     """MLflow's side of planning: the keys of trials already finished for this config, the trials left,
     and how many unfinished child runs of those were deleted (an interrupted sweep's)."""
@@ -594,9 +598,7 @@ def run(config: PipelineConfig) -> dict:
         "lrs": p.lrs, "weight_decays": p.weight_decays, "epochs": p.epochs, "batch_size": p.batch_size,
         "class_weights": p.class_weights, "select": p.select, "patience": p.patience, "trials": len(trials),
         "cpus_per_trial": p.cpus_per_trial, "gpus_per_trial": p.gpus_per_trial,
-        "max_concurrent_trials": p.max_concurrent_trials,
-        **({"asha_grace_period": p.asha.grace_period, "asha_reduction_factor": p.asha.reduction_factor}
-           if p.asha else {})})
+        "max_concurrent_trials": p.max_concurrent_trials, **_asha_params(p)})
     writer = ChildRunWriter(config, parent, columns)
     callback = MlflowChildRuns(writer, len(todo))
     storage = Storage.of(config.storage_root)
