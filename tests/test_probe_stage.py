@@ -395,6 +395,28 @@ def test_interrupted_sweep_resumes_without_duplicates(swept, tmp_path, monkeypat
 # ------------------------------------------------------------------ ASHA
 
 
+def test_asha_rungs_are_the_epochs_where_ray_asha_decides():
+    """Trials report their whole outcome only at these epochs (and their last): they must be exactly
+    where Ray's ASHA can stop a trial reporting once per epoch."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    def rungs(**kw):
+        return probe._asha_rungs(ASHAScheduler(time_attr="training_iteration", metric="m", mode="max", **kw))
+
+    assert rungs(max_t=15, grace_period=1, reduction_factor=3) == [1, 3, 9]
+    assert rungs(max_t=30, grace_period=2, reduction_factor=2.5) == [2, 5, 13]  # 2, 5, 12.5 rounded up
+    # where it decides: a trial below the cutoff stops on its first result at or past a milestone
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric="m", mode="max", max_t=30, grace_period=2,
+                              reduction_factor=2.5)
+    bracket = scheduler._brackets[0]
+    good, bad = type("T", (), {"trial_id": "good"})(), type("T", (), {"trial_id": "bad"})()
+    decisions = {}
+    for epoch in range(1, 14):
+        bracket.on_result(good, epoch, 1.0)
+        decisions[epoch] = bracket.on_result(bad, epoch, 0.0)
+    assert [e for e, d in decisions.items() if d == "STOP"] == [2, 5, 13]
+
+
 def test_asha_stops_weak_columns_and_records_each_as_of_its_stop(swept, tmp_path):
     """`probe.asha`: weak columns stop at a rung, strong ones run all epochs; every trial still ends with
     exactly one finished child run, a stopped one tagged and recorded as of the epoch it stopped at (its
@@ -414,7 +436,7 @@ def test_asha_stops_weak_columns_and_records_each_as_of_its_stop(swept, tmp_path
     ran_out = [r for r in children if probe.TAG_STOPPED_BY not in r.data.tags]
     epochs = config.probe.epochs
     assert stopped and ran_out  # 15 trials over rungs at 1, 2 and 4 epochs: some stop, the leaders go on
-    assert out["stopped_early"] == len(stopped)
+    assert out["stopped_early"] == len(stopped) and out["recorded_early"] == 0
     assert all(r.data.metrics["epochs_run"] == epochs for r in ran_out)
     rungs = {1, 2, 4}
     assert all(r.data.metrics["epochs_run"] in rungs for r in stopped)

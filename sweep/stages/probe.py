@@ -30,6 +30,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import os
 import queue
 import threading
@@ -240,15 +241,21 @@ class ProbeTrial(Trainable):
                 run["threads"], device)
         if not run["probe"].get("asha"):  # the whole column in this one step
             return self._result(probe_column(*args))
-        # ASHA: one epoch per step, each reporting the outcome so far, so that a trial the scheduler
-        # stops between epochs still has its record (its last result)
+        # ASHA: one epoch per step. At the epochs where ASHA may stop the trial (its rungs) and at the last
+        # one, the step reports the whole outcome so far, so a stopped trial has its record in its last
+        # result; in between only the val metrics (the outcome costs about a sixth of an epoch).
         if self.epochs is None:
             self.epochs = probe_column_epochs(*args)
         info, outcome = next(self.epochs)
-        result = self._result(outcome())
+        rungs = run["asha_rungs"]
+        if info["final"] or rungs is None or info["epoch"] in rungs:
+            result = self._result(outcome())
+        else:
+            result = {"probe_epoch": info["epoch"]}
         if info["final"]:
             self._end_epochs()
-        return result
+        # ASHA decides on the leader's val metrics of this epoch, the same numbers at every epoch
+        return {**result, "val_acc": info["val_acc"], "val_macro_f1": info["val_macro_f1"]}
 
     @staticmethod
     def _result(out: dict) -> dict:
@@ -400,6 +407,8 @@ class MlflowChildRuns(Callback):
     def __init__(self, writer: ChildRunWriter, total: int):
         self.writer, self.total = writer, total
         self.completed, self.failed, self.stopped = 0, 0, 0
+        self.behind: set[str] = set()  # trial ids whose last result carried no outcome (ASHA, between rungs)
+        self.recorded_early: list[str] = []  # trials completed from such a result: recorded as of an earlier epoch
         self.outcomes: dict[str, dict] = {}  # trial id -> its reported outcome, until it completes
         self.workers: set[int] = set()
         self.start = self.last_say = time.perf_counter()
@@ -416,9 +425,15 @@ class MlflowChildRuns(Callback):
         outcome = result.pop("probe", None)
         if outcome is not None:
             self.outcomes[trial.trial_id] = outcome
+            self.behind.discard(trial.trial_id)
+        elif trial.trial_id in self.outcomes:  # an ASHA step between rungs: the record is now behind
+            self.behind.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         outcome = self.outcomes.pop(trial.trial_id, None)
+        if trial.trial_id in self.behind:  # stopped between ASHA's rungs (see _asha_rungs): not expected
+            self.behind.discard(trial.trial_id)
+            self.recorded_early.append(trial.config["trial"])
         if outcome is None:  # stopped before reporting: nothing to record, it reruns next time
             return
         self.writer.submit(trial.config["trial"], outcome)
@@ -555,6 +570,16 @@ def _asha(p):
                          grace_period=p.asha.grace_period, reduction_factor=p.asha.reduction_factor)
 
 
+def _asha_rungs(scheduler) -> list[int] | None:
+    """The epochs at which Tune's ASHA can stop a trial: its rungs' milestones, rounded up (a trial
+    reports once per epoch, and ASHA decides on the first result at or past a milestone). None where
+    Ray's bracket internals are not as expected: trials then report their outcome at every epoch."""
+    try:
+        return sorted({math.ceil(milestone) for bracket in scheduler._brackets for milestone, _ in bracket._rungs})
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def _asha_params(p) -> dict:
     """ASHA's settings as MLflow params (of the parent run and of every child run), when it is on."""
     return {} if p.asha is None else {"asha_grace_period": p.asha.grace_period,
@@ -608,6 +633,8 @@ def run(config: PipelineConfig) -> dict:
     run_cfg = {"probe": p.model_dump(mode="json"), "seed": config.seed, "num_classes": num_classes,
                "threads": max(1, int(p.cpus_per_trial)), "gpus": p.gpus_per_trial, "workers": workers,
                "rendezvous": meeting, "rendezvous_timeout_s": RENDEZVOUS_TIMEOUT_S}
+    scheduler = _asha(p)
+    run_cfg["asha_rungs"] = _asha_rungs(scheduler) if scheduler else None
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(ProbeTrial, trials={t["key"]: t for t in todo}, run=run_cfg),
                             {"cpu": p.cpus_per_trial, "gpu": p.gpus_per_trial}),
@@ -615,7 +642,7 @@ def run(config: PipelineConfig) -> dict:
         tune_config=tune.TuneConfig(
             # a local machine's cap is fixed; a cluster may grow, so there only the user's limit applies
             reuse_actors=True, max_concurrent_trials=p.max_concurrent_trials if ray_address(config) else workers,
-            scheduler=_asha(p),
+            scheduler=scheduler,
             trial_name_creator=lambda t: t.config["trial"],
             trial_dirname_creator=lambda t: t.trial_id),
         # one folder per attempt: a resumed sweep is a new, smaller Tune experiment (MLflow says what is done)
@@ -652,10 +679,14 @@ def run(config: PipelineConfig) -> dict:
                          f"{first}. Rerun to do only those.")
     tracking.finish_run(config, parent)
     stopped = f", {callback.stopped} stopped early by ASHA" if p.asha else ""
+    if callback.recorded_early:
+        say(f"probe: warning: {len(callback.recorded_early)} trial(s) stopped between ASHA's rungs are recorded as of "
+            f"their last rung, not their last epoch (Ray's ASHA decided off its milestones), e.g. "
+            f"{callback.recorded_early[0]}")
     say(f"probe: {len(todo)} trials{stopped} in {wall:.1f}s on {len(callback.workers)} worker(s) (Tune {tune_seconds:.1f}s; "
         f"MLflow writes {writer.seconds:.1f}s in {writer.batches} batches in the background, {flush_seconds:.1f}s "
         f"after the last trial); "
         f"see `sweep best`")
     return {"trials": len(trials), "ran": len(todo), "seconds": wall, "tune_seconds": tune_seconds,
             "logging_seconds": writer.seconds, "flush_seconds": flush_seconds, "workers": len(callback.workers),
-            "max_workers": workers, "stopped_early": callback.stopped}
+            "max_workers": workers, "stopped_early": callback.stopped, "recorded_early": len(callback.recorded_early)}
