@@ -63,9 +63,11 @@ round's overhead ranges over 30 points and the figure to read is the pooled one 
   against 5.9-6.3 s on the 12-trial sample: at that rate ~7x); accuracy -0.003 points. No trial length meets
   all three targets on this 2-core machine. The cores are busy 98.6 % of the time during `Tuner.fit` after its
   first 5 s (/proc/stat, one sweep): no idle CPU is left for the sweep's own work to hide in.
-  `--asha` at 15 epochs (one round): 39.9 s wall against the full sweep's 134.0 s (3.4x; 38.6 vs 111.9 s in a
-  separate pair), 330 of 3,150 epochs run, 203 of 210 trials stopped at a rung; the same best column on
-  validation with the same test accuracy (78.68 %), and the full sweep's #1-#4 all ran to the end.
+  `--asha` at 15 epochs, three pairs: 36.7-39.9 s wall against the full sweep's 94.1-134.0 s (2.6-3.4x, the
+  machine drifting; Ray's start is ~6 s of each), 324-362 of 3,150 epochs run, 200-203 of 210 trials stopped at
+  a rung; every time the same best column on validation with the same test accuracy (78.68 %), and the full
+  sweep's #1-#4 ran to the end. (Trials compute their whole outcome only at ASHA's rungs: before that, every
+  epoch, the first two pairs' ASHA sweeps took 38.6-39.9 s, two sweeps after it 29.7-30.0 s.)
   The session before, 12 rounds in four runs: overhead 0.5-32.5 % by round (the VM drifting), pooled 19.6 %,
   from the trials' own clocks 10.7-15.4 % (mean 11.9 %); with Ray's start-up counted too: 13.6-40.9 %.
   MLflow: the 210 child runs take 0.4-1.0 s of writes in ~20 batches in a background thread (sweep.tracking_sql;
