@@ -15,7 +15,8 @@ from sweep.stages.common import say
 from sweep.storage import Storage, upload_dir
 
 
-def _heatmap(frame: pd.DataFrame, metric: str, title: str, path) -> None:
+def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | None = None) -> None:
+    """``epochs``: the planned epochs of a sweep with ASHA; a cell that ran fewer shows how many."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,11 +35,18 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path) -> None:
     ax.set_xticks(range(grid.shape[1]), [str(int(t)) for t in grid.columns])
     ax.set_yticks(range(grid.shape[0]), labels)
     ax.set_xlabel("timestep")
+    ran = None
+    if epochs is not None and "epochs_run" in frame:
+        ran = frame.pivot_table(index="layer", columns="timestep", values="epochs_run", aggfunc="max")
+        ran = ran.reindex(index=grid.index, columns=grid.columns)
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             v = grid.iat[i, j]
             if v == v:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                text = f"{v:.2f}"
+                if ran is not None and ran.iat[i, j] < epochs:  # stopped early: a result of fewer epochs
+                    text += f"\n{int(ran.iat[i, j])} ep"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="black" if v > middle else "white")
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_title(title)
@@ -65,8 +73,8 @@ def run(config: PipelineConfig) -> str:
     if config.probe.asha is not None and "epochs_run" in frame:
         short = int((frame["epochs_run"] < config.probe.epochs).sum())
         lines[4:4] = [f"ASHA was on: {short} of {len(frame)} columns ran fewer than {config.probe.epochs} epochs "
-                      "(stopped at a rung, or by `patience`); their cells are results of fewer epochs "
-                      "(`epochs_run` in probe_runs.csv).", ""]
+                      "(stopped at a rung, or by `patience`); their cells are results of fewer epochs, marked with "
+                      "them in the heat maps (`epochs_run` in probe_runs.csv).", ""]
     refs = references(config)
     if refs:
         frame_refs = pd.DataFrame(refs)
@@ -80,7 +88,8 @@ def run(config: PipelineConfig) -> str:
         if group["timestep"].notna().any():
             for m in dict.fromkeys([config.probe.select, metric]):
                 name = f"heatmap_{encoder}_{m}.png"
-                _heatmap(group, m, f"{encoder}: {m} by block and timestep", out / name)
+                _heatmap(group, m, f"{encoder}: {m} by block and timestep", out / name,
+                         epochs=config.probe.epochs if config.probe.asha else None)
                 lines += [f"![{encoder} {m}]({name})", ""]
         else:  # a baseline: one row per layer, in network order (finest feature map first)
             shown = ["layer", "resolution", "dim", *dict.fromkeys([config.probe.select, metric])]
