@@ -54,6 +54,9 @@ round's overhead ranges over 30 points and the figure to read is the pooled one 
   plain process (+-3 % over 3 alternated pairs); and the sweep with and without MLflow's child-run writes, 4
   alternated pairs: Tune 43.5 vs 44.5 s mean (the machine slowing from 38 to 54 s over the 8 sweeps), the
   writes adding 0.4 s of driver CPU. Speed-up 10.5-11.9x.
+  The current code (after `probe_epochs`), 3 rounds in a drifting phase: overhead 29.0 / 32.8 / 10.0 %, pooled
+  25.1 % (the bare halves at 0.33-0.34 s per trial, the fastest yet); speed-up 9.4x in the round with the
+  12-trial scikit-learn sample.
   Trial length (`--epochs`, one run of `--repeats 2` each): the sweep's own cost stays at about 18-19
   slot-seconds (pooled: slots x Tune - bare, per sweep) at 5, 10 and 15 epochs, so its share falls as trials
   lengthen, while the speed-up over scikit-learn, whose fits do not depend on epochs, falls with it. 10 epochs
