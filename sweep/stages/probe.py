@@ -407,8 +407,7 @@ class MlflowChildRuns(Callback):
     def __init__(self, writer: ChildRunWriter, total: int):
         self.writer, self.total = writer, total
         self.completed, self.failed, self.stopped = 0, 0, 0
-        self.behind: set[str] = set()  # trial ids whose last result carried no outcome (ASHA, between rungs)
-        self.recorded_early: list[str] = []  # trials completed from such a result: recorded as of an earlier epoch
+        self.recorded_early: list[str] = []  # trials stopped after their last outcome: recorded as of an earlier epoch
         self.outcomes: dict[str, dict] = {}  # trial id -> its reported outcome, until it completes
         self.workers: set[int] = set()
         self.start = self.last_say = time.perf_counter()
@@ -425,17 +424,15 @@ class MlflowChildRuns(Callback):
         outcome = result.pop("probe", None)
         if outcome is not None:
             self.outcomes[trial.trial_id] = outcome
-            self.behind.discard(trial.trial_id)
-        elif trial.trial_id in self.outcomes:  # an ASHA step between rungs: the record is now behind
-            self.behind.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         outcome = self.outcomes.pop(trial.trial_id, None)
-        if trial.trial_id in self.behind:  # stopped between ASHA's rungs (see _asha_rungs): not expected
-            self.behind.discard(trial.trial_id)
-            self.recorded_early.append(trial.config["trial"])
         if outcome is None:  # stopped before reporting: nothing to record, it reruns next time
             return
+        # With ASHA a step is an epoch, and the outcome comes only at rungs (see _asha_rungs): a trial stopped
+        # after more steps than its outcome's epochs was stopped off a rung (not expected)
+        if trial.last_result.get("training_iteration", 0) > outcome["epochs_run"]:
+            self.recorded_early.append(trial.config["trial"])
         self.writer.submit(trial.config["trial"], outcome)
         self.stopped += not outcome.get("final", True)  # by the scheduler (ASHA) before its last epoch
         self.workers.add(outcome.get("worker"))
