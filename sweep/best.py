@@ -10,9 +10,6 @@ import pandas as pd
 from sweep import tracking
 from sweep.config import PipelineConfig
 
-METRIC_CHOICES = ("val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "test_balanced_acc",
-                  "kmeans_nmi", "kmeans_ari")
-
 
 def _num(value, kind=float):
     if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):

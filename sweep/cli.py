@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from sweep.config import STAGES, ConfigError, PipelineConfig, load_config
+from sweep.config import STAGES, ConfigError, PipelineConfig, load_config, metric_problem
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +73,10 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
     from sweep.stages.common import say
 
     t0 = time.perf_counter()
+    if "extract" in stages:  # a wrong layer name fails now, not after pretraining
+        from sweep.encoders.checks import check_encoder_settings
+
+        check_encoder_settings(config)
     for stage in stages:
         if stage == "baselines" and not config.baselines:
             continue
@@ -82,12 +86,15 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
 
 
 def cmd_best(config: PipelineConfig, args) -> None:
-    from sweep.best import METRIC_CHOICES, best, format_table, to_json
+    from sweep.best import best, format_table, to_json
 
     metric = args.metric
-    if metric not in METRIC_CHOICES and not (metric.startswith("ood_") and metric.endswith(("_acc", "_macro_f1"))):
-        raise ConfigError(f"--metric: unknown metric {metric!r}; choose from {', '.join(METRIC_CHOICES)} "
-                          f"or ood_<dataset>_acc / ood_<dataset>_macro_f1")
+    # OOD datasets of other settings (--any-config) may have had other names: only the form is checked
+    problem = metric_problem(metric)
+    if problem:
+        raise ConfigError(f"--metric: {problem}")
+    if args.top < 0:
+        raise ConfigError(f"--top: must be 0 (all) or more, got {args.top}")
     recs = best(config, metric=metric, top=args.top or None, encoder=args.encoder, any_config=args.any_config)
     if not recs and not args.any_config:
         others = best(config, metric=metric, top=1, encoder=args.encoder, any_config=True)
@@ -102,7 +109,9 @@ def cmd_best(config: PipelineConfig, args) -> None:
 
 def cmd_validate(config: PipelineConfig) -> None:
     from sweep.data.table import build_table
+    from sweep.encoders.checks import check_encoder_settings
 
+    check_encoder_settings(config)
     table = build_table(config)
     print(f"{config.name}: valid (config hash {config.config_hash()})")
     print(f"  data: {table.summary()}")
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sweep: invalid config: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `sweep best ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
     except KeyboardInterrupt:
         print("sweep: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

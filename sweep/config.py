@@ -253,6 +253,17 @@ class ExtractConfig(_Model):
     timesteps_per_forward: int = Field(1, ge=1)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
 
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError('give "blocks" or at least one module path')
+            dupes = sorted({n for n in v if v.count(n) > 1})
+            if dupes:
+                raise ValueError(f"module path(s) given twice: {dupes}")
+        return v
+
     @field_validator("timesteps")
     @classmethod
     def _timesteps(cls, v: list[int]) -> list[int]:
@@ -317,6 +328,27 @@ class RayConfig(_Model):
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (default: max(4, cores))")
 
 
+# the probe's MLflow metric keys (DESIGN.md "Metrics"), besides ood_<dataset>_acc / ood_<dataset>_macro_f1
+PROBE_METRICS = ("val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "test_balanced_acc",
+                 "kmeans_nmi", "kmeans_ari")
+
+
+def metric_problem(metric: str, ood_names: list[str] | None = None) -> str | None:
+    """Why `metric` is not a probe metric, or None when it is. With `ood_names`, an OOD metric must name
+    one of those datasets."""
+    if metric in PROBE_METRICS:
+        return None
+    for suffix in ("_acc", "_macro_f1"):
+        dataset = metric.removeprefix("ood_").removesuffix(suffix)
+        if metric.startswith("ood_") and metric.endswith(suffix) and dataset:
+            if ood_names is None or dataset in ood_names:
+                return None
+            return (f"unknown metric {metric!r}: no OOD dataset {dataset!r} in data.ood "
+                    f"({', '.join(ood_names) or 'none'})")
+    return (f"unknown metric {metric!r}; choose from {', '.join(PROBE_METRICS)} or ood_<dataset>_acc / "
+            f"ood_<dataset>_macro_f1")
+
+
 class ReportConfig(_Model):
     metric: str = "test_macro_f1"
 
@@ -357,7 +389,26 @@ class PipelineConfig(_Model):
                 raise ValueError(
                     f"extract.encoders.{i}: unknown encoder {ref!r}; known: {['diffusion'] + names}"
                 )
+        problem = metric_problem(self.report.metric, [d.name for d in self.data.ood])
+        if problem:
+            raise ValueError(f"report.metric: {problem}")
+        if self._trains_unet():
+            levels = len(self.pretrain.model.block_out_channels)
+            factor = 2 ** (levels - 1)
+            if self.data.image_size % factor:
+                raise ValueError(f"data.image_size: {self.data.image_size} is not a multiple of {factor}, which "
+                                 f"the {levels} resolution levels of pretrain.model need (each halves the image)")
+            steps = self.pretrain.scheduler.num_train_timesteps
+            late = [t for t in self.extract.timesteps if t >= steps]
+            if late:
+                raise ValueError(f"extract.timesteps: {late} not below pretrain.scheduler.num_train_timesteps "
+                                 f"({steps})")
         return self
+
+    def _trains_unet(self) -> bool:
+        """Whether the pipeline extracts the U-Net that `pretrain` builds from pretrain.model (no init_from)."""
+        return self.pretrain.init_from is None and any(
+            s.kind == "diffusion" and not s.checkpoint for s in self.encoder_specs())
 
     # -- derived values -------------------------------------------------------------------------
     @property
@@ -391,17 +442,44 @@ class PipelineConfig(_Model):
 
 # ---------------------------------------------------------------------------------------- loading
 
+def _key_part(part) -> bool:
+    """Whether a pydantic location item is part of the user's key (a field name or a list index), not a
+    union branch or validator tag such as "float", "EncoderSpec", "literal['blocks']" or "list[str]"."""
+    return isinstance(part, int) or (part.isidentifier() and not part[0].isupper()
+                                     and part not in ("float", "str", "int", "bool", "list", "dict", "none"))
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _format_errors(err: ValidationError) -> str:
-    lines = []
+    """One entry per wrong key: `key: why (got VALUE)`. Where a value may take several forms (a union),
+    pydantic reports a failure per form; a form whose shape the value does not have at all is dropped when
+    another form got further (deeper key or a non-type error), and the rest are joined with "or"."""
+    found = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union")))
-        # drop pydantic's union branch names (e.g. "float", "str") from the location
-        loc = ".".join(p for p in loc.split(".") if p not in ("float", "str", "int", "EncoderSpec"))
+        loc = tuple(p for p in e["loc"] if _key_part(p))
         msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        got = None
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{loc or '<root>'}: {msg}")
-    return "; ".join(dict.fromkeys(lines))
+        elif e["type"] != "missing" and isinstance(value, (str, int, float, bool, type(None))) \
+                and str(value) not in msg:
+            got = _shown(value)
+        found.append((loc, msg, got, e["type"].endswith("_type") or e["type"] == "literal_error"))
+    by_key: dict[tuple, tuple[list[str], str | None]] = {}
+    for loc, msg, got, shape in found:
+        if shape and any(o[:len(loc)] == loc and (len(o) > len(loc) or not s) for o, _, _, s in found):
+            continue
+        msgs, _ = by_key.setdefault(loc, ([], got))
+        if msg not in msgs:
+            msgs.append(msg)
+    # a whole-pipeline check names its keys in its message
+    return "; ".join(f"{'.'.join(map(str, loc)) + ': ' if loc else ''}{' or '.join(msgs)}"
+                     f"{f' (got {got})' if got else ''}" for loc, (msgs, got) in by_key.items())
 
 
 def apply_override(raw: dict, assignment: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -27,6 +29,14 @@ def test_demo_pipeline_is_valid(capsys):
         ("extract.encoders=[nosuch]", "extract.encoders.0", "unknown encoder 'nosuch'"),
         ("probe.asha={grace_period: 20}", "probe", "asha.grace_period (20) must be below epochs (20)"),
         ("probe.asha.reduction_factor=1", "probe.asha.reduction_factor", "greater than 1"),
+        ("probe.epochs=0", "probe.epochs", "greater than or equal to 1 (got 0)"),
+        ("report.metric=test_f1", "report.metric", "unknown metric 'test_f1'"),
+        ("report.metric=ood_other_acc", "report.metric", "no OOD dataset 'other'"),
+        ("extract.layers=[]", "extract.layers", "at least one module path"),
+        ("extract.layers=[mid_block, mid_block]", "extract.layers", "given twice: ['mid_block']"),
+        # the test pipeline's U-Net has 2 levels: the image must halve once
+        ("data.image_size=15", "data.image_size", "15 is not a multiple of 2"),
+        ("extract.timesteps=[0,1000]", "extract.timesteps", "[1000] not below pretrain.scheduler.num_train_timesteps"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):
@@ -34,6 +44,60 @@ def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key
     assert main(["validate", str(path), "--set", override]) == 2
     err = capsys.readouterr().err
     assert key in err and why in err, err
+
+
+def test_a_value_of_the_wrong_form_gets_one_message(write_pipeline, capsys):
+    """`extract.layers` is "blocks" or a list: a string that is neither is one entry naming both forms and
+    the value; an encoder given as a mapping reports the mapping's problem, not "should be a string"."""
+    path = write_pipeline()
+    assert main(["validate", str(path), "--set", "extract.layers=foo"]) == 2
+    err = capsys.readouterr().err
+    assert "extract.layers: Input should be 'blocks' or Input should be a valid list (got 'foo')" in err, err
+    assert err.count("extract.layers") == 1 and "literal" not in err and "list[str]" not in err
+    assert main(["validate", str(path), "--set", "extract.encoders=[{name: diffusion, checkpoint: /no/such}]"]) == 2
+    err = capsys.readouterr().err
+    assert "extract.encoders.0.checkpoint: checkpoint folder does not exist: /no/such" in err, err
+    assert "valid string" not in err and "<root>" not in err
+
+
+@pytest.mark.parametrize(
+    "sections, key, why",
+    [
+        ({"extract": {"layers": ["down_blocks.0", "down_blocks.7"]}}, "extract.layers",
+         "unknown layer 'down_blocks.7'"),
+        ({"baselines": [{"name": "sup", "kind": "supervised", "layers": ["layer2", "layer9"]}]},
+         "baselines.0.layers", "unknown layer 'layer9'"),
+    ],
+)
+def test_unknown_layers_exit_2_before_any_stage(write_pipeline, capsys, sections, key, why):
+    """Module paths are checked against the architecture (built on the meta device) by `validate` and
+    before `run` starts its first stage (pretraining would otherwise come first)."""
+    path = write_pipeline(**sections)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: {why}" in err, err
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: {why}" in err and "== pretrain ==" not in err, err
+    store = Path(yaml.safe_load(path.read_text())["storage"])
+    assert not store.exists() or not any(store.iterdir())  # nothing started
+
+
+def test_checkpoint_layers_and_timesteps_are_checked_against_it(write_pipeline, capsys, tiny_unet_checkpoint):
+    """An explicit U-Net folder: its own modules and its scheduler's number of timesteps decide."""
+    from sweep.encoders.checks import check_encoder_settings
+
+    encoders = [{"name": "diffusion", "checkpoint": str(tiny_unet_checkpoint)}]
+    ok = load_config(write_pipeline(extract={"encoders": encoders, "timesteps": [0, 999],
+                                             "layers": ["up_blocks.1.resnets.0", "mid_block"]}))
+    check_encoder_settings(ok)  # no error
+    late = load_config(write_pipeline(extract={"encoders": encoders, "timesteps": [0, 999],
+                                               "layers": "blocks"}), ["pretrain.scheduler.num_train_timesteps=500"])
+    check_encoder_settings(late)  # the folder's schedule (1000 steps) applies, not pretrain's
+    with pytest.raises(ConfigError, match=r"extract.layers: unknown layer 'up_blocks.3'.*U-Net at"):
+        check_encoder_settings(load_config(write_pipeline(extract={"encoders": encoders, "layers": ["up_blocks.3"]})))
+    with pytest.raises(ConfigError, match=r"extract.timesteps: \[1000\] not below 1000"):
+        check_encoder_settings(load_config(write_pipeline(extract={"encoders": encoders, "timesteps": [0, 1000]})))
 
 
 def test_empty_class_list_exits_2(tmp_path, write_pipeline, capsys):
@@ -68,10 +132,12 @@ def test_not_yaml_and_missing_file_exit_2(tmp_path, capsys):
     assert "not valid YAML" in err and "not found" in err
 
 
-def test_bad_arguments_exit_2(write_pipeline):
+def test_bad_arguments_exit_2(write_pipeline, capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", str(write_pipeline()), "--stages", "pretrain,bogus"])
     assert e.value.code == 2
+    assert main(["best", str(write_pipeline()), "--top", "-1"]) == 2
+    assert "--top: must be 0 (all) or more, got -1" in capsys.readouterr().err
 
 
 def test_overrides_parse_yaml_values_and_index_lists():
