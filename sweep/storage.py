@@ -23,6 +23,9 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
+PRETRAIN_MARKER = "sweep_pretrain.json"  # in pretrain/final, written last: the U-Net there is complete
+
+
 @dataclass(frozen=True)
 class Storage:
     root: str  # absolute local path or URI
@@ -47,6 +50,7 @@ class Storage:
     # the layout ---------------------------------------------------------------------------------
     @property
     def pretrain_final(self) -> str:
+        """The pretrained U-Net; finished when it holds PRETRAIN_MARKER (written last)."""
         return self.uri("pretrain", "final")
 
     @property

@@ -303,3 +303,16 @@ def test_chunks_are_whole_batches_aligned_to_shards():
     assert all((c["shard"].nunique() == 1) for c in chunks)
     resumed = extract._chunks(frame[frame["shard"] == 1], 4)
     assert resumed[0]["image_id"].tolist() == chunks[2]["image_id"].tolist()
+
+
+def test_an_unfinished_pretraining_is_not_extracted(tmp_path, write_pipeline, tiny_unet_checkpoint, capsys):
+    """pretrain/final without its completion marker (a copy or upload cut short: the marker is written
+    last) is not taken for a pretrained U-Net, even though its config.json is there."""
+    path = write_pipeline()
+    config = load_config(path)
+    final = Path(config.storage_root) / "pretrain" / "final"
+    shutil.copytree(tiny_unet_checkpoint, final)
+    assert main(["extract", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "no finished pretraining at" in err and "sweep_pretrain.json" in err, err
+    assert not (Path(config.storage_root) / "features").exists()

@@ -23,7 +23,7 @@ from sweep.config import EncoderSpec, PipelineConfig
 from sweep.data.table import ImageTable, build_table
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint, to_table
 from sweep.stages.common import Timer, init_ray, say
-from sweep.storage import Storage, exists, fetch_dir
+from sweep.storage import PRETRAIN_MARKER, Storage, exists, fetch_dir
 
 
 class ExtractError(RuntimeError):
@@ -35,6 +35,10 @@ def encoder_kwargs(config: PipelineConfig, spec: EncoderSpec) -> dict:
     storage = Storage.of(config.storage_root)
     if spec.kind == "diffusion":
         checkpoint = spec.checkpoint or storage.pretrain_final
+        if not spec.checkpoint and not exists(f"{checkpoint}/{PRETRAIN_MARKER}"):
+            # the pretrain stage writes its completion marker last: without it the folder may be half there
+            raise ExtractError(f"encoder {spec.name!r}: no finished pretraining at {checkpoint} (no {PRETRAIN_MARKER}; "
+                               f"run `sweep pretrain` first)")
         if not exists(f"{checkpoint}/config.json") and not exists(f"{checkpoint}/unet/config.json"):
             hint = "run `sweep pretrain` first" if not spec.checkpoint else "check extract.encoders[].checkpoint"
             raise ExtractError(f"encoder {spec.name!r}: no diffusers U-Net at {checkpoint} ({hint})")

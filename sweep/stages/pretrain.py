@@ -30,12 +30,12 @@ from pathlib import Path
 
 from sweep.config import PipelineConfig
 from sweep.stages.common import init_ray, say
-from sweep.storage import Storage, exists, read_json, staged_dir
+from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
 # the feature store are imported where they are used, not here.
 
-FINAL_MARKER = "sweep_pretrain.json"
+FINAL_MARKER = PRETRAIN_MARKER
 STATE_FILE = "state.pt"
 # Fault injection for resume tests: the workers raise after the first checkpoint at or past this step, unless
 # the run resumed at or past it (so a rerun with the variable still set finishes). Read on the driver and sent
