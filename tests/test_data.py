@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sweep.config import load_config
+from sweep.config import ConfigError, load_config
 from sweep.data import build_table, preprocess
 from sweep.data.preprocess import decode_rows
 from sweep.data.table import stratified_split
@@ -148,6 +149,32 @@ def test_manifest_source(tmp_path, write_pipeline):
                                            "train": {"source": "manifest", "path": str(tmp_path / "m.csv")}}))
     t = build_table(cfg)
     assert len(t.frame) == 105 and len(t.classes) == 6
+
+
+def test_manifest_split_column(tmp_path, write_pipeline):
+    """A manifest's `split` column: train/val/test kept row by row; train/test keeps the test set and draws
+    val from train; anything else is a config error naming the file and the values."""
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    given = np.array(["train", "val", "test"] * 35, dtype=object)
+    manifest = pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files],
+                             "split": given})
+
+    def table(frame):
+        frame.to_csv(tmp_path / "m.csv", index=False)
+        return build_table(load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+            "source": "manifest", "path": str(tmp_path / "m.csv"), "splits": {"val": 0.25, "test": 0.25}}})))
+
+    t = table(manifest)
+    assert dict(zip(t.frame["image_id"], t.frame["split"])) == dict(zip(manifest["path"], given))
+    t = table(manifest.assign(split=np.where(given == "test", "test", "train")))
+    split = dict(zip(t.frame["image_id"], t.frame["split"]))
+    assert [split[p] for p in manifest["path"][given == "test"]] == ["test"] * 35
+    assert {split[p] for p in manifest["path"][given != "test"]} == {"train", "val"}
+    for bad, why in [(np.where(given == "val", "validation", given), "column split holds ['validation']"),
+                     (np.where(given == "train", None, given), "column split holds ['(empty)']"),
+                     (np.where(given == "train", "val", given), "names no train image")]:
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            table(manifest.assign(split=bad))
 
 
 def _write_idx(path, array: np.ndarray) -> None:

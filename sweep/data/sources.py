@@ -67,6 +67,9 @@ def _scan_imagefolder(root: Path, where: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+MANIFEST_SPLITS = ("train", "val", "test")
+
+
 def _scan_manifest(path: Path, where: str) -> pd.DataFrame:
     if path.suffix.lower() == ".parquet":
         table = pd.read_parquet(path)
@@ -82,7 +85,18 @@ def _scan_manifest(path: Path, where: str) -> pd.DataFrame:
     base = path.parent
     rel = table["path"].astype(str)
     full = [p if Path(p).is_absolute() else str(base / p) for p in rel]
-    split = table["split"].astype(str) if "split" in table.columns else [None] * len(table)
+    split = [None] * len(table)
+    if "split" in table.columns:
+        given = table["split"]
+        bad = sorted({"(empty)" if pd.isna(v) else str(v) for v in given
+                      if not isinstance(v, str) or v not in MANIFEST_SPLITS})
+        if bad:
+            raise ConfigError(f"{where}.path: manifest {path}: column split holds {bad[:5]}; each row's split must be "
+                              f"one of {', '.join(MANIFEST_SPLITS)} (or leave the column out: then the splits are "
+                              f"drawn by {where}.splits)")
+        if not (given == "train").any():
+            raise ConfigError(f"{where}.path: manifest {path}: column split names no train image")
+        split = given.astype(str)
     return pd.DataFrame({
         "image_id": rel, "path": full, "index": -1,
         "class_name": table["label"].astype(str), "official_split": split,

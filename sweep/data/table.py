@@ -108,9 +108,12 @@ def _assign_splits(frame: pd.DataFrame, spec: TrainDataset, seed: int, where: st
         frame = frame.assign(split=frame["image_id"].map(members).fillna(default) if default else
                              frame["image_id"].map(members))
         return frame[frame["split"].notna()].reset_index(drop=True)
-    if frame["official_split"].notna().all() and set(frame["official_split"]) == {"train", "test"}:
-        # a source with an official test set (Fashion-MNIST) keeps it; val is drawn from its train part
-        split = frame["official_split"].to_numpy(dtype=object).copy()
+    official = frame["official_split"]
+    if official.notna().all() and "val" in set(official):
+        return frame.assign(split=official)  # a manifest that names every split: kept as given
+    if official.notna().all() and set(official) == {"train", "test"}:
+        # a source with an official test set (Fashion-MNIST, a manifest) keeps it; val is drawn from its train part
+        split = official.to_numpy(dtype=object).copy()
         is_train = split == "train"
         split[is_train] = stratified_split(frame.loc[is_train, "class_name"], splits.val, 0.0, seed)
         return frame.assign(split=split)
