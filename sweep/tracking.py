@@ -96,7 +96,8 @@ def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool 
             order_by=["attributes.start_time DESC"],
             max_results=50,
         )
-        runs = [r for r in runs if TAG_PARENT not in r.data.tags]
+        # a stage's own runs: not its children, nor (from before baselines had a parent) a baseline's run
+        runs = [r for r in runs if TAG_PARENT not in r.data.tags and TAG_BASELINE not in r.data.tags]
         if runs:
             client.update_run(runs[0].info.run_id, status="RUNNING")
             return runs[0].info.run_id

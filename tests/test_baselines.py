@@ -282,10 +282,19 @@ def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tm
     with pytest.raises(ValueError, match="unknown layer"):
         CNNEncoder(final, layers=["layer5"])
 
-    # rerun: nothing rebuilt
+    # MLflow: the stage's parent run (tag sweep.stage=baselines), the baseline's run its child
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    stage = mlflow.search_runs(experiment_names=[cfg.experiment_name], filter_string="tags.`sweep.stage` = 'baselines'")
+    parents = stage[stage["tags.sweep.baseline"].isna()]
+    assert len(parents) == 1 and parents["status"].tolist() == ["FINISHED"]
+    child = _runs(cfg, "imagenet-r18")
+    assert child["tags.mlflow.parentRunId"].tolist() == parents["run_id"].tolist()
+
+    # rerun: nothing rebuilt, and no run opened for it
     before = open(f"{final}/model.safetensors", "rb").read()
     baselines.run(cfg)
     assert open(f"{final}/model.safetensors", "rb").read() == before
+    assert len(mlflow.search_runs(experiment_names=[cfg.experiment_name])) == 2
 
 
 def test_pretrained_any_architecture_from_a_factory(write_pipeline, tmp_path, monkeypatch):

@@ -457,9 +457,9 @@ def _split_rows(table, split: str) -> dict:
             "label": rows["label"].astype(int).tolist()}
 
 
-def _start_run(config: PipelineConfig, b: BaselineConfig, key: str) -> str:
-    """The baseline's MLflow run: an unfinished one with the same key is reused (a resumed baseline keeps
-    one run), else a new one."""
+def _start_run(config: PipelineConfig, b: BaselineConfig, key: str, parent: str) -> str:
+    """The baseline's MLflow run, a child of the stage's parent run: an unfinished one with the same key is
+    reused (a resumed baseline keeps one run), else a new one."""
     client = tracking.client_for(config)
     exp_id = tracking.ensure_experiment(config)
     runs = client.search_runs(
@@ -472,7 +472,7 @@ def _start_run(config: PipelineConfig, b: BaselineConfig, key: str) -> str:
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
     tags = {**tracking.stage_tags(config, "baselines"), tracking.TAG_BASELINE: b.name,
-            tracking.TAG_BASELINE_KEY: key,
+            tracking.TAG_BASELINE_KEY: key, tracking.TAG_PARENT: parent,
             "sweep.baseline_kind": b.kind, "mlflow.runName": f"baselines/{b.name}"}
     return client.create_run(exp_id, tags=tags).info.run_id
 
@@ -534,7 +534,8 @@ def _build_zoo_pretrained(config: PipelineConfig, b: BaselineConfig, out, key: s
     return meta
 
 
-def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table) -> str:
+def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_parent) -> str:
+    """Train, build or skip one baseline; `get_parent()` opens (once) the stage's parent run."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -549,7 +550,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table) -> str:
     if b.kind == "pretrained":
         if marker is not None:
             say(f"baselines {b.name}: {final} was made from other weights or settings; rebuilding it")
-        run_id = _start_run(config, b, key)
+        run_id = _start_run(config, b, key, get_parent())
         try:
             meta = build_pretrained(config, b, final, key)
         except Exception:
@@ -570,7 +571,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table) -> str:
     settings = resolved(config, b)
     p = config.pretrain
     init_ray(config, dashboard=True)  # Ray Train
-    run_id = _start_run(config, b, key)
+    run_id = _start_run(config, b, key, get_parent())
     dataset, n_train = train_dataset(config, b.kind, table)
     tracking.log_batch(config, run_id, params={**settings, "workers": p.workers, "use_gpu": p.use_gpu,
                                                "n_train": n_train, "seed": config.seed})
@@ -639,4 +640,17 @@ def run(config: PipelineConfig) -> dict[str, str]:
             say(f"data: {cache['table'].summary()}")
         return cache["table"]
 
-    return {b.name: run_baseline(config, b, get_table) for b in config.baselines}
+    def get_parent():  # opened by the first baseline with work to do: a stage with none leaves no run
+        if "parent" not in cache:
+            cache["parent"] = tracking.start_stage_run(config, "baselines")
+        return cache["parent"]
+
+    try:
+        finals = {b.name: run_baseline(config, b, get_table, get_parent) for b in config.baselines}
+    except BaseException:
+        if "parent" in cache:
+            tracking.finish_run(config, cache["parent"], "FAILED")
+        raise
+    if "parent" in cache:
+        tracking.finish_run(config, cache["parent"])
+    return finals
