@@ -72,7 +72,10 @@ def run_stage(config: PipelineConfig, stage: str) -> None:
 def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
     from sweep.stages.common import say
 
+    from sweep.tracking import check_tracking
+
     t0 = time.perf_counter()
+    check_tracking(config)
     if "extract" in stages:  # a wrong layer name fails now, not after pretraining
         from sweep.encoders.checks import check_encoder_settings
 
@@ -111,6 +114,9 @@ def cmd_validate(config: PipelineConfig) -> None:
     from sweep.data.table import build_table
     from sweep.encoders.checks import check_encoder_settings
 
+    from sweep.tracking import check_tracking
+
+    check_tracking(config)
     check_encoder_settings(config)
     table = build_table(config)
     print(f"{config.name}: valid (config hash {config.config_hash()})")

@@ -35,20 +35,25 @@ _ENV_URI = os.environ.get("MLFLOW_TRACKING_URI")
 PROBE_PARAMS = ("encoder", "layer", "timestep", "resolution", "dim", "lr", "weight_decay")
 
 
-def tracking_uri(config: PipelineConfig) -> str:
-    if config.tracking.uri:
-        return config.tracking.uri
-    if _ENV_URI:
-        return _ENV_URI
+def check_tracking(config: PipelineConfig) -> None:
+    """Raise ConfigError when the pipeline has no tracking URI it can use (remote storage needs one)."""
     storage = Storage.of(config.storage_root)
-    if not storage.is_local:
+    if not config.tracking.uri and not _ENV_URI and not storage.is_local:
         from sweep.config import ConfigError
 
         raise ConfigError(
             f"tracking.uri: needed when storage is remote ({storage.root}): the default SQLite store must be "
             f"on a local disk. Point it at an MLflow server (cluster.yaml runs one on the head node: "
             f"--set tracking.uri=http://HEAD:5000) or a local sqlite:///path/mlflow.db")
-    path = storage.local("mlflow.db")
+
+
+def tracking_uri(config: PipelineConfig) -> str:
+    if config.tracking.uri:
+        return config.tracking.uri
+    if _ENV_URI:
+        return _ENV_URI
+    check_tracking(config)
+    path = Storage.of(config.storage_root).local("mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 

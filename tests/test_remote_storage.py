@@ -130,6 +130,7 @@ def test_remote_storage_needs_a_tracking_uri(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tracking, "_ENV_URI", None)  # as in a shell without MLFLOW_TRACKING_URI
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({**small_pipeline(tmp_path), "storage": f"s3://{BUCKET}/x"}))
-    assert main(["best", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "tracking.uri" in err and "s3://sweep-test/x" in err
+    for command in (["best"], ["validate"], ["run", "--stages", "pretrain"]):  # before any stage starts
+        assert main([command[0], str(path), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "tracking.uri: needed when storage is remote" in err and "s3://sweep-test/x" in err, err
