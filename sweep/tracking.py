@@ -58,6 +58,15 @@ def tracking_uri(config: PipelineConfig) -> str:
     return f"sqlite:///{path}"
 
 
+def store_exists(config: PipelineConfig) -> bool:
+    """False only for the default local SQLite store before any stage made it: a query then finds nothing
+    and creates nothing (a mistyped pipeline name leaves no empty runs/<name>/ behind)."""
+    if config.tracking.uri or _ENV_URI:
+        return True
+    storage = Storage.of(config.storage_root)
+    return not storage.is_local or storage.local("mlflow.db").is_file()
+
+
 def client_for(config: PipelineConfig) -> MlflowClient:
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
@@ -167,6 +176,8 @@ def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
     (`and params.encoder = 'E'` for one encoder; the parent-run condition keeps the stage's parent run,
     which carries the same stage tag, out.)
     """
+    if not store_exists(config):
+        return pd.DataFrame()
     client_for(config)
     if mlflow.get_experiment_by_name(config.experiment_name) is None:
         return pd.DataFrame()
@@ -184,8 +195,10 @@ def search_baseline_runs(config: PipelineConfig, keys: dict[str, str]) -> pd.Dat
     """The finished `baselines` runs of these baselines (name -> baseline key), newest first. The key, not
     the config hash, ties a run to its baseline: changing the probe grid leaves a trained baseline (and its
     run) valid."""
+    if not keys or not store_exists(config):
+        return pd.DataFrame()
     client_for(config)
-    if not keys or mlflow.get_experiment_by_name(config.experiment_name) is None:
+    if mlflow.get_experiment_by_name(config.experiment_name) is None:
         return pd.DataFrame()
     frames = []
     for name, key in keys.items():

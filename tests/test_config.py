@@ -185,3 +185,14 @@ def test_pretrained_weights_may_be_a_file_uri(write_pipeline, tmp_path, capsys):
     for bad in ("s3://bucket/r18.pth", f"file://{tmp_path}/missing.pth"):
         assert main(["validate", str(write_pipeline(baselines=[{**spec, "weights": bad}]))]) == 2
         assert "weights must be a local file" in capsys.readouterr().err
+
+
+def test_best_before_any_run_creates_nothing(write_pipeline, capsys):
+    """`sweep best` on a pipeline that never ran (or a mistyped storage): no runs, a hint, and no empty
+    storage folder or MLflow database left behind."""
+    path = write_pipeline()
+    store = Path(yaml.safe_load(path.read_text())["storage"])
+    assert main(["best", str(path), "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "[]" and "no MLflow store for 't' yet" in err
+    assert not store.exists()
