@@ -6,19 +6,39 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
+
+from sweep.config import ConfigError
+
+# not shipped: environments, outputs and caches (a job writes its outputs to the pipeline's storage)
+EXCLUDES = [".venv", ".git", "runs", "__pycache__", "*.pyc", "mlruns"]
+
+
+def job_pipeline_path(pipeline: str, working_dir: str) -> str:
+    """The pipeline's path inside the shipped working directory, as the job will see it."""
+    path, root = Path(pipeline).resolve(), Path(working_dir).resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(f"PIPELINE {pipeline}: not inside the working directory {root}, the folder the job "
+                          f"gets; run `sweep submit` from a folder that holds it")
+    rel = path.relative_to(root)
+    if any(part in EXCLUDES for part in rel.parts):
+        raise ConfigError(f"PIPELINE {pipeline}: under {rel.parts[0]}/, which is not shipped with the job")
+    return rel.as_posix()
 
 
 def submit(pipeline: str, address: str, stages: list[str], overrides: list[str], wait: bool = True) -> int:
+    """Submit `sweep run` as a Ray job shipping the current directory; with `wait`, stream its logs and
+    return the job's own exit status (its driver's exit code: 2 for an invalid config, 1 for a failure)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    working_dir = os.getcwd()
+    cmd = ["sweep", "run", job_pipeline_path(pipeline, working_dir), "--stages", ",".join(stages)]
     # token auth (RAY_AUTH_MODE=token) is read from the environment by Ray's client itself
     client = JobSubmissionClient(address)
-    cmd = ["sweep", "run", pipeline, "--stages", ",".join(stages)]
     for o in overrides:
         cmd += ["--set", o]
-    excludes = [".venv", ".git", "runs", "__pycache__", "*.pyc", "mlruns"]
     job_id = client.submit_job(entrypoint=shlex.join(cmd),
-                               runtime_env={"working_dir": os.getcwd(), "excludes": excludes})
+                               runtime_env={"working_dir": working_dir, "excludes": EXCLUDES})
     print(f"[sweep] submitted job {job_id} to {address}", file=sys.stderr)
     if not wait:
         print(job_id)
@@ -33,5 +53,8 @@ def submit(pipeline: str, address: str, stages: list[str], overrides: list[str],
     while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
                                                              JobStatus.STOPPED):
         time.sleep(1)
-    print(f"[sweep] job {job_id}: {status.value}", file=sys.stderr)
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    code = client.get_job_info(job_id).driver_exit_code
+    if code is None:  # stopped, or the driver never ran (e.g. the runtime environment failed)
+        code = 0 if status == JobStatus.SUCCEEDED else 1
+    print(f"[sweep] job {job_id}: {status.value} (exit code {code})", file=sys.stderr)
+    return code

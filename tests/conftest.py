@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        # Ray jobs (`sweep submit`) run their entrypoint in a shell with this Ray's environment: find this
+        # environment's `sweep` there, as a cluster's image has it on its PATH
+        bin_dir = str(Path(sys.executable).parent)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
         ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
     yield ray

@@ -1,0 +1,59 @@
+"""`sweep submit`: real Ray jobs on the test session's local Ray (its job server, with the token
+authentication Ray 2.60 sets up), the job's logs streamed back and its own exit code returned."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sweep.cli import main
+from tests.conftest import DEMO_IMAGES, small_pipeline
+
+
+def _dashboard(ray_local) -> str:
+    url = ray_local._private.worker.get_dashboard_url()
+    return url if url.startswith("http") else f"http://{url}"
+
+
+def test_submit_returns_the_jobs_exit_code(ray_local, tmp_path, monkeypatch, capsys):
+    address = _dashboard(ray_local)
+    monkeypatch.chdir(tmp_path)  # the working directory shipped with the job: just the pipeline files
+    (tmp_path / "runs" / "imgs").mkdir(parents=True)
+    for cls in ("Tripos", "Ciliophora"):
+        (tmp_path / "runs" / "imgs" / cls).symlink_to(DEMO_IMAGES / cls)
+    store = tmp_path / "store"
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(small_pipeline(store)))
+    # valid here, but `runs/` is not shipped: on the cluster the data path is missing -> the job exits 2
+    (tmp_path / "local_data.yaml").write_text(yaml.safe_dump(small_pipeline(
+        store, data={"image_size": 16, "channels": 1, "train": {"source": "imagefolder", "path": "runs/imgs"}})))
+
+    # the probe stage before any features: the job's driver fails with exit code 1 and says why
+    assert main(["submit", "pipeline.yaml", "--address", address, "--stages", "probe"]) == 1
+    out, err = capsys.readouterr()
+    assert "run `sweep extract` first" in out + err
+    assert "exit code 1" in err
+
+    assert main(["submit", "local_data.yaml", "--address", address, "--stages", "probe"]) == 2
+    out, err = capsys.readouterr()
+    assert "data.train: path does not exist: runs/imgs" in out + err
+    assert "exit code 2" in err
+    assert not store.exists()  # neither job got as far as writing
+
+
+@pytest.mark.parametrize("where", ["outside", "excluded"])
+def test_submit_refuses_a_pipeline_the_job_would_not_get(write_pipeline, tmp_path, monkeypatch, capsys, where):
+    path = write_pipeline()  # tmp_path/pipeline.yaml
+    if where == "outside":
+        (tmp_path / "sub").mkdir()
+        monkeypatch.chdir(tmp_path / "sub")
+        arg = str(path)
+    else:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "runs").mkdir()
+        arg = "runs/pipeline.yaml"
+        (tmp_path / arg).write_text(path.read_text())
+    # no cluster is contacted: the address does not exist
+    assert main(["submit", arg, "--address", "http://127.0.0.1:9", "--no-wait"]) == 2
+    err = capsys.readouterr().err
+    assert (f"PIPELINE {arg}: not inside the working directory" if where == "outside"
+            else "under runs/, which is not shipped") in err, err
