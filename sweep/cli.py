@@ -135,7 +135,8 @@ def cmd_validate(config: PipelineConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.pipeline, args.overrides)
+        # a job's data and checkpoints need exist only on the cluster; the job checks them there
+        config = load_config(args.pipeline, args.overrides, check_local_paths=args.command != "submit")
         if args.command == "run":
             cmd_run(config, args.stages)
         elif args.command in STAGES:

@@ -6,6 +6,7 @@ default), and every error names the dotted key that is wrong.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
@@ -28,6 +29,19 @@ class _Model(BaseModel):
 
 def _is_remote(path: str) -> bool:
     return "://" in path
+
+
+# Off while `sweep submit` validates a pipeline for a cluster: its data and checkpoints may exist only there.
+_CHECK_LOCAL_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("check_local_paths", default=True)
+
+
+def _missing(path: str, kind: Literal["file", "folder", "path"]) -> bool:
+    """Whether a local `path` that must exist does not (never for a remote one, or while paths are not
+    checked)."""
+    if _is_remote(path) or not _CHECK_LOCAL_PATHS.get():
+        return False
+    p = Path(path)
+    return not (p.is_file() if kind == "file" else p.is_dir() if kind == "folder" else p.exists())
 
 
 def _safe_name(value: str, what: str) -> str:
@@ -64,7 +78,7 @@ class Splits(_Model):
         if fractions and sum(fractions) >= 1.0:
             raise ValueError(f"val + test fractions must be below 1, got {sum(fractions)}")
         for f in files:
-            if not _is_remote(f) and not Path(f).is_file():
+            if _missing(f, "file"):
                 raise ValueError(f"split file does not exist: {f}")
         return self
 
@@ -93,7 +107,7 @@ class DatasetSpec(_Model):
             self.path = DEFAULT_FASHION_MNIST
         if self.source in ("imagefolder", "manifest") and not self.path:
             raise ValueError(f"source {self.source!r} needs a path")
-        if self.path and not _is_remote(self.path) and not Path(self.path).exists():
+        if self.path and _missing(self.path, "path"):
             raise ValueError(f"path does not exist: {self.path}")
         return self
 
@@ -171,7 +185,7 @@ class PretrainConfig(_Model):
     @field_validator("init_from")
     @classmethod
     def _init_from(cls, v: str | None) -> str | None:
-        if v and not _is_remote(v) and not Path(v).is_dir():
+        if v and _missing(v, "folder"):
             raise ValueError(f"checkpoint folder does not exist: {v}")
         return v
 
@@ -208,7 +222,7 @@ class BaselineConfig(_Model):
                 raise ValueError("a pretrained baseline needs weights: a local .pth/.pt/.safetensors file")
             if self.weights.startswith("file://"):  # a local file as a URI: the path it names
                 self.weights = self.weights[len("file://"):]
-            if _is_remote(self.weights) or not Path(self.weights).is_file():
+            if _is_remote(self.weights) or _missing(self.weights, "file"):
                 raise ValueError(f"weights must be a local file: {self.weights}")
         elif self.weights:
             raise ValueError(f"weights is only for kind pretrained (this baseline is {self.kind})")
@@ -235,7 +249,7 @@ class EncoderSpec(_Model):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint(cls, v: str | None) -> str | None:
-        if v and not _is_remote(v) and not Path(v).is_dir():
+        if v and _missing(v, "folder"):
             raise ValueError(f"checkpoint folder does not exist: {v}")
         return v
 
@@ -516,8 +530,11 @@ def apply_override(raw: dict, assignment: str) -> None:
         node[last] = value
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read a pipeline YAML, apply `--set` overrides, validate. Raises ConfigError naming the key."""
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                check_local_paths: bool = True) -> PipelineConfig:
+    """Read a pipeline YAML, apply `--set` overrides, validate. Raises ConfigError naming the key.
+    `check_local_paths=False`: data, split files, weights and checkpoints need not exist on this machine
+    (a pipeline checked here to run on a cluster)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
@@ -529,7 +546,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{path}: expected a mapping of pipeline keys at the top level")
     for assignment in overrides:
         apply_override(raw, assignment)
+    token = _CHECK_LOCAL_PATHS.set(check_local_paths)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {_format_errors(e)}") from None
+    finally:
+        _CHECK_LOCAL_PATHS.reset(token)

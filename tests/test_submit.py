@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from sweep.cli import main
-from tests.conftest import DEMO_IMAGES, small_pipeline
+from tests.conftest import small_pipeline
 
 
 def _dashboard(ray_local) -> str:
@@ -18,14 +18,11 @@ def _dashboard(ray_local) -> str:
 def test_submit_returns_the_jobs_exit_code(ray_local, tmp_path, monkeypatch, capsys):
     address = _dashboard(ray_local)
     monkeypatch.chdir(tmp_path)  # the working directory shipped with the job: just the pipeline files
-    (tmp_path / "runs" / "imgs").mkdir(parents=True)
-    for cls in ("Tripos", "Ciliophora"):
-        (tmp_path / "runs" / "imgs" / cls).symlink_to(DEMO_IMAGES / cls)
     store = tmp_path / "store"
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(small_pipeline(store)))
-    # valid here, but `runs/` is not shipped: on the cluster the data path is missing -> the job exits 2
-    (tmp_path / "local_data.yaml").write_text(yaml.safe_dump(small_pipeline(
-        store, data={"image_size": 16, "channels": 1, "train": {"source": "imagefolder", "path": "runs/imgs"}})))
+    # data that would be on the cluster only: not checked here (submitted), checked by the job (exit 2)
+    (tmp_path / "cluster_data.yaml").write_text(yaml.safe_dump(small_pipeline(
+        store, data={"image_size": 16, "channels": 1, "train": {"source": "imagefolder", "path": "/cluster/imgs"}})))
 
     # the probe stage before any features: the job's driver fails with exit code 1 and says why
     assert main(["submit", "pipeline.yaml", "--address", address, "--stages", "probe"]) == 1
@@ -33,9 +30,11 @@ def test_submit_returns_the_jobs_exit_code(ray_local, tmp_path, monkeypatch, cap
     assert "run `sweep extract` first" in out + err
     assert "exit code 1" in err
 
-    assert main(["submit", "local_data.yaml", "--address", address, "--stages", "probe"]) == 2
+    assert main(["validate", "cluster_data.yaml"]) == 2  # here, the path is checked
+    assert "path does not exist: /cluster/imgs" in capsys.readouterr().err
+    assert main(["submit", "cluster_data.yaml", "--address", address, "--stages", "probe"]) == 2
     out, err = capsys.readouterr()
-    assert "data.train: path does not exist: runs/imgs" in out + err
+    assert "data.train: path does not exist: /cluster/imgs" in out + err
     assert "exit code 2" in err
     assert not store.exists()  # neither job got as far as writing
 
