@@ -28,11 +28,13 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
 
 
 def _stages(text: str) -> list[str]:
+    """Comma-separated stage names, returned in pipeline order (each stage reads what the one before wrote)."""
     stages = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
-        raise argparse.ArgumentTypeError(f"unknown stage(s) {bad}; choose from {','.join(STAGES)}")
-    return stages
+        what = f"unknown stage(s) {bad}" if bad else "no stage given"
+        raise argparse.ArgumentTypeError(f"{what}; choose from {','.join(STAGES)}")
+    return [s for s in STAGES if s in stages]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print("sweep: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one line for the user; SWEEP_DEBUG=1 for the traceback
-        if os.environ.get("SWEEP_DEBUG"):
+        if os.environ.get("SWEEP_DEBUG", "0") not in ("", "0"):
             raise
         print(f"sweep: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 1

@@ -136,6 +136,14 @@ def test_bad_arguments_exit_2(write_pipeline, capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", str(write_pipeline()), "--stages", "pretrain,bogus"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(write_pipeline()), "--stages", " , "])
+    assert e.value.code == 2
+    assert "no stage given" in capsys.readouterr().err
+    from sweep.cli import build_parser
+
+    args = build_parser().parse_args(["run", "p.yaml", "--stages", "report,probe,extract"])
+    assert args.stages == ["extract", "probe", "report"]  # pipeline order, whatever order given
     assert main(["best", str(write_pipeline()), "--top", "-1"]) == 2
     assert "--top: must be 0 (all) or more, got -1" in capsys.readouterr().err
 
