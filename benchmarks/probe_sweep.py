@@ -55,7 +55,7 @@ rounds; per-round overheads range over 30 points):
   - 1 trial at a time (`--slots 1`: the driver and Ray have the other core, as on a cluster whose driver runs
     on the CPU-only head node of cluster.yaml), `--repeats 3`: overhead -2.1 / -1.2 / 6.8 %, pooled 1.0 %
     (idle slots 8.1 %, the trials 7.0 % faster than the bare run: the VM's drift); speed-up 11.1 / 12.2 /
-    12.7x against scikit-learn on 1 core. Both targets met.
+    12.7x against scikit-learn on 1 core (a fresh MLflow store in each sweep). Both targets met.
   - The sweep's own cost (slots x Tune - bare) is a near-constant 16-19 slot-seconds per sweep on these
     machines at 5, 10 and 15 epochs: each Ray worker's ~3 s of start-up and imports before its first trial
     (`ray.tune` ~1 s, pulling pandas and ray.data; torch ~1.5 s at the first step), Tune's ~12 ms of driver
