@@ -99,6 +99,11 @@ def test_sweep_run_on_s3_storage(s3_env, tmp_path):
 
     first = subprocess.run([*cli, "run", str(path)], env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
+    # the pretraining's progress: one line per report (steps 3 and 6) from rank 0, once each, and none of
+    # Ray Train's own per-report INFO lines
+    progress = [line.split("[sweep] ")[1] for line in first.stderr.splitlines() if "[sweep] pretrain: step" in line]
+    assert [p.split(",")[0] for p in progress] == ["pretrain: step 3/6", "pretrain: step 6/6"], first.stderr[-3000:]
+    assert "Reporting training result" not in first.stderr and "Checkpoint successfully created" not in first.stderr
 
     assert read_json(f"{storage}/pretrain/final/sweep_pretrain.json")["steps"] == 6
     manifest = read_json(f"{storage}/features/diffusion/_manifest.json")

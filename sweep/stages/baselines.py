@@ -38,7 +38,7 @@ from sweep.config import BaselineConfig, PipelineConfig
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import init_ray, say
+from sweep.stages.common import init_ray, quiet_train_reports, quiet_training_data, say, train_logging
 from sweep.storage import Storage, read_json, staged_dir
 
 FAULT_ENV = "SWEEP_BASELINE_FAULT_AT_EPOCH"  # fault injection for resume tests: fail after this epoch
@@ -257,6 +257,7 @@ def train_loop(cfg: dict) -> None:
     from sweep.train.augment import flips_and_rotations
     from sweep.train.simclr import SimCLRModel, ViewAugment, nt_xent, two_views
 
+    quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     supervised = cfg["kind"] == "supervised"
@@ -371,6 +372,9 @@ def train_loop(cfg: dict) -> None:
                             "history": history, "best": best}, Path(d) / "state.pt")
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(record, checkpoint=ckpt)
+        if rank == 0:  # the stage's progress (Ray forwards a worker's lines to the driver)
+            say(f"baselines {cfg['name']}: epoch {epoch + 1}/{cfg['epochs']}, "
+                + ", ".join(f"{k} {record[k]:.4f}" for k in ("train_loss", "val_macro_f1") if k in record))
         if cfg["fault_at_epoch"] and epoch + 1 == cfg["fault_at_epoch"]:
             raise RuntimeError(f"injected fault after epoch {epoch + 1} ({FAULT_ENV})")
 
@@ -448,7 +452,7 @@ def train_dataset(config: PipelineConfig, kind: str, table=None):
     ds = ray.data.from_pandas(chunks).map_batches(
         decode_batch, fn_kwargs={"size": config.data.image_size, "channels": config.data.channels},
         batch_format="numpy")
-    return ds.map_batches(keep_good, batch_format="numpy"), len(rows)
+    return quiet_training_data(ds.map_batches(keep_good, batch_format="numpy")), len(rows)
 
 
 def _split_rows(table, split: str) -> dict:
@@ -602,6 +606,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
             storage_path=storage.uri("baselines", b.name),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            logging_config=train_logging(),
         ),
         datasets={"train": dataset},
     )

@@ -14,7 +14,9 @@ log = logging.getLogger("sweep")
 
 def say(message: str) -> None:
     """One line of progress for the user, on stderr (stdout stays clean for `--format json`)."""
-    print(f"[sweep] {message}", file=sys.stderr, flush=True)
+    # written, not print()ed: on a Ray Train worker print() is patched to tee into a logger, which doubled it
+    sys.stderr.write(f"[sweep] {message}\n")
+    sys.stderr.flush()
 
 
 def ray_address(config: PipelineConfig) -> str | None:
@@ -42,6 +44,33 @@ def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
     num_cpus = config.ray.num_cpus or max(4, os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=True, logging_level=logging.WARNING)
+
+
+def quiet_training_data(ds):
+    """`ds` without Ray Data's progress bars: feeding Ray Train, they come from its split coordinator actor as
+    dozens of half-drawn lines per epoch among the stage's own progress lines."""
+    ds.context.enable_progress_bars = False  # the dataset's own copy of the context
+    return ds
+
+
+def train_logging():
+    """Ray Train's `ray.train` loggers at WARNING for sweep's trainers: their INFO lines (worker group start,
+    process group, "Checkpoint successfully created" per checkpoint) drowned the stages' own progress; Ray's
+    log files keep every level."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="WARNING")
+
+
+def quiet_train_reports() -> None:
+    """On a Ray Train worker: no "Reporting training result N: TrainingReport(...)" INFO line per report and
+    worker. Ray Train V2 logs it under a logger named by its file's path, outside the `ray.train` loggers
+    that RunConfig's LoggingConfig sets; its warnings still show. Ray internals: if they move, the lines do."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class Timer:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from sweep.config import PipelineConfig
-from sweep.stages.common import init_ray, say
+from sweep.stages.common import init_ray, quiet_train_reports, quiet_training_data, say, train_logging
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
@@ -177,6 +177,7 @@ def train_loop(cfg: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -261,6 +262,9 @@ def train_loop(cfg: dict) -> None:
                 torch.save({**trainer.state_dict(), "window": window}, Path(d) / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(trainer.step))
+        if rank == 0:  # the stage's progress (Ray forwards a worker's lines to the driver)
+            say(f"pretrain: step {trainer.step}/{steps}, loss {metrics['loss']:.4f}, "
+                f"{metrics['images_per_s']:.0f} images/s")
         # logged only once the checkpoint that covers these steps is persisted: a resumed run never
         # logs a step twice (steps after the last checkpoint are trained again, and logged then)
         if client is not None:
@@ -313,7 +317,7 @@ def train_dataset(config: PipelineConfig):
         ok = np.asarray([not e for e in batch["error"]])
         return {"image": batch["image"][ok]}
 
-    return ds.map_batches(keep_good, batch_format="numpy"), len(rows)
+    return quiet_training_data(ds.map_batches(keep_good, batch_format="numpy")), len(rows)
 
 
 def _check_init_from(config: PipelineConfig) -> None:
@@ -366,6 +370,7 @@ def make_trainer(config: PipelineConfig, run_id: str | None, dataset, key: str |
             storage_path=storage.pretrain_runs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            logging_config=train_logging(),
         ),
         datasets={"train": dataset},
     )
