@@ -108,7 +108,9 @@ class DatasetSpec(_Model):
         if self.source in ("imagefolder", "manifest") and not self.path:
             raise ValueError(f"source {self.source!r} needs a path")
         if self.path and _missing(self.path, "path"):
-            raise ValueError(f"path does not exist: {self.path}")
+            hint = (" (apt-get install dataset-fashion-mnist puts the idx files there, or set path)"
+                    if self.source == "fashion-mnist" else "")
+            raise ValueError(f"path does not exist: {self.path}{hint}")
         return self
 
 

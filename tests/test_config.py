@@ -25,6 +25,8 @@ def test_demo_pipeline_is_valid(capsys):
         ("extract.timesteps=[0,0]", "extract.timesteps", "distinct"),
         ("data.train.source=imagefolder", "data.train", "needs a path"),
         ("data.train.path=/no/such/folder", "data.train", "path does not exist: /no/such/folder"),
+        ("data.train={source: fashion-mnist, path: /no/fmnist}", "data.train",
+         "path does not exist: /no/fmnist (apt-get install dataset-fashion-mnist"),
         ("pretrain.model.attention=[true]", "pretrain.model", "one per level"),
         ("extract.encoders=[nosuch]", "extract.encoders.0", "unknown encoder 'nosuch'"),
         ("probe.asha={grace_period: 20}", "probe", "asha.grace_period (20) must be below epochs (20)"),
