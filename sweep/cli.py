@@ -73,7 +73,6 @@ def run_stage(config: PipelineConfig, stage: str) -> None:
 
 def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
     from sweep.stages.common import say
-
     from sweep.tracking import check_tracking
 
     t0 = time.perf_counter()
@@ -92,6 +91,7 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
 
 def cmd_best(config: PipelineConfig, args) -> None:
     from sweep.best import best, format_table, to_json
+    from sweep.tracking import store_exists
 
     metric = args.metric
     # OOD datasets of other settings (--any-config) may have had other names: only the form is checked
@@ -100,8 +100,6 @@ def cmd_best(config: PipelineConfig, args) -> None:
         raise ConfigError(f"--metric: {problem}")
     if args.top < 0:
         raise ConfigError(f"--top: must be 0 (all) or more, got {args.top}")
-    from sweep.tracking import store_exists
-
     if not store_exists(config):
         print(f"[sweep] no MLflow store for {config.name!r} yet (storage {config.storage_root}): run the pipeline "
               f"first", file=sys.stderr)
@@ -120,7 +118,6 @@ def cmd_best(config: PipelineConfig, args) -> None:
 def cmd_validate(config: PipelineConfig) -> None:
     from sweep.data.table import build_table
     from sweep.encoders.checks import check_encoder_settings
-
     from sweep.tracking import check_tracking
 
     check_tracking(config)
