@@ -46,7 +46,11 @@ def _diffusion_architecture(config: PipelineConfig, checkpoint: str | None):
         if found is None:
             return None
         unet_config, scheduler_config = found
-        return UNet2DModel.from_config(unet_config), int(scheduler_config.get("num_train_timesteps", 1000))
+        try:
+            unet = UNet2DModel.from_config(unet_config)
+        except Exception:  # noqa: BLE001 - not this check's business: the extract stage reports a bad folder
+            return None
+        return unet, int(scheduler_config.get("num_train_timesteps", 1000))
 
 
 def _check_diffusion(config: PipelineConfig, checkpoint: str | None, where: str) -> None:
