@@ -76,6 +76,12 @@ def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys, monkeypatch
         assert reference.iloc[0][f"metrics.{m}"] == pytest.approx(meta["metrics"][m])
     report = Path(store, "report", "report.md").read_text()
     assert "## Supervised reference (end to end)" in report
+    # each encoder's best column on val (from `sweep best`'s own records), in the comparison section
+    compared = report.split("## Encoders compared")[1].split("```")[1].strip().splitlines()
+    assert compared[0].split()[:4] == ["encoder", "column", "resolution", "val_macro_f1"]
+    best_of = {e: max((r for r in recs if r["encoder"] == e), key=lambda r: r["val_macro_f1"]) for e in ("diffusion", "sup")}
+    assert sorted((row.split()[0], row.split()[1], float(row.split()[3])) for row in compared[1:]) == sorted(
+        (e, r["column"], round(r["val_macro_f1"], 4)) for e, r in best_of.items())
     assert f"{meta['metrics']['test_macro_f1']:.4f}" in report
     assert {"## diffusion", "## sup"} <= set(report.splitlines())
     assert Path(store, "report", "heatmap_diffusion_val_macro_f1.png").is_file()

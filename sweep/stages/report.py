@@ -55,6 +55,17 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | N
     plt.close(fig)
 
 
+def encoder_comparison(frame: pd.DataFrame, select: str) -> pd.DataFrame:
+    """One row per encoder: its best column on validation (`select`), with that column's test, OOD and k-means
+    numbers: the study's comparison, chosen without looking at test. `frame` is ordered best first on `select`
+    (as `sweep best` returns it), so an encoder's first row is its best, ties in MLflow's order."""
+    firsts = frame.groupby("encoder", sort=False).head(1)
+    metrics = [select] + [m for m in ("test_acc", "test_macro_f1", "test_balanced_acc") if m != select]
+    metrics += sorted(c for c in frame.columns if c.startswith("ood_") and c.endswith(("_acc", "_macro_f1")))
+    metrics += [m for m in ("kmeans_nmi",) if m in frame.columns]
+    return firsts[["encoder", "column", "resolution", *[m for m in metrics if m in frame.columns]]]
+
+
 def run(config: PipelineConfig) -> str:
     storage = Storage.of(config.storage_root)
     # written locally, then uploaded when the storage is remote
@@ -70,6 +81,12 @@ def run(config: PipelineConfig) -> str:
              f"Config hash `{config.config_hash()}`; {len(frame)} probe runs; best chosen on "
              f"`{config.probe.select}` (validation), `{metric}` shown.", "",
              "## Best configurations", "", "```", format_table(recs[:10], config.probe.select), "```", ""]
+    if frame["encoder"].nunique() > 1:
+        compared = encoder_comparison(frame, config.probe.select)
+        lines += ["## Encoders compared", "",
+                  f"Each encoder's best column on validation (`{config.probe.select}`) and that column's test "
+                  "and OOD numbers.", "", "```",
+                  compared.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "```", ""]
     if config.probe.asha is not None and "epochs_run" in frame:
         short = int((frame["epochs_run"] < config.probe.epochs).sum())
         lines[4:4] = [f"ASHA was on: {short} of {len(frame)} columns ran fewer than {config.probe.epochs} epochs "
