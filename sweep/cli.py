@@ -100,11 +100,12 @@ def cmd_best(config: PipelineConfig, args) -> None:
         raise ConfigError(f"--metric: {problem}")
     if args.top < 0:
         raise ConfigError(f"--top: must be 0 (all) or more, got {args.top}")
-    if not store_exists(config):
+    have_store = store_exists(config)
+    if not have_store:
         print(f"[sweep] no MLflow store for {config.name!r} yet (storage {config.storage_root}): run the pipeline "
               f"first", file=sys.stderr)
     recs = best(config, metric=metric, top=args.top or None, encoder=args.encoder, any_config=args.any_config)
-    if not recs and not args.any_config and store_exists(config):
+    if not recs and not args.any_config and have_store:
         others = best(config, metric=metric, top=1, encoder=args.encoder, any_config=True)
         if others:
             print(f"[sweep] no probe runs for this config (hash {config.config_hash()}); runs exist for other "

@@ -48,11 +48,9 @@ def check_tracking(config: PipelineConfig) -> None:
 
 
 def tracking_uri(config: PipelineConfig) -> str:
-    if config.tracking.uri:
-        return config.tracking.uri
-    if _ENV_URI:
-        return _ENV_URI
-    check_tracking(config)
+    if config.tracking.uri or _ENV_URI:
+        return config.tracking.uri or _ENV_URI
+    check_tracking(config)  # the default SQLite store: local storage only
     path = Storage.of(config.storage_root).local("mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"

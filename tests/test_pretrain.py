@@ -271,7 +271,7 @@ def test_final_is_the_ema_unet_and_loads_with_diffusers(pretrained):
     scheduler = DDPMScheduler.from_pretrained(final)
     assert unet.config.sample_size == 16 and unet.config.in_channels == 1
     assert scheduler.config.num_train_timesteps == 1000
-    assert json.loads((final / pretrain.FINAL_MARKER).read_text())["steps"] == STEPS
+    assert json.loads((final / pretrain.PRETRAIN_MARKER).read_text())["steps"] == STEPS
 
     state = torch.load(_checkpoints(pretrained["run_dir"])[STEPS] / pretrain.STATE_FILE, map_location="cpu",
                        weights_only=False)

@@ -29,8 +29,9 @@ def _local_unet_config(folder: str) -> tuple[dict, dict] | None:
 
 
 def _diffusion_architecture(config: PipelineConfig, checkpoint: str | None):
-    """The U-Net (on the meta device) and its number of training timesteps that the extract stage will
-    load for a diffusion encoder, or None where that is not known before the stage runs."""
+    """The U-Net (on the meta device) that the extract stage will load for a diffusion encoder, with the
+    number of training timesteps of a checkpoint folder's schedule (None for the U-Net `pretrain` builds:
+    the config checks its own schedule); None where the U-Net is not known before the stage runs."""
     import torch
     from diffusers import UNet2DModel
 
@@ -40,8 +41,8 @@ def _diffusion_architecture(config: PipelineConfig, checkpoint: str | None):
     with torch.device("meta"):
         if folder is None:
             m = config.pretrain.model
-            return (build_unet(config.data.image_size, config.data.channels, m.block_out_channels,
-                               m.layers_per_block, m.attention), config.pretrain.scheduler.num_train_timesteps)
+            return build_unet(config.data.image_size, config.data.channels, m.block_out_channels,
+                              m.layers_per_block, m.attention), None
         found = _local_unet_config(folder)
         if found is None:
             return None
@@ -64,7 +65,7 @@ def _check_diffusion(config: PipelineConfig, checkpoint: str | None, where: str)
         resolve_layers(unet, config.extract.layers)
     except ValueError as e:
         raise ConfigError(f"extract.layers: {e} ({where})") from None
-    late = [t for t in config.extract.timesteps if t >= num_train_timesteps]
+    late = [t for t in config.extract.timesteps if num_train_timesteps is not None and t >= num_train_timesteps]
     if late:
         raise ConfigError(f"extract.timesteps: {late} not below {num_train_timesteps}, the number of training "
                           f"timesteps of {where}'s noise schedule")

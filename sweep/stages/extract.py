@@ -35,13 +35,14 @@ def encoder_kwargs(config: PipelineConfig, spec: EncoderSpec) -> dict:
     storage = Storage.of(config.storage_root)
     if spec.kind == "diffusion":
         checkpoint = spec.checkpoint or storage.pretrain_final
-        if not spec.checkpoint and not exists(f"{checkpoint}/{PRETRAIN_MARKER}"):
+        if not spec.checkpoint:
             # the pretrain stage writes its completion marker last: without it the folder may be half there
-            raise ExtractError(f"encoder {spec.name!r}: no finished pretraining at {checkpoint} (no {PRETRAIN_MARKER}; "
-                               f"run `sweep pretrain` first)")
-        if not exists(f"{checkpoint}/config.json") and not exists(f"{checkpoint}/unet/config.json"):
-            hint = "run `sweep pretrain` first" if not spec.checkpoint else "check extract.encoders[].checkpoint"
-            raise ExtractError(f"encoder {spec.name!r}: no diffusers U-Net at {checkpoint} ({hint})")
+            if not exists(f"{checkpoint}/{PRETRAIN_MARKER}"):
+                raise ExtractError(f"encoder {spec.name!r}: no finished pretraining at {checkpoint} (no "
+                                   f"{PRETRAIN_MARKER}; run `sweep pretrain` first)")
+        elif not exists(f"{checkpoint}/config.json") and not exists(f"{checkpoint}/unet/config.json"):
+            raise ExtractError(f"encoder {spec.name!r}: no diffusers U-Net at {checkpoint} (check "
+                               f"extract.encoders[].checkpoint)")
         return {
             "kind": "diffusion", "name": spec.name, "checkpoint": checkpoint,
             "layers": config.extract.layers, "timesteps": list(config.extract.timesteps), "seed": config.seed,

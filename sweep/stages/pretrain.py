@@ -35,7 +35,6 @@ from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_di
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
 # the feature store are imported where they are used, not here.
 
-FINAL_MARKER = PRETRAIN_MARKER
 STATE_FILE = "state.pt"
 # Fault injection for resume tests: the workers raise after the first checkpoint at or past this step, unless
 # the run resumed at or past it (so a rerun with the variable still set finishes). Read on the driver and sent
@@ -282,10 +281,10 @@ def _save_final(trainer, scheduler, cfg: dict, client) -> None:
     from sweep.train.ddpm import image_grid, sample
 
     final = trainer.ema_model("cpu")
-    with staged_dir(cfg["final_dir"], FINAL_MARKER) as tmp:  # the marker last: whoever sees it sees it all
+    with staged_dir(cfg["final_dir"], PRETRAIN_MARKER) as tmp:  # the marker last: whoever sees it sees it all
         final.save_pretrained(tmp)
         scheduler.save_pretrained(tmp)
-        (tmp / FINAL_MARKER).write_text(json.dumps({"key": cfg["key"], "steps": cfg["steps"]}, indent=1))
+        (tmp / PRETRAIN_MARKER).write_text(json.dumps({"key": cfg["key"], "steps": cfg["steps"]}, indent=1))
     if client is not None and cfg["sample_grid"]:
         with tempfile.TemporaryDirectory() as d:
             images = sample(final.to(trainer.device), dict(scheduler.config), cfg["sample_grid"], seed=cfg["seed"])
@@ -386,7 +385,7 @@ def run(config: PipelineConfig) -> str:
     """Train (or resume) and return the final checkpoint folder."""
     storage = Storage.of(config.storage_root)
     key = pretrain_key(config)
-    marker = read_json(f"{storage.pretrain_final}/{FINAL_MARKER}")
+    marker = read_json(f"{storage.pretrain_final}/{PRETRAIN_MARKER}")
     if marker is not None:
         if marker.get("key") == key:
             say(f"pretrain: {storage.pretrain_final} is complete for this config, nothing to do")
@@ -420,7 +419,7 @@ def run(config: PipelineConfig) -> str:
     except Exception as e:
         tracking.finish_run(config, run_id, "FAILED")
         raise PretrainError(f"pretrain failed (rerun to resume from the last checkpoint): {_cause(e)}") from e
-    if not exists(f"{storage.pretrain_final}/{FINAL_MARKER}"):
+    if not exists(f"{storage.pretrain_final}/{PRETRAIN_MARKER}"):
         tracking.finish_run(config, run_id, "FAILED")
         raise PretrainError(f"pretrain ended without writing {storage.pretrain_final}")
     metrics = result.metrics or {}

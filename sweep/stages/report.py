@@ -62,7 +62,7 @@ def encoder_comparison(frame: pd.DataFrame, select: str) -> pd.DataFrame:
     firsts = frame.groupby("encoder", sort=False).head(1)
     metrics = [select] + [m for m in ("test_acc", "test_macro_f1", "test_balanced_acc") if m != select]
     metrics += sorted(c for c in frame.columns if c.startswith("ood_") and c.endswith(("_acc", "_macro_f1")))
-    metrics += [m for m in ("kmeans_nmi",) if m in frame.columns]
+    metrics += ["kmeans_nmi"]
     return firsts[["encoder", "column", "resolution", *[m for m in metrics if m in frame.columns]]]
 
 
