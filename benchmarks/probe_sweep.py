@@ -51,7 +51,13 @@ rounds; per-round overheads range over 30 points):
     (Ray's start and the planning: 3.0-4.3 s of the 36.5-37.9 s sweep); accuracy +0.008 points. Target 15 %:
     not met; 10x: met in two rounds of three. Before the store was made ahead (each round's sweep then created
     a fresh SQLite store, ~2.5 s of schema migrations beside `ray.init`), `--repeats 2`: 23.4 % pooled, 8.8 /
-    8.6x with 6.2-7.5 s of start and planning.
+    8.6x with 6.2-7.5 s of start and planning. Two later runs of 3 on the same VM: pooled 21.5 % (21.1 / 22.5 /
+    20.8) with `--controls` and 23.2 % (25.8 / 23.1 / 20.3, a slower phase: speed-up 9.1-9.9x). The idle
+    slots by phase (the second run): the workers' start-up 9.1 % (~3.3 s from `Tuner.fit` to each slot's
+    first trial), between trials 2.9 % (~8 ms a trial), the end 0.9 %. `--controls` (first run): the same
+    trials in two plain processes already cost 10.5 % against (b) (their start-up, imports and sharing the
+    machine); Tune + MLflow add 12.3 % pooled over them (10.6 / 13.4 / 12.7); with no child runs written
+    the sweep's overhead was 20.1 % against 20.8 % in the same round.
   - 1 trial at a time (`--slots 1`: the driver and Ray have the other core, as on a cluster whose driver runs
     on the CPU-only head node of cluster.yaml), `--repeats 3`: overhead -2.1 / -1.2 / 6.8 %, pooled 1.0 %
     (idle slots 8.1 %, the trials 7.0 % faster than the bare run: the VM's drift); speed-up 11.1 / 12.2 /
@@ -245,9 +251,11 @@ def run_sweep(config, mlflow_writes: bool = True):
 
     def measured_fit(tuner):
         before, driver = _ray_service_cpu(), time.process_time()
+        cpu["fit_start"] = time.time()  # wall clock, as MLflow's run times
         try:
             return fit(tuner)
         finally:
+            cpu["fit_end"] = time.time()
             cpu["driver"] = time.process_time() - driver
             after = _ray_service_cpu()
             cpu["ray"] = sum(after[pid] - before[pid] for pid in after if pid in before)
@@ -260,15 +268,43 @@ def run_sweep(config, mlflow_writes: bool = True):
     finally:
         probe.ChildRunWriter.write, tune.Tuner.fit = write, fit
         ray.shutdown()
-    return {**out, "driver_cpu": cpu["driver"], "ray_cpu": cpu["ray"]}, wall
+    return {**out, "driver_cpu": cpu["driver"], "ray_cpu": cpu["ray"], "fit_start": cpu["fit_start"],
+            "fit_end": cpu["fit_end"]}, wall
 
 
-def trial_seconds(config) -> dict[str, float]:
-    """In-trial compute time (read + probe + k-means) of every child run, from MLflow."""
+def trial_records(config) -> tuple[dict[str, float], list[tuple[float, float]]]:
+    """From MLflow: each child run's in-trial compute time (read + probe + k-means), by column, and its
+    (start, end) wall-clock seconds (end: when the driver got the result; start: end - compute time)."""
     from sweep import tracking
 
     runs = tracking.search_trial_runs(config, metric="val_macro_f1")
-    return dict(zip(runs["params.column"], runs["metrics.trial_seconds"]))
+    spans = [(end.timestamp() - seconds, end.timestamp())
+             for end, seconds in zip(runs["end_time"], runs["metrics.trial_seconds"])]
+    return dict(zip(runs["params.column"], runs["metrics.trial_seconds"])), spans
+
+
+def idle_phases(spans: list[tuple[float, float]], start: float, end: float, slots: int) -> dict[str, float]:
+    """Slot-seconds of [start, end] (`Tuner.fit`) with no trial computing, in three phases: until every slot
+    first has a trial (the workers' start-up: process, imports, first Tune calls), between trials while all
+    slots are busy (the result's trip, Tune's driver loop, the next trial's calls), and from when the slots
+    last stopped being all busy (the last trials' tail and Tune's end)."""
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    running, full_from, full_until = 0, None, None
+    for when, change in events:
+        if running >= slots and change < 0:
+            full_until = when
+        running += change
+        if running >= slots and full_from is None:
+            full_from = when
+    if full_from is None:  # never all busy: all of it is start-up, then the end
+        full_from = full_until = max((b for _, b in spans), default=end)
+    idle, running, t = dict.fromkeys(("start-up", "between", "end"), 0.0), 0, start
+    for when, change in events + [(end, 0)]:
+        when = min(max(when, start), end)
+        phase = "start-up" if t < full_from else "between" if t < full_until else "end"
+        idle[phase] += (slots - min(running, slots)) * (when - t)
+        t, running = when, running + change
+    return idle
 
 
 def run_bare(config, columns: list[str], label: str = "") -> tuple[float, float]:
@@ -375,11 +411,18 @@ def shares(rounds: list[dict], slots: int) -> dict[str, float]:
            "driver": sum(r["out"]["driver_cpu"] for r in rounds) / slots_s,
            "ray": sum(r["out"]["ray_cpu"] for r in rounds) / slots_s}
     out["slower"] = out["overhead"] - out["idle"]  # trials slower inside the sweep than bare
+    for phase in rounds[0]["phases"]:
+        out[phase] = sum(r["phases"][phase] for r in rounds) / slots_s
     if all(r["pool"] for r in rounds):
         pool = sum(r["pool"] for r in rounds)
         out["pool_vs_bare"] = 1 - bare / (slots * pool)
         out["tune_vs_pool"] = 1 - slots * pool / slots_s
     return out
+
+
+def _phases(share: dict[str, float]) -> str:
+    return (f"workers' start-up {100 * share['start-up']:.1f} % (until every slot has its first trial), between "
+            f"trials {100 * share['between']:.1f} %, end {100 * share['end']:.1f} % (the last trials' tail, Tune's end)")
 
 
 def main() -> None:
@@ -421,11 +464,12 @@ def main() -> None:
         out, sweep_wall = run_sweep(config)
         pool = run_plain_pool(config, columns, slots) if args.controls else None
         after = run_bare(config, columns[1::2], " 2/2, after (a)")
-        in_trial = trial_seconds(config)
+        in_trial, spans = trial_records(config)
         if sorted(in_trial) != columns:
             raise SystemExit(f"the sweep recorded {len(in_trial)} trials, the feature store has {len(columns)} columns")
         pairs.append({"out": out, "sweep_wall": sweep_wall, "in_trial": in_trial, "bare_wall": before[0] + after[0],
                       "bare_cpu": before[1] + after[1], "halves": (before[0], after[0]), "pool": pool,
+                      "phases": idle_phases(spans, out["fit_start"], out["fit_end"], slots),
                       "tune_wall": out["tune_seconds"] + out["flush_seconds"]})  # Tuner.fit + MLflow's last writes
     n = len(columns)
     controls = {}
@@ -479,6 +523,7 @@ def main() -> None:
         print(f"        = idle slots {100 * share['idle']:.1f} % + trials slower than bare {100 * share['slower']:+.1f} "
               f"%; CPU taken during Tune by the driver {out['driver_cpu']:.1f} s ({100 * share['driver']:.1f} % of "
               f"the slots), by Ray's own processes {out['ray_cpu']:.1f} s ({100 * share['ray']:.1f} %)")
+        print(f"        idle slots by phase: {_phases(share)}")
         if "pool_vs_bare" in share:
             print(f"      (b') same trials in {slots} plain processes (spawned: start-up and imports count, no Ray, no "
                   f"MLflow) {r['pool']:.1f} s: {100 * share['pool_vs_bare']:.1f} % against (b); "
@@ -494,6 +539,7 @@ def main() -> None:
         print(f"  pooled = idle slots {100 * pooled['idle']:.1f} % + trials slower than bare "
               f"{100 * pooled['slower']:+.1f} %; CPU during Tune: the driver {100 * pooled['driver']:.1f} %, "
               f"Ray's own processes {100 * pooled['ray']:.1f} % of the slots")
+        print(f"  pooled idle slots by phase: {_phases(pooled)}")
         if "pool_vs_bare" in pooled:
             print(f"  pooled (b') plain processes {100 * pooled['pool_vs_bare']:.1f} % against (b); Tune + MLflow "
                   f"add {100 * pooled['tune_vs_pool']:.1f} % over them")
