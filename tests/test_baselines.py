@@ -196,6 +196,82 @@ def test_two_views_are_seeded_and_in_range():
     assert not torch.allclose(a1, a2)
 
 
+# ------------------------------------------------------------------------- BatchNorm recalibration
+
+
+def _small_bn_net():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 3, 3), torch.nn.BatchNorm2d(3))
+    for bn in (net[1], net[4]):  # statistics far from the data's, as after a short run
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(0.01)
+    return net.eval()
+
+
+def test_recalibrate_batchnorm_sets_each_layer_to_its_input_statistics():
+    import torch.nn.functional as F
+
+    net = _small_bn_net()
+    x = 2 * torch.randn(10, 1, 9, 9, generator=torch.Generator().manual_seed(1)) + 1
+    assert baselines.recalibrate_batchnorm(net, x, world=1, device="cpu", batch_size=16)  # one batch
+    # independently: each layer's input as training mode computes it (batch statistics), then its mean and
+    # unbiased variance over (images, height, width)
+    h1 = net[0](x)
+    h2 = net[3](F.relu(F.batch_norm(h1, None, None, net[1].weight, net[1].bias, training=True)))
+    for bn, h in ((net[1], h1), (net[4], h2)):
+        assert torch.allclose(bn.running_mean, h.mean((0, 2, 3)).detach(), atol=1e-5)
+        assert torch.allclose(bn.running_var, h.var((0, 2, 3), unbiased=True).detach(), atol=1e-4)
+        assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 1
+    assert not net.training  # mode kept
+    # in eval mode the network now normalises the sample as training mode would
+    with torch.no_grad():
+        eval_out = net(x)
+        train_out = net.train()(x)
+    assert torch.allclose(eval_out, train_out, atol=0.05)
+
+
+def test_recalibrate_batchnorm_averages_over_batches():
+    net = _small_bn_net()
+    x = torch.randn(11, 1, 9, 9, generator=torch.Generator().manual_seed(2))
+    assert baselines.recalibrate_batchnorm(net, x, world=1, device="cpu", batch_size=4)
+    # batches of 4, 4 and 3, each weighing the same
+    means = torch.stack([net[0](x[i: i + 4]).mean((0, 2, 3)) for i in (0, 4, 8)]).detach()
+    assert torch.allclose(net[1].running_mean, means.mean(0), atol=1e-5)
+    assert int(net[1].num_batches_tracked) == 3
+    # a last batch of one image is left out (it has no variance); nothing to do without images or layers
+    assert baselines.recalibrate_batchnorm(net, x[:9], world=1, device="cpu", batch_size=4)
+    assert int(net[1].num_batches_tracked) == 2
+    assert not baselines.recalibrate_batchnorm(net, None, world=1, device="cpu")
+    assert not baselines.recalibrate_batchnorm(torch.nn.Linear(2, 2), x, world=1, device="cpu")
+
+
+@pytest.mark.parametrize("cache_limit", [1 << 30, 64], ids=["cached", "streamed"])
+def test_train_shard_sample_spans_the_split_in_row_order(ray_local, cache_limit):
+    import ray
+
+    rows = np.arange(100)
+    ds = ray.data.from_items([{"row": int(r), "image": np.full((1, 2, 2), r, dtype=np.float32)}
+                              for r in rows[::-1]])  # streamed in reverse row order
+    shard = baselines._TrainShard(ds.iterator(), batch_size=8, cache_limit=cache_limit, sample_every=7)
+    assert sum(len(b["row"]) for b in shard.epoch(0, 0, 0)) == 100
+    assert shard.streaming == (cache_limit == 64)
+    sample = shard.sample(world=1)
+    assert sample[:, 0, 0, 0].tolist() == list(range(0, 100, 7))  # every 7th row, in row order
+    for _ in shard.epoch(1, 0, 0):  # a later epoch adds nothing
+        pass
+    assert torch.equal(shard.sample(world=1), sample)
+    # asked before any epoch (a run resumed after its last one): it reads one
+    fresh = baselines._TrainShard(ds.iterator(), batch_size=8, cache_limit=cache_limit, sample_every=7)
+    assert torch.equal(fresh.sample(world=1), sample)
+
+
+def test_bn_sample_every_spreads_the_sample_over_the_split():
+    assert baselines.bn_sample_every(61, world=2, image_bytes=4 * 32 * 32) == 1
+    assert baselines.bn_sample_every(51_000, world=2, image_bytes=4 * 32 * 32) == 7  # ~3,643 per worker
+    assert baselines.bn_sample_every(1_000_000, world=1, image_bytes=4 * 3 * 224 * 224) == 2248  # 445 images (256 MiB)
+
+
 def test_confusion_metrics_match_probe_metrics():
     from sweep.probing.metrics import classification_metrics
 
@@ -457,6 +533,24 @@ def test_supervised_trains_selects_on_val_and_reports_test_metrics(ray_local, wr
     assert m["best_epoch"] == best["epoch"] and m["val_macro_f1"] == best["val_macro_f1"]
     assert 0 <= m["test_acc"] <= 1 and 0 <= m["test_macro_f1"] <= 1 and m["test_images"] == n_test
 
+    # the kept weights carry BatchNorm statistics recomputed over the train split at their epoch (one batch
+    # per worker here), not the running average of the training steps: the first layer's mean is the
+    # mean of its input over the train images (up to the row Ray Train's equal split may drop)
+    from safetensors.torch import load_file
+
+    from sweep.data.preprocess import decode_rows
+
+    state = load_file(f"{final}/model.safetensors")
+    assert int(state["bn1.num_batches_tracked"]) == 1
+    train = build_table(cfg).frame.query("split == 'train'")
+    images, _ = decode_rows(train["path"].astype(str).tolist(), train["index"].astype(int).tolist(), 16, 1)
+    net = build_resnet("resnet18", num_classes=6, in_channels=1, small_input=True)
+    net.load_state_dict(state)
+    with torch.no_grad():
+        h = net.conv1(torch.from_numpy(images))
+    mean, std = h.mean((0, 2, 3)), h.std((0, 2, 3))
+    assert torch.allclose(state["bn1.running_mean"], mean, atol=0.05 * float(std.max()))
+
     runs = _runs(cfg, "sup")
     assert len(runs) == 1
     run = runs.iloc[0]
@@ -497,6 +591,7 @@ def test_simclr_reads_no_label_and_resumes_exactly(ray_local, write_pipeline, tm
     assert hist[-1]["train_loss"] < hist[0]["train_loss"] - 0.05, hist
     weights = load_file(f"{final}/model.safetensors")
     assert "fc.weight" not in weights and len(weights) == 120
+    assert int(weights["bn1.num_batches_tracked"]) == 1  # statistics recomputed for the final weights
     assert CNNEncoder(final).kind == "simclr"
 
     real = table_mod.build_table

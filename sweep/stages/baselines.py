@@ -9,6 +9,10 @@ Each entry of `baselines:` is one of
   logged to MLflow (`test_acc`, `test_macro_f1`, `test_balanced_acc`): the supervised reference.
 - `simclr`: the same backbone + a projection head trained with NT-Xent on two augmented views of each image
   (`sweep.train.simclr`). Labels never reach it: its Ray Data dataset has only the image and a row number.
+- Both recompute their BatchNorm statistics over a sample of the train split (every k-th row, about 4,096
+  images per worker) with the weights as they are before each evaluation and before saving
+  (`recalibrate_batchnorm`): evaluation and the extracted features see statistics of the final weights,
+  not an average over training steps taken while the weights moved.
 - `pretrained`: the architecture with weights from a local file (`weights`: a state dict, `.pth`/`.pt`/
   `.safetensors`); nothing is trained or downloaded. `arch` is a built-in ResNet (torchvision/timm-format
   weights, conv1 adapted to the data's channels), or `torchvision:<name>`, `timm:<name>`, `<module>:<callable>`
@@ -46,6 +50,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of the steps, then cosine decay to 0
 EVAL_BATCH = 256
+# BatchNorm statistics are recomputed over about this many train images per worker, spread over the whole
+# split (at most this many bytes of them), before each evaluation and before the weights are saved (see
+# `recalibrate_batchnorm`)
+BN_SAMPLE_IMAGES = 4096
+BN_SAMPLE_BYTES = 256 << 20
+
+
+def bn_sample_every(n_train: int, world: int, image_bytes: int) -> int:
+    """Every how many train rows one goes into the BatchNorm sample."""
+    per_worker = min(BN_SAMPLE_IMAGES, max(2, BN_SAMPLE_BYTES // max(1, image_bytes)))
+    return max(1, math.ceil(n_train / max(1, world) / per_worker))
 
 
 class BaselineError(RuntimeError):
@@ -120,13 +135,47 @@ class _TrainShard:
     exactly. A larger shard is streamed every epoch (in Ray Data's order).
     """
 
-    def __init__(self, shard, batch_size: int, cache_limit: int):
+    def __init__(self, shard, batch_size: int, cache_limit: int, sample_every: int = 1):
         self.shard, self.batch_size, self.cache_limit = shard, batch_size, cache_limit
         self.cached: dict | None = None
         self.streaming = False
+        self.sample_every = sample_every
+        self._sample: list = []  # (rows, images) of the sample, kept while the first epoch streams
+        self.sampled = False  # the first epoch streamed to its end: `_sample` is complete
 
     def _stream(self):
-        return self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=None)
+        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=None):
+            if not self.sampled:
+                keep = batch["row"] % self.sample_every == 0
+                self._sample.append((batch["row"][keep], batch["image"][keep].clone()))  # not the whole batch
+            yield batch
+        self.sampled = True
+
+    def sample(self, world: int, device="cpu"):
+        """This worker's train images whose row number is a multiple of `sample_every` (unaugmented, in row
+        order), cut to the fewest any worker has, so that every worker runs as many batches with them; read
+        through one epoch first if none was read (a run resumed after its last epoch). None if empty."""
+        import torch
+
+        if self.cached is None and not self.sampled:
+            for _ in self.epoch(0, 0, 0):
+                pass
+        if self.cached:
+            rows, images = self.cached["row"], self.cached["image"]
+            keep = rows % self.sample_every == 0
+            rows, images = rows[keep], images[keep]
+        elif self._sample:
+            rows, images = (torch.cat(parts) for parts in zip(*self._sample))
+            order = torch.argsort(rows)
+            rows, images = rows[order], images[order]
+        else:
+            rows, images = torch.zeros(0, dtype=torch.long), None
+        count = torch.tensor([len(rows)], device=device)  # on the device: NCCL reduces CUDA tensors only
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        return images[: int(count)] if images is not None and int(count) else None
 
     def epoch(self, epoch: int, seed: int, rank: int):
         import torch
@@ -150,6 +199,7 @@ class _TrainShard:
                 cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
                 order = torch.argsort(cat["row"])
                 self.cached = {k: v[order] for k, v in cat.items()}
+            self._sample = []  # the cache holds the sample
         n = len(self.cached.get("row", ()))
         g = torch.Generator().manual_seed(seed * 100_003 + epoch * 1009 + rank)
         perm = torch.randperm(n, generator=g)
@@ -232,6 +282,54 @@ def _evaluate(model, rows: _EvalRows, num_classes: int, device, world: int, use_
     return out
 
 
+def recalibrate_batchnorm(module, images, world: int, device, use_cuda: bool = False,
+                          batch_size: int = EVAL_BATCH) -> bool:
+    """Replaces every BatchNorm layer's running mean and variance by their average over `images` in batches
+    of `batch_size` (averaged across the `world` workers, whose samples are the same size), the network's
+    weights unchanged; returns whether there was anything to recalibrate.
+
+    Why: the running statistics that evaluation and feature extraction use are an exponential average over
+    the training steps with momentum 0.1, taken while the weights were still moving; after a short budget
+    (tens of steps, as on a small data set) they lag the weights so far that the network in eval mode can
+    collapse onto one class (the demo's supervised ResNet-18 predicted one class at val from its third epoch
+    on: test accuracy 0.32 at its kept second epoch; recomputed, it keeps epoch 8 at 0.59). Recomputing them
+    over training images with the weights as they are ("precise BN", as fvcore's PreciseBN and
+    torch.optim.swa_utils.update_bn do) is standard. SyncBatchNorm layers (CUDA, several workers) compute the statistics of each batch across
+    workers themselves; every worker runs the same number of batches.
+    """
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not layers or images is None or len(images) < 2:
+        return False
+    was_training, momenta = module.training, [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches
+    module.train()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = images[i: i + batch_size]
+                if len(x) < 2:  # a batch of one has no variance (the same on every worker: equal samples)
+                    continue
+                x = x.to(device)
+                if use_cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_cuda):
+                    module(x)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        module.train(was_training)
+    if world > 1:
+        for m in layers:
+            _all_reduce(m.running_mean, world).div_(world)
+            _all_reduce(m.running_var, world).div_(world)
+    return True
+
+
 def _lr_lambda(total_steps: int):
     warmup = int(round(WARMUP_FRACTION * total_steps))
 
@@ -302,7 +400,8 @@ def train_loop(cfg: dict) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(cfg["tracking_uri"])
-    shard = _TrainShard(ray.train.get_dataset_shard("train"), cfg["batch_size"], cfg["cache_limit_bytes"])
+    shard = _TrainShard(ray.train.get_dataset_shard("train"), cfg["batch_size"], cfg["cache_limit_bytes"],
+                        bn_sample_every(cfg["n_train"], world, 4 * cfg["in_channels"] * cfg["image_size"] ** 2))
     val = test = None
     if supervised:
         val = _EvalRows(cfg["val_rows"], rank, world, cfg["image_size"], cfg["in_channels"], cfg["cache_limit_bytes"])
@@ -351,6 +450,7 @@ def train_loop(cfg: dict) -> None:
         record = {"epoch": epoch + 1, "step": step, "train_loss": float(total[0] / max(total[1].item(), 1)),
                   "lr": schedule.get_last_lr()[0], "images_per_s": float(total[1]) / seconds if seconds else 0.0}
         if supervised:
+            recalibrate_batchnorm(raw, shard.sample(world, device), world, device, use_cuda)
             metrics = _evaluate(raw, val, len(cfg["classes"]), device, world, use_cuda, "val")
             record.update({k: metrics[k] for k in ("val_loss", "val_acc", "val_macro_f1")})
             score = metrics[select]
@@ -392,6 +492,8 @@ def train_loop(cfg: dict) -> None:
     else:
         final_metrics = {"final_train_loss": history[-1]["train_loss"]} if history else {}
         encoder = raw.backbone
+        # features are taken in eval mode: with the statistics of the final weights
+        recalibrate_batchnorm(encoder, shard.sample(world, device), world, device, use_cuda)
     if rank == 0:
         encoder = _plain_batchnorm(copy.deepcopy(encoder).to("cpu").to(memory_format=torch.contiguous_format))
         meta = {**cfg["meta"], "best_epoch": final_metrics.get("best_epoch"), "metrics": final_metrics,
