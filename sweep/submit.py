@@ -12,6 +12,9 @@ from sweep.config import ConfigError
 
 # not shipped: environments, outputs and caches (a job writes its outputs to the pipeline's storage)
 EXCLUDES = [".venv", ".git", "runs", "__pycache__", "*.pyc", "mlruns"]
+# a cluster's job agent registers some seconds after the head starts (or later on a loaded head); until then
+# Ray answers "No available agent to submit job, please try again later"
+AGENT_WAIT_S = 60.0
 
 
 def job_pipeline_path(pipeline: str, working_dir: str) -> str:
@@ -26,6 +29,22 @@ def job_pipeline_path(pipeline: str, working_dir: str) -> str:
     return rel.as_posix()
 
 
+def submit_job(client, wait_s: float = AGENT_WAIT_S, retry_every_s: float = 2.0, **job) -> str:
+    """`client.submit_job(**job)`, tried again while the cluster has no job agent yet (for `wait_s`)."""
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() + retry_every_s > deadline:
+                raise
+            if not said:
+                print(f"[sweep] the cluster's job agent is not up yet; trying again for up to {wait_s:.0f}s",
+                      file=sys.stderr)
+                said = True
+            time.sleep(retry_every_s)
+
+
 def submit(pipeline: str, address: str, stages: list[str], overrides: list[str], wait: bool = True) -> int:
     """Submit `sweep run` as a Ray job shipping the current directory; with `wait`, stream its logs and
     return the job's own exit status (its driver's exit code: 2 for an invalid config, 1 for a failure)."""
@@ -37,8 +56,8 @@ def submit(pipeline: str, address: str, stages: list[str], overrides: list[str],
     client = JobSubmissionClient(address)
     for o in overrides:
         cmd += ["--set", o]
-    job_id = client.submit_job(entrypoint=shlex.join(cmd),
-                               runtime_env={"working_dir": working_dir, "excludes": EXCLUDES})
+    job_id = submit_job(client, entrypoint=shlex.join(cmd),
+                        runtime_env={"working_dir": working_dir, "excludes": EXCLUDES})
     print(f"[sweep] submitted job {job_id} to {address}", file=sys.stderr)
     if not wait:
         print(job_id)

@@ -56,3 +56,34 @@ def test_submit_refuses_a_pipeline_the_job_would_not_get(write_pipeline, tmp_pat
     err = capsys.readouterr().err
     assert (f"PIPELINE {arg}: not inside the working directory" if where == "outside"
             else "under runs/, which is not shipped") in err, err
+
+
+class _ClusterStartingUp:
+    """Ray's JobSubmissionClient as a just-started cluster answers it (its job agent not registered yet for
+    the first `busy` calls): that window cannot be opened on demand on a real head, so it is played here."""
+
+    def __init__(self, busy: int, message: str = "Request failed with status code 500: No available agent to "
+                                                 "submit job, please try again later.."):
+        self.busy, self.message, self.calls = busy, message, []
+
+    def submit_job(self, **job):
+        self.calls.append(job)
+        if len(self.calls) <= self.busy:
+            raise RuntimeError(self.message)
+        return "raysubmit_1"
+
+
+def test_submit_waits_for_the_clusters_job_agent(capsys):
+    from sweep.submit import submit_job
+
+    client = _ClusterStartingUp(busy=2)
+    assert submit_job(client, wait_s=1, retry_every_s=0.01, entrypoint="sweep run p.yaml") == "raysubmit_1"
+    assert [c["entrypoint"] for c in client.calls] == ["sweep run p.yaml"] * 3
+    assert capsys.readouterr().err.count("job agent is not up yet") == 1
+    # past the wait, or any other error: raised as it is
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit_job(_ClusterStartingUp(busy=1000), wait_s=0.05, retry_every_s=0.01, entrypoint="x")
+    other = _ClusterStartingUp(busy=1, message="Request failed with status code 401: Unauthorized")
+    with pytest.raises(RuntimeError, match="401"):
+        submit_job(other, wait_s=1, retry_every_s=0.01, entrypoint="x")
+    assert len(other.calls) == 1
