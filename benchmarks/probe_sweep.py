@@ -247,18 +247,18 @@ def run_sweep(config, mlflow_writes: bool = True):
     write, fit = probe.ChildRunWriter.write, tune.Tuner.fit
     if not mlflow_writes:
         probe.ChildRunWriter.write = lambda self, batch: []
-    cpu = {}
+    measured = {}  # CPU seconds and `Tuner.fit`'s wall-clock start and end
 
     def measured_fit(tuner):
         before, driver = _ray_service_cpu(), time.process_time()
-        cpu["fit_start"] = time.time()  # wall clock, as MLflow's run times
+        measured["fit_start"] = time.time()  # wall clock, as MLflow's run times
         try:
             return fit(tuner)
         finally:
-            cpu["fit_end"] = time.time()
-            cpu["driver"] = time.process_time() - driver
+            measured["fit_end"] = time.time()
+            measured["driver_cpu"] = time.process_time() - driver
             after = _ray_service_cpu()
-            cpu["ray"] = sum(after[pid] - before[pid] for pid in after if pid in before)
+            measured["ray_cpu"] = sum(after[pid] - before[pid] for pid in after if pid in before)
 
     tune.Tuner.fit = measured_fit
     try:
@@ -268,8 +268,7 @@ def run_sweep(config, mlflow_writes: bool = True):
     finally:
         probe.ChildRunWriter.write, tune.Tuner.fit = write, fit
         ray.shutdown()
-    return {**out, "driver_cpu": cpu["driver"], "ray_cpu": cpu["ray"], "fit_start": cpu["fit_start"],
-            "fit_end": cpu["fit_end"]}, wall
+    return {**out, **measured}, wall
 
 
 def trial_records(config) -> tuple[dict[str, float], list[tuple[float, float]]]:

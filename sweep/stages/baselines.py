@@ -142,6 +142,7 @@ class _TrainShard:
         self.sample_every = sample_every
         self._sample: list = []  # (rows, images) of the sample, kept while the first epoch streams
         self.sampled = False  # the first epoch streamed to its end: `_sample` is complete
+        self._chosen = None  # `sample`'s answer, fixed once every worker has agreed on its size
 
     def _stream(self):
         for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=None):
@@ -154,9 +155,12 @@ class _TrainShard:
     def sample(self, world: int, device="cpu"):
         """This worker's train images whose row number is a multiple of `sample_every` (unaugmented, in row
         order), cut to the fewest any worker has, so that every worker runs as many batches with them; read
-        through one epoch first if none was read (a run resumed after its last epoch). None if empty."""
+        through one epoch first if none was read (a run resumed after its last epoch). None if empty. The
+        same tensor every time: worked out (and agreed across workers) on the first call only."""
         import torch
 
+        if self._chosen is not None:
+            return self._chosen[0]
         if self.cached is None and not self.sampled:
             for _ in self.epoch(0, 0, 0):
                 pass
@@ -175,7 +179,9 @@ class _TrainShard:
             import torch.distributed as dist
 
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
-        return images[: int(count)] if images is not None and int(count) else None
+        self._chosen = (images[: int(count)] if images is not None and int(count) else None,)
+        self._sample = []  # now held by `_chosen`
+        return self._chosen[0]
 
     def epoch(self, epoch: int, seed: int, rank: int):
         import torch
@@ -294,8 +300,8 @@ def recalibrate_batchnorm(module, images, world: int, device, use_cuda: bool = F
     collapse onto one class (the demo's supervised ResNet-18 predicted one class at val from its third epoch
     on: test accuracy 0.32 at its kept second epoch; recomputed, it keeps epoch 8 at 0.59). Recomputing them
     over training images with the weights as they are ("precise BN", as fvcore's PreciseBN and
-    torch.optim.swa_utils.update_bn do) is standard. SyncBatchNorm layers (CUDA, several workers) compute the statistics of each batch across
-    workers themselves; every worker runs the same number of batches.
+    torch.optim.swa_utils.update_bn do) is standard. SyncBatchNorm layers (CUDA, several workers) compute
+    the statistics of each batch across workers themselves; every worker runs the same number of batches.
     """
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
