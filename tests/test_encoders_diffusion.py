@@ -18,7 +18,7 @@ from torch import nn
 from sweep.data.preprocess import preprocess
 from sweep.encoders import DiffusionEncoder, Encoder, FeatureColumn, build_scheduler, build_unet, noise_for
 from sweep.encoders.base import PooledFeatureHooks, checkpoint_hash
-from sweep.encoders.diffusion import load_checkpoint, noise_seed, resolve_layers
+from sweep.encoders.diffusion import load_checkpoint, noise_batch, noise_seed, resolve_layers
 
 DEMO = Path(__file__).resolve().parents[1] / "sweep" / "data" / "demo" / "plankton-flowcam-demo" / "images"
 SIZE, CHANNELS = 32, 1
@@ -163,6 +163,21 @@ def test_noise_for_matches_contract():
         assert not torch.allclose(eps, noise_for(*other, shape))
     assert all(0 <= noise_seed(f"img{i}", 0, 0) < 2**63 for i in range(50))
 
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 5, 7), (1, 2, 2), (2, 3, 1)])  # randn's vector and scalar paths
+def test_noise_batch_equals_noise_for_image_by_image(shape):
+    ids = [f"cls{i % 3}/img{i}.jpg" for i in range(40)]
+    expected = torch.stack([noise_for(i, 200, 7, shape) for i in ids])
+    generator = torch.Generator()
+    generator.manual_seed(123)
+    torch.randn(5, generator=generator)  # a used generator: its earlier state must not leak into the draws
+    for g in (None, generator, generator):
+        batch = noise_batch(ids, 200, 7, shape, g)
+        assert batch.dtype == torch.float32 and batch.shape == (40, *shape)
+        assert torch.equal(batch, expected)
+    assert torch.equal(noise_batch(ids[::-1], 200, 7, shape), expected.flip(0))  # order-independent per image
+    assert noise_batch([], 200, 7, shape).shape == (0, *shape)
 
 def test_blocks_names_dims_and_resolutions(ckpt):
     enc = DiffusionEncoder(ckpt, layers="blocks", timesteps=[0, 100])
