@@ -26,6 +26,7 @@ from sweep.encoders.resnet import (
 )
 from sweep.stages import baselines
 from sweep.tracking import tracking_uri
+from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 from sweep.train.simclr import nt_xent, two_views
 
 
@@ -214,7 +215,7 @@ def test_recalibrate_batchnorm_sets_each_layer_to_its_input_statistics():
 
     net = _small_bn_net()
     x = 2 * torch.randn(10, 1, 9, 9, generator=torch.Generator().manual_seed(1)) + 1
-    assert baselines.recalibrate_batchnorm(net, x, world=1, device="cpu", batch_size=16)  # one batch
+    assert recalibrate_batchnorm(net, x, world=1, device="cpu", batch_size=16)  # one batch
     # independently: each layer's input as training mode computes it (batch statistics), then its mean and
     # unbiased variance over (images, height, width)
     h1 = net[0](x)
@@ -234,16 +235,16 @@ def test_recalibrate_batchnorm_sets_each_layer_to_its_input_statistics():
 def test_recalibrate_batchnorm_averages_over_batches():
     net = _small_bn_net()
     x = torch.randn(11, 1, 9, 9, generator=torch.Generator().manual_seed(2))
-    assert baselines.recalibrate_batchnorm(net, x, world=1, device="cpu", batch_size=4)
+    assert recalibrate_batchnorm(net, x, world=1, device="cpu", batch_size=4)
     # batches of 4, 4 and 3, each weighing the same
     means = torch.stack([net[0](x[i: i + 4]).mean((0, 2, 3)) for i in (0, 4, 8)]).detach()
     assert torch.allclose(net[1].running_mean, means.mean(0), atol=1e-5)
     assert int(net[1].num_batches_tracked) == 3
     # a last batch of one image is left out (it has no variance); nothing to do without images or layers
-    assert baselines.recalibrate_batchnorm(net, x[:9], world=1, device="cpu", batch_size=4)
+    assert recalibrate_batchnorm(net, x[:9], world=1, device="cpu", batch_size=4)
     assert int(net[1].num_batches_tracked) == 2
-    assert not baselines.recalibrate_batchnorm(net, None, world=1, device="cpu")
-    assert not baselines.recalibrate_batchnorm(torch.nn.Linear(2, 2), x, world=1, device="cpu")
+    assert not recalibrate_batchnorm(net, None, world=1, device="cpu")
+    assert not recalibrate_batchnorm(torch.nn.Linear(2, 2), x, world=1, device="cpu")
 
 
 @pytest.mark.parametrize("cache_limit", [1 << 30, 64], ids=["cached", "streamed"])
@@ -267,9 +268,9 @@ def test_train_shard_sample_spans_the_split_in_row_order(ray_local, cache_limit)
 
 
 def test_bn_sample_every_spreads_the_sample_over_the_split():
-    assert baselines.bn_sample_every(61, world=2, image_bytes=4 * 32 * 32) == 1
-    assert baselines.bn_sample_every(51_000, world=2, image_bytes=4 * 32 * 32) == 25  # 1,020 per worker
-    assert baselines.bn_sample_every(1_000_000, world=1, image_bytes=4 * 3 * 224 * 224) == 2248  # 445 images (256 MiB)
+    assert bn_sample_every(61, world=2, image_bytes=4 * 32 * 32) == 1
+    assert bn_sample_every(51_000, world=2, image_bytes=4 * 32 * 32) == 25  # 1,020 per worker
+    assert bn_sample_every(1_000_000, world=1, image_bytes=4 * 3 * 224 * 224) == 2248  # 445 images (256 MiB)
 
 
 def test_confusion_metrics_match_probe_metrics():

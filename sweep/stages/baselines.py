@@ -11,7 +11,7 @@ Each entry of `baselines:` is one of
   (`sweep.train.simclr`). Labels never reach it: its Ray Data dataset has only the image and a row number.
 - Both recompute their BatchNorm statistics over a sample of the train split (every k-th row, about 1,024
   images per worker) with the weights as they are before each evaluation and before saving
-  (`recalibrate_batchnorm`): evaluation and the extracted features see statistics of the final weights,
+  (`sweep.train.precise_bn`): evaluation and the extracted features see statistics of the final weights,
   not an average over training steps taken while the weights moved.
 - `pretrained`: the architecture with weights from a local file (`weights`: a state dict, `.pth`/`.pt`/
   `.safetensors`); nothing is trained or downloaded. `arch` is a built-in ResNet (torchvision/timm-format
@@ -44,25 +44,13 @@ from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
 from sweep.stages.common import init_ray, quiet_train_reports, quiet_training_data, say, train_logging
 from sweep.storage import Storage, read_json, staged_dir
+from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
 FAULT_ENV = "SWEEP_BASELINE_FAULT_AT_EPOCH"  # fault injection for resume tests: fail after this epoch
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of the steps, then cosine decay to 0
 EVAL_BATCH = 256
-# BatchNorm statistics are recomputed over about this many train images per worker, spread over the whole
-# split (at most this many bytes of them), before each evaluation and before the weights are saved (see
-# `recalibrate_batchnorm`)
-BN_SAMPLE_IMAGES = 1024  # a forward-only pass costs ~0.4 of a training step per image on CPU
-BN_SAMPLE_BYTES = 256 << 20
-
-
-def bn_sample_every(n_train: int, world: int, image_bytes: int) -> int:
-    """Every how many train rows one goes into the BatchNorm sample."""
-    per_worker = min(BN_SAMPLE_IMAGES, max(2, BN_SAMPLE_BYTES // max(1, image_bytes)))
-    return max(1, math.ceil(n_train / max(1, world) / per_worker))
-
-
 class BaselineError(RuntimeError):
     pass
 
@@ -286,54 +274,6 @@ def _evaluate(model, rows: _EvalRows, num_classes: int, device, world: int, use_
     out[f"{prefix}_loss"] = float(loss.item() / n) if n else float("nan")
     out[f"{prefix}_images"] = int(n)
     return out
-
-
-def recalibrate_batchnorm(module, images, world: int, device, use_cuda: bool = False,
-                          batch_size: int = EVAL_BATCH) -> bool:
-    """Replaces every BatchNorm layer's running mean and variance by their average over `images` in batches
-    of `batch_size` (averaged across the `world` workers, whose samples are the same size), the network's
-    weights unchanged; returns whether there was anything to recalibrate.
-
-    Why: the running statistics that evaluation and feature extraction use are an exponential average over
-    the training steps with momentum 0.1, taken while the weights were still moving; after a short budget
-    (tens of steps, as on a small data set) they lag the weights so far that the network in eval mode can
-    collapse onto one class (the demo's supervised ResNet-18 predicted one class at val from its third epoch
-    on: test accuracy 0.32 at its kept second epoch; recomputed, it keeps epoch 8 at 0.59). Recomputing them
-    over training images with the weights as they are ("precise BN", as fvcore's PreciseBN and
-    torch.optim.swa_utils.update_bn do) is standard. SyncBatchNorm layers (CUDA, several workers) compute
-    the statistics of each batch across workers themselves; every worker runs the same number of batches.
-    """
-    import torch
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not layers or images is None or len(images) < 2:
-        return False
-    was_training, momenta = module.training, [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # a plain average over the batches
-    module.train()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                x = images[i: i + batch_size]
-                if len(x) < 2:  # a batch of one has no variance (the same on every worker: equal samples)
-                    continue
-                x = x.to(device)
-                if use_cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_cuda):
-                    module(x)
-    finally:
-        for m, momentum in zip(layers, momenta):
-            m.momentum = momentum
-        module.train(was_training)
-    if world > 1:
-        for m in layers:
-            _all_reduce(m.running_mean, world).div_(world)
-            _all_reduce(m.running_var, world).div_(world)
-    return True
 
 
 def _lr_lambda(total_steps: int):
