@@ -6,10 +6,12 @@ fp32 features and against the CPU.
 
 What it runs, on one GPU (`--device cpu --tiny` runs the same code on a CPU in a minute, as a check of the
 script itself):
-1. Pretraining: two `DDPMTrainer`s from the same initial U-Net (pipelines/fashion-mnist.yaml's model, 32 px)
-   on the same batches: the CUDA path sweep uses (bf16 autocast, channels_last) and the same trainer with
-   autocast off (fp32; TF32 off too, so that fp32 means fp32). Reports the mean loss of each over the
-   compared steps and their steps per second; the bf16 trainer then goes on to `--steps`.
+1. Pretraining: three `DDPMTrainer`s from the same initial U-Net (pipelines/fashion-mnist.yaml's model,
+   32 px) on the same batches: the CUDA path sweep uses (bf16 autocast, channels_last), the same trainer with
+   autocast off (fp32; TF32 off too, so that fp32 means fp32), and the bf16 one with `pretrain.compile:
+   reduce-overhead` (torch.compile with CUDA graphs). Reports the mean loss of each over the compared steps,
+   their steps per second and their first step's seconds (the compilation); the compiled trainer then goes
+   on to `--steps`.
 2. Extraction: the bf16 trainer's EMA U-Net as a frozen encoder (`DiffusionEncoder`, "blocks" x 6 timesteps)
    over all 70,000 images in bf16 and in fp32: images per second for each, and how far bf16 features are
    from fp32 ones (relative L2 error per column); fp32 on the GPU is also checked against the CPU.
@@ -68,9 +70,9 @@ def check_training(x: torch.Tensor, steps: int, compare: int, batch: int, device
     torch.manual_seed(seed)
     unet = build_unet(size, 1, MODEL["block_out_channels"], MODEL["layers_per_block"], MODEL["attention"])
     trainers = {}
-    for name in ("bf16", "fp32"):
+    for name in ("bf16", "fp32", "bf16-compiled"):
         t = DDPMTrainer(copy.deepcopy(unet), build_scheduler(), lr=2e-4, total_steps=steps, warmup_steps=100,
-                        device=device, seed=seed)
+                        device=device, seed=seed, compile="reduce-overhead" if name == "bf16-compiled" else None)
         if name == "fp32":
             t.cuda = False  # no autocast and no channels_last input: the same model in fp32
         trainers[name] = t
@@ -78,26 +80,32 @@ def check_training(x: torch.Tensor, steps: int, compare: int, batch: int, device
     batches = [torch.randint(0, len(x), (batch,), generator=order) for _ in range(steps)]
     report = {}
     for name, t in trainers.items():
-        t.train_step(x[batches[0]])  # first step: kernels chosen, caches warm (not timed)
+        t0 = time.perf_counter()
+        t.train_step(x[batches[0]])  # first step: kernels chosen, caches warm, the compilation (not timed)
         _sync(device)
+        first = time.perf_counter() - t0
         t0 = time.perf_counter()
         losses = [t.train_step(x[idx]) for idx in batches[1:compare]]
         _sync(device)
         seconds = time.perf_counter() - t0
         losses = torch.stack(losses).float().cpu().numpy()
         report[name] = {"mean_loss": float(losses.mean()), "last_100_loss": float(losses[-100:].mean()),
-                        "steps_per_s": (compare - 1) / seconds, "images_per_s": (compare - 1) * batch / seconds}
+                        "steps_per_s": (compare - 1) / seconds, "images_per_s": (compare - 1) * batch / seconds,
+                        "first_step_s": first}
         print(f"  train {name}: {report[name]['steps_per_s']:.1f} steps/s ({report[name]['images_per_s']:.0f} "
               f"images/s, batch {batch}), mean loss over steps 2-{compare} {report[name]['mean_loss']:.4f}, "
-              f"last 100 {report[name]['last_100_loss']:.4f}", flush=True)
-    bf16 = trainers["bf16"]
+              f"last 100 {report[name]['last_100_loss']:.4f}; first step {first:.1f} s", flush=True)
+    if device.type != "cuda":
+        print("  (bf16 and compile apply on CUDA only: all three ran the same fp32 eager steps here)")
+    compiled = trainers["bf16-compiled"]  # sweep's CUDA path with pretrain.compile: reduce-overhead
     t0 = time.perf_counter()
-    tail = [bf16.train_step(x[idx]) for idx in batches[compare:]]
+    tail = [compiled.train_step(x[idx]) for idx in batches[compare:]]
     _sync(device)
-    final = float(torch.stack(tail[-200:]).float().mean()) if tail else report["bf16"]["last_100_loss"]
+    final = float(torch.stack(tail[-200:]).float().mean()) if tail else report["bf16-compiled"]["last_100_loss"]
     report["steps"], report["final_loss_last_200"] = steps, final
-    print(f"  bf16 trainer to step {steps}: {time.perf_counter() - t0:.1f} s more, loss (last 200) {final:.4f}")
-    return bf16.ema_model("cpu"), report
+    print(f"  bf16-compiled trainer to step {steps}: {time.perf_counter() - t0:.1f} s more, loss (last 200) "
+          f"{final:.4f}")
+    return compiled.ema_model("cpu"), report
 
 
 def extract(encoder: DiffusionEncoder, images: np.ndarray, ids: list[str], batch: int) -> tuple[dict, float]:

@@ -183,6 +183,9 @@ class PretrainConfig(_Model):
     cpus_per_worker: float = Field(1.0, gt=0)
     augment: bool = True
     sample_grid: int = Field(16, ge=0, description="generated samples logged to MLflow at the end; 0 = none")
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = Field(
+        "none", description="torch.compile mode of the U-Net's training forward on GPU workers (CPU workers run "
+                            "eager); reduce-overhead: CUDA graphs, for the launch-bound steps of a small U-Net")
 
     @field_validator("init_from")
     @classmethod
@@ -453,6 +456,7 @@ class PipelineConfig(_Model):
         payload = self.model_dump(mode="json", exclude={"storage", "tracking", "ray", "report"})
         if payload["probe"]["asha"] is None:  # the hash of a pipeline without it, as before it existed
             del payload["probe"]["asha"]
+        del payload["pretrain"]["compile"]  # how the GPU runs the same steps (as the pretrain key ignores it)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

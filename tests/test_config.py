@@ -167,9 +167,10 @@ def test_config_hash_tracks_results_not_locations(write_pipeline):
     path = write_pipeline()
     base = load_config(path)
     assert load_config(path, ["storage=/elsewhere", "tracking.uri=sqlite:///x.db"]).config_hash() == base.config_hash()
+    assert load_config(path, ["pretrain.compile=reduce-overhead"]).config_hash() == base.config_hash()
     assert load_config(path, ["probe.epochs=7"]).config_hash() != base.config_hash()
     assert load_config(path, ["probe.asha={grace_period: 2}"]).config_hash() != base.config_hash()
-    # The demo's hash from before `probe.asha` existed: an optional key left unset must not change the hash
+    # The demo's hash from before `probe.asha` and `pretrain.compile` existed: an optional key left unset must not change the hash
     # of existing pipelines (MLflow finds their finished trials by it).
     assert load_config("pipelines/demo.yaml").config_hash() == "edc90e18f19a"
     assert load_config(path).storage_root == base.storage_root

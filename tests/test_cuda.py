@@ -1,5 +1,5 @@
-"""The CUDA paths of the torch parts (bf16 autocast, channels_last, the probe on a GPU), checked against the
-CPU. Skipped where no GPU is: CI has none; run them on a GPU node (`pytest tests/test_cuda.py`). No Ray."""
+"""The CUDA paths of the torch parts (bf16 autocast, channels_last, the probe on a GPU, precise BatchNorm),
+checked against the CPU. Skipped where no GPU is: CI has none; run them on a GPU node (`pytest tests/test_cuda.py`). No Ray."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sweep.data.preprocess import preprocess
 from sweep.encoders.diffusion import DiffusionEncoder, build_scheduler, build_unet
 from sweep.probing import ProbeConfig, Split, train_probe
 from sweep.train.loop import DDPMTrainer
+from sweep.train.precise_bn import recalibrate_batchnorm
 
 from tests.conftest import DEMO_IMAGES
 
@@ -77,6 +78,44 @@ def test_ddpm_trainer_on_cuda_steps_in_bf16_channels_last_and_saves_a_portable_s
     assert next(ema.parameters()).device.type == "cpu" and ema.conv_in.weight.is_contiguous()
 
 
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["one-gpu", "ddp"])
+def test_ddpm_trainer_compiled_on_cuda_takes_the_eager_steps(demo_batch, ddp):
+    import socket
+
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    from torch.nn.parallel import DistributedDataParallel
+
+    images, _ = demo_batch
+    torch.manual_seed(0)
+    unet = build_unet(16, 1, [16, 32], 1, [False, True])
+    eager = DDPMTrainer(copy.deepcopy(unet), build_scheduler(), lr=1e-3, total_steps=10, device="cuda", seed=3)
+    compiled = DDPMTrainer(copy.deepcopy(unet), build_scheduler(), lr=1e-3, total_steps=10, device="cuda", seed=3,
+                           compile="reduce-overhead")
+    assert compiled.compile_mode == "reduce-overhead"
+    if ddp:  # as Ray Train's prepare_model wraps it: the compiled forward is then the DDP module's
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                device_id=torch.device("cuda", 0))
+        for t in (eager, compiled):
+            t.wrap(lambda m: DistributedDataParallel(m, device_ids=[0]))
+    try:
+        losses = []
+        for i in range(0, 96, 32):
+            losses.append([float(t.train_step(images[i: i + 32])) for t in (eager, compiled)])
+        graphs = counters["stats"]["unique_graphs"]
+        losses.append([float(t.train_step(images[96:])) for t in (eager, compiled)])  # an epoch's last 9 images
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+    # the same noise, timesteps and flips: only the kernels differ
+    assert all(abs(a - b) / a < 0.02 for a, b in losses), losses
+    assert compiled._compiled_batch == 32 and counters["stats"]["unique_graphs"] == graphs  # no recompilation
+    assert compiled.step == 4 and all(not k.startswith(("_orig_mod", "module")) for k in compiled.state_dict()["model"])
+
 def test_train_probe_on_cuda_chooses_the_head_the_cpu_chooses():
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (5, 48))
@@ -94,3 +133,23 @@ def test_train_probe_on_cuda_chooses_the_head_the_cpu_chooses():
     # the same minibatch order (a CPU generator) on both: only float rounding differs
     assert abs(on_gpu.metrics["test_acc"] - on_cpu.metrics["test_acc"]) <= 0.003
     np.testing.assert_allclose(on_gpu.weight, on_cpu.weight, rtol=0, atol=2e-3 * np.abs(on_cpu.weight).max())
+
+
+def test_recalibrate_batchnorm_on_cuda_in_bf16_matches_the_cpu():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 3), torch.nn.BatchNorm2d(4))
+    x = 2 * torch.randn(200, 1, 12, 12, generator=torch.Generator().manual_seed(1)) + 1
+    on_cpu = copy.deepcopy(net)
+    assert recalibrate_batchnorm(on_cpu, x, world=1, device="cpu", batch_size=64)
+    # what a CUDA baseline runs: SyncBatchNorm layers (plain batch norm in one process), channels_last, bf16
+    on_gpu = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net)).cuda()
+    on_gpu = on_gpu.to(memory_format=torch.channels_last).eval()
+    assert recalibrate_batchnorm(on_gpu, x, world=1, device="cuda", use_cuda=True, batch_size=64)
+    assert not on_gpu.training and on_gpu[1].momentum == 0.1 and int(on_gpu[1].num_batches_tracked) == 4
+    for i in (1, 4):
+        cpu_bn, gpu_bn = on_cpu[i], on_gpu[i]
+        scale = cpu_bn.running_var.sqrt()  # bf16 convolutions: errors of about 1 % of a standard deviation
+        assert torch.all((gpu_bn.running_mean.cpu() - cpu_bn.running_mean).abs() < 0.03 * scale), i
+        assert torch.allclose(gpu_bn.running_var.cpu(), cpu_bn.running_var, rtol=0.05), i
+        assert not torch.equal(gpu_bn.running_mean.cpu(), cpu_bn.running_mean)  # bf16 really ran

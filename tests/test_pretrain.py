@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import small_pipeline
 
-from sweep.config import load_config
+from sweep.config import ConfigError, load_config
 from sweep.stages import pretrain
 from sweep.train.augment import flips_and_rotations
 from sweep.train.loop import DDPMTrainer
@@ -141,6 +141,29 @@ def test_fault_step_reaches_the_workers_through_the_loop_config(tmp_path, monkey
     monkeypatch.setenv(pretrain.FAULT_ENV, "3")
     assert pretrain.loop_config(config, None)["fault_at_step"] == 3
 
+
+
+def test_compile_is_a_gpu_setting_that_leaves_the_weights_key_alone(tmp_path):
+    # on a CPU the trainer runs eager, the same steps as without the setting (the CUDA path: tests/test_cuda.py)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    eager, asked = _trainer(), _trainer(compile="reduce-overhead")
+    assert asked.compile_mode is None and asked._forward_model(4) is asked.model
+    assert torch.equal(eager.train_step(x), asked.train_step(x))
+    # the key of the trained weights ignores it (as workers and use_gpu): a compiled run resumes an eager one
+    raw = small_pipeline(tmp_path / "store")
+    keys = set()
+    for mode in ("none", "reduce-overhead"):
+        raw["pretrain"]["compile"] = mode
+        path = tmp_path / f"{mode}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        config = load_config(path)
+        assert pretrain.loop_config(config, None)["compile"] == mode  # reaches the workers
+        keys.add(pretrain.pretrain_key(config))
+    assert len(keys) == 1
+    raw["pretrain"]["compile"] = "fast"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="pretrain.compile"):
+        load_config(tmp_path / "bad.yaml")
 
 # ------------------------------------------------------------------------------------ real Ray Train
 

@@ -52,7 +52,7 @@ def pretrain_key(config: PipelineConfig) -> str:
     from sweep.features.store import fingerprint
 
     return fingerprint(config.pretrain.model_dump(mode="json", exclude={"workers", "use_gpu", "cpus_per_worker",
-                                                                        "sample_grid"}),
+                                                                        "sample_grid", "compile"}),
                        config.data.model_dump(mode="json"), config.seed)
 
 
@@ -203,7 +203,7 @@ def train_loop(cfg: dict) -> None:
     trainer = DDPMTrainer(unet, scheduler, lr=cfg["lr"], total_steps=cfg["steps"],
                           warmup_steps=cfg["warmup_steps"], weight_decay=cfg["weight_decay"],
                           grad_clip=cfg["grad_clip"], ema_decay=cfg["ema_decay"], augment=cfg["augment"],
-                          device=device, seed=cfg["seed"], rank=rank)
+                          device=device, seed=cfg["seed"], rank=rank, compile=cfg["compile"])
     client = None
     if rank == 0 and cfg["run_id"]:
         from mlflow.tracking import MlflowClient
@@ -409,10 +409,14 @@ def run(config: PipelineConfig) -> str:
         "block_out_channels": p.model.block_out_channels, "layers_per_block": p.model.layers_per_block,
         "attention": p.model.attention, "num_train_timesteps": p.scheduler.num_train_timesteps,
         "beta_schedule": p.scheduler.beta_schedule, "image_size": config.data.image_size,
-        "channels": config.data.channels, "init_from": p.init_from, "seed": config.seed})
+        "channels": config.data.channels, "init_from": p.init_from, "seed": config.seed,
+        "compile": p.compile if p.use_gpu else "none"})
     dataset, n_images = train_dataset(config)
     say(f"pretrain: {n_images} training images, {p.steps} steps x {p.batch_size} per worker x {p.workers} "
         f"worker(s){' on GPU' if p.use_gpu else ''}")
+    if p.compile != "none":
+        say(f"pretrain: torch.compile mode {p.compile} (the first steps wait for the compilation)" if p.use_gpu
+            else f"pretrain: compile {p.compile} applies on GPU workers only (use_gpu is false): running eager")
     trainer = make_trainer(config, run_id, dataset, key)
     try:
         result = trainer.fit()

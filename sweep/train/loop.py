@@ -28,11 +28,16 @@ class DDPMTrainer:
     `model` is what the forward runs (DDP-wrapped after `wrap`); `raw` is the unwrapped module that the EMA
     follows and that is saved, so no state carries DDP's "module." prefix. On CUDA the model runs in
     channels_last with bf16 autocast; elsewhere it stays fp32 (CPU bf16 is slow and changes the numbers).
+
+    `compile`, on CUDA only: a `torch.compile` mode for the forward ("reduce-overhead": CUDA graphs). A small
+    U-Net's step is bound by kernel launches, not by the GPU (benchmarks/gpu_check.py). Batches of another
+    size than the first (an epoch's last) run eager, so that they never trigger a second compilation.
     """
 
     def __init__(self, unet, scheduler, *, lr: float, total_steps: int, warmup_steps: int = 0,
                  weight_decay: float = 0.0, grad_clip: float | None = 1.0, ema_decay: float = 0.999,
-                 augment: bool = True, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0):
+                 augment: bool = True, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0,
+                 compile: str | None = None):
         from diffusers.optimization import get_cosine_schedule_with_warmup
         from diffusers.training_utils import EMAModel
 
@@ -41,7 +46,9 @@ class DDPMTrainer:
         self.raw = unet.to(self.device)
         if self.cuda:
             self.raw = self.raw.to(memory_format=torch.channels_last)
+        self.compile_mode = compile if self.cuda and compile not in (None, "none") else None
         self.model = self.raw
+        self._compiled, self._compiled_batch = self._compile(self.model), None
         self.scheduler = scheduler
         self.grad_clip = grad_clip
         self.augment = augment
@@ -60,6 +67,18 @@ class DDPMTrainer:
     def wrap(self, fn: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
         """Wrap the forward model, e.g. in DistributedDataParallel (Ray's `prepare_model` or torch's own)."""
         self.model = fn(self.raw)
+        self._compiled = self._compile(self.model)
+
+    def _compile(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        return torch.compile(model, mode=self.compile_mode) if self.compile_mode else None  # lazy: at first call
+
+    def _forward_model(self, batch: int) -> torch.nn.Module:
+        """The compiled forward for batches of the first batch's size, the eager one (same weights) otherwise."""
+        if self._compiled is None:
+            return self.model
+        if self._compiled_batch is None:
+            self._compiled_batch = batch
+        return self._compiled if batch == self._compiled_batch else self.model
 
     @property
     def lr(self) -> float:
@@ -79,7 +98,7 @@ class DDPMTrainer:
             x = x.contiguous(memory_format=torch.channels_last)
         amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
         with amp:
-            loss = ddpm_loss(self.model, self.scheduler, x, self.generator)
+            loss = ddpm_loss(self._forward_model(len(x)), self.scheduler, x, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
