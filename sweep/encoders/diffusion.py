@@ -280,14 +280,17 @@ class DiffusionEncoder(Encoder):
         for start in range(0, len(self.timesteps), k):
             chunk = self.timesteps[start : start + k]
             # Several timesteps share one forward by stacking along the batch with a per-sample timestep.
-            x = torch.cat([self.noisy(images, image_ids, t) for t in chunk]).to(self.device)
-            t = torch.tensor(chunk, dtype=torch.long).repeat_interleave(b).to(self.device)
+            x = torch.cat([self.noisy(images, image_ids, t) for t in chunk])
+            if self.device.type == "cuda":  # from pinned memory the copy does not wait for the running forward
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+            t = torch.cat([torch.full((b,), ts, dtype=torch.long, device=self.device) for ts in chunk])
             amp = torch.autocast("cuda", dtype=torch.bfloat16) if self._autocast else contextlib.nullcontext()
             with amp:
                 feats = self._hooks(x, t)
             for j, ts in enumerate(chunk):
                 for layer in self.layers:
                     on_device[f"{layer}@t{ts}"] = feats[layer][j * b : (j + 1) * b].to(torch.float16)
-        # copied back once, after the last forward: on a GPU the next chunk's noise is drawn on the CPU while
-        # the previous chunk still runs, instead of waiting for it at each copy
+        # Nothing above waits for the GPU (pinned input, timesteps made on the device, features copied back
+        # once, after the last forward): the CPU draws the next chunk's noise while the GPU runs this one.
         return {c.column: on_device[c.column].cpu().numpy() for c in self._columns}
