@@ -119,8 +119,10 @@ class _TrainShard:
 
     A shard that fits in `cache_limit` bytes is read once, put in a fixed order (by its `row` column, so the
     order does not depend on which Ray Data task finished first) and reshuffled in memory each epoch with a
-    generator seeded by (seed, epoch, rank): a seeded run is reproducible and a resumed one continues
-    exactly. A larger shard is streamed every epoch (in Ray Data's order).
+    generator seeded by (seed, epoch, rank). With one worker a seeded run is reproducible and a resumed one
+    continues exactly; with several, Ray Data's streaming split hands blocks to whichever worker asks
+    first, so which rows each worker holds (not the union) can differ between runs. A larger shard is
+    streamed every epoch (in Ray Data's order).
     """
 
     def __init__(self, shard, batch_size: int, cache_limit: int, sample_every: int = 1):
