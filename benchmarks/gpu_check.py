@@ -12,9 +12,10 @@ script itself):
    reduce-overhead` (torch.compile with CUDA graphs). Reports the mean loss of each over the compared steps,
    their steps per second and their first step's seconds (the compilation); the compiled trainer then goes
    on to `--steps`.
-2. Extraction: the bf16 trainer's EMA U-Net as a frozen encoder (`DiffusionEncoder`, "blocks" x 6 timesteps)
-   over all 70,000 images in bf16 and in fp32: images per second for each, and how far bf16 features are
-   from fp32 ones (relative L2 error per column); fp32 on the GPU is also checked against the CPU.
+2. Extraction: the compiled bf16 trainer's EMA U-Net as a frozen encoder (`DiffusionEncoder`, "blocks" x 6
+   timesteps) over all 70,000 images in bf16 and in fp32: images per second for each, and how far bf16
+   features are from fp32 ones (relative L2 error per column); fp32 on the GPU is also checked against the
+   CPU.
 3. Probing: `train_probe` (the pipeline's 3 x 3 heads, 30 epochs) on every column, from the bf16 and from
    the fp32 features, on the GPU: test accuracy of each and their difference; two columns again on the CPU
    (same head chosen, same accuracy?). Split: the official 10,000 test images; val is 10 % of the 60,000
