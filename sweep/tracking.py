@@ -71,18 +71,29 @@ def client_for(config: PipelineConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+# tracking stores that hold no files: MLflow would give their experiments `./mlruns` under the current folder
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def artifact_location(config: PipelineConfig) -> str | None:
+    """Where an experiment created by this pipeline keeps its artifacts (samples, heatmaps, the report):
+    `<storage>/mlartifacts` for a database-backed tracking store, local or in the bucket, so they stay with
+    the study wherever the command ran from; None for an MLflow server or a file store (they decide)."""
+    scheme = tracking_uri(config).split(":", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2: postgresql
+    if scheme not in _DATABASE_SCHEMES:
+        return None
+    storage = Storage.of(config.storage_root)
+    return storage.local("mlartifacts").as_uri() if storage.is_local else storage.uri("mlartifacts")
+
+
 def ensure_experiment(config: PipelineConfig) -> str:
     """Create the experiment once, on the driver (concurrent creation from trials races)."""
     client = client_for(config)
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is not None:
         return exp.experiment_id
-    artifact_location = None
-    storage = Storage.of(config.storage_root)
-    if tracking_uri(config).startswith("sqlite:") and storage.is_local:
-        artifact_location = storage.local("mlartifacts").as_uri()
     try:
-        return client.create_experiment(config.experiment_name, artifact_location=artifact_location)
+        return client.create_experiment(config.experiment_name, artifact_location=artifact_location(config))
     except mlflow.exceptions.MlflowException:
         # someone else created it between our lookup and create
         return client.get_experiment_by_name(config.experiment_name).experiment_id

@@ -96,8 +96,10 @@ def test_sweep_run_on_s3_storage(s3_env, tmp_path):
     env = {**os.environ, **s3_env, "SWEEP_CACHE": str(tmp_path / "cache"), "RAY_ADDRESS": ""}
     env.pop("MLFLOW_TRACKING_URI", None)
     cli = [str(Path(sys.executable).parent / "sweep")]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
 
-    first = subprocess.run([*cli, "run", str(path)], env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run([*cli, "run", str(path)], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
     assert first.returncode == 0, first.stderr[-3000:]
     # the pretraining's progress: one line per report (steps 3 and 6) from rank 0, once each, and none of
     # Ray Train's own per-report INFO lines
@@ -114,14 +116,20 @@ def test_sweep_run_on_s3_storage(s3_env, tmp_path):
     shards = fs.get_file_info(pafs.FileSelector(f"{base}/features/diffusion/plankton"))
     assert sorted(Path(i.path).name for i in shards) == [f"part-{i:05d}.parquet" for i in range(3)]
     assert "## diffusion" in fs.open_input_stream(f"{base}/report/report.md").read().decode()
+    # MLflow's artifacts (the pretraining's samples, the report's files) in the bucket too, none in the
+    # folder the command ran from (MLflow's own default for a SQLite store: ./mlruns)
+    artifacts = fs.get_file_info(pafs.FileSelector(f"{base}/mlartifacts", recursive=True))
+    names = sorted(Path(i.path).name for i in artifacts if i.type == pafs.FileType.File)
+    assert "samples.png" in names and "report.md" in names, names
+    assert list(cwd.iterdir()) == []
 
     best = subprocess.run([*cli, "best", str(path), "--format", "json", "--top", "0"], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
     assert best.returncode == 0, best.stderr[-3000:]
     assert len(json.loads(best.stdout)) == 10
 
     rerun = subprocess.run([*cli, "run", str(path), "--stages", "pretrain,extract,probe"], env=env,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, cwd=cwd)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "pretrain: s3://sweep-test/study/pretrain/final is complete for this config" in rerun.stderr
     assert "already complete, nothing to do" in rerun.stderr
