@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from sweep import tracking
-from sweep.config import PipelineConfig
+from sweep.config import PROBE_METRICS, PipelineConfig
 
 
 def _num(value, kind=float):
@@ -20,9 +20,10 @@ def _num(value, kind=float):
         return None
 
 
-def records(runs: pd.DataFrame) -> list[dict]:
+def records(runs: pd.DataFrame, metrics: tuple[str, ...] = ()) -> list[dict]:
     """Contract objects: run_id, encoder, layer, timestep (null for non-diffusion), resolution, dim, lr,
-    weight_decay, then every metric of the run as a number."""
+    weight_decay, then every metric of the run as a number; each of `metrics` is there in every object,
+    null where the run has none (k-means off, a trial from before an OOD dataset was added)."""
     out = []
     for _, r in runs.iterrows():
         rec = {
@@ -36,6 +37,7 @@ def records(runs: pd.DataFrame) -> list[dict]:
             "lr": _num(r.get("params.lr")),
             "weight_decay": _num(r.get("params.weight_decay")),
         }
+        rec.update(dict.fromkeys(metrics))
         for col in runs.columns:
             if col.startswith("metrics.") and not col.startswith("metrics.history_"):
                 rec[col.removeprefix("metrics.")] = _num(r[col])
@@ -46,7 +48,8 @@ def records(runs: pd.DataFrame) -> list[dict]:
 def best(config: PipelineConfig, metric: str = "val_macro_f1", top: int | None = 10, encoder: str | None = None,
          any_config: bool = False) -> list[dict]:
     runs = tracking.search_trial_runs(config, metric=metric, encoder=encoder, any_config=any_config)
-    recs = records(runs)
+    ood = tuple(f"ood_{d.name}_{m}" for d in config.data.ood for m in ("acc", "macro_f1"))
+    recs = records(runs, PROBE_METRICS + ood)
     return recs[:top] if top else recs
 
 

@@ -249,7 +249,8 @@ def test_records_types_for_a_non_diffusion_encoder():
                            "params.timestep": "", "params.resolution": "4", "params.dim": "256",
                            "params.lr": "0.01", "params.weight_decay": "0.0", "metrics.val_acc": 0.5,
                            "metrics.test_acc": float("nan"), "metrics.history_val_acc": 0.4}])
-    (rec,) = records(frame)
+    (rec,) = records(frame, ("val_acc", "kmeans_nmi"))
+    assert rec["kmeans_nmi"] is None and "kmeans_ari" not in rec  # asked for: there, null; not asked: absent
     assert rec["timestep"] is None and rec["resolution"] == 4 and rec["dim"] == 256
     assert rec["lr"] == 0.01 and rec["weight_decay"] == 0.0 and rec["val_acc"] == 0.5
     assert rec["test_acc"] is None and "history_val_acc" not in rec
