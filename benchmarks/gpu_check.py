@@ -210,7 +210,8 @@ def check_probing(feats: dict, data: dict, device: torch.device, seed: int):
     layers = list(dict.fromkeys(c.split("@")[0] for c in rows))
     print("    " + " " * 14 + "".join(f"{'t' + str(t):>8}" for t in TIMESTEPS))
     for layer in layers:
-        print(f"    {layer:<14}" + "".join(f"{100 * rows[f'{layer}@t{t}']['fp32']['test_acc']:8.2f}" for t in TIMESTEPS))
+        accuracies = (100 * rows[f"{layer}@t{t}"]["fp32"]["test_acc"] for t in TIMESTEPS)
+        print(f"    {layer:<14}" + "".join(f"{a:8.2f}" for a in accuracies))
     return report
 
 

@@ -4,4 +4,5 @@ from .kmeans import kmeans_scores
 from .linear import ProbeConfig, ProbeResult, Split, probe_epochs, train_probe
 from .metrics import classification_metrics
 
-__all__ = ["ProbeConfig", "ProbeResult", "Split", "probe_epochs", "train_probe", "classification_metrics", "kmeans_scores"]
+__all__ = ["ProbeConfig", "ProbeResult", "Split", "probe_epochs", "train_probe", "classification_metrics",
+           "kmeans_scores"]

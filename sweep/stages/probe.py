@@ -680,10 +680,10 @@ def run(config: PipelineConfig) -> dict:
         say(f"probe: warning: {len(callback.recorded_early)} trial(s) stopped between ASHA's rungs are recorded as of "
             f"their last rung, not their last epoch (Ray's ASHA decided off its milestones), e.g. "
             f"{callback.recorded_early[0]}")
-    say(f"probe: {len(todo)} trials{stopped} in {wall:.1f}s on {len(callback.workers)} worker(s) (Tune {tune_seconds:.1f}s; "
-        f"MLflow writes {writer.seconds:.1f}s in {writer.batches} batches in the background, {flush_seconds:.1f}s "
-        f"after the last trial); "
-        f"see `sweep best`")
+    batches = f"{writer.batches} batch" + "es" * (writer.batches != 1)
+    say(f"probe: {len(todo)} trials{stopped} in {wall:.1f}s on {len(callback.workers)} worker(s) "
+        f"(Tune {tune_seconds:.1f}s; MLflow writes {writer.seconds:.1f}s in {batches} in the background, "
+        f"{flush_seconds:.1f}s after the last trial); see `sweep best`")
     return {"trials": len(trials), "ran": len(todo), "seconds": wall, "tune_seconds": tune_seconds,
             "logging_seconds": writer.seconds, "flush_seconds": flush_seconds, "workers": len(callback.workers),
             "max_workers": workers, "stopped_early": callback.stopped, "recorded_early": len(callback.recorded_early)}
