@@ -76,7 +76,7 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
     from sweep.tracking import check_tracking
 
     t0 = time.perf_counter()
-    check_tracking(config)
+    check_tracking(config, reach_server=True)
     if "extract" in stages:  # a wrong layer name fails now, not after pretraining
         from sweep.encoders.checks import check_encoder_settings
 
@@ -91,7 +91,7 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
 
 def cmd_best(config: PipelineConfig, args) -> None:
     from sweep.best import best, format_table, to_json
-    from sweep.tracking import store_exists
+    from sweep.tracking import check_tracking, store_exists
 
     metric = args.metric
     # OOD datasets of other settings (--any-config) may have had other names: only the form is checked
@@ -100,6 +100,7 @@ def cmd_best(config: PipelineConfig, args) -> None:
         raise ConfigError(f"--metric: {problem}")
     if args.top < 0:
         raise ConfigError(f"--top: must be 0 (all) or more, got {args.top}")
+    check_tracking(config, reach_server=True)
     have_store = store_exists(config)
     if not have_store:
         print(f"[sweep] no MLflow store for {config.name!r} yet (storage {config.storage_root}): run the pipeline "
@@ -119,7 +120,7 @@ def cmd_best(config: PipelineConfig, args) -> None:
 def cmd_validate(config: PipelineConfig) -> None:
     from sweep.data.table import build_table
     from sweep.encoders.checks import check_encoder_settings
-    from sweep.tracking import check_tracking
+    from sweep.tracking import TrackingServerUnreachable, check_server, check_tracking, configured_uri
 
     check_tracking(config)
     check_encoder_settings(config)
@@ -130,6 +131,12 @@ def cmd_validate(config: PipelineConfig) -> None:
     print(f"  encoders: {', '.join(s.name for s in config.encoder_specs())}; "
           f"timesteps {config.extract.timesteps}; layers {config.extract.layers}")
     print(f"  storage: {config.storage_root}")
+    uri = configured_uri(config)
+    try:  # a cluster's server may answer only from the cluster: said, not an error
+        check_server(uri or "")
+        print(f"  tracking: {uri or 'the default SQLite store, <storage>/mlflow.db'}")
+    except TrackingServerUnreachable as e:
+        print(f"  tracking: warning: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:

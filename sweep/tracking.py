@@ -35,21 +35,54 @@ _ENV_URI = os.environ.get("MLFLOW_TRACKING_URI")
 PROBE_PARAMS = ("encoder", "layer", "timestep", "resolution", "dim", "lr", "weight_decay")
 
 
-def check_tracking(config: PipelineConfig) -> None:
-    """Raise ConfigError when the pipeline has no tracking URI it can use (remote storage needs one)."""
+def check_tracking(config: PipelineConfig, reach_server: bool = False) -> None:
+    """Raise ConfigError when the pipeline has no tracking URI it can use (remote storage needs one); with
+    `reach_server`, TrackingServerUnreachable when its URI is an MLflow server that does not answer."""
     storage = Storage.of(config.storage_root)
-    if not config.tracking.uri and not _ENV_URI and not storage.is_local:
+    uri = configured_uri(config)
+    if not uri and not storage.is_local:
         from sweep.config import ConfigError
 
         raise ConfigError(
             f"tracking.uri: needed when storage is remote ({storage.root}): the default SQLite store must be "
             f"on a local disk. Point it at an MLflow server (cluster.yaml runs one on the head node: "
             f"--set tracking.uri=http://HEAD:5000) or a local sqlite:///path/mlflow.db")
+    if reach_server and uri:
+        check_server(uri)
+
+
+def configured_uri(config: PipelineConfig) -> str | None:
+    """`tracking.uri`, else MLFLOW_TRACKING_URI, else None (the default store under storage)."""
+    return config.tracking.uri or _ENV_URI
+
+
+class TrackingServerUnreachable(RuntimeError):
+    """No MLflow server answers at the pipeline's tracking URI."""
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingServerUnreachable when nothing answers HTTP at an http(s) tracking URI: MLflow's own
+    client retries a dead address with back-off for minutes before it fails. Any HTTP answer (even 401
+    from an authenticating proxy, or 404) counts: only whether a server is there is checked."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as e:  # refused, unknown host, timed out, malformed
+        reason = getattr(e, "reason", e)
+        raise TrackingServerUnreachable(
+            f"tracking.uri: no MLflow server answers at {uri} ({reason}); start one (`mlflow server --host "
+            f"127.0.0.1 --port 5000`, or the cluster head's) or fix the URI") from None
 
 
 def tracking_uri(config: PipelineConfig) -> str:
-    if config.tracking.uri or _ENV_URI:
-        return config.tracking.uri or _ENV_URI
+    if configured_uri(config):
+        return configured_uri(config)
     check_tracking(config)  # the default SQLite store: local storage only
     path = Storage.of(config.storage_root).local("mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +92,7 @@ def tracking_uri(config: PipelineConfig) -> str:
 def store_exists(config: PipelineConfig) -> bool:
     """False only for the default local SQLite store before any stage made it: a query then finds nothing
     and creates nothing (a mistyped pipeline name leaves no empty runs/<name>/ behind)."""
-    if config.tracking.uri or _ENV_URI:
+    if configured_uri(config):
         return True
     storage = Storage.of(config.storage_root)
     return not storage.is_local or storage.local("mlflow.db").is_file()

@@ -55,3 +55,53 @@ def test_artifacts_stay_with_the_study_wherever_the_command_ran(write_pipeline, 
     assert stored.read_text() == "kept"
     assert list(elsewhere.iterdir()) == []
     assert tracking.ensure_experiment(config) == experiment_id  # found, not made again
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_server_at_the_tracking_uri_fails_at_once_naming_it(write_pipeline, capsys):
+    """MLflow's client would retry a dead address with back-off for minutes, saying nothing."""
+    import time
+
+    from sweep.cli import main
+
+    uri = f"http://127.0.0.1:{_free_port()}"
+    path = write_pipeline(tracking={"uri": uri})
+    t0 = time.perf_counter()
+    for command in (["best", str(path)], ["run", str(path), "--stages", "probe"]):
+        assert main(command) == 1, command
+        err = capsys.readouterr().err
+        assert f"no MLflow server answers at {uri}" in err and "Connection refused" in err, err
+    assert time.perf_counter() - t0 < 30
+    assert main(["validate", str(path)]) == 0  # valid; the server may answer only from the cluster
+    assert f"tracking: warning: tracking.uri: no MLflow server answers at {uri}" in capsys.readouterr().out
+
+
+def test_any_http_answer_counts_as_a_server(tmp_path):
+    """An authenticating proxy's 401 or a 404 still means a server is there: only silence fails."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.check_server(f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+    tracking.check_server(f"sqlite:///{tmp_path / 'mlflow.db'}")  # not a server: nothing to reach
+    with pytest.raises(tracking.TrackingServerUnreachable, match="answers at http://no-such-host.invalid:5000"):
+        tracking.check_server("http://no-such-host.invalid:5000")

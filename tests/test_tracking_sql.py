@@ -152,6 +152,7 @@ def test_through_an_mlflow_server_the_client_writes_the_same_runs(tmp_path):
                 time.sleep(0.5)
         else:
             pytest.fail("mlflow server did not start")
+        tracking.check_server(f"http://127.0.0.1:{port}")  # a real server passes the reachability check
         client = MlflowClient(f"http://127.0.0.1:{port}")
         assert tracking_sql.sql_store(client) is None
         experiment_id = client.create_experiment("served")
