@@ -29,6 +29,9 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_BASELINE = "sweep.baseline"  # a baseline's training run: its name...
 TAG_BASELINE_KEY = "sweep.baseline_key"  # ...and the fingerprint of what made its weights
 
+# "Creating initial MLflow database tables..." and "Updating database tables" on every new store: routine
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
 # read once: mlflow.set_tracking_uri() writes this variable, which must not leak one pipeline's store into the next
 _ENV_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
