@@ -42,15 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("run", help="run stages in order (default: all)")
     _add_pipeline(p)
-    p.add_argument("--stages", type=_stages, default=list(STAGES))
+    p.add_argument("--stages", type=_stages, default=list(STAGES),
+                   help=f"comma-separated, run in pipeline order (default: {','.join(STAGES)})")
     for stage in STAGES:
         _add_pipeline(sub.add_parser(stage, help=f"run the {stage} stage"))
     p = sub.add_parser("best", help="the best probe configurations, from MLflow")
     _add_pipeline(p)
-    p.add_argument("--metric", default="val_macro_f1")
+    p.add_argument("--metric", default="val_macro_f1",
+                   help="the metric runs are ranked by, best first (default val_macro_f1): val_acc, test_acc, "
+                        "test_macro_f1, test_balanced_acc, kmeans_nmi, kmeans_ari, ood_<dataset>_acc, ...")
     p.add_argument("--top", type=int, default=10, help="how many (0: all)")
-    p.add_argument("--encoder", default=None)
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--encoder", default=None, help="only this encoder's runs (diffusion, a baseline's name)")
+    p.add_argument("--format", choices=["table", "json"], default="table",
+                   help="json: a list of objects, the contract's fields")
     p.add_argument("--any-config", action="store_true",
                    help="include runs made with other settings of this pipeline (other config hashes)")
     p = sub.add_parser("validate", help="check a pipeline file and its data, print a summary")
