@@ -150,8 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.pipeline, args.overrides, check_local_paths=args.command != "submit")
         if args.command == "run":
             cmd_run(config, args.stages)
+        elif args.command == "baselines":  # not through cmd_run, which skips it when none are configured
+            from sweep.tracking import check_tracking
+
+            check_tracking(config, reach_server=True)
+            run_stage(config, "baselines")
         elif args.command in STAGES:
-            cmd_run(config, [args.command]) if args.command != "baselines" else run_stage(config, "baselines")
+            cmd_run(config, [args.command])
         elif args.command == "best":
             cmd_best(config, args)
         elif args.command == "validate":

@@ -74,7 +74,7 @@ def test_no_server_at_the_tracking_uri_fails_at_once_naming_it(write_pipeline, c
     uri = f"http://127.0.0.1:{_free_port()}"
     path = write_pipeline(tracking={"uri": uri})
     t0 = time.perf_counter()
-    for command in (["best", str(path)], ["run", str(path), "--stages", "probe"]):
+    for command in (["best", str(path)], ["run", str(path), "--stages", "probe"], ["baselines", str(path)]):
         assert main(command) == 1, command
         err = capsys.readouterr().err
         assert f"no MLflow server answers at {uri}" in err and "Connection refused" in err, err

@@ -185,7 +185,8 @@ def resolve_layers(unet: UNet2DModel, layers: str | Sequence[str]) -> list[str]:
 class DiffusionEncoder(Encoder):
     """Features of a frozen diffusion U-Net: one column per (timestep, layer), named ``<layer>@t<timestep>``.
 
-    Each timestep costs one U-Net forward for all requested layers, stopped after the last of them.
+    Each forward serves all requested layers (stopped after the last of them) for one timestep, or for
+    `timesteps_per_forward` of them stacked along the batch.
     """
 
     kind = "diffusion"
