@@ -77,10 +77,8 @@ def run_stage(config: PipelineConfig, stage: str) -> None:
 
 def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
     from sweep.stages.common import say
-    from sweep.tracking import check_tracking
 
     t0 = time.perf_counter()
-    check_tracking(config, reach_server=True)
     if "extract" in stages:  # a wrong layer name fails now, not after pretraining
         from sweep.encoders.checks import check_encoder_settings
 
@@ -137,7 +135,8 @@ def cmd_validate(config: PipelineConfig) -> None:
     print(f"  storage: {config.storage_root}")
     uri = configured_uri(config)
     try:  # a cluster's server may answer only from the cluster: said, not an error
-        check_server(uri or "")
+        if uri:
+            check_server(uri)
         print(f"  tracking: {uri or 'the default SQLite store, <storage>/mlflow.db'}")
     except TrackingServerUnreachable as e:
         print(f"  tracking: warning: {e}")
@@ -148,15 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # a job's data and checkpoints need exist only on the cluster; the job checks them there
         config = load_config(args.pipeline, args.overrides, check_local_paths=args.command != "submit")
-        if args.command == "run":
-            cmd_run(config, args.stages)
-        elif args.command == "baselines":  # not through cmd_run, which skips it when none are configured
+        if args.command == "run" or args.command in STAGES:
             from sweep.tracking import check_tracking
 
-            check_tracking(config, reach_server=True)
-            run_stage(config, "baselines")
+            check_tracking(config, reach_server=True)  # before any stage: a dead server fails now, not later
+        if args.command == "run":
+            cmd_run(config, args.stages)
         elif args.command in STAGES:
-            cmd_run(config, [args.command])
+            cmd_run(config, [args.command]) if args.command != "baselines" else run_stage(config, "baselines")
         elif args.command == "best":
             cmd_best(config, args)
         elif args.command == "validate":

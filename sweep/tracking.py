@@ -84,8 +84,8 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def tracking_uri(config: PipelineConfig) -> str:
-    if configured_uri(config):
-        return configured_uri(config)
+    if uri := configured_uri(config):
+        return uri
     check_tracking(config)  # the default SQLite store: local storage only
     path = Storage.of(config.storage_root).local("mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)

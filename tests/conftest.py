@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGES = REPO / "sweep" / "data" / "demo" / "plankton-flowcam-demo" / "images"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a server a test starts, or expects absent)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def small_pipeline(storage: Path, **sections) -> dict:
     """A pipeline dict small enough for tests: demo images at 16 px, a 2-level U-Net, 2 timesteps."""
     raw = {

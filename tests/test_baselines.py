@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
 from sweep.cli import main
 from sweep.config import load_config
 from sweep.encoders.cnn import DEFAULT_LAYERS, CNNEncoder
@@ -166,7 +167,6 @@ dist.destroy_process_group()
 def test_nt_xent_gathers_negatives_across_workers(tmp_path):
     """Two gloo workers with half the batch each, gathering negatives, give the single-process loss on
     the whole batch and (after DDP's averaging) its exact gradient."""
-    import socket
     import subprocess
     import sys
 
@@ -176,9 +176,7 @@ def test_nt_xent_gathers_negatives_across_workers(tmp_path):
     a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
     full = nt_xent(a, b, 0.5)
     full.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", _GATHER_WORKER, str(r), "2", port, str(tmp_path)])
              for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]

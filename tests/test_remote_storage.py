@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,23 +15,17 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from conftest import small_pipeline
+from conftest import free_port, small_pipeline
 from sweep.storage import fetch_dir, publish_dir, read_json
 
 BUCKET = "sweep-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_env():
     """A moto S3 server on 127.0.0.1 and the AWS variables that point pyarrow (and Ray) at it."""
     moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

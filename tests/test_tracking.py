@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import small_pipeline
+from conftest import free_port, small_pipeline
 from sweep import tracking
 from sweep.config import load_config
 
@@ -57,21 +57,13 @@ def test_artifacts_stay_with_the_study_wherever_the_command_ran(write_pipeline, 
     assert tracking.ensure_experiment(config) == experiment_id  # found, not made again
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_no_server_at_the_tracking_uri_fails_at_once_naming_it(write_pipeline, capsys):
     """MLflow's client would retry a dead address with back-off for minutes, saying nothing."""
     import time
 
     from sweep.cli import main
 
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     path = write_pipeline(tracking={"uri": uri})
     t0 = time.perf_counter()
     for command in (["best", str(path)], ["run", str(path), "--stages", "probe"], ["baselines", str(path)]):

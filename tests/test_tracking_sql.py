@@ -11,6 +11,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from conftest import free_port
 from sweep import tracking, tracking_sql
 from sweep.tracking import FinishedRun
 
@@ -128,16 +129,13 @@ def test_a_server_store_is_not_written_directly():
 def test_through_an_mlflow_server_the_client_writes_the_same_runs(tmp_path):
     """A real `mlflow server` on 127.0.0.1: runs go through the client there (the server does the SQL), and
     read back equal to a run inserted into the server's database directly."""
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     db = tmp_path / "server.db"
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
