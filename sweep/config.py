@@ -374,6 +374,19 @@ class ReportConfig(_Model):
 
 STAGES = ("pretrain", "baselines", "extract", "probe", "report")
 
+# Settings that decide where, how fast or how safely work runs, or what is logged on the side, not what it
+# computes: changing them keeps a finished stage's output and the probe's runs (left out of the config hash;
+# the pretrain part also of the U-Net's key). Device choices are among them: results agree bit for bit only
+# on the same device anyway.
+NOT_RESULTS = {
+    "pretrain": {"workers", "use_gpu", "cpus_per_worker", "compile", "sample_grid", "checkpoint_every",
+                 "max_failures"},
+    "baselines": {"__all__": {"checkpoint_every"}},
+    "extract": {"batch_size", "actors", "cpus_per_actor", "gpus_per_actor", "timesteps_per_forward",
+                "max_bad_fraction"},
+    "probe": {"cpus_per_trial", "gpus_per_trial", "max_concurrent_trials"},
+}
+
 
 class PipelineConfig(_Model):
     name: str
@@ -403,6 +416,15 @@ class PipelineConfig(_Model):
         if "diffusion" in names:
             raise ValueError("baselines: the name 'diffusion' is reserved for the pretrained U-Net")
         for i, enc in enumerate(self.extract.encoders or []):
+            if isinstance(enc, EncoderSpec) and enc.kind == "diffusion" and not enc.checkpoint \
+                    and enc.name != "diffusion":
+                if "kind" in enc.model_fields_set or enc.name not in names:
+                    # it would extract the pretrained U-Net again, under another name
+                    raise ValueError(
+                        f"extract.encoders.{i}: encoder {enc.name!r} has no checkpoint: name the pretrained "
+                        f"U-Net 'diffusion', give a diffusers UNet2DModel folder as checkpoint, or name a "
+                        f"baseline ({', '.join(names) or 'none configured'})")
+                enc.kind = "baseline"  # {name: <a baseline>}: that baseline, as the plain name would be
             ref = enc if isinstance(enc, str) else (enc.name if enc.kind == "baseline" else None)
             if ref is not None and ref != "diffusion" and ref not in names:
                 raise ValueError(
@@ -438,6 +460,10 @@ class PipelineConfig(_Model):
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
 
+    def dataset_names(self) -> list[str]:
+        """The main dataset, then the OOD ones (the `domain` values of the feature store)."""
+        return [self.data.train.name] + [d.name for d in self.data.ood]
+
     def encoder_specs(self) -> list[EncoderSpec]:
         """The encoders `extract` and `probe` work on (default: the U-Net and every baseline)."""
         if self.extract.encoders is None:
@@ -452,11 +478,21 @@ class PipelineConfig(_Model):
         return specs
 
     def config_hash(self) -> str:
-        """Hash of everything that changes results (not where they are stored or tracked)."""
-        payload = self.model_dump(mode="json", exclude={"storage", "tracking", "ray", "report"})
+        """Hash of everything that changes results: not where they are stored or tracked, nor the settings
+        of `NOT_RESULTS` (a study rerun with more workers or trials at once finds its runs)."""
+        payload = self.model_dump(mode="json", exclude={"storage": True, "tracking": True, "ray": True,
+                                                        "report": True, **NOT_RESULTS})
         if payload["probe"]["asha"] is None:  # the hash of a pipeline without it, as before it existed
             del payload["probe"]["asha"]
-        del payload["pretrain"]["compile"]  # how the GPU runs the same steps (as the pretrain key ignores it)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    def legacy_config_hash(self) -> str:
+        """The hash these settings had while it still covered the `NOT_RESULTS` settings (sweep 0.1.0 until
+        2026-11-23), under which their runs were tagged."""
+        payload = self.model_dump(mode="json", exclude={"storage", "tracking", "ray", "report"})
+        if payload["probe"]["asha"] is None:
+            del payload["probe"]["asha"]
+        del payload["pretrain"]["compile"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -179,12 +179,40 @@ def log_batch(config: PipelineConfig, run_id: str, metrics: dict[str, float] | N
     )
 
 
+def adopt_legacy_runs(config: PipelineConfig, client: MlflowClient, experiment_id: str) -> int:
+    """Give this pipeline's runs tagged with its legacy config hash (`PipelineConfig.legacy_config_hash`, the
+    hash from before the settings that change no result were left out of it) today's hash, so that a study
+    probed by an older sweep is neither probed again nor missing from `sweep best`. Idempotent: once they
+    are retagged, one query finds nothing. Returns how many runs were retagged."""
+    old, new = config.legacy_config_hash(), config.config_hash()
+    if old == new:
+        return 0
+    found, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=(
+            f"tags.`{TAG_PIPELINE}` = '{config.name}' and tags.`{TAG_HASH}` = '{old}'"),
+            max_results=1000, page_token=token)
+        found += [r.info.run_id for r in page]
+        token = page.token
+        if not token:
+            break
+    for run_id in found:
+        client.set_tag(run_id, TAG_HASH, new)
+    if found:
+        from sweep.stages.common import say
+
+        say(f"tracking: {len(found)} run(s) tagged with this pipeline's config hash as computed before "
+            f"2026-11-23 ({old}) now carry today's ({new})")
+    return len(found)
+
+
 def finished_trials(config: PipelineConfig) -> set[str]:
     """Trial keys (`encoder/column`) that already have a finished probe run for this config."""
     client = client_for(config)
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is None:
         return set()
+    adopt_legacy_runs(config, client, exp.experiment_id)
     done = set()
     token = None
     while True:
@@ -223,9 +251,12 @@ def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
     """
     if not store_exists(config):
         return pd.DataFrame()
-    client_for(config)
-    if mlflow.get_experiment_by_name(config.experiment_name) is None:
+    client = client_for(config)
+    exp = mlflow.get_experiment_by_name(config.experiment_name)
+    if exp is None:
         return pd.DataFrame()
+    if not any_config:
+        adopt_legacy_runs(config, client, exp.experiment_id)
     filters = [f"tags.`{TAG_STAGE}` = 'probe'", f"tags.`{TAG_PIPELINE}` = '{config.name}'",
                f"tags.`{TAG_PARENT}` LIKE '%'", "attributes.status = 'FINISHED'"]
     if not any_config:

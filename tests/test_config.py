@@ -29,6 +29,9 @@ def test_demo_pipeline_is_valid(capsys):
          "path does not exist: /no/fmnist (apt-get install dataset-fashion-mnist"),
         ("pretrain.model.attention=[true]", "pretrain.model", "one per level"),
         ("extract.encoders=[nosuch]", "extract.encoders.0", "unknown encoder 'nosuch'"),
+        # without a checkpoint, a name other than 'diffusion' would be the pretrained U-Net under that name
+        ("extract.encoders=[diffusion, {name: unet2}]", "extract.encoders.1",
+         "encoder 'unet2' has no checkpoint: name the pretrained U-Net 'diffusion'"),
         ("probe.asha={grace_period: 20}", "probe", "asha.grace_period (20) must be below epochs (20)"),
         ("probe.asha.reduction_factor=1", "probe.asha.reduction_factor", "greater than 1"),
         ("probe.epochs=0", "probe.epochs", "greater than or equal to 1 (got 0)"),
@@ -164,16 +167,35 @@ def test_overrides_parse_yaml_values_and_index_lists():
 
 
 def test_config_hash_tracks_results_not_locations(write_pipeline):
-    path = write_pipeline()
+    path = write_pipeline(baselines=[{"name": "sup", "kind": "supervised"}])
     base = load_config(path)
     assert load_config(path, ["storage=/elsewhere", "tracking.uri=sqlite:///x.db"]).config_hash() == base.config_hash()
-    assert load_config(path, ["pretrain.compile=reduce-overhead"]).config_hash() == base.config_hash()
-    assert load_config(path, ["probe.epochs=7"]).config_hash() != base.config_hash()
-    assert load_config(path, ["probe.asha={grace_period: 2}"]).config_hash() != base.config_hash()
-    # The demo's hash from before `probe.asha` and `pretrain.compile` existed: an optional key left unset must not change the hash
-    # of existing pipelines (MLflow finds their finished trials by it).
-    assert load_config("pipelines/demo.yaml").config_hash() == "edc90e18f19a"
+    # where, how fast or how safely the same work runs (NOT_RESULTS)
+    for same in ("pretrain.compile=reduce-overhead", "pretrain.workers=4", "pretrain.use_gpu=true",
+                 "pretrain.checkpoint_every=2", "pretrain.max_failures=2", "pretrain.sample_grid=0",
+                 "baselines.0.checkpoint_every=3", "extract.batch_size=8", "extract.actors=3",
+                 "extract.gpus_per_actor=1", "extract.timesteps_per_forward=2", "extract.max_bad_fraction=0.5",
+                 "probe.cpus_per_trial=2", "probe.gpus_per_trial=1", "probe.max_concurrent_trials=8"):
+        assert load_config(path, [same]).config_hash() == base.config_hash(), same
+    for other in ("probe.epochs=7", "probe.asha={grace_period: 2}", "extract.precision=bf16", "pretrain.steps=9",
+                  "baselines.0.epochs=2", "extract.shard_size=7", "data.ood=[{name: o, source: demo}]", "seed=1"):
+        assert load_config(path, [other]).config_hash() != base.config_hash(), other
+    # An optional key left unset must not change the hash of existing pipelines (MLflow finds their finished
+    # trials by it): the demo's hash, as sweep 0.1.0 computed it until 2026-11-23, and as it is now.
+    demo = load_config("pipelines/demo.yaml")
+    assert demo.legacy_config_hash() == "edc90e18f19a"
+    assert demo.config_hash() == "6b2621e120d4"
     assert load_config(path).storage_root == base.storage_root
+
+
+def test_an_encoder_entry_naming_a_baseline_is_that_baseline(write_pipeline):
+    path = write_pipeline(baselines=[{"name": "sup", "kind": "supervised"}])
+    specs = load_config(path, ["extract.encoders=[{name: sup}, diffusion]"]).encoder_specs()
+    assert [(s.name, s.kind, s.checkpoint) for s in specs] == [("sup", "baseline", None),
+                                                               ("diffusion", "diffusion", None)]
+    assert load_config(path, ["extract.encoders=[sup]"]).encoder_specs()[0].kind == "baseline"
+    with pytest.raises(ConfigError, match=r"extract.encoders.0: encoder 'sup' has no checkpoint"):
+        load_config(path, ["extract.encoders=[{name: sup, kind: diffusion}]"])  # said so: not the baseline
 
 
 def test_defaults_follow_design(tmp_path):

@@ -23,9 +23,10 @@ from sweep.config import PipelineConfig, load_config
 from sweep.data.preprocess import preprocess
 from sweep.data.table import build_table
 from sweep.encoders.diffusion import noise_for
-from sweep.features.store import FeatureStore, FeatureStoreError
+from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint
 from sweep.stages import extract
 from sweep.stages.extract import extract_encoder
+from sweep.stages.probe import ProbeError, plan_trials, read_probe_data
 
 pytestmark = pytest.mark.ray
 
@@ -225,6 +226,57 @@ def test_rerun_into_fresh_storage_interrupted_and_resumed_is_bit_identical(extra
     err = capsys.readouterr().err
     assert "shard plankton/part-00000.parquet is listed as complete but its file is gone" in err
     assert f"{N_ALL - 40} of {N_ALL} images to encode (1 shard(s) already complete)" in err
+    _assert_identical(_rows(config), _rows(extracted))
+
+
+def test_an_ood_dataset_added_later_is_extracted_alone(extracted, tmp_path, capsys):
+    """A finished store of the main dataset, then an OOD dataset added to the pipeline: only its images are
+    encoded, the main dataset's shards stay as written, and the store equals one extracted with both from the
+    start. Taken out of the pipeline again, the dataset stays in the store, neither counted nor probed."""
+    storage = str(tmp_path / "store")
+    without = extracted.model_copy(update={"storage": storage,
+                                           "data": extracted.data.model_copy(update={"ood": []})})
+    with_ood = extracted.model_copy(update={"storage": storage})
+    assert _extract(without) == {"images": N_IMAGES, "rows": N_IMAGES, "rejected": 0}
+    main_shards = {f: Path(f).stat().st_mtime_ns for f in _store(without).files()}
+    capsys.readouterr()
+    assert _extract(with_ood) == {"images": N_ALL, "rows": N_ALL, "rejected": 0}
+    assert f"{N_OOD} of {N_ALL} images to encode (3 shard(s) already complete)" in capsys.readouterr().err
+    assert {f: Path(f).stat().st_mtime_ns for f in _store(without).files(["plankton"])} == main_shards
+    _assert_identical(_rows(with_ood), _rows(extracted))
+
+    assert _extract(without) == {"images": N_IMAGES, "rows": N_IMAGES, "rejected": 0}
+    assert "nothing to do" in capsys.readouterr().err
+    store = _store(without)
+    assert store.is_complete() and set(store.manifest()["datasets"]) == {"plankton", "shifted"}
+    column = store.columns()[0]["column"]
+    _, labels, split, domain = read_probe_data(store.root, column, without.dataset_names())
+    assert len(labels) == N_IMAGES and set(domain) == {"plankton"} and "ood" not in set(split)
+    assert len(read_probe_data(store.root, column, with_ood.dataset_names())[1]) == N_ALL
+    # a pipeline naming a dataset the store lacks is not probed on what is there
+    other = with_ood.data.ood[0].model_copy(update={"name": "other"})
+    more = with_ood.model_copy(update={"data": with_ood.data.model_copy(update={"ood": [*with_ood.data.ood, other]})})
+    with pytest.raises(ProbeError, match=r"incomplete at .*features/diffusion \(dataset\(s\) 'other'\); run `sweep "
+                                         r"extract` first"):
+        plan_trials(more)
+
+
+def test_a_store_from_before_per_dataset_image_keys_is_upgraded(extracted, tmp_path, capsys):
+    """A store written while one fingerprint covered every dataset's images (inside the store's key) is taken
+    over as it is: nothing re-encoded, its manifest rewritten under today's key."""
+    config = extracted.model_copy(update={"storage": str(tmp_path / "store")})
+    shutil.copytree(Path(extracted.storage_root) / "features", tmp_path / "store" / "features")
+    manifest_file = Path(_store(config).manifest_uri)
+    today = json.loads(manifest_file.read_text())
+    frame = build_table(config).frame
+    old_settings = {k: v for k, v in today["settings"].items() if k != "images"}
+    old_settings["images"] = fingerprint(pd.util.hash_pandas_object(
+        frame[["image_id", "label", "split", "domain"]], index=False).sum().item())
+    manifest_file.write_text(json.dumps({**today, "key": fingerprint(old_settings), "settings": old_settings}))
+    capsys.readouterr()
+    assert _extract(config) == {"images": N_ALL, "rows": N_ALL, "rejected": 0}
+    assert "nothing to do" in capsys.readouterr().err
+    assert json.loads(manifest_file.read_text()) == today
     _assert_identical(_rows(config), _rows(extracted))
 
 

@@ -133,3 +133,89 @@ def test_record_rejected_before_the_shard_is_done(tmp_path):
     assert store.manifest(reload=True)["rejected"] == bad
     store.write_shard("main", 0, _rows(["a"])[0], [{"image_id": "x", "reason": "OSError"}])
     assert store.manifest(reload=True)["rejected"] == bad
+
+
+# ---------------------------------------------------------------- datasets added to a store, old stores
+
+BASE = {k: v for k, v in SETTINGS.items() if k != "images"}  # what `extract` keys a store by
+
+
+def _open_datasets(root, images: dict[str, str], shards: dict[str, int], legacy_key=None) -> FeatureStore:
+    store = FeatureStore(str(root))
+    store.open(HEADER, fingerprint(BASE), shards, settings=BASE, images=images, legacy_key=legacy_key)
+    return store
+
+
+def test_a_dataset_added_to_a_finished_store_keeps_the_others(tmp_path):
+    store = _open_datasets(tmp_path / "enc", {"main": "k1"}, {"main": 1})
+    store.write_shard("main", 0, _rows(["a", "b"])[0])
+    store.mark_complete({"rows": 2})
+    main_file = tmp_path / "enc" / "main" / "part-00000.parquet"
+    written = main_file.stat().st_mtime_ns
+
+    store = _open_datasets(tmp_path / "enc", {"main": "k1", "shifted": "k9"}, {"main": 1, "shifted": 2})
+    m = store.manifest(reload=True)
+    assert not m["complete"] and "summary" not in m  # the new dataset still has to be extracted
+    assert m["datasets"]["shifted"] == {"num_shards": 2, "shards": []}
+    assert m["settings"]["images"] == {"main": "k1", "shifted": "k9"}
+    assert store.completed_shards("main") == {0} and main_file.stat().st_mtime_ns == written
+    assert store.incomplete(["main", "shifted"]) == ["shifted"] and store.incomplete(["main"]) == []
+    assert store.incomplete(["main", "other"]) == ["other"]
+    store.write_shard("shifted", 0, _rows(["s"])[0])
+    assert store.incomplete(["main", "shifted"]) == ["shifted"]  # one of its two shards
+    assert store.files(["main"]) == [f"{store.base}/main/part-00000.parquet"]
+    assert len(store.files()) == 2
+
+    # a store keeps a dataset no longer asked for (unread by whoever names its datasets)
+    again = _open_datasets(tmp_path / "enc", {"main": "k1"}, {"main": 1})
+    assert set(again.manifest()["datasets"]) == {"main", "shifted"}
+
+
+def test_a_dataset_whose_images_changed_is_refused_by_name(tmp_path):
+    _open_datasets(tmp_path / "enc", {"main": "k1", "shifted": "k9"}, {"main": 1, "shifted": 1})
+    before = (tmp_path / "enc" / "_manifest.json").read_text()
+    with pytest.raises(FeatureStoreError) as err:
+        _open_datasets(tmp_path / "enc", {"main": "k1", "shifted": "k8", "new": "k7"},
+                       {"main": 1, "shifted": 1, "new": 1})
+    assert "dataset(s) 'shifted'" in str(err.value) and "--set storage=PATH" in str(err.value)
+    assert (tmp_path / "enc" / "_manifest.json").read_text() == before  # nothing added either
+
+
+def test_a_store_keyed_by_one_image_fingerprint_is_upgraded_in_place(tmp_path):
+    """Stores written before per-dataset image fingerprints carry `images` (one fingerprint over every
+    dataset) inside their key; `legacy_key(datasets)` is the key such a store of those datasets has."""
+    old_settings = {**BASE, "images": "all-k1"}
+    old = FeatureStore(str(tmp_path / "enc"))
+    old.open(HEADER, fingerprint(old_settings), {"main": 1}, settings=old_settings)
+    old.write_shard("main", 0, _rows(["a"])[0])
+    old.mark_complete({"rows": 1})
+    asked = []
+
+    def legacy_key(datasets):
+        asked.append(datasets)
+        return fingerprint({**BASE, "images": "all-k1" if datasets == ["main"] else "other"})
+
+    # other settings: still refused, naming them
+    with pytest.raises(FeatureStoreError, match="timesteps"):
+        FeatureStore(str(tmp_path / "enc")).open(HEADER, fingerprint({**BASE, "timesteps": [5]}), {"main": 1},
+                                                 settings={**BASE, "timesteps": [5]}, images={"main": "k1"},
+                                                 legacy_key=lambda d: "no")
+    # the same settings and images, and a dataset added at once: upgraded, shards kept, the new one to do
+    store = _open_datasets(tmp_path / "enc", {"main": "k1", "shifted": "k9"}, {"main": 1, "shifted": 1},
+                           legacy_key=legacy_key)
+    m = json.loads((tmp_path / "enc" / "_manifest.json").read_text())
+    assert asked == [["main"]]  # the legacy key of the datasets the store held
+    assert m["key"] == fingerprint(BASE) and m["settings"] == {**BASE, "images": {"main": "k1", "shifted": "k9"}}
+    assert store.completed_shards("main") == {0} and store.incomplete(["main", "shifted"]) == ["shifted"]
+    # once upgraded, the legacy key is not consulted again
+    _open_datasets(tmp_path / "enc", {"main": "k1", "shifted": "k9"}, {"main": 1, "shifted": 1},
+                   legacy_key=legacy_key)
+    assert asked == [["main"]]
+
+
+def test_an_old_store_of_other_images_is_refused(tmp_path):
+    old_settings = {**BASE, "images": "all-k1"}
+    FeatureStore(str(tmp_path / "enc")).open(HEADER, fingerprint(old_settings), {"main": 1}, settings=old_settings)
+    with pytest.raises(FeatureStoreError, match=r"changed: image table"):
+        _open_datasets(tmp_path / "enc", {"main": "k2"}, {"main": 1},
+                       legacy_key=lambda d: fingerprint({**BASE, "images": "all-k2"}))

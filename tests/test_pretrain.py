@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import small_pipeline
+from conftest import REPO, small_pipeline
 
-from sweep.config import ConfigError, load_config
+from sweep.config import ConfigError, PipelineConfig, load_config
+from sweep.encoders.base import checkpoint_hash
 from sweep.stages import pretrain
 from sweep.train.augment import flips_and_rotations
 from sweep.train.loop import DDPMTrainer
@@ -164,6 +165,51 @@ def test_compile_is_a_gpu_setting_that_leaves_the_weights_key_alone(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="pretrain.compile"):
         load_config(tmp_path / "bad.yaml")
+
+def test_the_weights_key_leaves_out_ood_data_and_bookkeeping(tmp_path):
+    raw = small_pipeline(tmp_path / "store")
+    base = pretrain.pretrain_key(PipelineConfig.model_validate(raw))
+    same = [{"data": {**raw["data"], "ood": [{"name": "shifted", "source": "demo"}]}},
+            {"pretrain": {**raw["pretrain"], "checkpoint_every": 5}},
+            {"pretrain": {**raw["pretrain"], "max_failures": 3}}]
+    for change in same:
+        assert pretrain.pretrain_key(PipelineConfig.model_validate({**raw, **change})) == base, change
+    other = [{"pretrain": {**raw["pretrain"], "steps": 7}}, {"seed": 1},
+             {"data": {**raw["data"], "train": {**raw["data"]["train"], "splits": {"val": 0.1, "test": 0.2}}}}]
+    for change in other:
+        assert pretrain.pretrain_key(PipelineConfig.model_validate({**raw, **change})) != base, change
+
+
+def test_a_unet_finished_under_the_old_key_is_kept_and_recorded_under_the_new(tmp_path, capsys):
+    """Until 2026-11-23 the key hashed data.ood, checkpoint_every and max_failures; a U-Net finished then is
+    this config's, and once its marker carries today's key an OOD dataset may be added."""
+    # the key sweep 0.1.0 (a590e8c) wrote for pipelines/demo.yaml
+    assert pretrain.legacy_pretrain_key(load_config(REPO / "pipelines" / "demo.yaml")) == "2f65feea7c105d6a"
+    raw = small_pipeline(tmp_path / "store")
+    config = PipelineConfig.model_validate(raw)
+    marker = Path(config.storage_root) / "pretrain" / "final" / pretrain.PRETRAIN_MARKER
+    marker.parent.mkdir(parents=True)
+    (marker.parent / "config.json").write_text("{}")
+    marker.write_text(json.dumps({"key": pretrain.legacy_pretrain_key(config), "steps": 6}))
+    content = checkpoint_hash(marker.parent)
+    assert pretrain.run(config) == str(marker.parent)  # no Ray started: nothing to train
+    assert "complete for this config, nothing to do" in capsys.readouterr().err
+    # recorded beside the U-Net, whose files (and so the feature stores' checkpoint_hash) stay as they were
+    assert checkpoint_hash(marker.parent) == content
+    assert json.loads((marker.parent.parent / pretrain.KEY_ALIAS).read_text()) == {
+        "marker_key": pretrain.legacy_pretrain_key(config), "key": pretrain.pretrain_key(config)}
+    with_ood = PipelineConfig.model_validate(
+        {**raw, "data": {**raw["data"], "ood": [{"name": "shifted", "source": "demo"}]}})
+    assert pretrain.run(with_ood) == str(marker.parent)
+    # other weights are still refused
+    with pytest.raises(pretrain.PretrainError, match="trained with other settings"):
+        pretrain.run(PipelineConfig.model_validate({**raw, "seed": 3}))
+    # a U-Net trained again in its place (its marker under today's key) is not mistaken for the old one
+    marker.write_text(json.dumps({"key": pretrain.pretrain_key(PipelineConfig.model_validate({**raw, "seed": 3})),
+                                  "steps": 6}))
+    with pytest.raises(pretrain.PretrainError, match="trained with other settings"):
+        pretrain.run(config)
+
 
 # ------------------------------------------------------------------------------------ real Ray Train
 

@@ -97,3 +97,39 @@ def test_any_http_answer_counts_as_a_server(tmp_path):
     tracking.check_server(f"sqlite:///{tmp_path / 'mlflow.db'}")  # not a server: nothing to reach
     with pytest.raises(tracking.TrackingServerUnreachable, match="answers at http://no-such-host.invalid:5000"):
         tracking.check_server("http://no-such-host.invalid:5000")
+
+
+def test_runs_tagged_with_the_legacy_config_hash_are_adopted_once(write_pipeline, tmp_path, capsys):
+    """Runs a sweep tagged before resource settings left the config hash are this config's runs: `sweep best`
+    and the probe's resume find them, retagged; runs of other settings are left alone."""
+    config = load_config(write_pipeline(), ["probe.max_concurrent_trials=2"])
+    old, new = config.legacy_config_hash(), config.config_hash()
+    assert old != new
+    experiment_id = tracking.ensure_experiment(config)
+    client = tracking.client_for(config)
+
+    def run(config_hash: str, trial: str | None, parent: str | None = None) -> str:
+        tags = {tracking.TAG_STAGE: "probe", tracking.TAG_PIPELINE: config.name, tracking.TAG_HASH: config_hash}
+        if trial:
+            tags |= {tracking.TAG_TRIAL: trial, tracking.TAG_PARENT: parent}
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        client.log_metric(run_id, "val_macro_f1", 0.5)
+        client.set_terminated(run_id)
+        return run_id
+
+    parent = run(old, None)
+    legacy = {run(old, f"diffusion/mid_block@t{t}", parent) for t in (0, 100)}
+    other = run(load_config(write_pipeline(), ["probe.epochs=3"]).legacy_config_hash(), "diffusion/x", parent)
+    capsys.readouterr()
+
+    assert set(tracking.search_trial_runs(config)["run_id"]) == legacy
+    assert f"3 run(s) tagged with this pipeline's config hash as computed before 2026-11-23 ({old})" in \
+        capsys.readouterr().err
+    assert {client.get_run(r).data.tags[tracking.TAG_HASH] for r in legacy | {parent}} == {new}
+    assert client.get_run(other).data.tags[tracking.TAG_HASH] != new
+    assert tracking.finished_trials(config) == {"diffusion/mid_block@t0", "diffusion/mid_block@t100"}
+    assert tracking.adopt_legacy_runs(config, client, experiment_id) == 0
+    assert capsys.readouterr().err == ""
+    # the same study at another concurrency: the same runs
+    assert tracking.finished_trials(load_config(write_pipeline(), ["probe.max_concurrent_trials=4"])) == \
+        {"diffusion/mid_block@t0", "diffusion/mid_block@t100"}

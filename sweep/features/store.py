@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -86,11 +86,19 @@ class FeatureStore:
             self._manifest = st.read_json(self.manifest_uri)
         return self._manifest
 
-    def open(self, header: dict, key: str, datasets: dict[str, int], settings: dict | None = None) -> dict:
+    def open(self, header: dict, key: str, datasets: dict[str, int], settings: dict | None = None,
+             images: dict[str, str] | None = None, legacy_key: Callable[[list[str]], str] | None = None) -> dict:
         """Start or resume a store. `key` fingerprints everything that determines the values (checkpoint,
-        columns, preprocessing, seed, image table); a store made under another key is refused rather
-        than mixed, and the error names the `settings` entries that differ. `datasets` maps dataset
-        name -> number of shards.
+        columns, preprocessing, seed); a store made under another key is refused rather than mixed, and the
+        error names the `settings` entries that differ. `datasets` maps dataset name -> number of shards;
+        `images` maps dataset name -> fingerprint of its image table (images, labels, splits).
+
+        A dataset the store does not hold yet is added (its shards are then extracted; the others are kept:
+        adding an OOD dataset to a finished study encodes only the new images); a held dataset whose image
+        table changed is refused, by name; a held dataset not asked for stays, unread by the probe. A store
+        made before image tables were fingerprinted per dataset (one `images` fingerprint over all of them)
+        is upgraded in place when `legacy_key(its dataset names)`, the key it would then have carried,
+        matches.
 
         On resume, a shard listed as complete whose file is gone is dropped from the manifest (so it is
         extracted again); `self.dropped` names such shards. Files not listed in the manifest (a shard
@@ -98,6 +106,10 @@ class FeatureStore:
         shard is written."""
         existing = self.manifest(reload=True)
         self.dropped = []
+        if existing is not None and existing.get("key") != key and legacy_key is not None \
+                and set(existing.get("datasets", {})) <= set(datasets) \
+                and existing.get("key") == legacy_key(list(existing["datasets"])):
+            existing = self._upgrade(existing, key, settings, images or {})
         if existing is not None and existing.get("key") != key:
             raise FeatureStoreError(self._mismatch(existing, settings))
         if existing is None:
@@ -105,11 +117,41 @@ class FeatureStore:
                         "datasets": {d: {"num_shards": n, "shards": []} for d, n in datasets.items()},
                         "rejected": []}
             if settings is not None:
-                existing["settings"] = settings
+                existing["settings"] = {**settings, **({"images": dict(images)} if images else {})}
             st.write_json(self.manifest_uri, existing)
+        elif images:
+            self._add_datasets(existing, datasets, images)
         self._manifest = existing
         self._drop_missing()
         return existing
+
+    def _upgrade(self, existing: dict, key: str, settings: dict | None, images: dict[str, str]) -> dict:
+        """A store under the one-fingerprint-for-all-images key, rewritten under `key` with a fingerprint per
+        dataset (the caller checked that the old key is this store's under the current settings)."""
+        upgraded = {**existing, "key": key}
+        if settings is not None:
+            upgraded["settings"] = {**settings, "images": {d: images[d] for d in existing["datasets"]}}
+        st.write_json(self.manifest_uri, upgraded)
+        return upgraded
+
+    def _add_datasets(self, existing: dict, datasets: dict[str, int], images: dict[str, str]) -> None:
+        held = existing.setdefault("settings", {}).setdefault("images", {})
+        changed = [d for d in datasets if d in existing["datasets"] and held.get(d) != images[d]]
+        if changed:
+            raise FeatureStoreError(
+                f"{self.root} holds features of other images for dataset(s) {', '.join(map(repr, changed))} "
+                f"(changed: image table: images, labels, splits or their order). Nothing was written: to keep "
+                f"both, extract into another storage (--set storage=PATH); to replace them, delete {self.root} "
+                f"and rerun.")
+        new = [d for d in datasets if d not in existing["datasets"]]
+        if not new:
+            return
+        for d in new:
+            existing["datasets"][d] = {"num_shards": datasets[d], "shards": []}
+            held[d] = images[d]
+        existing["complete"] = False
+        existing.pop("summary", None)
+        st.write_json(self.manifest_uri, existing)
 
     def _mismatch(self, existing: dict, settings: dict | None) -> str:
         old = existing.get("settings") or {}
@@ -124,6 +166,8 @@ class FeatureStore:
                 parts.append(f"checkpoint content (checkpoint_hash {old[k]} -> {settings[k]})")
             else:
                 parts.append(f"{k}: {_short(old[k])} -> {_short(settings[k])}")
+        if not parts and isinstance(old.get("images"), str):  # a store from before per-dataset fingerprints
+            parts.append("image table (images, labels, splits or their order)")
         what = "; ".join(parts) or "checkpoint, layers, timesteps, preprocessing or images"
         return (
             f"{self.root} holds features extracted with other settings (changed: {what}). Nothing was written: "
@@ -196,10 +240,18 @@ class FeatureStore:
         m = self.manifest(reload=True)
         return bool(m and m.get("complete"))
 
+    def incomplete(self, datasets: Iterable[str]) -> list[str]:
+        """Those of `datasets` the store lacks or holds only some shards of."""
+        held = (self.manifest() or {}).get("datasets", {})
+        return [d for d in datasets if d not in held or len(held[d]["shards"]) < held[d]["num_shards"]]
+
     # reads --------------------------------------------------------------------------------------
-    def files(self) -> list[str]:
+    def files(self, datasets: Iterable[str] | None = None) -> list[str]:
+        """The completed shards, of every dataset held or of `datasets` only (in the store's order)."""
         m = self.manifest() or {}
-        return [f"{self.base}/{s['file']}" for d in m.get("datasets", {}).values() for s in d["shards"]]
+        wanted = None if datasets is None else set(datasets)
+        return [f"{self.base}/{s['file']}" for name, d in m.get("datasets", {}).items()
+                if wanted is None or name in wanted for s in d["shards"]]
 
     def columns(self) -> list[dict]:
         return list((self.manifest() or {}).get("columns", []))

@@ -149,9 +149,23 @@ def _table_key(frame: pd.DataFrame) -> str:
         frame[["image_id", "label", "split", "domain"]], index=False).sum().item())
 
 
-def _settings(config: PipelineConfig, encoder, columns: list[dict], frame: pd.DataFrame) -> dict:
-    """Everything that decides the stored values or which row lands in which shard. A store made under other
-    settings is refused (FeatureStore.open names what differs) rather than mixed."""
+def _images(frame: pd.DataFrame) -> dict[str, str]:
+    """Dataset -> fingerprint of its image table: a store adds a new dataset and refuses a changed one."""
+    return {d: _table_key(rows) for d, rows in frame.groupby("domain", sort=False)}
+
+
+def _legacy_key(settings: dict, frame: pd.DataFrame):
+    """The key a store of these `datasets` carried before image tables were fingerprinted per dataset (one
+    `images` entry over all of them), so that `FeatureStore.open` upgrades such a store in place."""
+    def key(datasets: list[str]) -> str:
+        return fingerprint({**settings, "images": _table_key(frame[frame["domain"].isin(datasets)])})
+    return key
+
+
+def _settings(config: PipelineConfig, encoder, columns: list[dict]) -> dict:
+    """Everything that decides the stored values or which row lands in which shard, but the images (see
+    `_images`). A store made under other settings is refused (FeatureStore.open names what differs) rather
+    than mixed."""
     return {
         "checkpoint_hash": encoder.checkpoint_hash,
         "layers": list(dict.fromkeys(c["layer"] for c in columns)),
@@ -162,7 +176,6 @@ def _settings(config: PipelineConfig, encoder, columns: list[dict], frame: pd.Da
         "seed": config.seed,
         "precision": config.extract.precision,
         "shard_size": config.extract.shard_size,
-        "images": _table_key(frame),
     }
 
 
@@ -228,7 +241,7 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     encoder = build_encoder(kwargs)  # on the driver: columns and checkpoint hash, before any work starts
     columns = [c.to_dict() for c in encoder.columns]
     frame, shard_counts = _plan(table, config.extract.shard_size)
-    settings = _settings(config, encoder, columns, frame)
+    settings = _settings(config, encoder, columns)
     header = {
         "encoder": spec.name, "kind": encoder.kind, "checkpoint": str(getattr(encoder, "checkpoint", "")),
         "checkpoint_hash": encoder.checkpoint_hash, "classes": table.classes,
@@ -236,14 +249,15 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
         "columns": columns,
     }
     del encoder  # the actors build their own; the driver needs no model while the pipeline runs
-    store.open(header, fingerprint(settings), shard_counts, settings=settings)
+    store.open(header, fingerprint(settings), shard_counts, settings=settings, images=_images(frame),
+               legacy_key=_legacy_key(settings, frame))
     for lost in store.dropped:
         say(f"extract {spec.name}: shard {lost} is listed as complete but its file is gone: extracting it again")
     done = {d: store.completed_shards(d) for d in shard_counts}
     pending = frame[[s not in done[d] for d, s in zip(frame["domain"], frame["shard"])]]
     total = len(frame)
     if pending.empty:
-        summary = _summary(store, total)
+        summary = _summary(store, total, shard_counts)
         say(f"extract {spec.name}: all {sum(shard_counts.values())} shards already complete, nothing to do "
             f"({summary['rows']} rows, {summary['rejected']} image(s) rejected)")
         if not store.is_complete():
@@ -283,7 +297,7 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
                 close()  # stops the streaming executor (and its actors) at once on an error
     if buffers:
         raise ExtractError(f"extract {spec.name}: incomplete shards after the pipeline ended: {sorted(buffers)}")
-    summary = _summary(store, total)
+    summary = _summary(store, total, shard_counts)
     store.mark_complete(summary)
     rate = len(pending) / timer.seconds if timer.seconds else float("nan")
     say(f"extract {spec.name}: wrote {summary['rows']} rows x {len(columns)} columns in "
@@ -323,10 +337,11 @@ def _write_shard(store: FeatureStore, domain: str, shard: int, parts: list[pa.Ta
     return len(rejected)
 
 
-def _summary(store: FeatureStore, total: int) -> dict:
+def _summary(store: FeatureStore, total: int, datasets: dict[str, int]) -> dict:
+    """Rows and rejected images of the pipeline's datasets (a dataset no longer asked for is not counted)."""
     m = store.manifest()
-    rows = sum(s["rows"] for d in m["datasets"].values() for s in d["shards"])
-    done = {(d, s["index"]) for d, v in m["datasets"].items() for s in v["shards"]}
+    rows = sum(s["rows"] for d, v in m["datasets"].items() if d in datasets for s in v["shards"])
+    done = {(d, s["index"]) for d, v in m["datasets"].items() if d in datasets for s in v["shards"]}
     rejected = sum(1 for r in m.get("rejected", []) if (r.get("domain"), r.get("shard")) in done)
     return {"images": total, "rows": rows, "rejected": rejected}
 

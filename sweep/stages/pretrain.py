@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweep.config import PipelineConfig
+from sweep.config import NOT_RESULTS, PipelineConfig
 from sweep.stages.common import init_ray, quiet_train_reports, quiet_training_data, say, train_logging
-from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir
+from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
 # the feature store are imported where they are used, not here.
@@ -40,6 +40,8 @@ STATE_FILE = "state.pt"
 # the run resumed at or past it (so a rerun with the variable still set finishes). Read on the driver and sent
 # in the loop config: the driver's environment does not reach the workers of an already running Ray.
 FAULT_ENV = "SWEEP_FAULT_AT_STEP"
+# pretrain/<KEY_ALIAS>: today's key of a U-Net finished under an older sweep's key (`legacy_pretrain_key`)
+KEY_ALIAS = "final-key.json"
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
@@ -48,12 +50,29 @@ class PretrainError(RuntimeError):
 
 
 def pretrain_key(config: PipelineConfig) -> str:
-    """What determines the trained weights: the pretrain section, the data and the seed."""
+    """What determines the trained weights: the pretrain section, the training data and the seed (not the
+    OOD datasets, which only the probe reads: adding one keeps a finished U-Net)."""
+    from sweep.features.store import fingerprint
+
+    return fingerprint(config.pretrain.model_dump(mode="json", exclude=NOT_RESULTS["pretrain"]),
+                       config.data.model_dump(mode="json", exclude={"ood"}), config.seed)
+
+
+def legacy_pretrain_key(config: PipelineConfig) -> str:
+    """The key these settings had while it still hashed `data.ood`, `checkpoint_every` and `max_failures`
+    (sweep 0.1.0 until 2026-11-23): a U-Net finished, or a run interrupted, under it is this config's."""
     from sweep.features.store import fingerprint
 
     return fingerprint(config.pretrain.model_dump(mode="json", exclude={"workers", "use_gpu", "cpus_per_worker",
                                                                         "sample_grid", "compile"}),
                        config.data.model_dump(mode="json"), config.seed)
+
+
+def finished_key(storage: Storage, marker: dict) -> str | None:
+    """The key of the finished U-Net whose marker is `marker`: today's key recorded for it in `KEY_ALIAS` when
+    it was finished under an older key, else the marker's own."""
+    alias = read_json(storage.uri("pretrain", KEY_ALIAS)) or {}
+    return alias.get("key") if alias.get("marker_key") == marker.get("key") else marker.get("key")
 
 
 def checkpoint_name(step: int) -> str:
@@ -384,10 +403,16 @@ def _cause(e: BaseException) -> str:
 def run(config: PipelineConfig) -> str:
     """Train (or resume) and return the final checkpoint folder."""
     storage = Storage.of(config.storage_root)
-    key = pretrain_key(config)
+    key, legacy = pretrain_key(config), legacy_pretrain_key(config)
     marker = read_json(f"{storage.pretrain_final}/{PRETRAIN_MARKER}")
     if marker is not None:
-        if marker.get("key") == key:
+        done = finished_key(storage, marker)
+        if done == legacy != key:
+            # finished under an older sweep's key: recorded as today's beside the folder, whose files stay
+            # as they are (their content hash keys the feature stores)
+            write_json(storage.uri("pretrain", KEY_ALIAS), {"marker_key": done, "key": key})
+            done = key
+        if done == key:
             say(f"pretrain: {storage.pretrain_final} is complete for this config, nothing to do")
             return storage.pretrain_final
         raise PretrainError(
@@ -417,6 +442,9 @@ def run(config: PipelineConfig) -> str:
     if p.compile != "none":
         say(f"pretrain: torch.compile mode {p.compile} (the first steps wait for the compilation)" if p.use_gpu
             else f"pretrain: compile {p.compile} applies on GPU workers only (use_gpu is false): running eager")
+    if key != legacy and exists(f"{storage.pretrain_runs}/run-{legacy}") \
+            and not exists(f"{storage.pretrain_runs}/run-{key}"):
+        key = legacy  # a run interrupted under an older sweep's key: resume it, in its folder
     trainer = make_trainer(config, run_id, dataset, key)
     try:
         result = trainer.fit()

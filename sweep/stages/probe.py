@@ -95,16 +95,17 @@ def _read_meta(store: FeatureStore, files: list[str]) -> tuple[np.ndarray, np.nd
     return _META_CACHE[key]
 
 
-def read_probe_data(store_uri: str, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(features float16 (n, dim), labels, split, domain) of one column over every completed shard: only
-    this column's data is read (Parquet column projection)."""
+def read_probe_data(store_uri: str, column: str, datasets: list[str] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(features float16 (n, dim), labels, split, domain) of one column over every completed shard of
+    `datasets` (default: all the store holds): only this column's data is read (Parquet column projection)."""
     from sweep.features.store import FeatureStoreError, column_to_numpy
 
     store = FeatureStore(store_uri)
     spec = next((c for c in store.columns() if c["column"] == column), None)
     if spec is None:
         raise FeatureStoreError(f"{store.root}: no feature column {column!r}")
-    files = store.files()
+    files = store.files(datasets)
     if not files:
         raise FeatureStoreError(f"{store.root}: no completed shards")
     labels, split, domain = _read_meta(store, files)
@@ -136,21 +137,23 @@ def compute_threads(threads: int | None):
 
 
 def probe_column(store_uri: str, column: str, num_classes: int, probe: dict, seed: int,
-                 threads: int | None = None, device: str = "cpu") -> dict:
-    """One trial's computation, without Ray: read one column, probe it, return metrics and the choice.
+                 threads: int | None = None, device: str = "cpu", datasets: list[str] | None = None) -> dict:
+    """One trial's computation, without Ray: read one column (of `datasets`, default every dataset the store
+    holds), probe it, return metrics and the choice.
 
     Returns `metrics` (contract names: val/test/OOD, k-means), the chosen `lr`, `weight_decay`,
     `best_epoch`, `epochs_run`, the chosen head's per-epoch `history`, `seconds` (wall time) and `final`
     (True: training ran to its end).
     """
-    for info, outcome in probe_column_epochs(store_uri, column, num_classes, probe, seed, threads, device):
+    for info, outcome in probe_column_epochs(store_uri, column, num_classes, probe, seed, threads, device,
+                                             datasets):
         if info["final"]:
             return outcome()  # while the column's thread limits are still in force (k-means runs in it)
     raise AssertionError("probe_epochs ended without a final epoch")
 
 
 def probe_column_epochs(store_uri: str, column: str, num_classes: int, probe: dict, seed: int,
-                        threads: int | None = None, device: str = "cpu"):
+                        threads: int | None = None, device: str = "cpu", datasets: list[str] | None = None):
     """`probe_column` one epoch at a time (an ASHA trial, which the scheduler may stop between epochs):
     yields `(info, outcome)` after each epoch, `info` as `sweep.probing.probe_epochs` gives it and
     `outcome()` what `probe_column` returns had training ended there (call it before advancing)."""
@@ -158,7 +161,7 @@ def probe_column_epochs(store_uri: str, column: str, num_classes: int, probe: di
 
     t0 = time.perf_counter()
     with compute_threads(threads):
-        features, labels, split, domain = read_probe_data(store_uri, column)
+        features, labels, split, domain = read_probe_data(store_uri, column, datasets)
 
         def part(mask: np.ndarray) -> Split:
             return Split(X=features[mask], y=labels[mask])
@@ -238,7 +241,7 @@ class ProbeTrial(Trainable):
             _wait_for_peers(run["rendezvous"], run["workers"], run["rendezvous_timeout_s"])
         device = "cuda" if run["gpus"] > 0 and torch.cuda.is_available() else "cpu"
         args = (trial["store"], trial["column"], run["num_classes"][trial["encoder"]], run["probe"], run["seed"],
-                run["threads"], device)
+                run["threads"], device, run["datasets"])
         if not run["probe"].get("asha"):  # the whole column in this one step
             return self._result(probe_column(*args))
         # ASHA: one epoch per step. At the epochs where ASHA may stop the trial (its rungs) and at the last
@@ -463,9 +466,11 @@ def plan_trials(config: PipelineConfig) -> tuple[list[dict], dict[str, dict], di
     trials, columns, num_classes = [], {}, {}
     for spec in config.encoder_specs():
         store = FeatureStore(storage.features(spec.name))
-        if not store.is_complete():
+        complete, lacking = store.is_complete(), store.incomplete(config.dataset_names())
+        if not complete or lacking:
+            what = f" (dataset(s) {', '.join(map(repr, lacking))})" if lacking and store.manifest() else ""
             raise ProbeError(f"probe: features of encoder {spec.name!r} are missing or incomplete at "
-                             f"{store.root}; run `sweep extract` first")
+                             f"{store.root}{what}; run `sweep extract` first")
         manifest = store.manifest()
         num_classes[spec.name] = len(manifest["classes"])
         for col in manifest["columns"]:
@@ -628,6 +633,7 @@ def run(config: PipelineConfig) -> dict:
     # one worker has no one to wait for
     meeting = f"probe-{uuid.uuid4().hex[:12]}" if workers > 1 else None
     run_cfg = {"probe": p.model_dump(mode="json"), "seed": config.seed, "num_classes": num_classes,
+               "datasets": config.dataset_names(),
                "threads": max(1, int(p.cpus_per_trial)), "gpus": p.gpus_per_trial, "workers": workers,
                "rendezvous": meeting, "rendezvous_timeout_s": RENDEZVOUS_TIMEOUT_S}
     scheduler = _asha(p)
