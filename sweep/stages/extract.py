@@ -219,14 +219,18 @@ def build_dataset(config: PipelineConfig, pending: pd.DataFrame, kwargs: dict):
 
     threads = int(max(1, config.extract.cpus_per_actor))
     batch = config.extract.batch_size
+    chunks = _chunks(pending, batch)
+    # no more tasks or actors than chunks (a resume or an added OOD set may leave a few): Ray warns about
+    # idle concurrency, and an actor builds its model for nothing. Where that makes both pools the same size
+    # Ray fuses them, harmlessly: each actor then has at most one chunk to decode anyway.
     ds = (
-        ray.data.from_pandas(_chunks(pending, batch))
+        ray.data.from_pandas(chunks)
         .map_batches(decode_chunk, fn_kwargs={"size": config.data.image_size, "channels": config.data.channels},
                      batch_size=None, batch_format="numpy",
-                     compute=ray.data.TaskPoolStrategy(size=_decode_tasks(config)))
+                     compute=ray.data.TaskPoolStrategy(size=min(_decode_tasks(config), len(chunks))))
         .map_batches(EncodeBatch, fn_constructor_kwargs={"encoder_kwargs": kwargs, "threads": threads},
                      batch_size=batch, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=config.extract.actors),
+                     compute=ray.data.ActorPoolStrategy(size=min(config.extract.actors, len(chunks))),
                      num_cpus=config.extract.cpus_per_actor, num_gpus=config.extract.gpus_per_actor)
     )
     # rows come back in table order, so shards complete one after another and few rows wait in the driver
