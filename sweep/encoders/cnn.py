@@ -74,9 +74,10 @@ def input_transform(meta: dict):
 
 
 class CNNEncoder(Encoder):
-    """Features of a frozen baseline ResNet: one column per layer (``layer1``..``layer4``, ``avgpool`` by
-    default, or any ``named_modules()`` path), ``timestep`` None. ``kind`` is the baseline's kind
-    (supervised, simclr, pretrained)."""
+    """Features of a frozen baseline (a built-in ResNet, or a torchvision / timm / ``<module>:<callable>``
+    model): one column per layer, ``timestep`` None. Layers: any ``named_modules()`` paths; by default
+    ``layer1``..``layer4`` and ``avgpool`` of a built-in ResNet, ``zoo.default_layers`` of any other model.
+    ``kind`` is the baseline's kind (supervised, simclr, pretrained)."""
 
     def __init__(
         self,

@@ -18,9 +18,10 @@ Each entry of `baselines:` is one of
   weights, conv1 adapted to the data's channels), or `torchvision:<name>`, `timm:<name>`, `<module>:<callable>`
   (`sweep.encoders.zoo`: the model is built without weights, then every key of the file is loaded).
 
-Outputs (DESIGN "Storage layout"): `baselines/<name>/final/` holds `model.safetensors` (torchvision-format
-ResNet state dict; no `fc` for SimCLR) and `baseline.json` (arch, in_channels, small_input, kind, classes for
-a supervised baseline, metrics and per-epoch history), written under a temporary name and renamed. Ray Train
+Outputs (DESIGN "Storage layout"): `baselines/<name>/final/` holds `model.safetensors` (the model's state
+dict: torchvision-format for a built-in ResNet, no `fc` for SimCLR) and `baseline.json` (arch, in_channels,
+small_input, kind, classes for a supervised baseline, metrics and per-epoch history), written under a
+temporary name and renamed. Ray Train
 checkpoints (model, optimiser, lr schedule, epoch, best-val weights) go to `baselines/<name>/run-<key>/`; a
 rerun resumes from the latest one, and a baseline whose `final/` matches its settings is skipped. Each
 baseline has its own MLflow run (tags `sweep.stage=baselines`, `sweep.baseline=<name>`) with loss curves.
