@@ -573,13 +573,15 @@ def test_supervised_trains_selects_on_val_and_reports_test_metrics(ray_local, wr
 @pytest.mark.ray
 def test_simclr_reads_no_label_and_resumes_exactly(ray_local, write_pipeline, tmp_path, monkeypatch):
     """Run A: uninterrupted. Run B: the labels shuffled among the images, interrupted after epoch 1 and
-    resumed by rerunning. A SimCLR that reads no label and resumes exactly gives bit-identical weights."""
+    resumed by rerunning. A SimCLR that reads no label and resumes exactly gives bit-identical weights, on
+    two DDP workers (each trains on the same images every run: `train_datasets`)."""
     from safetensors.torch import load_file
 
     import sweep.data.table as table_mod
 
-    spec = {"name": "ssl", "kind": "simclr", "arch": "resnet18", "epochs": 2, "batch_size": 32, "lr": 2.0e-3}
-    cfg = load_config(write_pipeline(baselines=[spec], pretrain={"workers": 1}))
+    spec = {"name": "ssl", "kind": "simclr", "arch": "resnet18", "epochs": 2, "batch_size": 16, "lr": 2.0e-3}
+    monkeypatch.setattr(baselines, "TRAIN_BLOCK_ROWS", 8)  # several blocks per worker, as on a real data set
+    cfg = load_config(write_pipeline(baselines=[spec], pretrain={"workers": 2}))
     ds, _ = baselines.train_dataset(cfg, "simclr")
     assert set(ds.schema().names) == {"image", "row"}  # no label column at all
 
@@ -603,7 +605,7 @@ def test_simclr_reads_no_label_and_resumes_exactly(ray_local, write_pipeline, tm
 
     monkeypatch.setattr(table_mod, "build_table", shuffled)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # run B logs to its own store
-    cfg2 = load_config(write_pipeline(baselines=[spec], pretrain={"workers": 1}),
+    cfg2 = load_config(write_pipeline(baselines=[spec], pretrain={"workers": 2}),
                        [f"storage={tmp_path / 'shuffled'}"])
     assert not shuffled(cfg2).frame["label"].equals(real(cfg2).frame["label"])
     monkeypatch.setenv(baselines.FAULT_ENV, "1")

@@ -367,3 +367,21 @@ def test_rerun_of_a_finished_pretrain_does_nothing(pretrained):
     assert pretrained["noop_s"] < 5
     assert sorted(_checkpoints(pretrained["run_dir"])) == [20, 30]
     assert len(pretrained["runs"]) == 1
+
+
+@pytest.mark.ray
+def test_a_seeded_run_on_two_workers_trains_the_same_unet_again(ray_local, tmp_path, monkeypatch):
+    """Each worker trains on the same images in the same order every run (`train_datasets`), so two runs of
+    one seed on two DDP workers end with the same weights, bit for bit. Blocks of 8 images: Ray Train's
+    streaming split, which hands blocks to whichever worker asks first, gave different weights here."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(pretrain, "TRAIN_BLOCK_ROWS", 8)
+    weights = []
+    for run in ("a", "b"):
+        config = PipelineConfig.model_validate(small_pipeline(tmp_path / run, pretrain={
+            "steps": 8, "checkpoint_every": 8, "workers": 2, "sample_grid": 0}))
+        final = pretrain.run(config)
+        weights.append(load_file(f"{final}/diffusion_pytorch_model.safetensors"))
+    assert set(weights[0]) == set(weights[1])
+    assert [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])] == []

@@ -43,7 +43,8 @@ from sweep.config import BaselineConfig, PipelineConfig
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import init_ray, quiet_train_reports, quiet_training_data, say, train_logging
+from sweep.stages.common import (init_ray, quiet_train_reports, quiet_training_data, say, train_datasets,
+                                 train_logging, train_shard)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
@@ -52,6 +53,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of the steps, then cosine decay to 0
 EVAL_BATCH = 256
+
+
+TRAIN_BLOCK_ROWS = 256  # training images per Ray Data block (a decode task's work)
 
 
 class BaselineError(RuntimeError):
@@ -122,10 +126,9 @@ class _TrainShard:
 
     A shard that fits in `cache_limit` bytes is read once, put in a fixed order (by its `row` column, so the
     order does not depend on which Ray Data task finished first) and reshuffled in memory each epoch with a
-    generator seeded by (seed, epoch, rank). With one worker a seeded run is reproducible and a resumed one
-    continues exactly; with several, Ray Data's streaming split hands blocks to whichever worker asks
-    first, so which rows each worker holds (not the union) can differ between runs. A larger shard is
-    streamed every epoch (in Ray Data's order).
+    generator seeded by (seed, epoch, rank): with the fixed split of `train_datasets` (a training set that
+    fits in memory) a seeded run is reproducible on any number of workers and a resumed one continues
+    exactly. A larger shard is streamed every epoch (in Ray Data's order).
     """
 
     def __init__(self, shard, batch_size: int, cache_limit: int, sample_every: int = 1):
@@ -351,7 +354,7 @@ def train_loop(cfg: dict) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(cfg["tracking_uri"])
-    shard = _TrainShard(ray.train.get_dataset_shard("train"), cfg["batch_size"], cfg["cache_limit_bytes"],
+    shard = _TrainShard(train_shard(cfg.get("ordered_split", False), rank), cfg["batch_size"], cfg["cache_limit_bytes"],
                         bn_sample_every(cfg["n_train"], world, 4 * cfg["in_channels"] * cfg["image_size"] ** 2))
     val = test = None
     if supervised:
@@ -493,9 +496,10 @@ def train_dataset(config: PipelineConfig, kind: str, table=None):
     rows = table.frame[table.frame["split"] == "train"].reset_index(drop=True)
     rows = rows.assign(row=np.arange(len(rows), dtype=np.int64))
     columns = ["path", "index", "row"] + (["label"] if kind == "supervised" else [])
-    rows = rows[columns]
-    block = 256
-    chunks = [rows.iloc[i: i + block] for i in range(0, len(rows), block)]
+    # the table is ordered by class: mixed once, so that each worker's part (`train_datasets`) and each
+    # streamed block hold every class; `row` keeps the table's order for the workers' caches
+    rows = rows[columns].sample(frac=1.0, random_state=config.seed)
+    chunks = [rows.iloc[i: i + TRAIN_BLOCK_ROWS] for i in range(0, len(rows), TRAIN_BLOCK_ROWS)]
     keep = ["image", "row"] + (["label"] if kind == "supervised" else [])
 
     def keep_good(batch: dict) -> dict:
@@ -649,6 +653,9 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
                            test_rows=_split_rows(table, "test"))
     say(f"baselines {b.name}: {b.kind} {b.arch}, {n_train} training images, {b.epochs} epoch(s) x "
         f"{b.batch_size} per worker x {p.workers} worker(s){' on GPU' if p.use_gpu else ''}")
+    datasets, dataset_config = train_datasets(
+        dataset, p.workers, n_train * config.data.channels * config.data.image_size ** 2 * 4)
+    loop_config["ordered_split"] = dataset_config is not None
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -661,7 +668,8 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
             logging_config=train_logging(),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
     try:
         trainer.fit()

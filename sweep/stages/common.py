@@ -53,6 +53,34 @@ def quiet_training_data(ds):
     return ds
 
 
+# decoded training images up to this size are split among the workers by sweep, in a fixed order
+ORDERED_SPLIT_BYTES = 2 << 30
+
+
+def train_datasets(ds, workers: int, decoded_bytes: int) -> tuple[dict, object | None]:
+    """Ray Train's `datasets` and `dataset_config` for the decoded training images `ds`.
+
+    Images that fit in memory (`decoded_bytes` <= ORDERED_SPLIT_BYTES) are decoded before training, kept in
+    `ds`'s order and split into `workers` equal parts `train_0`, `train_1`, ..., each taken whole by the worker
+    of that rank (`train_shard`): a seeded run trains every worker on the same images in the same order each
+    time. A larger set is handed to Ray Train as `train`, split while streaming: its split coordinator gives
+    blocks to whichever worker asks first, so which images a worker trains on varies between runs."""
+    import ray.train
+
+    if decoded_bytes > ORDERED_SPLIT_BYTES:
+        return {"train": ds}, None
+    ds.context.execution_options.preserve_order = True  # the dataset's own context: the order of `ds`
+    parts = ds.materialize().split(workers, equal=True)
+    return {f"train_{rank}": part for rank, part in enumerate(parts)}, ray.train.DataConfig(datasets_to_split=[])
+
+
+def train_shard(ordered: bool, rank: int):
+    """This worker's training data (see `train_datasets`), on a Ray Train worker."""
+    import ray.train
+
+    return ray.train.get_dataset_shard(f"train_{rank}" if ordered else "train")
+
+
 def train_logging():
     """Ray Train's `ray.train` loggers at WARNING for sweep's trainers: their INFO lines (worker group start,
     process group, "Checkpoint successfully created" per checkpoint) drowned the stages' own progress; Ray's

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
-from sweep.stages.common import init_ray, quiet_train_reports, quiet_training_data, say, train_logging
+from sweep.stages.common import (init_ray, quiet_train_reports, quiet_training_data, say, train_datasets,
+                                 train_logging, train_shard)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
@@ -43,6 +44,9 @@ FAULT_ENV = "SWEEP_FAULT_AT_STEP"
 # pretrain/<KEY_ALIAS>: today's key of a U-Net finished under an older sweep's key (`legacy_pretrain_key`)
 KEY_ALIAS = "final-key.json"
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+TRAIN_BLOCK_ROWS = 256  # training images per Ray Data block (a decode task's work)
 
 
 class PretrainError(RuntimeError):
@@ -209,7 +213,7 @@ def train_loop(cfg: dict) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     # a resumed run starts a new epoch (the position inside the interrupted one is not kept)
-    stream = _batches(ray.train.get_dataset_shard("train"), cfg["batch_size"], cfg["cache_limit_bytes"],
+    stream = _batches(train_shard(cfg.get("ordered_split", False), rank), cfg["batch_size"], cfg["cache_limit_bytes"],
                       cfg["seed"], rank, start_epoch=state["epoch"] + 1 if state else 0,
                       shuffle_buffer=cfg.get("shuffle_buffer"))
     if not state or state["step"] < cfg["steps"]:
@@ -325,8 +329,7 @@ def train_dataset(config: PipelineConfig):
     rows = table.frame[table.frame["split"] == "train"].assign(shard=0)
     # the table is ordered by class: mix it once here, so blocks (and a streamed epoch) are not one class each
     rows = rows.sample(frac=1.0, random_state=config.seed)
-    block = 256
-    chunks = [rows.iloc[i: i + block] for i in range(0, len(rows), block)]
+    chunks = [rows.iloc[i: i + TRAIN_BLOCK_ROWS] for i in range(0, len(rows), TRAIN_BLOCK_ROWS)]
     ds = ray.data.from_pandas(chunks).map_batches(
         decode_batch, fn_kwargs={"size": config.data.image_size, "channels": config.data.channels},
         batch_format="numpy")
@@ -369,17 +372,19 @@ def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = No
     }
 
 
-def make_trainer(config: PipelineConfig, run_id: str | None, dataset, key: str | None = None):
-    """The stage's TorchTrainer (also what `benchmarks/pretrain_throughput.py` times)."""
+def make_trainer(config: PipelineConfig, run_id: str | None, dataset, n_images: int, key: str | None = None):
+    """The stage's TorchTrainer over `dataset`, the `n_images` training images (corrupt ones dropped)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     storage = Storage.of(config.storage_root)
     key = key or pretrain_key(config)
     p = config.pretrain
+    datasets, dataset_config = train_datasets(
+        dataset, p.workers, n_images * config.data.channels * config.data.image_size ** 2 * 4)
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config(config, run_id, key),
+        train_loop_config={**loop_config(config, run_id, key), "ordered_split": dataset_config is not None},
         scaling_config=ray.train.ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
                                                resources_per_worker={"CPU": p.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -390,7 +395,8 @@ def make_trainer(config: PipelineConfig, run_id: str | None, dataset, key: str |
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
             logging_config=train_logging(),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
 
 
@@ -445,7 +451,7 @@ def run(config: PipelineConfig) -> str:
     if key != legacy and exists(f"{storage.pretrain_runs}/run-{legacy}") \
             and not exists(f"{storage.pretrain_runs}/run-{key}"):
         key = legacy  # a run interrupted under an older sweep's key: resume it, in its folder
-    trainer = make_trainer(config, run_id, dataset, key)
+    trainer = make_trainer(config, run_id, dataset, n_images, key)
     try:
         result = trainer.fit()
     except Exception as e:
