@@ -70,7 +70,13 @@ def train_datasets(ds, workers: int, decoded_bytes: int) -> tuple[dict, object |
     if decoded_bytes > ORDERED_SPLIT_BYTES:
         return {"train": ds}, None
     ds.context.execution_options.preserve_order = True  # the dataset's own context: the order of `ds`
-    parts = ds.materialize().split(workers, equal=True)
+    data_log = logging.getLogger("ray.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # its plan and progress lines, on the driver, among the stage's own
+    try:
+        parts = ds.materialize().split(workers, equal=True)
+    finally:
+        data_log.setLevel(level)
     return {f"train_{rank}": part for rank, part in enumerate(parts)}, ray.train.DataConfig(datasets_to_split=[])
 
 
