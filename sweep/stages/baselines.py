@@ -53,8 +53,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of the steps, then cosine decay to 0
 EVAL_BATCH = 256
-
-
 TRAIN_BLOCK_ROWS = 256  # training images per Ray Data block (a decode task's work)
 
 
@@ -354,7 +352,8 @@ def train_loop(cfg: dict) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(cfg["tracking_uri"])
-    shard = _TrainShard(train_shard(cfg.get("ordered_split", False), rank), cfg["batch_size"], cfg["cache_limit_bytes"],
+    shard = _TrainShard(train_shard(cfg.get("ordered_split", False), rank), cfg["batch_size"],
+                        cfg["cache_limit_bytes"],
                         bn_sample_every(cfg["n_train"], world, 4 * cfg["in_channels"] * cfg["image_size"] ** 2))
     val = test = None
     if supervised:

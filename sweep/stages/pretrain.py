@@ -44,8 +44,6 @@ FAULT_ENV = "SWEEP_FAULT_AT_STEP"
 # pretrain/<KEY_ALIAS>: today's key of a U-Net finished under an older sweep's key (`legacy_pretrain_key`)
 KEY_ALIAS = "final-key.json"
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-
-
 TRAIN_BLOCK_ROWS = 256  # training images per Ray Data block (a decode task's work)
 
 
@@ -213,8 +211,8 @@ def train_loop(cfg: dict) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     # a resumed run starts a new epoch (the position inside the interrupted one is not kept)
-    stream = _batches(train_shard(cfg.get("ordered_split", False), rank), cfg["batch_size"], cfg["cache_limit_bytes"],
-                      cfg["seed"], rank, start_epoch=state["epoch"] + 1 if state else 0,
+    stream = _batches(train_shard(cfg.get("ordered_split", False), rank), cfg["batch_size"],
+                      cfg["cache_limit_bytes"], cfg["seed"], rank, start_epoch=state["epoch"] + 1 if state else 0,
                       shuffle_buffer=cfg.get("shuffle_buffer"))
     if not state or state["step"] < cfg["steps"]:
         stream = _FirstBatchInBackground(stream)
