@@ -125,7 +125,7 @@ class _TrainShard:
     A shard that fits in `cache_limit` bytes is read once, put in a fixed order (by its `row` column, so the
     order does not depend on which Ray Data task finished first) and reshuffled in memory each epoch with a
     generator seeded by (seed, epoch, rank): with the fixed split of `train_datasets` (a training set that
-    fits in memory) a seeded run is reproducible on any number of workers and a resumed one continues
+    fits in memory) a seeded run on the same workers is reproducible and a resumed one continues
     exactly. A larger shard is streamed every epoch (in Ray Data's order).
     """
 
