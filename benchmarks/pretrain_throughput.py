@@ -27,7 +27,11 @@ people's processes do not. On a quiet machine the two ratios agree.
 
 Measured on an idle 2-core VM (defaults: 80 steps, checkpoint every 20, 3 rounds): Ray Train 49.7 images/s vs
 plain DDP 53.6 (medians), ratio 0.93 (paired rounds 0.90, 0.93, 0.99; per CPU-second 0.93). The gap is Ray's own
-daemons taking CPU from DDP workers that run in lockstep on a 2-core machine.
+daemons taking CPU from DDP workers that run in lockstep on a 2-core machine. Later, on a VM whose plain DDP
+itself moved between 67 and 84 images/s from round to round, two runs on the code before sweep split the
+training images itself (`stages.common.train_datasets`) gave ratios 1.005 and 0.873, two runs after it 0.862
+and 0.888 (Ray Train's median images/s 69.5 before, 66.4 after, rounds overlapping): no difference this
+benchmark can resolve; the steady-state window trains on the workers' in-memory caches in both versions.
 """
 
 from __future__ import annotations
