@@ -480,19 +480,18 @@ class PipelineConfig(_Model):
     def config_hash(self) -> str:
         """Hash of everything that changes results: not where they are stored or tracked, nor the settings
         of `NOT_RESULTS` (a study rerun with more workers or trials at once finds its runs)."""
-        payload = self.model_dump(mode="json", exclude={"storage": True, "tracking": True, "ray": True,
-                                                        "report": True, **NOT_RESULTS})
-        if payload["probe"]["asha"] is None:  # the hash of a pipeline without it, as before it existed
-            del payload["probe"]["asha"]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        return self._hash(NOT_RESULTS)
 
     def legacy_config_hash(self) -> str:
         """The hash these settings had while it still covered the `NOT_RESULTS` settings (sweep 0.1.0 until
         2026-11-23), under which their runs were tagged."""
-        payload = self.model_dump(mode="json", exclude={"storage", "tracking", "ray", "report"})
-        if payload["probe"]["asha"] is None:
+        return self._hash({"pretrain": {"compile"}})
+
+    def _hash(self, settings_left_out: dict) -> str:
+        payload = self.model_dump(mode="json", exclude={"storage": True, "tracking": True, "ray": True,
+                                                        "report": True, **settings_left_out})
+        if payload["probe"]["asha"] is None:  # the hash of a pipeline without it, as before it existed
             del payload["probe"]["asha"]
-        del payload["pretrain"]["compile"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

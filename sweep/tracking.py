@@ -179,6 +179,17 @@ def log_batch(config: PipelineConfig, run_id: str, metrics: dict[str, float] | N
     )
 
 
+def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    """Every run of the experiment that matches, page after page (MLflow returns at most 1000 at a time)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
 def adopt_legacy_runs(config: PipelineConfig, client: MlflowClient, experiment_id: str) -> int:
     """Give this pipeline's runs tagged with its legacy config hash (`PipelineConfig.legacy_config_hash`, the
     hash from before the settings that change no result were left out of it) today's hash, so that a study
@@ -187,15 +198,8 @@ def adopt_legacy_runs(config: PipelineConfig, client: MlflowClient, experiment_i
     old, new = config.legacy_config_hash(), config.config_hash()
     if old == new:
         return 0
-    found, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=(
-            f"tags.`{TAG_PIPELINE}` = '{config.name}' and tags.`{TAG_HASH}` = '{old}'"),
-            max_results=1000, page_token=token)
-        found += [r.info.run_id for r in page]
-        token = page.token
-        if not token:
-            break
+    found = [r.info.run_id for r in _all_runs(
+        client, experiment_id, f"tags.`{TAG_PIPELINE}` = '{config.name}' and tags.`{TAG_HASH}` = '{old}'")]
     for run_id in found:
         client.set_tag(run_id, TAG_HASH, new)
     if found:
@@ -213,22 +217,9 @@ def finished_trials(config: PipelineConfig) -> set[str]:
     if exp is None:
         return set()
     adopt_legacy_runs(config, client, exp.experiment_id)
-    done = set()
-    token = None
-    while True:
-        page = client.search_runs(
-            [exp.experiment_id],
-            filter_string=(
-                f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = '{config.config_hash()}' "
-                f"and attributes.status = 'FINISHED'"
-            ),
-            max_results=1000,
-            page_token=token,
-        )
-        done.update(r.data.tags[TAG_TRIAL] for r in page if TAG_TRIAL in r.data.tags)
-        token = page.token
-        if not token:
-            return done
+    runs = _all_runs(client, exp.experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = "
+                                                f"'{config.config_hash()}' and attributes.status = 'FINISHED'")
+    return {r.data.tags[TAG_TRIAL] for r in runs if TAG_TRIAL in r.data.tags}
 
 
 def local_mlflow_db(config: PipelineConfig) -> Path | None:
@@ -295,21 +286,10 @@ def delete_unfinished_trial_runs(config: PipelineConfig, keys: set[str] | None =
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is None:
         return 0
-    stale, token = [], None
-    while True:
-        page = client.search_runs(
-            [exp.experiment_id],
-            filter_string=(
-                f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = '{config.config_hash()}' "
-                f"and tags.`{TAG_TRIAL}` LIKE '%' and attributes.status != 'FINISHED'"
-            ),
-            max_results=1000,
-            page_token=token,
-        )
-        stale += [r.info.run_id for r in page if keys is None or r.data.tags.get(TAG_TRIAL) in keys]
-        token = page.token
-        if not token:
-            break
+    runs = _all_runs(client, exp.experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = "
+                                                f"'{config.config_hash()}' and tags.`{TAG_TRIAL}` LIKE '%' "
+                                                f"and attributes.status != 'FINISHED'")
+    stale = [r.info.run_id for r in runs if keys is None or r.data.tags.get(TAG_TRIAL) in keys]
     for run_id in stale:
         client.delete_run(run_id)
     return len(stale)

@@ -652,8 +652,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
                            test_rows=_split_rows(table, "test"))
     say(f"baselines {b.name}: {b.kind} {b.arch}, {n_train} training images, {b.epochs} epoch(s) x "
         f"{b.batch_size} per worker x {p.workers} worker(s){' on GPU' if p.use_gpu else ''}")
-    datasets, dataset_config = train_datasets(
-        dataset, p.workers, n_train * config.data.channels * config.data.image_size ** 2 * 4)
+    datasets, dataset_config = train_datasets(dataset, config, n_train)
     loop_config["ordered_split"] = dataset_config is not None
     trainer = TorchTrainer(
         train_loop,
@@ -668,7 +667,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
             logging_config=train_logging(),
         ),
         datasets=datasets,
-        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
+        dataset_config=dataset_config,
     )
     try:
         trainer.fit()

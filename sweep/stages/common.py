@@ -57,24 +57,25 @@ def quiet_training_data(ds):
 ORDERED_SPLIT_BYTES = 2 << 30
 
 
-def train_datasets(ds, workers: int, decoded_bytes: int) -> tuple[dict, object | None]:
-    """Ray Train's `datasets` and `dataset_config` for the decoded training images `ds`.
+def train_datasets(ds, config: PipelineConfig, n_images: int) -> tuple[dict, object | None]:
+    """Ray Train's `datasets` and `dataset_config` (None: Ray Train's default) for `ds`, the pipeline's
+    `n_images` training images, decoded, on `pretrain.workers` workers.
 
-    Images that fit in memory (`decoded_bytes` <= ORDERED_SPLIT_BYTES) are decoded before training, kept in
+    Images that fit in memory (float32, at most ORDERED_SPLIT_BYTES) are decoded before training, kept in
     `ds`'s order and split into `workers` equal parts `train_0`, `train_1`, ..., each taken whole by the worker
     of that rank (`train_shard`): a seeded run trains every worker on the same images in the same order each
     time. A larger set is handed to Ray Train as `train`, split while streaming: its split coordinator gives
     blocks to whichever worker asks first, so which images a worker trains on varies between runs."""
     import ray.train
 
-    if decoded_bytes > ORDERED_SPLIT_BYTES:
+    if n_images * config.data.channels * config.data.image_size ** 2 * 4 > ORDERED_SPLIT_BYTES:
         return {"train": ds}, None
     ds.context.execution_options.preserve_order = True  # the dataset's own context: the order of `ds`
     data_log = logging.getLogger("ray.data")
     level = data_log.level
     data_log.setLevel(logging.ERROR)  # its plan and progress lines, on the driver, among the stage's own
     try:
-        parts = ds.materialize().split(workers, equal=True)
+        parts = ds.materialize().split(config.pretrain.workers, equal=True)
     finally:
         data_log.setLevel(level)
     return {f"train_{rank}": part for rank, part in enumerate(parts)}, ray.train.DataConfig(datasets_to_split=[])

@@ -378,8 +378,7 @@ def make_trainer(config: PipelineConfig, run_id: str | None, dataset, n_images: 
     storage = Storage.of(config.storage_root)
     key = key or pretrain_key(config)
     p = config.pretrain
-    datasets, dataset_config = train_datasets(
-        dataset, p.workers, n_images * config.data.channels * config.data.image_size ** 2 * 4)
+    datasets, dataset_config = train_datasets(dataset, config, n_images)
     return TorchTrainer(
         train_loop,
         train_loop_config={**loop_config(config, run_id, key), "ordered_split": dataset_config is not None},
@@ -394,7 +393,7 @@ def make_trainer(config: PipelineConfig, run_id: str | None, dataset, n_images: 
             logging_config=train_logging(),
         ),
         datasets=datasets,
-        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
+        dataset_config=dataset_config,
     )
 
 
