@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGES = REPO / "sweep" / "data" / "demo" / "plankton-flowcam-demo" / "images"

@@ -5,6 +5,7 @@ interruption, corrupt images, and refusal to mix settings."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from sweep.data.preprocess import preprocess
 from sweep.data.table import build_table
 from sweep.encoders.diffusion import noise_for
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint
-from sweep.stages import extract
+from sweep.stages import common, extract
 from sweep.stages.extract import extract_encoder
 from sweep.stages.probe import ProbeError, plan_trials, read_probe_data
 
@@ -222,10 +223,19 @@ def test_rerun_into_fresh_storage_interrupted_and_resumed_is_bit_identical(extra
     (folder / "part-00002.parquet.tmp").write_bytes(b"PAR1 half a shard")
     (folder / "stray.tmp").write_bytes(b"junk")
     capsys.readouterr()
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", 0.0)  # a progress line at every batch
     assert _extract(config) == {"images": N_ALL, "rows": N_ALL, "rejected": 0}
     err = capsys.readouterr().err
     assert "shard plankton/part-00000.parquet is listed as complete but its file is gone" in err
     assert f"{N_ALL - 40} of {N_ALL} images to encode (1 shard(s) already complete)" in err
+    # progress: images received of those to encode, shards written of those to write (plankton 0 and 2,
+    # ood 0), as the batches arrive; the last batch's line gives way to the summary
+    lines = [tuple(map(int, m)) for m in re.findall(r"extract diffusion: (\d+)/(\d+) images \((\d+) of (\d+) "
+                                                    r"shards written\)", err)]
+    assert lines and {(total, shards) for _, total, _, shards in lines} == {(N_ALL - 40, 3)}
+    received, written = [n for n, *_ in lines], [w for _, _, w, _ in lines]
+    assert received == sorted(set(received)) and received[-1] < N_ALL - 40 and written == sorted(written)
+    assert written[-1] >= 1  # plankton 0 (its first 40 rows) was written before the last batch came
     _assert_identical(_rows(config), _rows(extracted))
 
 

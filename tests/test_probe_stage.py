@@ -418,7 +418,7 @@ def test_asha_rungs_are_the_epochs_where_ray_asha_decides():
     assert [e for e, d in decisions.items() if d == "STOP"] == [2, 5, 13]
 
 
-def test_asha_stops_weak_columns_and_records_each_as_of_its_stop(swept, tmp_path):
+def test_asha_stops_weak_columns_and_records_each_as_of_its_stop(swept, tmp_path, capfd):
     """`probe.asha`: weak columns stop at a rung, strong ones run all epochs; every trial still ends with
     exactly one finished child run, a stopped one tagged and recorded as of the epoch it stopped at (its
     metrics are those of the same column probed without Ray, taken at that epoch); a rerun runs nothing."""
@@ -427,8 +427,14 @@ def test_asha_stops_weak_columns_and_records_each_as_of_its_stop(swept, tmp_path
         "probe": swept.probe.model_copy(update={"asha": asha, "kmeans": False}),
         "tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
     assert config.config_hash() != swept.config_hash()
+    capfd.readouterr()
     out = probe.run(config)
     assert out["ran"] == N_TRIALS
+    printed = capfd.readouterr()
+    # sweep's progress on stderr; nothing from Tune on stdout (its experiment table and folder came even at
+    # verbose=0)
+    assert f"probe: {N_TRIALS}/{N_TRIALS} trials (0 failed)" in printed.err
+    assert "Configuration for experiment" not in printed.out and "View detailed results" not in printed.out
     children = _children(config)
     assert sorted(r.data.tags[tracking.TAG_TRIAL] for r in children) == sorted(
         probe.trial_key("diffusion", c["column"]) for c in FeatureStore(f"{swept.storage_root}/features/diffusion").columns())

@@ -43,7 +43,7 @@ from sweep.config import BaselineConfig, PipelineConfig
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import (init_ray, quiet_train_reports, quiet_training_data, say, train_datasets,
+from sweep.stages.common import (init_ray, quiet_train_reports, quiet_dataset, say, train_datasets,
                                  train_logging, train_shard)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
@@ -508,7 +508,7 @@ def train_dataset(config: PipelineConfig, kind: str, table=None):
     ds = ray.data.from_pandas(chunks).map_batches(
         decode_batch, fn_kwargs={"size": config.data.image_size, "channels": config.data.channels},
         batch_format="numpy")
-    return quiet_training_data(ds.map_batches(keep_good, batch_format="numpy")), len(rows)
+    return quiet_dataset(ds.map_batches(keep_good, batch_format="numpy")), len(rows)
 
 
 def _split_rows(table, split: str) -> dict:

@@ -42,15 +42,85 @@ def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
         return
     # logical CPUs: Ray Train workers and Ray Data tasks must fit side by side even on a 2-core machine
     num_cpus = config.ray.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
-             configure_logging=True, logging_level=logging.WARNING)
+    local_ray_environment()
+    # Ray turns token authentication on for a new local cluster and warns that it did, at every start
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+                 configure_logging=True, logging_level=logging.WARNING)
+    finally:
+        auth_log.setLevel(level)
 
 
-def quiet_training_data(ds):
-    """`ds` without Ray Data's progress bars: feeding Ray Train, they come from its split coordinator actor as
-    dozens of half-drawn lines per epoch among the stage's own progress lines."""
+def local_ray_environment() -> None:
+    """Settings for a local Ray that sweep starts, in this process's environment (which Ray's processes
+    inherit), each kept where the user has set it:
+
+    - `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`: Ray Train's watcher for nodes a cloud reclaims; one machine has
+      none, and its actor printed an ERROR-level line from Ray's C++ core at each training run
+      (ray-project/ray#53727: restartable actors with arguments in the object store).
+    - a warnings filter for the RayDeprecationWarning that Ray Train's own DatasetManager raises in Ray Data
+      (`ExecutionOptions.exclude_resources`) at each training run: nothing sweep can change.
+    """
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray_internal = "ignore:`ExecutionOptions.exclude_resources` is deprecated"
+    filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+    if ray_internal not in filters:
+        os.environ["PYTHONWARNINGS"] = ",".join(filters + [ray_internal])
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_ray_data() -> None:
+    """In this process (the driver, or a Ray Train worker reading its shard): none of Ray Data's INFO lines per
+    dataset run ("Starting execution of Dataset ...", its plan, "✔️ Dataset ... execution finished") and not
+    its warning that progress bars are off (sweep turns them off, `quiet_dataset`, and prints its own
+    progress). Ray Data's other warnings and errors still show, and its log files keep every line. Ray
+    internals: if the loggers move, the lines come back."""
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+    progress_log = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _DropMessages) for f in progress_log.filters):
+        progress_log.addFilter(_DropMessages("Progress bars disabled"))
+
+
+def quiet_dataset(ds):
+    """`ds` without Ray Data's progress bars: feeding Ray Train they come from its split coordinator actor as
+    dozens of half-drawn lines per epoch, and in the extract stage (or any non-interactive output) as a
+    nine-line block every 10 s, among the stage's own progress lines."""
     ds.context.enable_progress_bars = False  # the dataset's own copy of the context
     return ds
+
+
+PROGRESS_SECONDS = 10.0  # at most one progress line per stage this often
+
+
+class Progress:
+    """A stage's progress line, at most every PROGRESS_SECONDS: "<label>: 44/210 trials (detail), 10s, ~38s
+    left". The estimate appears once `eta_after` units are done (the first ones carry the workers' start)."""
+
+    def __init__(self, label: str, total: int, unit: str, eta_after: int = 1, final: bool = True):
+        self.label, self.total, self.unit, self.eta_after, self.final = label, total, unit, eta_after, final
+        self.restart()
+
+    def restart(self) -> None:
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, detail: str = "") -> None:
+        now = time.perf_counter()
+        if (done >= self.total and not self.final) or (done < self.total and now - self.last < PROGRESS_SECONDS):
+            return
+        self.last, elapsed = now, now - self.start
+        eta = f", ~{(self.total - done) * elapsed / done:.0f}s left" if max(self.eta_after, 1) <= done < self.total else ""
+        say(f"{self.label}: {done}/{self.total} {self.unit}{f' ({detail})' if detail else ''}, {elapsed:.0f}s{eta}")
 
 
 # decoded training images up to this size are split among the workers by sweep, in a fixed order
@@ -100,7 +170,9 @@ def train_logging():
 def quiet_train_reports() -> None:
     """On a Ray Train worker: no "Reporting training result N: TrainingReport(...)" INFO line per report and
     worker. Ray Train V2 logs it under a logger named by its file's path, outside the `ray.train` loggers
-    that RunConfig's LoggingConfig sets; its warnings still show. Ray internals: if they move, the lines do."""
+    that RunConfig's LoggingConfig sets; its warnings still show. Ray internals: if they move, the lines do.
+    Also Ray Data's lines about the worker's own shard (`quiet_ray_data`)."""
+    quiet_ray_data()
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:

@@ -22,7 +22,7 @@ import pyarrow as pa
 from sweep.config import EncoderSpec, PipelineConfig
 from sweep.data.table import ImageTable, build_table
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint, to_table
-from sweep.stages.common import Timer, init_ray, say
+from sweep.stages.common import Progress, Timer, init_ray, quiet_dataset, quiet_ray_data, say
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, fetch_dir
 
 
@@ -272,13 +272,16 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
         f"({skipped} shard(s) already complete)")
 
     init_ray(config)  # only now: a rerun over finished shards needs no Ray at all
-    ds = build_dataset(config, pending, kwargs)
+    quiet_ray_data()
+    ds = quiet_dataset(build_dataset(config, pending, kwargs))
     expected = pending.groupby(["domain", "shard"], sort=False).size().to_dict()
     buffers: dict[tuple[str, int], list[pa.Table]] = defaultdict(list)
     arrived: dict[tuple[str, int], int] = defaultdict(int)
     # rejected images of complete shards (entries of unfinished shards are redone with their shard)
     bad = sum(1 for r in store.manifest().get("rejected", []) if r.get("shard") in done.get(r.get("domain"), ()))
     allowed = config.extract.max_bad_fraction * total
+    progress = Progress(f"extract {spec.name}", len(pending), "images", final=False)
+    written, received = 0, 0
     with Timer() as timer:
         batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
         try:
@@ -293,8 +296,11 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
                     arrived[(domain, shard)] += part.num_rows
                     if arrived[(domain, shard)] == expected[(domain, shard)] and bad <= allowed:
                         _write_shard(store, domain, shard, buffers.pop((domain, shard)))
+                        written += 1
                 if bad > allowed:
                     _too_many_bad(store, spec.name, buffers, bad, total, config.extract.max_bad_fraction)
+                received += batch.num_rows
+                progress.update(received, f"{written} of {len(expected)} shards written")
         finally:
             close = getattr(batches, "close", None)
             if close is not None:

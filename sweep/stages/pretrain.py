@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
-from sweep.stages.common import (init_ray, quiet_train_reports, quiet_training_data, say, train_datasets,
+from sweep.stages.common import (init_ray, quiet_train_reports, quiet_dataset, say, train_datasets,
                                  train_logging, train_shard)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
@@ -336,7 +336,7 @@ def train_dataset(config: PipelineConfig):
         ok = np.asarray([not e for e in batch["error"]])
         return {"image": batch["image"][ok]}
 
-    return quiet_training_data(ds.map_batches(keep_good, batch_format="numpy")), len(rows)
+    return quiet_dataset(ds.map_batches(keep_good, batch_format="numpy")), len(rows)
 
 
 def _check_init_from(config: PipelineConfig) -> None:

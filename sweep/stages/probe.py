@@ -42,7 +42,7 @@ from ray.tune import Callback, Trainable
 
 from sweep.config import PipelineConfig
 from sweep.features.store import FeatureStore
-from sweep.stages.common import init_ray, ray_address, say
+from sweep.stages.common import Progress, init_ray, ray_address, say
 from sweep.stages import rendezvous
 from sweep.storage import Storage
 
@@ -413,13 +413,14 @@ class MlflowChildRuns(Callback):
         self.recorded_early: list[str] = []  # trials stopped after their last outcome: recorded as of an earlier epoch
         self.outcomes: dict[str, dict] = {}  # trial id -> its reported outcome, until it completes
         self.workers: set[int] = set()
-        self.start = self.last_say = time.perf_counter()
+        # the first trials carry the workers' start-up: no estimate from them alone
+        self.progress = Progress("probe", total, "trials", eta_after=4)
 
     def __getstate__(self):  # Tune pickles its run config; the writer (a thread) stays on the driver
         return {**self.__dict__, "writer": None}
 
     def setup(self, **info):
-        self.start = self.last_say = time.perf_counter()
+        self.progress.restart()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         # Tune keeps every trial's last result and writes them all into its experiment state every few
@@ -447,14 +448,7 @@ class MlflowChildRuns(Callback):
         self._progress()
 
     def _progress(self):
-        now = time.perf_counter()
-        done = self.completed + self.failed
-        if now - self.last_say >= 10 or done == self.total:
-            self.last_say = now
-            # the first trials carry the workers' start-up: no estimate from them alone
-            rate = done / max(now - self.start, 1e-9)
-            eta = f", ~{(self.total - done) / rate:.0f}s left" if 0 < done < self.total and done >= 4 else ""
-            say(f"probe: {done}/{self.total} trials ({self.failed} failed), {now - self.start:.0f}s{eta}")
+        self.progress.update(self.completed + self.failed, f"{self.failed} failed")
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -485,9 +479,12 @@ def _quiet_tune():
     """No per-trial CSV/JSON/TensorBoard files (MLflow is the record; 200+ trial folders of them cost time),
     Tune's experiment state saved every 10 minutes (and at the start and end) rather than every few seconds (a
     sweep resumes from MLflow, not from it, and each save serialises every trial: ~0.4 s of driver CPU per 200
-    trials, taken from the trials' cores), and no warning from the result grid about the files it then cannot
-    find. A user's own setting of either variable is kept."""
-    settings = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "600"}
+    trials, taken from the trials' cores), nothing from Tune on stdout, and no warning from the result grid
+    about the files it then cannot find. A user's own setting of any of these variables is kept."""
+    settings = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "600",
+                # Tune's newer console output prints its experiment table and folder on stdout even at
+                # verbose=0; the older one honours it (sweep prints its own progress, on stderr)
+                "RAY_AIR_NEW_OUTPUT": "0"}
     before = {key: os.environ.get(key) for key in settings}
     for key, value in settings.items():
         os.environ.setdefault(key, value)

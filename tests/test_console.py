@@ -1,0 +1,77 @@
+"""What a stage prints: its own progress lines, and Ray's chatter that sweep keeps off the console."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from sweep.stages import common
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """`time.perf_counter` as seen by sweep.stages.common, moved by hand."""
+    now = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    return now
+
+
+def test_progress_lines_at_most_every_interval_with_an_estimate(clock, capsys):
+    progress = common.Progress("probe", 200, "trials", eta_after=4)
+    clock[0] += 3.0
+    progress.update(3, "0 failed")  # too soon after the start: nothing
+    clock[0] += 7.0
+    progress.update(3, "0 failed")  # 10 s: a line, but no estimate from 3 trials
+    clock[0] += 5.0
+    progress.update(50, "1 failed")  # 5 s after the last line: nothing
+    clock[0] += 5.0
+    progress.update(50, "1 failed")  # 20 s, 50 done: 150 left at 2.5 trials/s
+    clock[0] += 1.0
+    progress.update(200, "1 failed")  # the end, at once
+    assert capsys.readouterr().err.splitlines() == [
+        "[sweep] probe: 3/200 trials (0 failed), 10s",
+        "[sweep] probe: 50/200 trials (1 failed), 20s, ~60s left",
+        "[sweep] probe: 200/200 trials (1 failed), 21s",
+    ]
+
+
+def test_progress_restarts_its_clock_and_can_leave_the_end_to_a_summary(clock, capsys):
+    progress = common.Progress("extract diffusion", 100, "images", final=False)
+    clock[0] += 30.0
+    progress.restart()  # e.g. when the work actually begins
+    clock[0] += 10.0
+    progress.update(40)
+    clock[0] += 10.0
+    progress.update(100)  # final=False: the caller's summary line says it
+    assert capsys.readouterr().err.splitlines() == ["[sweep] extract diffusion: 40/100 images, 10s, ~15s left"]
+
+
+def test_quiet_ray_data_drops_only_the_progress_bars_notice(caplog):
+    common.quiet_ray_data()
+    common.quiet_ray_data()  # idempotent: one filter
+    progress_log = logging.getLogger("ray.data._internal.progress")
+    assert sum(isinstance(f, common._DropMessages) for f in progress_log.filters) == 1
+    with caplog.at_level(logging.INFO):
+        progress_log.warning("Progress bars disabled. To enable, set ...")
+        progress_log.warning("Progress bars for operators disabled. To enable, ...")
+        logging.getLogger("ray.data._internal.execution.streaming_executor").info("Starting execution of Dataset x")
+        logging.getLogger("ray.data._internal.execution.streaming_executor").warning("a real warning")
+    assert [r.getMessage() for r in caplog.records] == ["Progress bars for operators disabled. To enable, ...",
+                                                        "a real warning"]
+
+
+def test_local_ray_environment_keeps_the_users_settings(monkeypatch):
+    monkeypatch.setenv("PYTHONWARNINGS", "error::ResourceWarning")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    common.local_ray_environment()
+    common.local_ray_environment()  # a second stage in the same process adds nothing
+    filters = os.environ["PYTHONWARNINGS"].split(",")
+    assert filters == ["error::ResourceWarning", "ignore:`ExecutionOptions.exclude_resources` is deprecated"]
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    monkeypatch.delenv("PYTHONWARNINGS")
+    common.local_ray_environment()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["PYTHONWARNINGS"] == "ignore:`ExecutionOptions.exclude_resources` is deprecated"
