@@ -141,13 +141,8 @@ def train_datasets(ds, config: PipelineConfig, n_images: int) -> tuple[dict, obj
     if n_images * config.data.channels * config.data.image_size ** 2 * 4 > ORDERED_SPLIT_BYTES:
         return {"train": ds}, None
     ds.context.execution_options.preserve_order = True  # the dataset's own context: the order of `ds`
-    data_log = logging.getLogger("ray.data")
-    level = data_log.level
-    data_log.setLevel(logging.ERROR)  # its plan and progress lines, on the driver, among the stage's own
-    try:
-        parts = ds.materialize().split(config.pretrain.workers, equal=True)
-    finally:
-        data_log.setLevel(level)
+    quiet_ray_data()  # its plan and progress lines, on the driver, among the stage's own
+    parts = ds.materialize().split(config.pretrain.workers, equal=True)
     return {f"train_{rank}": part for rank, part in enumerate(parts)}, ray.train.DataConfig(datasets_to_split=[])
 
 
