@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 
@@ -75,3 +76,19 @@ def test_local_ray_environment_keeps_the_users_settings(monkeypatch):
     common.local_ray_environment()
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert os.environ["PYTHONWARNINGS"] == "ignore:`ExecutionOptions.exclude_resources` is deprecated"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stderr, colour", [(io.StringIO(), "0"), (_Terminal(), None)])
+def test_worker_prefixes_lose_their_colour_codes_off_a_terminal(monkeypatch, stderr, colour):
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setattr(common.sys, "stderr", stderr)
+    common.driver_log_environment()
+    assert os.environ.get("RAY_COLOR_PREFIX") == colour
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's choice stands
+    common.driver_log_environment()
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"

@@ -35,8 +35,7 @@ def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     address = ray_address(config)
-    # the project must be importable in every worker; an installed package is, a checkout may not be
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    driver_log_environment()
     if address:
         ray.init(address=address, log_to_driver=True)
         return
@@ -52,6 +51,15 @@ def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
                  configure_logging=True, logging_level=logging.WARNING)
     finally:
         auth_log.setLevel(level)
+
+
+def driver_log_environment() -> None:
+    """How this driver prints its workers' lines ("(RayTrainWorker pid=...) [sweep] ..."), where the user has not
+    said: repeated lines of several workers folded into one (Ray's default, named), and the prefix without
+    colour codes when stderr is not a terminal (a log file, CI, `ray job logs`), where they show as text."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def local_ray_environment() -> None:
