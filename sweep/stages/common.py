@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -43,14 +44,21 @@ def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
     num_cpus = config.ray.num_cpus or max(4, os.cpu_count() or 1)
     local_ray_environment()
     # Ray turns token authentication on for a new local cluster and warns that it did, at every start
-    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = auth_log.level
-    auth_log.setLevel(logging.ERROR)
-    try:
+    with errors_only("ray._private.authentication.authentication_token_setup"):
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
                  configure_logging=True, logging_level=logging.WARNING)
+
+
+@contextlib.contextmanager
+def errors_only(logger_name: str):
+    """The named logger shows only errors while the block runs, then its own level again."""
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
-        auth_log.setLevel(level)
+        log.setLevel(level)
 
 
 def driver_log_environment() -> None:
@@ -127,7 +135,8 @@ class Progress:
         if (done >= self.total and not self.final) or (done < self.total and now - self.last < PROGRESS_SECONDS):
             return
         self.last, elapsed = now, now - self.start
-        eta = f", ~{(self.total - done) * elapsed / done:.0f}s left" if max(self.eta_after, 1) <= done < self.total else ""
+        eta = (f", ~{(self.total - done) * elapsed / done:.0f}s left" if max(self.eta_after, 1) <= done < self.total
+               else "")
         say(f"{self.label}: {done}/{self.total} {self.unit}{f' ({detail})' if detail else ''}, {elapsed:.0f}s{eta}")
 
 

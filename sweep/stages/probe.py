@@ -29,7 +29,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import logging
 import math
 import os
 import queue
@@ -42,7 +41,7 @@ from ray.tune import Callback, Trainable
 
 from sweep.config import PipelineConfig
 from sweep.features.store import FeatureStore
-from sweep.stages.common import Progress, init_ray, ray_address, say
+from sweep.stages.common import Progress, errors_only, init_ray, ray_address, say
 from sweep.stages import rendezvous
 from sweep.storage import Storage
 
@@ -488,13 +487,10 @@ def _quiet_tune():
     before = {key: os.environ.get(key) for key in settings}
     for key, value in settings.items():
         os.environ.setdefault(key, value)
-    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = analysis_log.level
-    analysis_log.setLevel(logging.ERROR)
     try:
-        yield
+        with errors_only("ray.tune.analysis.experiment_analysis"):
+            yield
     finally:
-        analysis_log.setLevel(level)
         for key, value in before.items():
             if value is None:
                 os.environ.pop(key, None)
