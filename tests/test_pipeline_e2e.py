@@ -78,7 +78,7 @@ def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys, monkeypatch
     assert "## Supervised reference (end to end)" in report
     # each encoder's best column on val (from `sweep best`'s own records), in the comparison section
     compared = report.split("## Encoders compared")[1].split("```")[1].strip().splitlines()
-    assert compared[0].split()[:4] == ["encoder", "column", "resolution", "val_macro_f1"]
+    assert compared[0].split()[:6] == ["encoder", "column", "resolution", "val_macro_f1", "test_acc", "test_acc_95ci"]
     best_of = {e: max((r for r in recs if r["encoder"] == e), key=lambda r: r["val_macro_f1"]) for e in ("diffusion", "sup")}
     assert sorted((row.split()[0], row.split()[1], float(row.split()[3])) for row in compared[1:]) == sorted(
         (e, r["column"], round(r["val_macro_f1"], 4)) for e, r in best_of.items())

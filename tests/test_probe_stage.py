@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -255,6 +256,26 @@ def test_records_types_for_a_non_diffusion_encoder():
     assert rec["lr"] == 0.01 and rec["weight_decay"] == 0.0 and rec["val_acc"] == 0.5
     assert rec["test_acc"] is None and "history_val_acc" not in rec
     json.dumps(rec, allow_nan=False)
+
+
+def test_report_says_how_many_images_each_split_holds(swept):
+    """report.md's Data section and data.csv: images, classes and the largest and smallest class of every
+    (dataset, split), as counted from the feature store's shards."""
+    from collections import Counter
+
+    files = FeatureStore(f"{swept.storage_root}/features/diffusion").files()
+    meta = pa.concat_tables([pq.read_table(f, columns=["label", "split", "domain"]) for f in files]).to_pylist()
+    per_class = Counter((r["domain"], r["split"], r["label"]) for r in meta)
+    md = Path(report.run(swept)).read_text()
+    table = pd.read_csv(Path(swept.storage_root, "report", "data.csv"))
+    assert [(r.dataset, r.split) for r in table.itertuples()] == [("plankton", s) for s in ("train", "val", "test")]
+    for r in table.itertuples():
+        sizes = [n for (d, s, _), n in per_class.items() if (d, s) == (r.dataset, r.split)]
+        assert (r.images, r.classes, r.largest_class, r.smallest_class) == (sum(sizes), len(sizes), max(sizes),
+                                                                            min(sizes))
+    assert table["images"].sum() == len(meta) == 105
+    data = md.split("## Data")[1].split("```")[1].strip().splitlines()
+    assert data[0].split() == list(table.columns) and len(data) == 4
 
 
 def _report_env_trainable():

@@ -11,6 +11,7 @@ import pandas as pd
 from sweep import tracking
 from sweep.best import best, format_references, format_table, references
 from sweep.config import PipelineConfig
+from sweep.features.store import FeatureStore
 from sweep.stages.common import say
 from sweep.storage import Storage, upload_dir
 
@@ -55,15 +56,66 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | N
     plt.close(fig)
 
 
-def encoder_comparison(frame: pd.DataFrame, select: str) -> pd.DataFrame:
+def accuracy_interval(accuracy: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of an accuracy measured on `n` images: where the accuracy on the population the
+    split was drawn from may lie, given the sampling of that split alone (the probe held fixed). NaN bounds
+    when `n` is 0 or the accuracy is missing."""
+    if not n or accuracy is None or accuracy != accuracy:
+        return float("nan"), float("nan")
+    from scipy.stats import binomtest
+
+    ci = binomtest(round(accuracy * n), n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def data_summary(config: PipelineConfig) -> pd.DataFrame | None:
+    """Images per dataset and split as the probes saw them (the feature store's rows: rejected images and OOD
+    images of classes not trained on are not there), with how many classes each holds and its largest and
+    smallest class: what every number of the report is measured on. From the first encoder's complete store
+    (every encoder's store holds the same images); None when there is none."""
+    storage = Storage.of(config.storage_root)
+    for spec in config.encoder_specs():
+        store = FeatureStore(storage.features(spec.name))
+        if store.is_complete():
+            break
+    else:
+        return None
+    meta = store.read().select(["label", "split", "domain"]).to_pandas()
+    datasets = config.dataset_names()
+    rows = []
+    for (domain, split), group in meta.groupby(["domain", "split"]):
+        per_class = group["label"].value_counts()
+        rows.append({"dataset": domain, "split": split, "images": len(group), "classes": len(per_class),
+                     "largest_class": int(per_class.max()), "smallest_class": int(per_class.min())})
+
+    def order(row):  # the pipeline's datasets in its order, each train, val, test, then anything else
+        dataset = datasets.index(row["dataset"]) if row["dataset"] in datasets else len(datasets)
+        return dataset, {"train": 0, "val": 1, "test": 2}.get(row["split"], 3), row["dataset"], row["split"]
+
+    return pd.DataFrame(sorted(rows, key=order))
+
+
+def encoder_comparison(frame: pd.DataFrame, select: str, images: pd.DataFrame | None = None,
+                       main: str | None = None) -> pd.DataFrame:
     """One row per encoder: its best column on validation (`select`), with that column's test, OOD and k-means
     numbers: the study's comparison, chosen without looking at test. `frame` is ordered best first on `select`
-    (as `sweep best` returns it), so an encoder's first row is its best, ties in MLflow's order."""
+    (as `sweep best` returns it), so an encoder's first row is its best, ties in MLflow's order. With `images`
+    (`data_summary`) and the main dataset's name, each accuracy on test and OOD is followed by its 95 % Wilson
+    interval over that split's images (`<metric>_95ci`)."""
     firsts = frame.groupby("encoder", sort=False).head(1)
     metrics = [select] + [m for m in ("test_acc", "test_macro_f1", "test_balanced_acc") if m != select]
     metrics += sorted(c for c in frame.columns if c.startswith("ood_") and c.endswith(("_acc", "_macro_f1")))
     metrics += ["kmeans_nmi"]
-    return firsts[["encoder", "column", "resolution", *[m for m in metrics if m in frame.columns]]]
+    out = firsts[["encoder", "column", "resolution", *[m for m in metrics if m in frame.columns]]].copy()
+    if images is None:
+        return out
+    sizes = {(r.dataset, r.split): r.images for r in images.itertuples()}
+    for metric in [m for m in out.columns if m == "test_acc" or (m.startswith("ood_") and m.endswith("_acc"))]:
+        n = sizes.get((main, "test") if metric == "test_acc" else (metric[len("ood_"):-len("_acc")], "ood"), 0)
+        bounds = [accuracy_interval(v, n) for v in out[metric]]
+        out.insert(out.columns.get_loc(metric) + 1, f"{metric}_95ci",
+                   ["-" if lo != lo else f"{lo:.2f}-{hi:.2f}" for lo, hi in bounds])
+    return out
 
 
 def run(config: PipelineConfig) -> str:
@@ -81,11 +133,20 @@ def run(config: PipelineConfig) -> str:
              f"Config hash `{config.config_hash()}`; {len(frame)} probe runs; best chosen on "
              f"`{config.probe.select}` (validation), `{metric}` shown.", "",
              "## Best configurations", "", "```", format_table(recs[:10], config.probe.select), "```", ""]
+    images = data_summary(config)
+    if images is not None:
+        images.to_csv(out / "data.csv", index=False)
+        lines += ["## Data", "",
+                  "Images each split holds in the feature store (what the probes were trained, chosen and scored "
+                  "on), with the number of classes and the sizes of the largest and smallest class.", "", "```",
+                  images.to_string(index=False), "```", ""]
     if frame["encoder"].nunique() > 1:
-        compared = encoder_comparison(frame, config.probe.select)
+        compared = encoder_comparison(frame, config.probe.select, images, config.data.train.name)
         lines += ["## Encoders compared", "",
                   f"Each encoder's best column on validation (`{config.probe.select}`) and that column's test "
-                  "and OOD numbers.", "", "```",
+                  "and OOD numbers. `_95ci`: the 95 % Wilson interval of the accuracy before it over that "
+                  "split's images; a difference between encoders well inside it is not resolved by this test "
+                  "set.", "", "```",
                   compared.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "```", ""]
     if config.probe.asha is not None and "epochs_run" in frame:
         short = int((frame["epochs_run"] < config.probe.epochs).sum())

@@ -1,0 +1,55 @@
+"""The report's statistics that need no Ray: accuracy intervals and the encoder comparison built on them."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from sweep.stages.report import accuracy_interval, encoder_comparison
+
+
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval written out (Wilson 1927; Agresti & Coull 1998, eq. 2)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize("k, n", [(16, 22), (0, 22), (22, 22), (1, 1), (7890, 10000)])
+def test_accuracy_interval_is_wilsons(k, n):
+    low, high = accuracy_interval(k / n, n)
+    assert (low, high) == pytest.approx(_wilson(k, n), abs=1e-9)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+
+
+def test_accuracy_interval_without_images_or_accuracy_is_nan():
+    assert all(math.isnan(v) for v in accuracy_interval(0.5, 0))
+    assert all(math.isnan(v) for v in accuracy_interval(float("nan"), 10))
+    assert all(math.isnan(v) for v in accuracy_interval(None, 10))
+
+
+def test_encoder_comparison_puts_each_accuracys_interval_after_it():
+    frame = pd.DataFrame([  # best first on val_macro_f1, as `sweep best` returns it
+        {"encoder": "diffusion", "column": "mid_block@t100", "resolution": 4, "val_macro_f1": 0.9,
+         "test_acc": 0.75, "test_macro_f1": 0.7, "ood_other_site_acc": 0.5, "ood_other_site_macro_f1": 0.4},
+        {"encoder": "sup", "column": "layer3", "resolution": 8, "val_macro_f1": 0.8,
+         "test_acc": 0.5, "test_macro_f1": 0.45, "ood_other_site_acc": float("nan"), "ood_other_site_macro_f1": 0.3},
+        {"encoder": "diffusion", "column": "mid_block@t0", "resolution": 4, "val_macro_f1": 0.7,
+         "test_acc": 1.0, "test_macro_f1": 1.0, "ood_other_site_acc": 1.0, "ood_other_site_macro_f1": 1.0},
+    ])
+    images = pd.DataFrame([{"dataset": "main", "split": "test", "images": 40},
+                           {"dataset": "other_site", "split": "ood", "images": 10},
+                           {"dataset": "main", "split": "val", "images": 999}])
+    out = encoder_comparison(frame, "val_macro_f1", images, "main")
+    assert list(out.columns) == ["encoder", "column", "resolution", "val_macro_f1", "test_acc", "test_acc_95ci",
+                                 "test_macro_f1", "ood_other_site_acc", "ood_other_site_acc_95ci",
+                                 "ood_other_site_macro_f1"]
+    assert list(out["column"]) == ["mid_block@t100", "layer3"]  # each encoder's best on validation
+    assert list(out["test_acc_95ci"]) == ["{:.2f}-{:.2f}".format(*_wilson(30, 40)),
+                                          "{:.2f}-{:.2f}".format(*_wilson(20, 40))]
+    assert list(out["ood_other_site_acc_95ci"]) == ["{:.2f}-{:.2f}".format(*_wilson(5, 10)), "-"]
+    # without the images: the comparison as before, no interval columns
+    assert not any(c.endswith("_95ci") for c in encoder_comparison(frame, "val_macro_f1").columns)
