@@ -111,6 +111,12 @@ def test_batches_stream_a_large_shard_every_epoch():
     assert shard.reads == 2
 
 
+def test_batches_of_an_empty_shard_fail_instead_of_looping_forever():
+    stream = pretrain._batches(_FakeShard(0), batch_size=4, cache_limit_bytes=8, seed=0, rank=1)
+    with pytest.raises(RuntimeError, match="no training image reached worker 1"):
+        next(stream)
+
+
 def test_init_from_builds_the_checkpoint_model_and_must_fit_the_images(tmp_path, tiny_unet_checkpoint):
     unet, scheduler = pretrain._build_model({"init_from": str(tiny_unet_checkpoint)})
     assert unet.config.sample_size == 16 and scheduler.config.num_train_timesteps == 1000
@@ -385,3 +391,70 @@ def test_a_seeded_run_on_two_workers_trains_the_same_unet_again(ray_local, tmp_p
         weights.append(load_file(f"{final}/diffusion_pytorch_model.safetensors"))
     assert set(weights[0]) == set(weights[1])
     assert [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])] == []
+
+
+# ------------------------------------------------------------------------------ unreadable training images
+
+DEMO = REPO / "sweep" / "data" / "demo" / "plankton-flowcam-demo" / "images"
+
+
+def _manifest_pipeline(tmp_path: Path, rows: list[tuple[str, str, str]]) -> PipelineConfig:
+    manifest = tmp_path / "images.csv"
+    manifest.write_text("path,label,split\n" + "".join(f"{p},{c},{s}\n" for p, c, s in rows))
+    raw = small_pipeline(tmp_path / "store", data={
+        "image_size": 16, "channels": 1, "train": {"name": "m", "source": "manifest", "path": str(manifest)}})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def _demo_rows(classes=("Tripos", "Ciliophora"), train=4) -> list[tuple[str, str, str]]:
+    rows = []
+    for c in classes:
+        files = sorted((DEMO / c).iterdir())
+        rows += [(str(f), c, "train") for f in files[:train]]
+        rows += [(str(files[train]), c, "val"), (str(files[train + 1]), c, "test")]
+    return rows
+
+
+@pytest.mark.ray
+def test_unreadable_training_images_are_skipped_counted_and_named(ray_local, tmp_path, capsys):
+    from sweep.stages.common import check_training_images, train_datasets
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    rows = _demo_rows() + [(str(broken), "Tripos", "train"), (str(tmp_path / "missing.png"), "Ciliophora", "train")]
+    config = _manifest_pipeline(tmp_path, rows)
+    dataset, listed = pretrain.train_dataset(config)
+    assert listed == 10
+    datasets, dataset_config, usable = train_datasets(dataset, config, listed)
+    assert usable == 8 and sorted(datasets) == ["train_0", "train_1"]
+    assert sum(d.count() for d in datasets.values()) == 8
+    capsys.readouterr()
+    assert check_training_images(config, "pretrain", listed, usable) == 8
+    err = capsys.readouterr().err
+    assert "pretrain: 2 of 10 training images unreadable, skipped" in err
+    assert "broken.jpg" in err or "missing.png" in err
+    assert check_training_images(config, "pretrain", listed, None) == 10  # streamed: not known before training
+    with pytest.raises(RuntimeError, match="1 readable training image.*pretrain.workers=2"):
+        check_training_images(config, "pretrain", listed, 1)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_pretrain_with_no_readable_training_image_fails_at_once(ray_local, tmp_path):
+    """It waited forever: each worker's shard was empty and its endless batch loop spun over nothing."""
+    from sweep import tracking
+
+    rows = [(str(tmp_path / f"gone-{i}.png"), c, "train") for i, c in enumerate("ABABAB")]
+    rows += [(p, c, s) for p, c, s in _demo_rows(("Tripos", "Ciliophora"), train=0)]
+    rows = [(p, {"Tripos": "A", "Ciliophora": "B"}.get(c, c), s) for p, c, s in rows]
+    config = _manifest_pipeline(tmp_path, rows)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"pretrain: none of the 6 training images of data.train could be read; "
+                                           r"e\.g\. .*gone-0\.png: FileNotFoundError"):
+        pretrain.run(config)
+    assert time.perf_counter() - t0 < 120
+    client = tracking.client_for(config)
+    (run,) = client.search_runs([client.get_experiment_by_name(config.experiment_name).experiment_id])
+    assert run.info.status == "FAILED"

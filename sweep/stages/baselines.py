@@ -43,8 +43,8 @@ from sweep.config import BaselineConfig, PipelineConfig
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import (init_ray, quiet_train_reports, quiet_dataset, say, train_datasets,
-                                 train_logging, train_shard)
+from sweep.stages.common import (check_training_images, init_ray, quiet_train_reports, quiet_dataset, say,
+                                 train_datasets, train_logging, train_shard)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
@@ -632,7 +632,13 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
     p = config.pretrain
     init_ray(config, dashboard=True)  # Ray Train
     run_id = _start_run(config, b, key, get_parent())
-    dataset, n_train = train_dataset(config, b.kind, table)
+    dataset, listed = train_dataset(config, b.kind, table)
+    try:
+        datasets, dataset_config, usable = train_datasets(dataset, config, listed)
+        n_train = check_training_images(config, f"baselines {b.name}", listed, usable)
+    except Exception:
+        tracking.finish_run(config, run_id, "FAILED")
+        raise
     tracking.log_batch(config, run_id, params={**settings, "workers": p.workers, "use_gpu": p.use_gpu,
                                                "n_train": n_train, "seed": config.seed})
     meta = {"name": b.name, "kind": b.kind, "arch": b.arch, "in_channels": config.data.channels,
@@ -652,7 +658,6 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
                            test_rows=_split_rows(table, "test"))
     say(f"baselines {b.name}: {b.kind} {b.arch}, {n_train} training images, {b.epochs} epoch(s) x "
         f"{b.batch_size} per worker x {p.workers} worker(s){' on GPU' if p.use_gpu else ''}")
-    datasets, dataset_config = train_datasets(dataset, config, n_train)
     loop_config["ordered_split"] = dataset_config is not None
     trainer = TorchTrainer(
         train_loop,

@@ -144,23 +144,63 @@ class Progress:
 ORDERED_SPLIT_BYTES = 2 << 30
 
 
-def train_datasets(ds, config: PipelineConfig, n_images: int) -> tuple[dict, object | None]:
+def train_datasets(ds, config: PipelineConfig, n_images: int) -> tuple[dict, object | None, int | None]:
     """Ray Train's `datasets` and `dataset_config` (None: Ray Train's default) for `ds`, the pipeline's
-    `n_images` training images, decoded, on `pretrain.workers` workers.
+    `n_images` training images, decoded (unreadable ones dropped), on `pretrain.workers` workers; and how many
+    images are left to train on (None where not known before training).
 
     Images that fit in memory (float32, at most ORDERED_SPLIT_BYTES) are decoded before training, kept in
     `ds`'s order and split into `workers` equal parts `train_0`, `train_1`, ..., each taken whole by the worker
     of that rank (`train_shard`): a seeded run trains every worker on the same images in the same order each
-    time. A larger set is handed to Ray Train as `train`, split while streaming: its split coordinator gives
-    blocks to whichever worker asks first, so which images a worker trains on varies between runs."""
+    time; `check_training_images` then says how many were unreadable. A larger set is handed to Ray Train as
+    `train`, split while streaming: its split coordinator gives blocks to whichever worker asks first, so which
+    images a worker trains on varies between runs."""
     import ray.train
 
     if n_images * config.data.channels * config.data.image_size ** 2 * 4 > ORDERED_SPLIT_BYTES:
-        return {"train": ds}, None
+        return {"train": ds}, None, None
     ds.context.execution_options.preserve_order = True  # the dataset's own context: the order of `ds`
     quiet_ray_data()  # its plan and progress lines, on the driver, among the stage's own
-    parts = ds.materialize().split(config.pretrain.workers, equal=True)
-    return {f"train_{rank}": part for rank, part in enumerate(parts)}, ray.train.DataConfig(datasets_to_split=[])
+    decoded = ds.materialize()
+    usable = decoded.count()
+    parts = decoded.split(config.pretrain.workers, equal=True) if usable else []
+    return ({f"train_{rank}": part for rank, part in enumerate(parts)}, ray.train.DataConfig(datasets_to_split=[]),
+            usable)
+
+
+class TrainingDataError(RuntimeError):
+    pass
+
+
+def check_training_images(config: PipelineConfig, stage: str, listed: int, usable: int | None) -> int:
+    """The number of training images to train on: `usable` of the `listed` ones (all of them where `usable`
+    is not known before training). Says how many were unreadable; raises when no worker would get an image
+    (the workers would wait for data forever), naming one unreadable file and its error."""
+    workers = config.pretrain.workers
+    if usable is None:
+        return listed
+    if usable == 0:
+        raise TrainingDataError(f"{stage}: none of the {listed} training images of data.train could be read"
+                                f"{_first_unreadable(config)}")
+    if usable < workers:
+        raise TrainingDataError(f"{stage}: {usable} readable training image(s) for pretrain.workers={workers}: "
+                                f"each worker needs at least one; lower pretrain.workers or add images")
+    if usable < listed:
+        say(f"{stage}: {listed - usable} of {listed} training images unreadable, skipped "
+            f"(`sweep extract` lists each one in its feature manifest){_first_unreadable(config)}")
+    return usable
+
+
+def _first_unreadable(config: PipelineConfig, limit: int = 64) -> str:
+    """"; e.g. <file>: <error>" for the first unreadable one of the first `limit` training images, or ""."""
+    from sweep.data.preprocess import decode_rows
+    from sweep.data.table import build_table
+
+    rows = build_table(config).frame
+    rows = rows[rows["split"] == "train"].head(limit)
+    _, errors = decode_rows(rows["path"].tolist(), rows["index"].tolist(), config.data.image_size,
+                            config.data.channels)
+    return next((f"; e.g. {path}: {error}" for path, error in zip(rows["path"], errors) if error), "")
 
 
 def train_shard(ordered: bool, rank: int):

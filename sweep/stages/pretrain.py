@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
-from sweep.stages.common import (init_ray, quiet_train_reports, quiet_dataset, say, train_datasets,
-                                 train_logging, train_shard)
+from sweep.stages.common import (check_training_images, init_ray, quiet_train_reports, quiet_dataset, say,
+                                 train_datasets, train_logging, train_shard)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
@@ -94,7 +94,7 @@ def _batches(shard, batch_size: int, cache_limit_bytes: int, seed: int, rank: in
     epoch = start_epoch
     while True:
         if cached is None:
-            seen, size = [], 0
+            seen, size, batches = [], 0, 0
             for batch in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer,
                                                   local_shuffle_seed=seed * 1009 + epoch * 7 + rank):
                 x = batch["image"]
@@ -103,7 +103,10 @@ def _batches(shard, batch_size: int, cache_limit_bytes: int, seed: int, rank: in
                     size += x.numel() * x.element_size()
                     if size > cache_limit_bytes:
                         seen, size = [], -1  # too big to cache: stream every epoch
+                batches += 1
                 yield epoch, x
+            if not batches:  # an endless loop over nothing otherwise (every image of a streamed set unreadable)
+                raise RuntimeError(f"no training image reached worker {rank}: are any of them readable?")
             if size >= 0 and seen:
                 cached = torch.cat(seen)
         else:
@@ -236,6 +239,8 @@ def train_loop(cfg: dict) -> None:
     logged_before = _last_logged_step(client, cfg["run_id"]) if client is not None else 0
     if state is not None:
         trainer.load_state_dict(state)
+        if rank == 0:
+            say(f"pretrain: resuming at step {trainer.step}/{cfg['steps']} from the run's latest checkpoint")
         if client is not None:
             logged_before = _relog_lost_window(client, cfg["run_id"], state.get("window"), logged_before)
         state = None
@@ -370,15 +375,14 @@ def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = No
     }
 
 
-def make_trainer(config: PipelineConfig, run_id: str | None, dataset, n_images: int, key: str | None = None):
-    """The stage's TorchTrainer over `dataset`, the `n_images` training images (corrupt ones dropped)."""
+def make_trainer(config: PipelineConfig, run_id: str | None, datasets: dict, dataset_config, key: str | None = None):
+    """The stage's TorchTrainer over the training images as `train_datasets` gives them."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     storage = Storage.of(config.storage_root)
     key = key or pretrain_key(config)
     p = config.pretrain
-    datasets, dataset_config = train_datasets(dataset, config, n_images)
     return TorchTrainer(
         train_loop,
         train_loop_config={**loop_config(config, run_id, key), "ordered_split": dataset_config is not None},
@@ -439,7 +443,13 @@ def run(config: PipelineConfig) -> str:
         "beta_schedule": p.scheduler.beta_schedule, "image_size": config.data.image_size,
         "channels": config.data.channels, "init_from": p.init_from, "seed": config.seed,
         "compile": p.compile if p.use_gpu else "none"})
-    dataset, n_images = train_dataset(config)
+    dataset, listed = train_dataset(config)
+    try:
+        datasets, dataset_config, usable = train_datasets(dataset, config, listed)
+        n_images = check_training_images(config, "pretrain", listed, usable)
+    except Exception:
+        tracking.finish_run(config, run_id, "FAILED")
+        raise
     say(f"pretrain: {n_images} training images, {p.steps} steps x {p.batch_size} per worker x {p.workers} "
         f"worker(s){' on GPU' if p.use_gpu else ''}")
     if p.compile != "none":
@@ -448,7 +458,7 @@ def run(config: PipelineConfig) -> str:
     if key != legacy and exists(f"{storage.pretrain_runs}/run-{legacy}") \
             and not exists(f"{storage.pretrain_runs}/run-{key}"):
         key = legacy  # a run interrupted under an older sweep's key: resume it, in its folder
-    trainer = make_trainer(config, run_id, dataset, n_images, key)
+    trainer = make_trainer(config, run_id, datasets, dataset_config, key)
     try:
         result = trainer.fit()
     except Exception as e:
