@@ -37,6 +37,10 @@ def _stages(text: str) -> list[str]:
     return [s for s in STAGES if s in stages]
 
 
+class ArgumentError(ConfigError):
+    """A command-line argument that does not fit the pipeline (exit 2, like an invalid config)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sweep", description="Probe frozen diffusion U-Nets block x timestep with Ray + MLflow.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="val_macro_f1",
                    help="the metric runs are ranked by, best first (default val_macro_f1): val_acc, test_acc, "
                         "test_macro_f1, test_balanced_acc, kmeans_nmi, kmeans_ari, ood_<dataset>_acc, ...")
-    p.add_argument("--top", type=int, default=10, help="how many (0: all)")
+    p.add_argument("--top", type=int, default=10, help="how many (default 10; 0: all)")
     p.add_argument("--encoder", default=None, help="only this encoder's runs (diffusion, a baseline's name)")
     p.add_argument("--format", choices=["table", "json"], default="table",
                    help="json: a list of objects, the contract's fields")
@@ -62,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit `sweep run` as a Ray job to a cluster")
     _add_pipeline(p)
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
-    p.add_argument("--stages", type=_stages, default=list(STAGES))
+    p.add_argument("--stages", type=_stages, default=list(STAGES),
+                   help=f"comma-separated, as for `run` (default: {','.join(STAGES)})")
     p.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     return parser
 
@@ -96,12 +101,17 @@ def cmd_best(config: PipelineConfig, args) -> None:
     from sweep.tracking import check_tracking, store_exists
 
     metric = args.metric
-    # OOD datasets of other settings (--any-config) may have had other names: only the form is checked
-    problem = metric_problem(metric)
+    # runs of other settings (--any-config) may have had other OOD datasets and encoders: there only the form
+    # of the metric is checked
+    problem = metric_problem(metric, None if args.any_config else [d.name for d in config.data.ood])
     if problem:
-        raise ConfigError(f"--metric: {problem}")
+        raise ArgumentError(f"--metric: {problem}")
     if args.top < 0:
-        raise ConfigError(f"--top: must be 0 (all) or more, got {args.top}")
+        raise ArgumentError(f"--top: must be 0 (all) or more, got {args.top}")
+    encoders = [s.name for s in config.encoder_specs()]
+    if args.encoder is not None and not args.any_config and args.encoder not in encoders:
+        raise ArgumentError(f"--encoder: {args.encoder!r} is not an encoder of this pipeline "
+                            f"({', '.join(encoders)}); --any-config for runs of other settings")
     check_tracking(config, reach_server=True)
     have_store = store_exists(config)
     if not have_store:
@@ -164,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return submit(args.pipeline, args.address, args.stages, args.overrides, wait=not args.no_wait)
         return 0
+    except ArgumentError as e:
+        print(f"sweep: invalid argument: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"sweep: invalid config: {e}", file=sys.stderr)
         return 2

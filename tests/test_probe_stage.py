@@ -6,6 +6,7 @@ MLflow's own query."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -226,7 +227,14 @@ def test_best_orders_as_mlflow_search_runs(swept, capsys):
 
     assert cli.main([*base, "--format", "json", "--top", "0", "--encoder", "diffusion"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == N_TRIALS
-    assert cli.main([*base, "--format", "json", "--encoder", "simclr-resnet18"]) == 0
+    # an encoder or OOD dataset the pipeline does not have: an invalid argument, named with what there is
+    assert cli.main([*base, "--format", "json", "--encoder", "simclr-resnet18"]) == 2
+    assert ("sweep: invalid argument: --encoder: 'simclr-resnet18' is not an encoder of this pipeline (diffusion)"
+            in capsys.readouterr().err)
+    assert cli.main([*base, "--metric", "ood_other_acc"]) == 2
+    assert "--metric: unknown metric 'ood_other_acc': no OOD dataset 'other' in data.ood" in capsys.readouterr().err
+    # ... unless runs of other settings are asked for (they may have had other encoders and OOD datasets)
+    assert cli.main([*base, "--format", "json", "--encoder", "simclr-resnet18", "--any-config"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert cli.main([*base, "--top", "3", "--metric", "kmeans_ari"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -412,6 +420,52 @@ def test_interrupted_sweep_resumes_without_duplicates(swept, tmp_path, monkeypat
     assert all(by_key[k][0].info.run_id == run_id for k, run_id in keep.items())  # finished ones not redone
     assert {r.data.tags[tracking.TAG_PARENT] for r in children} == {parent_id}
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_ctrl_c_ends_the_sweep_keeps_what_finished_and_a_rerun_does_the_rest(swept, tmp_path, monkeypatch, capfd):
+    """Ctrl-C (SIGINT) during the sweep: the command exits 130 like every stage, the trials finished so far
+    are in MLflow, the parent run is KILLED, and Tune's advice to use `Tuner.restore` is not shown; the same
+    command then runs only the trials left, under the same parent."""
+    import os
+    import signal
+
+    db = tmp_path / "mlflow.db"
+    args = ["probe", str(_pipeline_file(swept)), "--set", f"storage={swept.storage_root}",
+            "--set", f"tracking.uri=sqlite:///{db}"]
+    config = swept.model_copy(update={"tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{db}"})})
+    real = probe.MlflowChildRuns.on_trial_complete
+
+    def ctrl_c_after_the_third(self, *a, **kw):  # as a terminal does, into the driver's main thread
+        real(self, *a, **kw)
+        if self.completed == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(probe.MlflowChildRuns, "on_trial_complete", ctrl_c_after_the_third)
+    # Python's own handlers (a Tuner.fit of an earlier test left Tune's installed)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    capfd.readouterr()
+    try:
+        assert cli.main(args) == 130
+        # the process's own handlers again: a later Ctrl-C (a `sweep run`'s report stage) interrupts
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGUSR1, before[1])
+    err = capfd.readouterr().err
+    assert "probe: interrupted; ending the sweep" in err and "sweep: interrupted" in err
+    assert "Tuner.restore" not in err and "Stop signal received" not in err
+    children = _children(config)
+    recorded = re.search(rf"probe: (\d+) of {N_TRIALS} trials recorded before the interruption", err)
+    assert recorded and 3 <= len(children) < N_TRIALS and int(recorded.group(1)) == len(children)
+    parent = {r.data.tags[tracking.TAG_PARENT] for r in children}
+    assert len(parent) == 1 and _client(config).get_run(parent.pop()).info.status == "KILLED"
+
+    monkeypatch.setattr(probe.MlflowChildRuns, "on_trial_complete", real)
+    out = probe.run(config)
+    assert out["ran"] == N_TRIALS - len(children)
+    keys = [r.data.tags[tracking.TAG_TRIAL] for r in _children(config)]
+    assert len(keys) == len(set(keys)) == N_TRIALS
 
 
 # ------------------------------------------------------------------ ASHA

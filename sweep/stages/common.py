@@ -61,6 +61,18 @@ def errors_only(logger_name: str):
         log.setLevel(level)
 
 
+@contextlib.contextmanager
+def dropped_messages(logger_name: str, *starts: str):
+    """The named logger's records that start with any of `starts` left out while the block runs."""
+    drop = _DropMessages(*starts)
+    log = logging.getLogger(logger_name)
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 def driver_log_environment() -> None:
     """How this driver prints its workers' lines ("(RayTrainWorker pid=...) [sweep] ..."), where the user has not
     said: repeated lines of several workers folded into one (Ray's default, named), and the prefix without

@@ -32,6 +32,7 @@ import functools
 import math
 import os
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -41,7 +42,7 @@ from ray.tune import Callback, Trainable
 
 from sweep.config import PipelineConfig
 from sweep.features.store import FeatureStore
-from sweep.stages.common import Progress, errors_only, init_ray, ray_address, say
+from sweep.stages.common import Progress, dropped_messages, errors_only, init_ray, ray_address, say
 from sweep.stages import rendezvous
 from sweep.storage import Storage
 
@@ -498,6 +499,50 @@ def _quiet_tune():
                 os.environ[key] = value
 
 
+class _Interrupt:
+    """Ctrl-C during `Tuner.fit` as sweep's stages take it: the sweep ends (what finished is recorded) and the
+    command exits 130 like any interrupted stage, instead of Tune's own handling, after which `fit` returned
+    as if the sweep had failed and Tune's log pointed the user at `Tuner.restore` (a sweep resumes from
+    MLflow by rerunning the command). Tune's SIGINT handler is switched off for the duration
+    (`TUNE_DISABLE_SIGINT_HANDLER`); the first Ctrl-C sets `interrupted` and hands Tune its other stop signal,
+    SIGUSR1, which ends the run as its Ctrl-C handling would; a second Ctrl-C interrupts at once. Both signals'
+    handlers are the process's own again after the sweep (Tune's own SIGINT handling stays installed after
+    `fit` and took the next Ctrl-C, in `sweep run`'s report stage, as a request to stop a finished sweep).
+    Outside the main thread (no signal handlers there) Tune's handling stays."""
+
+    def __init__(self):
+        self.interrupted = False
+
+    @contextlib.contextmanager
+    def catching(self):
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+            yield
+            return
+        before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        # Tune leaves its SIGUSR1 handler installed after `fit`: the process's own comes back after the sweep
+        handlers = signal.signal(signal.SIGINT, self._on_sigint), signal.getsignal(signal.SIGUSR1)
+        try:
+            # its lines about the stop (Tune's SIGUSR1 handler logs as for Ctrl-C) and about Tuner.restore
+            with dropped_messages("ray.tune.tune", "Stop signal received", "Experiment has been interrupted"):
+                yield
+        finally:
+            signal.signal(signal.SIGINT, handlers[0])
+            signal.signal(signal.SIGUSR1, handlers[1])
+            if before is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before
+
+    def _on_sigint(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        say("probe: interrupted; ending the sweep (the trials finished so far are recorded; Ctrl-C again to stop "
+            "at once)")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
 @contextlib.contextmanager
 def _plain_worker_env():
     """Tune gives its trainable actors a runtime_env holding one variable, PL_DISABLE_FORK=1 (a PyTorch
@@ -648,12 +693,17 @@ def run(config: PipelineConfig) -> dict:
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
     )
     t0 = time.perf_counter()
+    ctrl_c = _Interrupt()
     try:
-        with _quiet_tune(), _plain_worker_env(), _cached_trainable_lookups():
+        with _quiet_tune(), _plain_worker_env(), _cached_trainable_lookups(), ctrl_c.catching():
             results = tuner.fit()
+        if ctrl_c.interrupted:
+            raise KeyboardInterrupt
     except BaseException:
         writer.close()  # what finished is kept
-        tracking.finish_run(config, parent, "FAILED")
+        tracking.finish_run(config, parent, "KILLED" if ctrl_c.interrupted else "FAILED")
+        if ctrl_c.interrupted:
+            say(f"probe: {writer.logged} of {len(todo)} trials recorded before the interruption")
         raise
     finally:
         if meeting is not None:
