@@ -458,3 +458,40 @@ def test_pretrain_with_no_readable_training_image_fails_at_once(ray_local, tmp_p
     client = tracking.client_for(config)
     (run,) = client.search_runs([client.get_experiment_by_name(config.experiment_name).experiment_id])
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_ctrl_c_aborts_a_training_run_and_ends_as_interrupted(ray_local, tmp_path):
+    """The first Ctrl-C during `fit` aborts the Ray Train run and ends in KeyboardInterrupt (the CLI's exit
+    130), long before the loop would have ended; the process's SIGINT handler is its own again after."""
+    import os
+    import signal
+    import threading
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sweep.stages.common import fit_interruptibly
+
+    started = tmp_path / "started"
+
+    def loop(cfg):
+        Path(cfg["started"]).touch()
+        time.sleep(120)
+
+    def ctrl_c_once_training():
+        while not started.exists():
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    trainer = TorchTrainer(loop, train_loop_config={"started": str(started)},
+                           scaling_config=ray.train.ScalingConfig(num_workers=1),
+                           run_config=ray.train.RunConfig(name="interrupted", storage_path=str(tmp_path / "runs")))
+    before = signal.getsignal(signal.SIGINT)
+    threading.Thread(target=ctrl_c_once_training, daemon=True).start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        fit_interruptibly(trainer, "test")
+    assert started.exists() and time.perf_counter() - t0 < 100
+    assert signal.getsignal(signal.SIGINT) is before

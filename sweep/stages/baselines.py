@@ -43,8 +43,8 @@ from sweep.config import BaselineConfig, PipelineConfig
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import (check_training_images, init_ray, quiet_train_reports, quiet_dataset, say,
-                                 train_datasets, train_logging, train_shard)
+from sweep.stages.common import (check_training_images, fit_interruptibly, init_ray, quiet_dataset,
+                                 quiet_train_reports, say, train_datasets, train_logging, train_shard)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
@@ -675,7 +675,10 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
         dataset_config=dataset_config,
     )
     try:
-        trainer.fit()
+        fit_interruptibly(trainer, f"baselines {b.name}")
+    except KeyboardInterrupt:
+        tracking.finish_run(config, run_id, "KILLED")
+        raise
     except Exception as e:
         tracking.finish_run(config, run_id, "FAILED")
         raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): {e}") from e

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from sweep.config import PipelineConfig
@@ -242,6 +244,51 @@ def quiet_train_reports() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def fit_interruptibly(trainer, stage: str):
+    """`trainer.fit()` of a Ray Train V2 trainer, with Ctrl-C as sweep's stages take it: the first one asks
+    Ray Train to abort the run (its workers stop; the checkpoints already written stay, for the rerun to
+    resume from), then KeyboardInterrupt (exit 130); a second one interrupts at once. Ray Train's own
+    handler called `sys.exit(0)` when its controller had already gone, so the command ended with status 1
+    and no message, and it stayed installed after `fit`, taking a later Ctrl-C (another stage of `sweep run`)
+    for its finished run. The process's own SIGINT handler is back after `fit`. Ray internals (the trainer's
+    `_register_sigint_handler`): if they move, Ray Train's handling stays."""
+    import ray
+
+    interrupted = False
+
+    def register(controller):
+        def on_sigint(signum, frame):
+            nonlocal interrupted
+            if interrupted:
+                raise KeyboardInterrupt
+            interrupted = True
+            say(f"{stage}: interrupted; stopping the workers (the last checkpoint is kept for a rerun; Ctrl-C "
+                f"again to stop at once)")
+            try:
+                ray.get(controller.abort.remote())
+            except ray.exceptions.RayActorError:
+                pass  # already gone
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    if main and hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = register
+    try:
+        result = trainer.fit()
+    except Exception:
+        if interrupted:  # the abort's consequence, not a failure
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGINT, before)
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
 
 
 class Timer:

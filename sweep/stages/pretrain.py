@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
-from sweep.stages.common import (check_training_images, init_ray, quiet_train_reports, quiet_dataset, say,
-                                 train_datasets, train_logging, train_shard)
+from sweep.stages.common import (check_training_images, fit_interruptibly, init_ray, quiet_dataset,
+                                 quiet_train_reports, say, train_datasets, train_logging, train_shard)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
@@ -460,7 +460,10 @@ def run(config: PipelineConfig) -> str:
         key = legacy  # a run interrupted under an older sweep's key: resume it, in its folder
     trainer = make_trainer(config, run_id, datasets, dataset_config, key)
     try:
-        result = trainer.fit()
+        result = fit_interruptibly(trainer, "pretrain")
+    except KeyboardInterrupt:
+        tracking.finish_run(config, run_id, "KILLED")
+        raise
     except Exception as e:
         tracking.finish_run(config, run_id, "FAILED")
         raise PretrainError(f"pretrain failed (rerun to resume from the last checkpoint): {_cause(e)}") from e
