@@ -88,9 +88,8 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
         from sweep.encoders.checks import check_encoder_settings
 
         check_encoder_settings(config)
+    stages = [s for s in stages if s != "baselines" or config.baselines]  # none configured: nothing to say
     for stage in stages:
-        if stage == "baselines" and not config.baselines:
-            continue
         say(f"== {stage} ==")
         run_stage(config, stage)
     say(f"done: {','.join(stages)} in {time.perf_counter() - t0:.0f}s; storage {config.storage_root}")
@@ -129,6 +128,28 @@ def cmd_best(config: PipelineConfig, args) -> None:
         print(format_table(recs, metric))
 
 
+VALIDATE_SAMPLE = 32  # images decoded per dataset by `validate`
+
+
+def sample_images(config: PipelineConfig, table) -> tuple[int, list[tuple[str, str]]]:
+    """Decode up to VALIDATE_SAMPLE images of each dataset (a seeded sample): (how many, [(file, error)] of the
+    unreadable ones). Raises ConfigError naming the dataset's setting when none of a dataset's sample reads."""
+    from sweep.data.preprocess import decode_rows
+
+    sampled, unreadable = 0, []
+    for i, (domain, rows) in enumerate(table.frame.groupby("domain", sort=False)):
+        rows = rows.sample(n=min(VALIDATE_SAMPLE, len(rows)), random_state=config.seed)
+        _, errors = decode_rows(rows["path"].tolist(), rows["index"].tolist(), config.data.image_size,
+                                config.data.channels)
+        bad = [(str(path), error) for path, error in zip(rows["path"], errors) if error]
+        if len(bad) == len(rows):
+            key = "data.train" if domain == config.data.train.name else f"data.ood[{i - 1}] ({domain!r})"
+            raise ConfigError(f"{key}: none of {len(rows)} sampled images could be read, e.g. {bad[0][0]}: "
+                              f"{bad[0][1]}")
+        sampled, unreadable = sampled + len(rows), unreadable + bad
+    return sampled, unreadable
+
+
 def cmd_validate(config: PipelineConfig) -> None:
     from sweep.data.table import build_table
     from sweep.encoders.checks import check_encoder_settings
@@ -137,8 +158,12 @@ def cmd_validate(config: PipelineConfig) -> None:
     check_tracking(config)
     check_encoder_settings(config)
     table = build_table(config)
+    sampled, unreadable = sample_images(config, table)
     print(f"{config.name}: valid (config hash {config.config_hash()})")
     print(f"  data: {table.summary()}")
+    print(f"  images: {len(unreadable)} of {sampled} sampled unreadable"
+          + (f" (e.g. {unreadable[0][0]}: {unreadable[0][1]}); `sweep extract` skips and lists each one"
+             if unreadable else " (the stages skip, count and list any they meet)"))
     print(f"  classes: {', '.join(table.classes)}")
     print(f"  encoders: {', '.join(s.name for s in config.encoder_specs())}; "
           f"timesteps {config.extract.timesteps}; layers {config.extract.layers}")

@@ -17,6 +17,29 @@ def test_demo_pipeline_is_valid(capsys):
     assert "105 images, 6 classes" in out
 
 
+def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
+    """`validate` opens a seeded sample of each dataset's images: unreadable ones are counted and one is named;
+    a dataset none of whose sampled images reads is an invalid setting (it made pretraining wait forever)."""
+    demo = Path("sweep/data/demo/plankton-flowcam-demo/images").resolve()
+    good = [(f, f.parent.name) for c in ("Tripos", "Ciliophora") for f in sorted((demo / c).iterdir())[:6]]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+
+    def validate(rows) -> int:
+        manifest = tmp_path / "images.csv"
+        manifest.write_text("path,label\n" + "".join(f"{f},{c}\n" for f, c in rows))
+        return main(["validate", "pipelines/demo.yaml", "--set", "data.train.source=manifest",
+                     "--set", f"data.train.path={manifest}", "--set", f"storage={tmp_path / 'store'}"])
+
+    assert validate(good + [(broken, "Tripos")]) == 0
+    out = capsys.readouterr().out
+    assert f"images: 1 of 13 sampled unreadable (e.g. {broken}: UnidentifiedImageError" in out
+    assert validate([(tmp_path / f"gone-{i}.png", c) for i, c in enumerate("ABABAB")]) == 2
+    err = capsys.readouterr().err
+    assert "sweep: invalid config: data.train: none of 6 sampled images could be read, e.g. " in err
+    assert "gone-" in err and "FileNotFoundError" in err
+
+
 @pytest.mark.parametrize(
     "override, key, why",
     [
