@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from sweep.config import STAGES, ConfigError, PipelineConfig, load_config, metric_problem
+from sweep.config import STAGES, ArgumentError, ConfigError, PipelineConfig, load_config, metric_problem
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,10 +35,6 @@ def _stages(text: str) -> list[str]:
         what = f"unknown stage(s) {bad}" if bad else "no stage given"
         raise argparse.ArgumentTypeError(f"{what}; choose from {','.join(STAGES)}")
     return [s for s in STAGES if s in stages]
-
-
-class ArgumentError(ConfigError):
-    """A command-line argument that does not fit the pipeline (exit 2, like an invalid config)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """An invalid pipeline file or override; the CLI turns it into exit code 2."""
 
 
+class ArgumentError(ConfigError):
+    """A command-line argument that does not fit the pipeline (exit 2, like an invalid config)."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from sweep.config import ConfigError
+from sweep.config import ArgumentError, ConfigError
 
 # not shipped: environments, outputs and caches (a job writes its outputs to the pipeline's storage)
 EXCLUDES = [".venv", ".git", "runs", "__pycache__", "*.pyc", "mlruns"]
@@ -27,6 +27,25 @@ def job_pipeline_path(pipeline: str, working_dir: str) -> str:
     if any(part in EXCLUDES for part in rel.parts):
         raise ConfigError(f"PIPELINE {pipeline}: under {rel.parts[0]}/, which is not shipped with the job")
     return rel.as_posix()
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """An address without a scheme is, to Ray's job client, a cluster (GCS) address it asks for the dashboard's
+    URL, retrying for ~40 s while nothing answers there (logging the node's other addresses): such an address
+    must answer at once. `http(s)://`, `ray://` and `auto` go to Ray's client as given."""
+    import socket
+
+    if "://" in address or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ArgumentError(f"--address {address!r}: expected the dashboard's http://HOST:8265, or a cluster "
+                          f"address HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"--address {address}: nothing answers there ({e.strerror or e}); the Ray "
+                              f"dashboard's address is http://HEAD:8265") from None
 
 
 def submit_job(client, wait_s: float = AGENT_WAIT_S, retry_every_s: float = 2.0, **job) -> str:
@@ -53,6 +72,7 @@ def submit(pipeline: str, address: str, stages: list[str], overrides: list[str],
     working_dir = os.getcwd()
     cmd = ["sweep", "run", job_pipeline_path(pipeline, working_dir), "--stages", ",".join(stages)]
     # token auth (RAY_AUTH_MODE=token) is read from the environment by Ray's client itself
+    check_address(address)
     client = JobSubmissionClient(address)
     for o in overrides:
         cmd += ["--set", o]

@@ -87,3 +87,22 @@ def test_submit_waits_for_the_clusters_job_agent(capsys):
     with pytest.raises(RuntimeError, match="401"):
         submit_job(other, wait_s=1, retry_every_s=0.01, entrypoint="x")
     assert len(other.calls) == 1
+
+
+def test_submit_to_an_address_nothing_answers_fails_at_once(capsys):
+    """Without a scheme Ray's job client takes the address for a cluster's GCS and retried for ~40 s, logging
+    other addresses of this machine: nothing answering there is said at once."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    assert main(["submit", "pipelines/demo.yaml", "--address", f"127.0.0.1:{port}"]) == 1
+    assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err
+    assert f"sweep: ConnectionError: --address 127.0.0.1:{port}: nothing answers there" in err
+    assert main(["submit", "pipelines/demo.yaml", "--address", "head-node"]) == 2
+    assert "sweep: invalid argument: --address 'head-node': expected the dashboard's http://HOST:8265" in (
+        capsys.readouterr().err)
