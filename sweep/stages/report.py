@@ -128,7 +128,9 @@ def run(config: PipelineConfig) -> str:
     if not recs:
         raise RuntimeError("report: no probe runs for this config in MLflow; run `sweep probe` first")
     frame = pd.DataFrame(recs)
-    frame.to_csv(out / "probe_runs.csv", index=False)
+    # whole numbers as such (`0`, not `0.0`): a column with a gap (no timestep for a baseline) is float in pandas
+    counts = {c: "Int64" for c in ("timestep", "resolution", "dim", "epochs_run") if c in frame}
+    frame.astype(counts).to_csv(out / "probe_runs.csv", index=False)
     lines = [f"# {config.name}: probe report", "",
              f"Config hash `{config.config_hash()}`; {len(frame)} probe runs; best chosen on "
              f"`{config.probe.select}` (validation), `{metric}` shown.", "",
