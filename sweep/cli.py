@@ -133,13 +133,14 @@ def sample_images(config: PipelineConfig, table) -> tuple[int, list[tuple[str, s
     from sweep.data.preprocess import decode_rows
 
     sampled, unreadable = 0, []
-    for i, (domain, rows) in enumerate(table.frame.groupby("domain", sort=False)):
+    ood = [d.name for d in config.data.ood]
+    for domain, rows in table.frame.groupby("domain", sort=False):
         rows = rows.sample(n=min(VALIDATE_SAMPLE, len(rows)), random_state=config.seed)
         _, errors = decode_rows(rows["path"].tolist(), rows["index"].tolist(), config.data.image_size,
                                 config.data.channels)
         bad = [(str(path), error) for path, error in zip(rows["path"], errors) if error]
         if len(bad) == len(rows):
-            key = "data.train" if domain == config.data.train.name else f"data.ood[{i - 1}] ({domain!r})"
+            key = f"data.ood[{ood.index(domain)}] ({domain!r})" if domain in ood else "data.train"
             raise ConfigError(f"{key}: none of {len(rows)} sampled images could be read, e.g. {bad[0][0]}: "
                               f"{bad[0][1]}")
         sampled, unreadable = sampled + len(rows), unreadable + bad

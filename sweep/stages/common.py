@@ -156,6 +156,7 @@ class Progress:
 
 # decoded training images up to this size are split among the workers by sweep, in a fixed order
 ORDERED_SPLIT_BYTES = 2 << 30
+DECODE_NOTICE_IMAGES = 20_000  # from this many, the decode before training is said (it takes a while)
 
 
 def train_datasets(ds, config: PipelineConfig, n_images: int) -> tuple[dict, object | None, int | None]:
@@ -175,6 +176,8 @@ def train_datasets(ds, config: PipelineConfig, n_images: int) -> tuple[dict, obj
         return {"train": ds}, None, None
     ds.context.execution_options.preserve_order = True  # the dataset's own context: the order of `ds`
     quiet_ray_data()  # its plan and progress lines, on the driver, among the stage's own
+    if n_images >= DECODE_NOTICE_IMAGES:
+        say(f"decoding {n_images} training images before training")
     decoded = ds.materialize()
     usable = decoded.count()
     parts = decoded.split(config.pretrain.workers, equal=True) if usable else []
