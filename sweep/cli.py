@@ -200,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep: invalid argument: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:
-        print(f"sweep: invalid config: {e}", file=sys.stderr)
+        message = str(e)
+        if args.pipeline not in message:  # found after loading (layers, images): the file as loading names it
+            message = f"{args.pipeline}: {message}"
+        print(f"sweep: invalid config: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `sweep best ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

@@ -36,7 +36,7 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
     assert f"images: 1 of 13 sampled unreadable (e.g. {broken}: UnidentifiedImageError" in out
     assert validate([(tmp_path / f"gone-{i}.png", c) for i, c in enumerate("ABABAB")]) == 2
     err = capsys.readouterr().err
-    assert "sweep: invalid config: data.train: none of 6 sampled images could be read, e.g. " in err
+    assert "sweep: invalid config: pipelines/demo.yaml: data.train: none of 6 sampled images could be read, e.g. " in err
     assert "gone-" in err and "FileNotFoundError" in err
 
 
@@ -103,10 +103,10 @@ def test_unknown_layers_exit_2_before_any_stage(write_pipeline, capsys, sections
     path = write_pipeline(**sections)
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"{key}: {why}" in err, err
+    assert f"sweep: invalid config: {path}: {key}: {why}" in err, err  # the file named, as loading errors do
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"{key}: {why}" in err and "== pretrain ==" not in err, err
+    assert f"{path}: {key}: {why}" in err and "== pretrain ==" not in err, err
     store = Path(yaml.safe_load(path.read_text())["storage"])
     assert not store.exists() or not any(store.iterdir())  # nothing started
 
