@@ -88,10 +88,16 @@ def submit(pipeline: str, address: str, stages: list[str], overrides: list[str],
         async for lines in client.tail_job_logs(job_id):
             print(lines, end="", flush=True)
 
-    asyncio.run(tail())
-    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                             JobStatus.STOPPED):
-        time.sleep(1)
+    try:
+        asyncio.run(tail())
+        while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                 JobStatus.STOPPED):
+            time.sleep(1)
+    except KeyboardInterrupt:  # the job is the cluster's: Ctrl-C here stops following it, not the job
+        print(f"[sweep] stopped following job {job_id}, which goes on running on the cluster; follow it again "
+              f"with `ray job logs -f {job_id} --address {address}`, stop it with `ray job stop {job_id} "
+              f"--address {address}`", file=sys.stderr)
+        return 130
     code = client.get_job_info(job_id).driver_exit_code
     if code is None:  # stopped, or the driver never ran (e.g. the runtime environment failed)
         code = 0 if status == JobStatus.SUCCEEDED else 1

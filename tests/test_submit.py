@@ -106,3 +106,48 @@ def test_submit_to_an_address_nothing_answers_fails_at_once(capsys):
     assert main(["submit", "pipelines/demo.yaml", "--address", "head-node"]) == 2
     assert "sweep: invalid argument: --address 'head-node': expected the dashboard's http://HOST:8265" in (
         capsys.readouterr().err)
+
+
+def test_ctrl_c_while_following_a_job_leaves_it_running(ray_local, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during `submit`'s wait stops following the job, says how to follow or stop it, and exits 130;
+    the job itself goes on (it is the cluster's), until stopped here for the tests that follow."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address = _dashboard(ray_local)
+    monkeypatch.chdir(tmp_path)
+    # a pretraining that would run for many minutes
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(small_pipeline(
+        tmp_path / "store", pretrain={"steps": 100000, "checkpoint_every": 1000, "workers": 1})))
+    client = JobSubmissionClient(address)
+    before = {j.submission_id for j in client.list_jobs()}
+    ours: list[str] = []
+
+    def ctrl_c_once_running():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            new = [j for j in client.list_jobs() if j.submission_id not in before]
+            if new and new[0].status == JobStatus.RUNNING:
+                ours.append(new[0].submission_id)
+                time.sleep(2)
+                break
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_once_running, daemon=True).start()
+    try:
+        assert main(["submit", "pipeline.yaml", "--address", address, "--stages", "pretrain"]) == 130
+        err = capsys.readouterr().err
+        assert ours and f"stopped following job {ours[0]}, which goes on running on the cluster" in err
+        assert f"ray job stop {ours[0]} --address {address}" in err
+        assert client.get_job_status(ours[0]) == JobStatus.RUNNING
+    finally:
+        for job_id in ours:
+            client.stop_job(job_id)
+            deadline = time.monotonic() + 60
+            while client.get_job_status(job_id) == JobStatus.RUNNING and time.monotonic() < deadline:
+                time.sleep(1)
