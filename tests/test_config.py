@@ -65,6 +65,9 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         # the test pipeline's U-Net has 2 levels: the image must halve once
         ("data.image_size=15", "data.image_size", "15 is not a multiple of 2"),
         ("extract.timesteps=[0,1000]", "extract.timesteps", "[1000] not below pretrain.scheduler.num_train_timesteps"),
+        # 2 images per class: round(2 x 0.2) = 0 val images of any class (the probes failed, every trial)
+        ("data.train={name: p, source: demo, regime: balanced, per_class: 2, splits: {val: 0.2, test: 0.2}}",
+         "data.train", "the val split is empty (12 images, 2 to 2 per class, regime balanced with per_class 2)"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):

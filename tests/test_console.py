@@ -92,3 +92,22 @@ def test_worker_prefixes_lose_their_colour_codes_off_a_terminal(monkeypatch, std
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's choice stands
     common.driver_log_environment()
     assert os.environ["RAY_COLOR_PREFIX"] == "1"
+
+
+@pytest.mark.ray
+def test_error_cause_is_the_last_line_of_a_ray_error(ray_local):
+    """A failed trial's or worker group's error reaches the CLI's one-line message as its cause, not as Ray's
+    header (`ray::f() (pid=..., ip=...)` in colour codes) that the CLI's first line showed."""
+    import ray
+
+    from sweep.stages.common import error_cause
+
+    @ray.remote
+    def fails():
+        raise ValueError("val split is empty: it is needed to select the head")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as caught:
+        ray.get(fails.remote())
+    assert str(caught.value).splitlines()[0].lstrip("\x1b[0123456789m").startswith("ray::")
+    assert error_cause(caught.value) == "ValueError: val split is empty: it is needed to select the head"
+    assert error_cause("") == "str"

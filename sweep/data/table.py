@@ -127,6 +127,12 @@ def build_table(config: PipelineConfig) -> ImageTable:
     if spec.regime == "balanced":
         frame = _stratified_sample(frame, spec.per_class, config.seed, "balanced")
     frame = _assign_splits(frame, spec, config.seed, "data.train")
+    if not (frame["split"] == "val").any():  # every probe, and the supervised baseline, choose on val
+        per_class = frame.groupby("class_name").size()
+        raise ConfigError(
+            f"data.train: the val split is empty ({len(frame)} images, {per_class.min()} to {per_class.max()} per "
+            f"class{f', regime balanced with per_class {spec.per_class}' if spec.regime == 'balanced' else ''}); "
+            f"the probes choose their heads on it: give it images (data.train.splits.val, or more per class)")
     classes = sorted(frame.loc[frame["split"] == "train", "class_name"].unique())
     if len(classes) < 2:
         raise ConfigError(f"data.train: the train split holds {len(classes)} class(es); a probe needs at least 2")

@@ -43,7 +43,7 @@ from sweep.config import BaselineConfig, PipelineConfig
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import (check_training_images, fit_interruptibly, init_ray, quiet_dataset,
+from sweep.stages.common import (check_training_images, error_cause, fit_interruptibly, init_ray, quiet_dataset,
                                  quiet_train_reports, say, train_datasets, train_logging, train_shard)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
@@ -681,7 +681,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
         raise
     except Exception as e:
         tracking.finish_run(config, run_id, "FAILED")
-        raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): {e}") from e
+        raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): {error_cause(e)}") from e
     done = read_json(f"{final}/{META_FILE}")
     if done is None or done.get("key") != key:
         tracking.finish_run(config, run_id, "FAILED")

@@ -249,6 +249,13 @@ def quiet_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def error_cause(e: BaseException | str) -> str:
+    """One line for the user: Ray's task, actor and worker-group errors carry the remote traceback after a
+    header (`ray::Actor.method() (pid=..., ...)`, in colour codes); their last line is the cause."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 def fit_interruptibly(trainer, stage: str):
     """`trainer.fit()` of a Ray Train V2 trainer, with Ctrl-C as sweep's stages take it: the first one asks
     Ray Train to abort the run (its workers stop; the checkpoints already written stay, for the rerun to

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
-from sweep.stages.common import (check_training_images, fit_interruptibly, init_ray, quiet_dataset,
+from sweep.stages.common import (check_training_images, error_cause, fit_interruptibly, init_ray, quiet_dataset,
                                  quiet_train_reports, say, train_datasets, train_logging, train_shard)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
@@ -401,12 +401,6 @@ def make_trainer(config: PipelineConfig, run_id: str | None, datasets: dict, dat
     )
 
 
-def _cause(e: BaseException) -> str:
-    """One line for the user: Ray's worker-group errors carry tracebacks; their last line is the cause."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def run(config: PipelineConfig) -> str:
     """Train (or resume) and return the final checkpoint folder."""
     storage = Storage.of(config.storage_root)
@@ -466,7 +460,7 @@ def run(config: PipelineConfig) -> str:
         raise
     except Exception as e:
         tracking.finish_run(config, run_id, "FAILED")
-        raise PretrainError(f"pretrain failed (rerun to resume from the last checkpoint): {_cause(e)}") from e
+        raise PretrainError(f"pretrain failed (rerun to resume from the last checkpoint): {error_cause(e)}") from e
     if not exists(f"{storage.pretrain_final}/{PRETRAIN_MARKER}"):
         tracking.finish_run(config, run_id, "FAILED")
         raise PretrainError(f"pretrain ended without writing {storage.pretrain_final}")

@@ -42,7 +42,7 @@ from ray.tune import Callback, Trainable
 
 from sweep.config import PipelineConfig
 from sweep.features.store import FeatureStore
-from sweep.stages.common import Progress, dropped_messages, errors_only, init_ray, ray_address, say
+from sweep.stages.common import Progress, dropped_messages, error_cause, errors_only, init_ray, ray_address, say
 from sweep.stages import rendezvous
 from sweep.storage import Storage
 
@@ -720,7 +720,7 @@ def run(config: PipelineConfig) -> dict:
         "trials_failed": missing, "logging_seconds": writer.seconds})
     if errors or missing:
         tracking.finish_run(config, parent, "FAILED")
-        first = errors[0] if errors else (writer.errors[0] if writer.errors else "interrupted")
+        first = error_cause(errors[0]) if errors else (writer.errors[0] if writer.errors else "interrupted")
         raise ProbeError(f"probe: {missing} of {len(todo)} trials not recorded ({len(errors)} failed); first: "
                          f"{first}. Rerun to do only those.")
     tracking.finish_run(config, parent)
