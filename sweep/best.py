@@ -31,6 +31,8 @@ def records(runs: pd.DataFrame, metrics: tuple[str, ...] = ()) -> list[dict]:
             "encoder": r.get("params.encoder"),
             "layer": r.get("params.layer"),
             "column": r.get("params.column"),
+            # which settings made the run: several with --any-config
+            "config_hash": r.get(f"tags.{tracking.TAG_HASH}"),
             "timestep": _num(r.get("params.timestep"), int),
             "resolution": _num(r.get("params.resolution"), int),
             "dim": _num(r.get("params.dim"), int),

@@ -161,6 +161,10 @@ def cmd_validate(config: PipelineConfig) -> None:
     print(f"  images: {len(unreadable)} of {sampled} sampled unreadable"
           + (f" (e.g. {unreadable[0][0]}: {unreadable[0][1]}); `sweep extract` skips and lists each one"
              if unreadable else " (the stages skip, count and list any they meet)"))
+    if len(unreadable) > config.extract.max_bad_fraction * sampled:
+        print(f"  images: warning: {len(unreadable) / sampled:.0%} of the sample is unreadable, more than "
+              f"extract.max_bad_fraction={config.extract.max_bad_fraction} allows: extract would likely stop (fix "
+              f"or remove the files, or raise the fraction)")
     print(f"  classes: {', '.join(table.classes)}")
     print(f"  encoders: {', '.join(s.name for s in config.encoder_specs())}; "
           f"timesteps {config.extract.timesteps}; layers {config.extract.layers}")

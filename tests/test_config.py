@@ -34,9 +34,12 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
     assert validate(good + [(broken, "Tripos")]) == 0
     out = capsys.readouterr().out
     assert f"images: 1 of 13 sampled unreadable (e.g. {broken}: UnidentifiedImageError" in out
+    # 1 of 13 is more than extract.max_bad_fraction (0.01 by default) allows: extract would stop on it
+    assert "images: warning: 8% of the sample is unreadable, more than extract.max_bad_fraction=0.01" in out
     assert validate([(tmp_path / f"gone-{i}.png", c) for i, c in enumerate("ABABAB")]) == 2
     err = capsys.readouterr().err
-    assert "sweep: invalid config: pipelines/demo.yaml: data.train: none of 6 sampled images could be read, e.g. " in err
+    assert ("sweep: invalid config: pipelines/demo.yaml: data.train: none of 6 sampled images could be read, e.g. "
+            in err)
     assert "gone-" in err and "FileNotFoundError" in err
 
 

@@ -221,6 +221,7 @@ def test_best_orders_as_mlflow_search_runs(swept, capsys):
         assert isinstance(r["run_id"], str) and r["encoder"] == "diffusion" and isinstance(r["layer"], str)
         assert isinstance(r["timestep"], int) and isinstance(r["resolution"], int) and isinstance(r["dim"], int)
         assert isinstance(r["lr"], float) and isinstance(r["weight_decay"], float)
+        assert r["config_hash"] == swept.config_hash()  # which settings made it (several with --any-config)
         for m in CONTRACT_METRICS:
             assert isinstance(r[m], float), m
     assert [r["test_macro_f1"] for r in recs] == sorted((r["test_macro_f1"] for r in recs), reverse=True)
@@ -284,6 +285,12 @@ def test_report_says_how_many_images_each_split_holds(swept):
     assert table["images"].sum() == len(meta) == 105
     data = md.split("## Data")[1].split("```")[1].strip().splitlines()
     assert data[0].split() == list(table.columns) and len(data) == 4
+    # one encoder: its best column on val, with the test accuracy's interval over the test images
+    head, row = md.split("## Best column")[1].split("```")[1].strip().splitlines()
+    assert head.split()[3:6] == ["val_macro_f1", "test_acc", "test_acc_95ci"]
+    n_test = int(table.loc[table["split"] == "test", "images"].iloc[0])
+    acc = float(row.split()[4])
+    assert row.split()[5] == "{:.2f}-{:.2f}".format(*report.accuracy_interval(round(acc * n_test) / n_test, n_test))
 
 
 def _report_env_trainable():

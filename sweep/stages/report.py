@@ -82,15 +82,15 @@ def data_summary(config: PipelineConfig) -> pd.DataFrame | None:
         return None
     meta = store.read().select(["label", "split", "domain"]).to_pandas()
     datasets = config.dataset_names()
+    meta = meta[meta["domain"].isin(datasets)]  # a store also keeps datasets of earlier settings, unread
     rows = []
     for (domain, split), group in meta.groupby(["domain", "split"]):
         per_class = group["label"].value_counts()
         rows.append({"dataset": domain, "split": split, "images": len(group), "classes": len(per_class),
                      "largest_class": int(per_class.max()), "smallest_class": int(per_class.min())})
 
-    def order(row):  # the pipeline's datasets in its order, each train, val, test, then anything else
-        dataset = datasets.index(row["dataset"]) if row["dataset"] in datasets else len(datasets)
-        return dataset, {"train": 0, "val": 1, "test": 2}.get(row["split"], 3), row["dataset"], row["split"]
+    def order(row):  # the pipeline's datasets in its order, each train, val, test, then ood
+        return datasets.index(row["dataset"]), {"train": 0, "val": 1, "test": 2}.get(row["split"], 3)
 
     return pd.DataFrame(sorted(rows, key=order))
 
@@ -142,14 +142,14 @@ def run(config: PipelineConfig) -> str:
                   "Images each split holds in the feature store (what the probes were trained, chosen and scored "
                   "on), with the number of classes and the sizes of the largest and smallest class.", "", "```",
                   images.to_string(index=False), "```", ""]
-    if frame["encoder"].nunique() > 1:
-        compared = encoder_comparison(frame, config.probe.select, images, config.data.train.name)
-        lines += ["## Encoders compared", "",
-                  f"Each encoder's best column on validation (`{config.probe.select}`) and that column's test "
-                  "and OOD numbers. `_95ci`: the 95 % Wilson interval of the accuracy before it over that "
-                  "split's images; a difference between encoders well inside it is not resolved by this test "
-                  "set.", "", "```",
-                  compared.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "```", ""]
+    compared = encoder_comparison(frame, config.probe.select, images, config.data.train.name)
+    several = frame["encoder"].nunique() > 1
+    lines += ["## Encoders compared" if several else "## Best column", "",
+              f"{'Each encoder' if several else 'The encoder'}'s best column on validation "
+              f"(`{config.probe.select}`) and that column's test and OOD numbers. `_95ci`: the 95 % Wilson interval "
+              f"of the accuracy before it over that split's images"
+              f"{'; a difference between encoders well inside it is not resolved by this test set' if several else ''}"
+              ".", "", "```", compared.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "```", ""]
     if config.probe.asha is not None and "epochs_run" in frame:
         short = int((frame["epochs_run"] < config.probe.epochs).sum())
         lines[4:4] = [f"ASHA was on: {short} of {len(frame)} columns ran fewer than {config.probe.epochs} epochs "
