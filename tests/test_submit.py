@@ -120,9 +120,9 @@ def test_ctrl_c_while_following_a_job_leaves_it_running(ray_local, tmp_path, mon
 
     address = _dashboard(ray_local)
     monkeypatch.chdir(tmp_path)
-    # a pretraining that would run for many minutes
+    # a pretraining that runs for a minute or two: longer than the test follows it, and it ends by itself
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(small_pipeline(
-        tmp_path / "store", pretrain={"steps": 100000, "checkpoint_every": 1000, "workers": 1})))
+        tmp_path / "store", pretrain={"steps": 400, "checkpoint_every": 400, "workers": 1})))
     client = JobSubmissionClient(address)
     before = {j.submission_id for j in client.list_jobs()}
     ours: list[str] = []
@@ -138,6 +138,9 @@ def test_ctrl_c_while_following_a_job_leaves_it_running(ray_local, tmp_path, mon
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's own SIGINT handler, as in a fresh `sweep submit` process (a Tuner.fit or TorchTrainer.fit of an
+    # earlier test in this session may have left Ray's installed, which takes the signal without interrupting)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=ctrl_c_once_running, daemon=True).start()
     try:
         assert main(["submit", "pipeline.yaml", "--address", address, "--stages", "pretrain"]) == 130
@@ -146,6 +149,7 @@ def test_ctrl_c_while_following_a_job_leaves_it_running(ray_local, tmp_path, mon
         assert f"ray job stop {ours[0]} --address {address}" in err
         assert client.get_job_status(ours[0]) == JobStatus.RUNNING
     finally:
+        signal.signal(signal.SIGINT, handler)
         for job_id in ours:
             client.stop_job(job_id)
             deadline = time.monotonic() + 60
