@@ -130,15 +130,13 @@ VALIDATE_SAMPLE = 32  # images decoded per dataset by `validate`
 def sample_images(config: PipelineConfig, table) -> tuple[int, list[tuple[str, str]]]:
     """Decode up to VALIDATE_SAMPLE images of each dataset (a seeded sample): (how many, [(file, error)] of the
     unreadable ones). Raises ConfigError naming the dataset's setting when none of a dataset's sample reads."""
-    from sweep.data.preprocess import decode_rows
+    from sweep.data.preprocess import unreadable_rows
 
     sampled, unreadable = 0, []
     ood = [d.name for d in config.data.ood]
     for domain, rows in table.frame.groupby("domain", sort=False):
         rows = rows.sample(n=min(VALIDATE_SAMPLE, len(rows)), random_state=config.seed)
-        _, errors = decode_rows(rows["path"].tolist(), rows["index"].tolist(), config.data.image_size,
-                                config.data.channels)
-        bad = [(str(path), error) for path, error in zip(rows["path"], errors) if error]
+        bad = unreadable_rows(rows, config.data.image_size, config.data.channels)
         if len(bad) == len(rows):
             key = f"data.ood[{ood.index(domain)}] ({domain!r})" if domain in ood else "data.train"
             raise ConfigError(f"{key}: none of {len(rows)} sampled images could be read, e.g. {bad[0][0]}: "

@@ -74,3 +74,9 @@ def decode_rows(paths, indices, size: int, channels: int) -> tuple[np.ndarray, l
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image, not a bad job
             errors[i] = f"{type(e).__name__}: {e}".strip()[:300] or type(e).__name__
     return out, errors
+
+
+def unreadable_rows(rows, size: int, channels: int) -> list[tuple[str, str]]:
+    """(file, error) of each row of a table frame (`path`, `index` columns) that does not decode."""
+    _, errors = decode_rows(rows["path"].tolist(), rows["index"].tolist(), size, channels)
+    return [(str(path), error) for path, error in zip(rows["path"], errors) if error]

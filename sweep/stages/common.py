@@ -210,14 +210,12 @@ def check_training_images(config: PipelineConfig, stage: str, listed: int, usabl
 
 def _first_unreadable(config: PipelineConfig, limit: int = 64) -> str:
     """"; e.g. <file>: <error>" for the first unreadable one of the first `limit` training images, or ""."""
-    from sweep.data.preprocess import decode_rows
+    from sweep.data.preprocess import unreadable_rows
     from sweep.data.table import build_table
 
     rows = build_table(config).frame
-    rows = rows[rows["split"] == "train"].head(limit)
-    _, errors = decode_rows(rows["path"].tolist(), rows["index"].tolist(), config.data.image_size,
-                            config.data.channels)
-    return next((f"; e.g. {path}: {error}" for path, error in zip(rows["path"], errors) if error), "")
+    bad = unreadable_rows(rows[rows["split"] == "train"].head(limit), config.data.image_size, config.data.channels)
+    return f"; e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""
 
 
 def train_shard(ordered: bool, rank: int):
