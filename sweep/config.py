@@ -499,6 +499,25 @@ class PipelineConfig(_Model):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+_UNSET = object()
+
+
+def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key.path: OLD -> NEW` for every leaf that differs between two nested settings dicts (a key on one
+    side only shows as missing on the other), in key order: what a stored result was made with against
+    what the pipeline asks for now."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        path = f"{prefix}{k}"
+        a, b = old.get(k, _UNSET), new.get(k, _UNSET)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{path}.")
+        elif a != b:
+            out.append(f"{path}: {'(not set)' if a is _UNSET else _shown(a)} -> "
+                       f"{'(not set)' if b is _UNSET else _shown(b)}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------- loading
 
 def _key_part(part) -> bool:

@@ -568,6 +568,12 @@ def test_supervised_trains_selects_on_val_and_reports_test_metrics(ray_local, wr
     assert main(["baselines", str(path)]) == 0
     assert open(f"{final}/model.safetensors", "rb").read() == before
     assert len(_runs(cfg, "sup")) == 1
+    # other settings are refused before anything starts, naming what changed
+    assert {k: meta[k] for k in ("settings", "data", "seed")} == baselines.trained_settings(cfg, cfg.baselines[0])
+    longer = load_config(path, ["baselines.0.epochs=4", "seed=1"])
+    with pytest.raises(baselines.BaselineError,
+                       match=re.escape("(changed: seed: 0 -> 1; settings.epochs: 3 -> 4)")):
+        baselines.run(longer)
 
 
 @pytest.mark.ray

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from sweep.cli import main
-from sweep.config import ConfigError, apply_override, load_config
+from sweep.config import ConfigError, apply_override, changed_settings, load_config
 
 
 def test_demo_pipeline_is_valid(capsys):
@@ -258,3 +258,12 @@ def test_best_before_any_run_creates_nothing(write_pipeline, capsys):
     out, err = capsys.readouterr()
     assert out.strip() == "[]" and "no MLflow store for 't' yet" in err
     assert not store.exists()
+
+
+def test_changed_settings_lists_each_differing_leaf_by_its_key_path():
+    old = {"seed": 0, "pretrain": {"steps": 6, "lr": 1e-3, "model": {"channels": [16, 32]}}, "gone": 1}
+    new = {"seed": 0, "pretrain": {"steps": 9, "lr": 1e-3, "model": {"channels": [16, 64]}}, "added": "x"}
+    assert changed_settings(old, new) == [
+        "added: (not set) -> 'x'", "gone: 1 -> (not set)", "pretrain.model.channels: [16, 32] -> [16, 64]",
+        "pretrain.steps: 6 -> 9"]
+    assert changed_settings(old, old) == []

@@ -186,6 +186,29 @@ def test_the_weights_key_leaves_out_ood_data_and_bookkeeping(tmp_path):
         assert pretrain.pretrain_key(PipelineConfig.model_validate({**raw, **change})) != base, change
 
 
+def test_a_unet_of_other_settings_is_refused_naming_what_changed(tmp_path):
+    raw = small_pipeline(tmp_path / "store")
+    config = PipelineConfig.model_validate(raw)
+    marker = Path(config.storage_root) / "pretrain" / "final" / pretrain.PRETRAIN_MARKER
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"key": pretrain.pretrain_key(config), "steps": 6,
+                                  "settings": pretrain.pretrain_settings(config)}))
+    changed = PipelineConfig.model_validate(
+        {**raw, "pretrain": {**raw["pretrain"], "steps": 9, "workers": 1},  # workers: not a result setting
+         "data": {**raw["data"], "train": {**raw["data"]["train"], "regime": "balanced",
+                                                                   "per_class": 10}}})
+    with pytest.raises(pretrain.PretrainError) as err:
+        pretrain.run(changed)
+    message = str(err.value)
+    assert ("(changed: data.train.per_class: None -> 10; data.train.regime: 'natural' -> 'balanced'; "
+            "pretrain.steps: 6 -> 9)") in message, message
+    assert f"delete {marker.parent}" in message and "--set storage=PATH" in message
+    # a marker from before the settings were recorded: refused all the same, saying so
+    marker.write_text(json.dumps({"key": "0" * 16, "steps": 6}))
+    with pytest.raises(pretrain.PretrainError, match="its settings were not recorded"):
+        pretrain.run(config)
+
+
 def test_a_unet_finished_under_the_old_key_is_kept_and_recorded_under_the_new(tmp_path, capsys):
     """Until 2026-11-23 the key hashed data.ood, checkpoint_every and max_failures; a U-Net finished then is
     this config's, and once its marker carries today's key an OOD dataset may be added."""
@@ -346,7 +369,9 @@ def test_final_is_the_ema_unet_and_loads_with_diffusers(pretrained):
     scheduler = DDPMScheduler.from_pretrained(final)
     assert unet.config.sample_size == 16 and unet.config.in_channels == 1
     assert scheduler.config.num_train_timesteps == 1000
-    assert json.loads((final / pretrain.PRETRAIN_MARKER).read_text())["steps"] == STEPS
+    marker = json.loads((final / pretrain.PRETRAIN_MARKER).read_text())
+    assert marker["steps"] == STEPS and marker["key"] == pretrain.pretrain_key(pretrained["config"])
+    assert marker["settings"] == pretrain.pretrain_settings(pretrained["config"])
 
     state = torch.load(_checkpoints(pretrained["run_dir"])[STEPS] / pretrain.STATE_FILE, map_location="cpu",
                        weights_only=False)

@@ -44,7 +44,8 @@ from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
 from sweep.stages.common import (check_training_images, error_cause, fit_interruptibly, init_ray, quiet_dataset,
-                                 quiet_train_reports, say, train_datasets, train_logging, train_shard)
+                                 quiet_train_reports, say, train_datasets, train_logging, train_shard,
+                                 trained_with_other_settings)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
@@ -75,16 +76,23 @@ def resolved(config: PipelineConfig, b: BaselineConfig) -> dict:
             **({"select": config.probe.select} if b.kind == "supervised" else {})}
 
 
+def trained_settings(config: PipelineConfig, b: BaselineConfig) -> dict:
+    """What determines a trained baseline's weights: its settings, the main dataset and the seed (not the
+    worker count, the OOD sets, the layers extracted later or where it is stored). Recorded in its
+    baseline.json, so that a later pipeline can be told which of them it changed."""
+    return {"settings": resolved(config, b), "data": config.data.model_dump(mode="json", exclude={"ood"}),
+            "seed": config.seed}
+
+
 def baseline_key(config: PipelineConfig, b: BaselineConfig) -> str:
-    """What determines a baseline's weights: its settings, the main dataset and the seed (not the worker
-    count, the OOD sets, the layers extracted later or where it is stored)."""
     if b.kind == "pretrained":
         from sweep.encoders.base import checkpoint_hash
 
         return fingerprint("pretrained", b.arch, checkpoint_hash(b.weights), b.small_input,
                            b.normalize, config.data.channels, config.data.image_size,
                            *([b.arch_args] if b.arch_args else []))
-    return fingerprint(resolved(config, b), config.data.model_dump(mode="json", exclude={"ood"}), config.seed)
+    s = trained_settings(config, b)
+    return fingerprint(s["settings"], s["data"], s["seed"])
 
 
 # ------------------------------------------------------------------------------------ final folder
@@ -625,8 +633,9 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
         return str(final)
 
     if marker is not None:
-        raise BaselineError(f"{final} holds a baseline trained with other settings; delete it to retrain "
-                            f"or set another storage")
+        wanted = trained_settings(config, b)
+        raise BaselineError(trained_with_other_settings(
+            "a baseline", {k: marker[k] for k in wanted if k in marker}, wanted, str(final)))
     table = get_table()
     settings = resolved(config, b)
     p = config.pretrain
@@ -645,7 +654,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
             "small_input": settings["small_input"],
             "num_classes": len(table.classes) if b.kind == "supervised" else 0,
             "image_size": config.data.image_size, "input_mean": None, "input_std": None, "key": key,
-            "epochs": b.epochs, "settings": settings,
+            "epochs": b.epochs, **trained_settings(config, b),
             **({"classes": list(table.classes)} if b.kind == "supervised" else {})}
     loop_config = {
         **settings, "name": b.name, "seed": config.seed, "cpus_per_worker": p.cpus_per_worker,

@@ -218,6 +218,19 @@ def _first_unreadable(config: PipelineConfig, limit: int = 64) -> str:
     return f"; e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""
 
 
+def trained_with_other_settings(what: str, recorded: dict | None, wanted: dict, folder: str) -> str:
+    """The error for a finished model (`what` in `folder`) whose recorded settings are not the pipeline's:
+    which settings changed, and the ways on. `recorded` is None for models finished before sweep recorded
+    their settings; only the parts recorded are compared."""
+    from sweep.config import changed_settings
+
+    recorded = recorded or {}
+    changed = changed_settings(recorded, {k: v for k, v in wanted.items() if k in recorded})
+    why = ("changed: " + "; ".join(changed)) if changed else "its settings were not recorded by the sweep that made it"
+    return (f"{folder} holds {what} trained with other settings ({why}). To keep it, restore those settings or "
+            f"train into another storage (--set storage=PATH); to retrain here, delete {folder}")
+
+
 def train_shard(ordered: bool, rank: int):
     """This worker's training data (see `train_datasets`), on a Ray Train worker."""
     import ray.train

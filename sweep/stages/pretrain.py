@@ -30,7 +30,8 @@ from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
 from sweep.stages.common import (check_training_images, error_cause, fit_interruptibly, init_ray, quiet_dataset,
-                                 quiet_train_reports, say, train_datasets, train_logging, train_shard)
+                                 quiet_train_reports, say, train_datasets, train_logging, train_shard,
+                                 trained_with_other_settings)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
@@ -51,13 +52,19 @@ class PretrainError(RuntimeError):
     pass
 
 
-def pretrain_key(config: PipelineConfig) -> str:
+def pretrain_settings(config: PipelineConfig) -> dict:
     """What determines the trained weights: the pretrain section, the training data and the seed (not the
-    OOD datasets, which only the probe reads: adding one keeps a finished U-Net)."""
+    OOD datasets, which only the probe reads: adding one keeps a finished U-Net). Recorded in the finished
+    U-Net's marker, so that a later pipeline can be told which of them it changed."""
+    return {"pretrain": config.pretrain.model_dump(mode="json", exclude=NOT_RESULTS["pretrain"]),
+            "data": config.data.model_dump(mode="json", exclude={"ood"}), "seed": config.seed}
+
+
+def pretrain_key(config: PipelineConfig) -> str:
     from sweep.features.store import fingerprint
 
-    return fingerprint(config.pretrain.model_dump(mode="json", exclude=NOT_RESULTS["pretrain"]),
-                       config.data.model_dump(mode="json", exclude={"ood"}), config.seed)
+    s = pretrain_settings(config)
+    return fingerprint(s["pretrain"], s["data"], s["seed"])
 
 
 def legacy_pretrain_key(config: PipelineConfig) -> str:
@@ -310,7 +317,8 @@ def _save_final(trainer, scheduler, cfg: dict, client) -> None:
     with staged_dir(cfg["final_dir"], PRETRAIN_MARKER) as tmp:  # the marker last: whoever sees it sees it all
         final.save_pretrained(tmp)
         scheduler.save_pretrained(tmp)
-        (tmp / PRETRAIN_MARKER).write_text(json.dumps({"key": cfg["key"], "steps": cfg["steps"]}, indent=1))
+        marker = {"key": cfg["key"], "steps": cfg["steps"], "settings": cfg["settings"]}
+        (tmp / PRETRAIN_MARKER).write_text(json.dumps(marker, indent=1))
     if client is not None and cfg["sample_grid"]:
         with tempfile.TemporaryDirectory() as d:
             images = sample(final.to(trainer.device), dict(scheduler.config), cfg["sample_grid"], seed=cfg["seed"])
@@ -368,6 +376,7 @@ def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = No
     return {
         **p.model_dump(mode="json"), "image_size": config.data.image_size, "channels": config.data.channels,
         "seed": config.seed, "final_dir": storage.pretrain_final, "key": key or pretrain_key(config),
+        "settings": pretrain_settings(config),
         "tracking_uri": tracking.tracking_uri(config), "run_id": run_id, "cache_limit_bytes": 2 << 30,
         "shuffle_buffer": 4 * p.batch_size,
         # passed explicitly: env vars of the driver do not reach workers of a running (or remote) Ray
@@ -416,10 +425,8 @@ def run(config: PipelineConfig) -> str:
         if done == key:
             say(f"pretrain: {storage.pretrain_final} is complete for this config, nothing to do")
             return storage.pretrain_final
-        raise PretrainError(
-            f"{storage.pretrain_final} holds a U-Net trained with other settings; delete it to retrain "
-            f"or set another storage"
-        )
+        raise PretrainError(trained_with_other_settings("a U-Net", marker.get("settings"),
+                                                        pretrain_settings(config), storage.pretrain_final))
     p = config.pretrain
     if p.init_from:
         _check_init_from(config)
