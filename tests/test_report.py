@@ -1,13 +1,19 @@
-"""The report's statistics that need no Ray: accuracy intervals and the encoder comparison built on them."""
+"""The report's statistics that need no Ray: accuracy intervals, the encoder comparison built on them, and the\nData section's counts."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
+from conftest import DEMO_IMAGES
 
-from sweep.stages.report import accuracy_interval, encoder_comparison
+from sweep.config import load_config
+from sweep.data.table import build_table
+from sweep.features.store import FeatureStore, to_table
+from sweep.stages.report import accuracy_interval, data_summary, encoder_comparison
+from sweep.storage import Storage
 
 
 def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -53,3 +59,42 @@ def test_encoder_comparison_puts_each_accuracys_interval_after_it():
     assert list(out["ood_other_site_acc_95ci"]) == ["{:.2f}-{:.2f}".format(*_wilson(5, 10)), "-"]
     # without the images: the comparison as before, no interval columns
     assert not any(c.endswith("_95ci") for c in encoder_comparison(frame, "val_macro_f1").columns)
+
+
+def test_data_summary_counts_what_each_split_left_out(tmp_path, write_pipeline):
+    """Per (dataset, split): the store's images, and beside them the images extraction rejected (the manifest's
+    `rejected`) and those of a class the train split does not have (an OOD class unknown to training)."""
+    ood = tmp_path / "ood"
+    for cls, n in [("Tripos", 3), ("Ciliophora", 2), ("Unheard_of", 4)]:
+        (ood / cls).mkdir(parents=True)
+        for src in sorted((DEMO_IMAGES / ("Tripos" if cls == "Unheard_of" else cls)).glob("*.jpg"))[:n]:
+            (ood / cls / src.name).write_bytes(src.read_bytes())
+    config = load_config(write_pipeline(
+        data={"image_size": 16, "channels": 1, "train": {"name": "plankton", "source": "demo"},
+              "ood": [{"name": "shifted", "source": "imagefolder", "path": str(ood)}]}))
+    table = build_table(config)
+    frame = table.frame
+    # a feature store as extraction leaves it: two test images and one OOD image rejected as unreadable
+    bad = list(frame[frame["split"] == "test"].index[:2]) + list(frame[frame["split"] == "ood"].index[:1])
+    columns = [{"column": "mid_block@t0", "layer": "mid_block", "timestep": 0, "dim": 2, "resolution": 4}]
+    store = FeatureStore(Storage.of(config.storage_root).features("diffusion"))
+    datasets = {d: 1 for d in frame["domain"].unique()}
+    store.open({"encoder": "diffusion", "columns": columns}, "k", datasets)
+    for domain, rows in frame.groupby("domain"):
+        kept = rows.drop(index=[i for i in bad if i in rows.index])
+        store.write_shard(domain, 0, to_table(kept.to_dict("list"), {"mid_block@t0": np.zeros((len(kept), 2))},
+                                              columns),
+                          rejected=[{"image_id": frame.at[i, "image_id"], "reason": "broken"}
+                                    for i in bad if i in rows.index])
+    store.mark_complete({})
+
+    got = data_summary(config, table).set_index(["dataset", "split"])
+    expected_unreadable = {("plankton", "test"): 2, ("shifted", "ood"): 1}
+    for (dataset, split), row in got.iterrows():
+        listed = int(((frame["domain"] == dataset) & (frame["split"] == split)).sum())
+        unreadable = expected_unreadable.get((dataset, split), 0)
+        assert row["images"] == listed - unreadable, (dataset, split)
+        assert row["unreadable"] == unreadable, (dataset, split)
+        assert row["unknown_class"] == (4 if dataset == "shifted" else 0), (dataset, split)
+    assert list(got.index) == [("plankton", "train"), ("plankton", "val"), ("plankton", "test"), ("shifted", "ood")]
+    assert got.loc[("shifted", "ood"), "images"] == 4  # 3 Tripos + 2 Ciliophora, one of them unreadable

@@ -25,7 +25,15 @@ class ImageTable:
 
     frame: pd.DataFrame
     classes: list[str]
-    excluded: dict[str, dict[str, int]] = field(default_factory=dict)  # domain -> unknown class -> count
+    # images left out because their class is not a training class: image_id, domain, split, class_name
+    left_out: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["image_id", "domain", "split", "class_name"]))
+
+    @property
+    def excluded(self) -> dict[str, dict[str, int]]:
+        """domain -> unknown class -> images left out."""
+        return {domain: group["class_name"].value_counts().sort_index().to_dict()
+                for domain, group in self.left_out.groupby("domain", sort=False)}
 
     def summary(self) -> str:
         parts = []
@@ -138,22 +146,16 @@ def build_table(config: PipelineConfig) -> ImageTable:
         raise ConfigError(f"data.train: the train split holds {len(classes)} class(es); a probe needs at least 2")
     label_of = {c: i for i, c in enumerate(classes)}
     frames = [frame.assign(domain=spec.name)]
-    excluded: dict[str, dict[str, int]] = {}
     for i, ood in enumerate(config.data.ood):
         other = _limit(scan(ood, f"data.ood.{i}"), ood.limit, config.seed)
-        known = other["class_name"].isin(label_of)
-        if (~known).any():
-            excluded[ood.name] = other.loc[~known, "class_name"].value_counts().sort_index().to_dict()
-        if not known.any():
+        if not other["class_name"].isin(label_of).any():
             raise ConfigError(f"data.ood.{i}: no image of {ood.name!r} belongs to a training class ({classes})")
-        frames.append(other[known].assign(split="ood", domain=ood.name))
-    # classes present in val/test but absent from train cannot be predicted: leave them out, counted
-    main = frames[0]
-    unseen = ~main["class_name"].isin(label_of)
-    if unseen.any():
-        excluded[spec.name] = main.loc[unseen, "class_name"].value_counts().sort_index().to_dict()
-        frames[0] = main[~unseen]
+        frames.append(other.assign(split="ood", domain=ood.name))
+    # classes absent from train (of an OOD set, or in val/test only) cannot be predicted: left out, counted
     table = pd.concat(frames, ignore_index=True)
+    unknown = ~table["class_name"].isin(label_of)
+    left_out = table.loc[unknown, ["image_id", "domain", "split", "class_name"]].reset_index(drop=True)
+    table = table[~unknown].copy()
     table["label"] = table["class_name"].map(label_of).astype("int32")
     table = table[["image_id", "path", "index", "label", "split", "domain"]].reset_index(drop=True)
-    return ImageTable(frame=table, classes=classes, excluded=excluded)
+    return ImageTable(frame=table, classes=classes, left_out=left_out)

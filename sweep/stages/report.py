@@ -68,11 +68,14 @@ def accuracy_interval(accuracy: float, n: int, confidence: float = 0.95) -> tupl
     return float(ci.low), float(ci.high)
 
 
-def data_summary(config: PipelineConfig) -> pd.DataFrame | None:
-    """Images per dataset and split as the probes saw them (the feature store's rows: rejected images and OOD
-    images of classes not trained on are not there), with how many classes each holds and its largest and
-    smallest class: what every number of the report is measured on. From the first encoder's complete store
-    (every encoder's store holds the same images); None when there is none."""
+def data_summary(config: PipelineConfig, table=None) -> pd.DataFrame | None:
+    """Images per dataset and split as the probes saw them (the feature store's rows), with how many classes
+    each holds and its largest and smallest class: what every number of the report is measured on; and the
+    images of that split left out of them: `unreadable` (rejected by extraction) and `unknown_class` (of a
+    class the train split does not have, from the image `table`, built here if not given). From the first
+    encoder's complete store (every encoder's store holds the same images); None when there is none."""
+    from sweep.data.table import build_table
+
     storage = Storage.of(config.storage_root)
     for spec in config.encoder_specs():
         store = FeatureStore(storage.features(spec.name))
@@ -83,11 +86,20 @@ def data_summary(config: PipelineConfig) -> pd.DataFrame | None:
     meta = store.read().select(["label", "split", "domain"]).to_pandas()
     datasets = config.dataset_names()
     meta = meta[meta["domain"].isin(datasets)]  # a store also keeps datasets of earlier settings, unread
+    table = table if table is not None else build_table(config)
+    split_of = table.frame.set_index(["domain", "image_id"])["split"]
+    rejected = pd.DataFrame([{"domain": r["domain"], "split": split_of.get((r["domain"], r["image_id"]))}
+                             for r in store.manifest().get("rejected", []) if r.get("domain") in datasets],
+                            columns=["domain", "split"])
+    unreadable = rejected.groupby(["domain", "split"]).size()
+    unknown = table.left_out.groupby(["domain", "split"]).size()
     rows = []
     for (domain, split), group in meta.groupby(["domain", "split"]):
         per_class = group["label"].value_counts()
         rows.append({"dataset": domain, "split": split, "images": len(group), "classes": len(per_class),
-                     "largest_class": int(per_class.max()), "smallest_class": int(per_class.min())})
+                     "largest_class": int(per_class.max()), "smallest_class": int(per_class.min()),
+                     "unreadable": int(unreadable.get((domain, split), 0)),
+                     "unknown_class": int(unknown.get((domain, split), 0))})
 
     def order(row):  # the pipeline's datasets in its order, each train, val, test, then ood
         return datasets.index(row["dataset"]), {"train": 0, "val": 1, "test": 2}.get(row["split"], 3)
@@ -140,7 +152,9 @@ def run(config: PipelineConfig) -> str:
         images.to_csv(out / "data.csv", index=False)
         lines += ["## Data", "",
                   "Images each split holds in the feature store (what the probes were trained, chosen and scored "
-                  "on), with the number of classes and the sizes of the largest and smallest class.", "", "```",
+                  "on), with the number of classes and the sizes of the largest and smallest class; and the images "
+                  "of that split left out of them: unreadable (listed in each feature manifest's `rejected`), or of "
+                  "a class the train split does not have (`unknown_class`).", "", "```",
                   images.to_string(index=False), "```", ""]
     compared = encoder_comparison(frame, config.probe.select, images, config.data.train.name)
     several = frame["encoder"].nunique() > 1
