@@ -15,7 +15,7 @@ from PIL import Image
 from sweep.config import ConfigError, load_config
 from sweep.data import build_table, preprocess
 from sweep.data.preprocess import decode_rows
-from sweep.data.table import stratified_split
+from sweep.data.table import stratified_split, unbalanced_classes, unbalanced_warning
 from tests.conftest import DEMO_IMAGES
 
 
@@ -118,9 +118,18 @@ def test_split_files_are_used(write_pipeline):
 def test_balanced_regime_caps_each_class(write_pipeline):
     cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
         "source": "demo", "regime": "balanced", "per_class": 14}}))
-    f = build_table(cfg).frame
-    per_class = f.groupby("label").size()
+    table = build_table(cfg)
+    per_class = table.frame.groupby("label").size()
     assert per_class.max() == 14 and per_class.min() == 13  # Tripos has only 13
+    # said by validate and extract, with the per_class that would balance them
+    assert unbalanced_classes(cfg, table) == {"Tripos": 13}
+    assert "1 class(es) have fewer images (Tripos 13)" in unbalanced_warning(cfg, table)
+    assert "lower data.train.per_class to 13" in unbalanced_warning(cfg, table)
+    at_13 = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "demo", "regime": "balanced", "per_class": 13}}))
+    assert unbalanced_warning(at_13, build_table(at_13)) is None
+    natural = load_config(write_pipeline())
+    assert unbalanced_classes(natural, build_table(natural)) == {}
 
 
 def test_ood_unknown_classes_counted_and_excluded(tmp_path, write_pipeline):

@@ -128,6 +128,27 @@ def _assign_splits(frame: pd.DataFrame, spec: TrainDataset, seed: int, where: st
     return frame.assign(split=stratified_split(frame["class_name"], splits.val, splits.test, seed))
 
 
+def unbalanced_classes(config: PipelineConfig, table: ImageTable) -> dict[str, int]:
+    """Under `regime: balanced`, the training classes with fewer images than `per_class` (all of theirs kept):
+    class -> images. Empty otherwise."""
+    spec = config.data.train
+    if spec.regime != "balanced":
+        return {}
+    main = table.frame[table.frame["domain"] == spec.name]
+    counts = main["label"].value_counts()
+    return {table.classes[label]: int(n) for label, n in sorted(counts.items()) if n < spec.per_class}
+
+
+def unbalanced_warning(config: PipelineConfig, table: ImageTable) -> str | None:
+    short = unbalanced_classes(config, table)
+    if not short:
+        return None
+    shown = ", ".join(f"{c} {n}" for c, n in list(short.items())[:5]) + (", ..." if len(short) > 5 else "")
+    return (f"data.train: regime balanced with per_class {config.data.train.per_class}, but {len(short)} class(es) "
+            f"have fewer images ({shown}): they keep all of theirs, so the classes are not balanced (lower "
+            f"data.train.per_class to {min(short.values())} for equal classes)")
+
+
 def build_table(config: PipelineConfig) -> ImageTable:
     """Scan every dataset of the pipeline, split the main one, match OOD labels to training classes."""
     spec = config.data.train

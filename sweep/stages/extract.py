@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from sweep.config import EncoderSpec, PipelineConfig
-from sweep.data.table import ImageTable, build_table
+from sweep.data.table import ImageTable, build_table, unbalanced_warning
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint, to_table
 from sweep.stages.common import Progress, Timer, init_ray, quiet_dataset, quiet_ray_data, say
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, fetch_dir
@@ -363,6 +363,8 @@ def run(config: PipelineConfig) -> dict[str, dict]:
 
     table = build_table(config)
     say(f"data: {table.summary()}")
+    if unbalanced := unbalanced_warning(config, table):
+        say(f"warning: {unbalanced}")
     run_id = tracking.start_stage_run(config, "extract")
     results = {}
     try:
