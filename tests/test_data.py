@@ -148,6 +148,16 @@ def test_ood_unknown_classes_counted_and_excluded(tmp_path, write_pipeline):
     # labels are matched by name to the training classes
     assert sorted(o["label"].tolist()) == sorted([t.classes.index("Tripos")] * 3 + [t.classes.index("Ciliophora")] * 2)
     assert "4 image(s) of 1 class(es) unknown to training left out" in t.summary()
+    assert "match exactly" not in t.summary()
+    # a folder named as a training class but for its case is left out, and the summary says why
+    (ood / "Tripos").rename(ood / "tripos")
+    t = build_table(cfg)
+    assert t.excluded == {"shifted": {"Unheard_of": 4, "tripos": 3}}
+    assert "7 image(s) of 2 class(es) unknown to training left out (class names match exactly: 'tripos' is not " \
+           "'Tripos')" in t.summary()
+    (ood / "Ciliophora").rename(ood / "CILIOPHORA")
+    with pytest.raises(ConfigError, match="no image of 'shifted' belongs to a training class.*'tripos' is not"):
+        build_table(cfg)
 
 
 def test_manifest_source(tmp_path, write_pipeline):

@@ -43,8 +43,18 @@ class ImageTable:
         line = f"{len(self.frame)} images, {len(self.classes)} classes ({'; '.join(parts)})"
         for domain, unknown in self.excluded.items():
             n = sum(unknown.values())
-            line += f"; {domain}: {n} image(s) of {len(unknown)} class(es) unknown to training left out"
+            line += (f"; {domain}: {n} image(s) of {len(unknown)} class(es) unknown to training left out"
+                     f"{case_hint(unknown, self.classes)}")
         return line
+
+
+def case_hint(names, classes: list[str]) -> str:
+    """" (class names match exactly: 'tripos' is not 'Tripos')" where a class name differs from a training
+    class only in case, else ""."""
+    lower = {c.lower(): c for c in classes}
+    pairs = [(n, lower[n.lower()]) for n in names if n not in classes and n.lower() in lower]
+    return (f" (class names match exactly: {', '.join(f'{n!r} is not {c!r}' for n, c in pairs[:3])})"
+            if pairs else "")
 
 
 def _rng(seed: int, *keys: str) -> np.random.Generator:
@@ -170,7 +180,8 @@ def build_table(config: PipelineConfig) -> ImageTable:
     for i, ood in enumerate(config.data.ood):
         other = _limit(scan(ood, f"data.ood.{i}"), ood.limit, config.seed)
         if not other["class_name"].isin(label_of).any():
-            raise ConfigError(f"data.ood.{i}: no image of {ood.name!r} belongs to a training class ({classes})")
+            raise ConfigError(f"data.ood.{i}: no image of {ood.name!r} belongs to a training class ({classes})"
+                              f"{case_hint(other['class_name'].unique(), classes)}")
         frames.append(other.assign(split="ood", domain=ood.name))
     # classes absent from train (of an OOD set, or in val/test only) cannot be predicted: left out, counted
     table = pd.concat(frames, ignore_index=True)
