@@ -72,7 +72,8 @@ def _stratified_sample(frame: pd.DataFrame, per_class: int, seed: int, key: str)
 
 
 def _limit(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    """Keep at most `limit` images, each class keeping its share (at least one image)."""
+    """Keep about `limit` images, each class its share rounded (at least one image): up to one per class
+    over `limit`. (Kept so: trimming the total would change the images of every study made with a limit.)"""
     if limit is None or len(frame) <= limit:
         return frame
     keep = []
