@@ -114,8 +114,15 @@ def cmd_best(config: PipelineConfig, args) -> None:
               f"first", file=sys.stderr)
     recs = best(config, metric=metric, top=args.top or None, encoder=args.encoder, any_config=args.any_config)
     if not recs and not args.any_config and have_store:
+        from sweep.tracking import earlier_probe_runs
+
         others = best(config, metric=metric, top=1, encoder=args.encoder, any_config=True)
-        if others:
+        earlier = earlier_probe_runs(config)
+        for what, n in earlier.items():
+            print(f"[sweep] no probe runs for this config (hash {config.config_hash()}) by this sweep's probe; "
+                  f"{n} run(s) of the same settings were made by {what}, whose results differ: `sweep probe` "
+                  f"probes again (`--any-config` shows the earlier runs)", file=sys.stderr)
+        if others and not earlier:
             print(f"[sweep] no probe runs for this config (hash {config.config_hash()}); runs exist for other "
                   f"settings of {config.name!r}: pass the same --set overrides, or --any-config", file=sys.stderr)
     if args.format == "json":

@@ -392,6 +392,14 @@ NOT_RESULTS = {
 }
 
 
+# The linear probe's revision (sweep/probing/linear.py), part of the config hash: probe runs of an earlier
+# revision are kept apart from today's, as results of other settings are. 1: sweep 0.1.0 until 2026-11-24.
+# 2: directions the training rows do not span are left out of the heads (kept, their rounding noise, scaled
+# up, made heads near chance where a column has about as many dimensions as training rows), and an epoch
+# is at least 10 steps (small training sets were one step a pass).
+PROBE_REVISION = 2
+
+
 class PipelineConfig(_Model):
     name: str
     seed: int = 0
@@ -482,20 +490,24 @@ class PipelineConfig(_Model):
         return specs
 
     def config_hash(self) -> str:
-        """Hash of everything that changes results: not where they are stored or tracked, nor the settings
-        of `NOT_RESULTS` (a study rerun with more workers or trials at once finds its runs)."""
-        return self._hash(NOT_RESULTS)
+        """Hash of everything that changes results, the probe's revision (`PROBE_REVISION`) included: not
+        where they are stored or tracked, nor the settings of `NOT_RESULTS` (a study rerun with more workers
+        or trials at once finds its runs)."""
+        return self._hash(NOT_RESULTS, PROBE_REVISION)
 
-    def legacy_config_hash(self) -> str:
-        """The hash these settings had while it still covered the `NOT_RESULTS` settings (sweep 0.1.0 until
-        2026-11-23), under which their runs were tagged."""
-        return self._hash({"pretrain": {"compile"}})
+    def earlier_config_hashes(self) -> dict[str, str]:
+        """The hashes these settings had under earlier sweeps, under which their probe runs were tagged:
+        hash -> what made them. Runs under these are not today's probe results (see `PROBE_REVISION`)."""
+        return {self._hash(NOT_RESULTS, 1): "probe revision 1 (sweep until 2026-11-24)",
+                self._hash({"pretrain": {"compile"}}, 1): "probe revision 1 (sweep 0.1.0 until 2026-11-23)"}
 
-    def _hash(self, settings_left_out: dict) -> str:
+    def _hash(self, settings_left_out: dict, probe_revision: int) -> str:
         payload = self.model_dump(mode="json", exclude={"storage": True, "tracking": True, "ray": True,
                                                         "report": True, **settings_left_out})
         if payload["probe"]["asha"] is None:  # the hash of a pipeline without it, as before it existed
             del payload["probe"]["asha"]
+        if probe_revision > 1:  # revision 1's hashes had no such key
+            payload["probe"]["revision"] = probe_revision
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -190,24 +190,27 @@ def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> l
             return runs
 
 
-def adopt_legacy_runs(config: PipelineConfig, client: MlflowClient, experiment_id: str) -> int:
-    """Give this pipeline's runs tagged with its legacy config hash (`PipelineConfig.legacy_config_hash`, the
-    hash from before the settings that change no result were left out of it) today's hash, so that a study
-    probed by an older sweep is neither probed again nor missing from `sweep best`. Idempotent: once they
-    are retagged, one query finds nothing. Returns how many runs were retagged."""
-    old, new = config.legacy_config_hash(), config.config_hash()
-    if old == new:
-        return 0
-    found = [r.info.run_id for r in _all_runs(
-        client, experiment_id, f"tags.`{TAG_PIPELINE}` = '{config.name}' and tags.`{TAG_HASH}` = '{old}'")]
-    for run_id in found:
-        client.set_tag(run_id, TAG_HASH, new)
-    if found:
-        from sweep.stages.common import say
-
-        say(f"tracking: {len(found)} run(s) tagged with this pipeline's config hash as computed before "
-            f"2026-11-23 ({old}) now carry today's ({new})")
-    return len(found)
+def earlier_probe_runs(config: PipelineConfig, client: MlflowClient | None = None,
+                       experiment_id: str | None = None) -> dict[str, int]:
+    """Finished probe trial runs of these settings made by an earlier sweep, under the config hashes these
+    settings had then (`PipelineConfig.earlier_config_hashes`): what made them -> how many. They are kept,
+    but are neither reused by the probe nor shown by `sweep best` (only with --any-config)."""
+    if client is None:
+        if not store_exists(config):
+            return {}
+        client = client_for(config)
+        exp = client.get_experiment_by_name(config.experiment_name)
+        if exp is None:
+            return {}
+        experiment_id = exp.experiment_id
+    found = {}
+    for old, what in config.earlier_config_hashes().items():
+        runs = _all_runs(client, experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_PIPELINE}` = "
+                                                f"'{config.name}' and tags.`{TAG_HASH}` = '{old}' and "
+                                                f"tags.`{TAG_PARENT}` LIKE '%' and attributes.status = 'FINISHED'")
+        if runs:
+            found[what] = found.get(what, 0) + len(runs)
+    return found
 
 
 def finished_trials(config: PipelineConfig) -> set[str]:
@@ -216,10 +219,16 @@ def finished_trials(config: PipelineConfig) -> set[str]:
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is None:
         return set()
-    adopt_legacy_runs(config, client, exp.experiment_id)
     runs = _all_runs(client, exp.experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = "
                                                 f"'{config.config_hash()}' and attributes.status = 'FINISHED'")
-    return {r.data.tags[TAG_TRIAL] for r in runs if TAG_TRIAL in r.data.tags}
+    done = {r.data.tags[TAG_TRIAL] for r in runs if TAG_TRIAL in r.data.tags}
+    if not done:
+        for what, n in earlier_probe_runs(config, client, exp.experiment_id).items():
+            from sweep.stages.common import say
+
+            say(f"probe: {n} run(s) of these settings made by {what} are kept apart from this probe's "
+                f"results and probed again (`sweep best --any-config` shows them)")
+    return done
 
 
 def local_mlflow_db(config: PipelineConfig) -> Path | None:
@@ -242,12 +251,10 @@ def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
     """
     if not store_exists(config):
         return pd.DataFrame()
-    client = client_for(config)
+    client_for(config)
     exp = mlflow.get_experiment_by_name(config.experiment_name)
     if exp is None:
         return pd.DataFrame()
-    if not any_config:
-        adopt_legacy_runs(config, client, exp.experiment_id)
     filters = [f"tags.`{TAG_STAGE}` = 'probe'", f"tags.`{TAG_PIPELINE}` = '{config.name}'",
                f"tags.`{TAG_PARENT}` LIKE '%'", "attributes.status = 'FINISHED'"]
     if not any_config:

@@ -210,10 +210,11 @@ def test_config_hash_tracks_results_not_locations(write_pipeline):
                   "baselines.0.epochs=2", "extract.shard_size=7", "data.ood=[{name: o, source: demo}]", "seed=1"):
         assert load_config(path, [other]).config_hash() != base.config_hash(), other
     # An optional key left unset must not change the hash of existing pipelines (MLflow finds their finished
-    # trials by it): the demo's hash, as sweep 0.1.0 computed it until 2026-11-23, and as it is now.
+    # trials by it): the demo's hash now, and the ones sweep computed for it under the earlier probe revision
+    # (until 2026-11-24; sweep 0.1.0 until 2026-11-23), whose runs are kept apart.
     demo = load_config("pipelines/demo.yaml")
-    assert demo.legacy_config_hash() == "edc90e18f19a"
-    assert demo.config_hash() == "6b2621e120d4"
+    assert demo.config_hash() == "2b6692cc91ea"
+    assert list(demo.earlier_config_hashes()) == ["6b2621e120d4", "edc90e18f19a"]
     assert load_config(path).storage_root == base.storage_root
 
 

@@ -150,6 +150,38 @@ def test_probe_matches_sklearn_logistic_regression(medium):
     assert res.metrics["val_acc"] == pytest.approx(res.history[-1]["val_acc"], abs=2 / 6000)
 
 
+def _objective(weight, bias, Z, y, wd):
+    """A head's regularised objective on standardised training features Z (module docstring of linear.py)."""
+    logits = Z @ weight.astype(np.float64) + bias
+    top = logits.max(1, keepdims=True)
+    nll = np.log(np.exp(logits - top).sum(1)) + top[:, 0] - logits[np.arange(len(y)), y]
+    return nll.mean() + wd / 2 * (weight.astype(np.float64) ** 2).sum()
+
+
+def test_fewer_rows_than_dimensions_reaches_the_optimum_and_stays_in_their_span():
+    """60 training rows of 256 correlated dimensions (a ResNet block on a small study): the rows span at
+    most 59 directions after centring. A head has no weight in the others (its gradient there is zero;
+    rounding noise there, scaled up by the whitening and Adam, once made the wd = 0 heads near chance),
+    and with few rows an epoch is several steps, so the 30 epochs reach the optimum scikit-learn finds."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 120)
+    X = (rng.standard_normal((120, 16)) + 2.0 * np.eye(4, 16)[y]) @ rng.standard_normal((16, 256))
+    train, val = _splits(X + 0.3 * rng.standard_normal((120, 256)), y, [60, 60])
+    for wd in (0.0, 1e-2):
+        res = train_probe(train, val, None, {}, 4, ProbeConfig(lrs=[0.3], weight_decays=[wd], epochs=30,
+                                                              batch_size=1024))
+        Z = (train.X.astype(np.float64) - res.mean) / res.std
+        _, S, Vt = np.linalg.svd(Z - Z.mean(0), full_matrices=False)
+        span = Vt[S > 1e-6 * S[0]]  # the directions the rows reach
+        outside = res.weight - span.T @ (span @ res.weight)
+        assert len(span) == 59 and np.linalg.norm(outside) < 1e-3 * np.linalg.norm(res.weight), wd
+        if wd:  # scikit-learn's optimum on the same standardised rows
+            sk = LogisticRegression(C=1 / (wd * len(Z)), tol=1e-10, max_iter=20000).fit(Z, train.y)
+            ours, best = (_objective(w, b, Z, train.y, wd) for w, b in ((res.weight, res.bias),
+                                                                       (sk.coef_.T, sk.intercept_)))
+            assert ours <= best * 1.01, (ours, best)
+
+
 def test_heads_are_independent(small):
     train, val, test = small
     grid = train_probe(train, val, test, {}, 4, SMALL_CFG)

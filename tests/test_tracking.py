@@ -7,6 +7,7 @@ import yaml
 
 from conftest import free_port, small_pipeline
 from sweep import tracking
+from sweep.cli import main
 from sweep.config import load_config
 
 
@@ -99,12 +100,13 @@ def test_any_http_answer_counts_as_a_server(tmp_path):
         tracking.check_server("http://no-such-host.invalid:5000")
 
 
-def test_runs_tagged_with_the_legacy_config_hash_are_adopted_once(write_pipeline, tmp_path, capsys):
-    """Runs a sweep tagged before resource settings left the config hash are this config's runs: `sweep best`
-    and the probe's resume find them, retagged; runs of other settings are left alone."""
-    config = load_config(write_pipeline(), ["probe.max_concurrent_trials=2"])
-    old, new = config.legacy_config_hash(), config.config_hash()
-    assert old != new
+def test_runs_of_an_earlier_probe_revision_are_kept_apart(write_pipeline, tmp_path, capsys):
+    """Probe runs tagged with the hash these settings had under an earlier probe revision (whose heads
+    differ) are neither reused by the probe's resume nor shown by `sweep best`; both say they are there."""
+    path = write_pipeline()
+    config = load_config(path, ["probe.max_concurrent_trials=2"])
+    hashes = list(config.earlier_config_hashes())
+    assert config.config_hash() not in hashes and len(set(hashes)) == 2
     experiment_id = tracking.ensure_experiment(config)
     client = tracking.client_for(config)
 
@@ -117,19 +119,28 @@ def test_runs_tagged_with_the_legacy_config_hash_are_adopted_once(write_pipeline
         client.set_terminated(run_id)
         return run_id
 
-    parent = run(old, None)
-    legacy = {run(old, f"diffusion/mid_block@t{t}", parent) for t in (0, 100)}
-    other = run(load_config(write_pipeline(), ["probe.epochs=3"]).legacy_config_hash(), "diffusion/x", parent)
+    for old in hashes:
+        parent = run(old, None)
+        for t in (0, 100):
+            run(old, f"diffusion/mid_block@t{t}", parent)
+    run(load_config(path, ["probe.epochs=3"]).earlier_config_hashes().popitem()[0], "diffusion/x",
+        parent)  # other settings: not counted
     capsys.readouterr()
 
-    assert set(tracking.search_trial_runs(config)["run_id"]) == legacy
-    assert f"3 run(s) tagged with this pipeline's config hash as computed before 2026-11-23 ({old})" in \
-        capsys.readouterr().err
-    assert {client.get_run(r).data.tags[tracking.TAG_HASH] for r in legacy | {parent}} == {new}
-    assert client.get_run(other).data.tags[tracking.TAG_HASH] != new
-    assert tracking.finished_trials(config) == {"diffusion/mid_block@t0", "diffusion/mid_block@t100"}
-    assert tracking.adopt_legacy_runs(config, client, experiment_id) == 0
+    assert tracking.search_trial_runs(config).empty
+    assert len(tracking.search_trial_runs(config, any_config=True)) == 5
+    assert tracking.earlier_probe_runs(config) == {"probe revision 1 (sweep until 2026-11-24)": 2,
+                                                   "probe revision 1 (sweep 0.1.0 until 2026-11-23)": 2}
+    assert tracking.finished_trials(config) == set()  # probed again
+    err = capsys.readouterr().err
+    assert "probe: 2 run(s) of these settings made by probe revision 1 (sweep until 2026-11-24) are kept apart" \
+        in err
+    assert main(["best", str(path), "--set", "probe.max_concurrent_trials=2"]) == 0
+    err = capsys.readouterr().err
+    assert "2 run(s) of the same settings were made by probe revision 1 (sweep 0.1.0 until 2026-11-23)" in err
+    assert "pass the same --set overrides" not in err
+    # once this revision has probed them, its runs are the results
+    parent = run(config.config_hash(), None)
+    run(config.config_hash(), "diffusion/mid_block@t0", parent)
+    assert tracking.finished_trials(config) == {"diffusion/mid_block@t0"}
     assert capsys.readouterr().err == ""
-    # the same study at another concurrency: the same runs
-    assert tracking.finished_trials(load_config(write_pipeline(), ["probe.max_concurrent_trials=4"])) == \
-        {"diffusion/mid_block@t0", "diffusion/mid_block@t100"}

@@ -30,9 +30,11 @@ of which other heads share the grid).
 
 Conditioning: the heads do not train on the standardised features x themselves but on whitened ones,
 z = R^T x with R = Q diag(s) from the eigendecomposition Q diag(lam) Q^T of their training covariance and
-s = 1 / sqrt(lam) (tiny eigenvalues floored). A head's parameters V act as W = V R^T, and its penalty is
-written in those terms, (wd / 2) ||V R^T||^2 = (wd / 2) sum_i s_i^2 ||V_:,i||^2 (Q is orthogonal), so the
-objective, and so its minimiser, are exactly the ones above; only the optimiser's coordinates change.
+s = 1 / sqrt(lam), over the directions the training rows span (those with less than 1e-4 of the mean
+variance are left out, see `_whitening`: a penalised head's optimum has no weight there, as the gradient
+is zero). A head's parameters V act as W = V R^T, and its penalty is written in those terms,
+(wd / 2) ||V R^T||^2 = (wd / 2) sum_i s_i^2 ||V_:,i||^2 (Q is orthogonal), so the objective, and so its
+minimiser, are the ones above; only the optimiser's coordinates change.
 Feature blocks of a network are strongly correlated; Adam's per-coordinate scaling cannot undo a
 correlation, and on such columns 30 epochs on the raw standardised features stopped 0.01-0.06 nats
 above scikit-learn's optimum (1-3 test points lower), while in whitened coordinates 10 epochs reach it.
@@ -66,8 +68,12 @@ from .metrics import classification_metrics
 SELECT_METRICS = ("val_macro_f1", "val_acc")
 _EVAL_CHUNK = 8192
 _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
-_WHITEN_FLOOR = 1e-4  # eigenvalues of the standardised covariance below this x their mean count as this
+_WHITEN_FLOOR = 1e-4  # directions of the standardised covariance with variance below this x the mean: dropped
 _AVERAGE_FROM = 0.5  # share of the steps after which a head's iterates are averaged
+# An epoch is one pass over the training rows, or this many minibatch steps where a pass has fewer (small
+# training sets: the demo's 61 rows are one step a pass, and 30 such steps left heads far from their
+# optimum; several passes an epoch then).
+MIN_STEPS_PER_EPOCH = 10
 
 
 @dataclass
@@ -175,13 +181,21 @@ def _check_inputs(train, val, test, ood, num_classes, config) -> None:
 
 
 def _whitening(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """R = Q diag(s) from the eigendecomposition Q diag(lam) Q^T of the (standardised, centred) training
-    features' covariance, s = 1 / sqrt(lam) with lam floored at _WHITEN_FLOOR * mean(lam); and s^2."""
+    """R = Q diag(s) (D, r) from the eigendecomposition Q diag(lam) Q^T of the (standardised, centred)
+    training features' covariance, s = 1 / sqrt(lam), over the r directions whose lam is at least
+    _WHITEN_FLOOR * mean(lam); and s^2.
+
+    The other directions are left out: the training rows do not span them (fewer rows than dimensions,
+    or dimensions that depend on each other), so their exact gradient is zero and every penalised
+    head's optimum has no weight there. Kept, their rounding noise (float32 sums, in an order that
+    depends on the thread count and the row order) was scaled up by s and then by Adam's per-coordinate
+    normalisation into full-size steps, which val and test rows (which do reach those directions) turned
+    into noise in the logits."""
     cov = (X.T @ X).double().cpu().numpy() / len(X)
     lam, Q = np.linalg.eigh((cov + cov.T) / 2)
-    lam = np.maximum(lam, _WHITEN_FLOOR * max(lam.mean(), 1e-12))
-    s = 1.0 / np.sqrt(lam)
-    R = torch.from_numpy((Q * s).astype(np.float32)).to(X.device)
+    keep = lam >= _WHITEN_FLOOR * max(lam.mean(), 1e-12)
+    s = 1.0 / np.sqrt(lam[keep])
+    R = torch.from_numpy((Q[:, keep] * s).astype(np.float32)).to(X.device)
     return R, torch.from_numpy((s * s).astype(np.float32)).to(X.device)
 
 
@@ -280,12 +294,16 @@ def probe_epochs(
 
     Xtr, ytr = to_dev(train)
     Xva, yva = to_dev(val)
-    N, D1 = Xtr.shape  # D1 = D + 1 (ones column)
+    N = len(Xtr)
     # The heads train in whitened coordinates z = R^T x (see the module docstring): same objective, with
     # the penalty on W = V R^T written as sum_i s_i^2 ||V_:,i||^2.
     R, s2 = _whitening(Xtr[:, :-1])
-    for X in (Xtr, Xva):
-        X[:, :-1] = X[:, :-1] @ R
+    if R.shape[1] == R.shape[0]:
+        for X in (Xtr, Xva):
+            X[:, :-1] = X[:, :-1] @ R
+    else:  # directions left out: fewer coordinates
+        Xtr, Xva = (torch.cat([X[:, :-1] @ R, X[:, -1:]], 1) for X in (Xtr, Xva))
+    D1 = R.shape[1] + 1  # the kept directions + the ones column
 
     # Heads in grid order, lrs outer: head h = (lrs[h // n_wd], weight_decays[h % n_wd]).
     grid = [(float(lr), float(wd)) for lr in config.lrs for wd in config.weight_decays]
@@ -317,7 +335,8 @@ def probe_epochs(
     per_epoch = []  # per epoch: dict of (H,) arrays
     gen = torch.Generator().manual_seed(config.seed)  # CPU generator: same order on any device
     batch_starts = list(range(0, N, config.batch_size))
-    total_steps = config.epochs * len(batch_starts)
+    steps_per_epoch = max(len(batch_starts), MIN_STEPS_PER_EPOCH)
+    total_steps = config.epochs * steps_per_epoch
     step, last_improved = 0, 0
     sel = 1 if config.select == "val_macro_f1" else 0
 
@@ -335,7 +354,10 @@ def probe_epochs(
     onehot = torch.zeros(C, N, device=dev).scatter_(0, ytr.view(1, N), 1.0)
     for epoch in range(1, config.epochs + 1):
         data_loss = torch.zeros(H, device=dev)
-        for b in torch.randperm(len(batch_starts), generator=gen).tolist():
+        order = []  # the minibatches in a fresh random order, once or (few of them) several times
+        while len(order) < steps_per_epoch:
+            order += torch.randperm(len(batch_starts), generator=gen).tolist()
+        for b in order[:steps_per_epoch]:
             i = batch_starts[b]
             xb, yb = Xtr[i : i + config.batch_size], ytr[i : i + config.batch_size]
             n = len(yb)
@@ -344,7 +366,7 @@ def probe_epochs(
             # gradient and skips autograd overhead; the two matmuls serve all heads at once.
             _, e, s, nll = _forward(W, xb, yb)
             row_w = torch.full((n,), 1.0 / n, device=dev) if sample_w is None else sample_w[yb] / n
-            data_loss += nll @ row_w * (n / N)
+            data_loss += nll @ row_w * (n / N * len(batch_starts) / steps_per_epoch)
             G = e.div_(s).sub_(onehot[:, i : i + n]).mul_(row_w)  # (softmax - onehot) * row weight
             grad = (G.view(H * C, n) @ xb).view(H, C, D1).addcmul_(wd_hw, W)
 
