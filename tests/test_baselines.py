@@ -280,7 +280,7 @@ def test_confusion_metrics_match_probe_metrics():
     conf = np.zeros((4, 4))
     np.add.at(conf, (y, p), 1)
     ours = baselines.confusion_metrics(conf, "test")
-    ref = classification_metrics(y, p, "test", num_classes=4, balanced=True)
+    ref = classification_metrics(y, p, "test", balanced=True)
     assert ours == pytest.approx(ref)
 
 

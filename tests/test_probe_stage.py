@@ -25,7 +25,7 @@ from sweep import cli, tracking
 from sweep.best import best, records
 from sweep.config import AshaConfig, PipelineConfig
 from sweep.features.store import FeatureStore
-from sweep.probing import ProbeConfig, Split, train_probe
+from sweep.probing import ProbeConfig, Split, kmeans_scores, train_probe
 from sweep.stages import extract, probe, report
 from sweep.stages.probe import probe_column, read_probe_data
 
@@ -198,6 +198,12 @@ def test_one_child_run_per_trial_with_contract_fields(swept):
         curve = sorted(client.get_metric_history(r.info.run_id, "history_val_acc"), key=lambda m: m.step)
         assert [m.step for m in curve] == list(range(1, swept.probe.epochs + 1))
         assert curve[-1].value == pytest.approx(metrics["val_acc"], abs=0.05)  # the last epoch's head is kept
+    # k-means: over the main dataset's images of every split (not the test split alone)
+    r = runs[0]
+    X, y, split, _ = read_probe_data(f"{swept.storage_root}/features/diffusion", r.data.params["column"])
+    assert (split != "test").any() and (split != "ood").all()
+    expected_km = kmeans_scores(X, y, k=len(set(y.tolist())), seed=swept.seed)
+    assert {m: r.data.metrics[m] for m in expected_km} == pytest.approx(expected_km, abs=1e-12)
 
 
 def test_best_orders_as_mlflow_search_runs(swept, capsys):

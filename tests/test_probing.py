@@ -63,41 +63,41 @@ SMALL_CFG = ProbeConfig(lrs=[1e-2, 1e-1], weight_decays=[1e-4, 1e-2], epochs=10,
 def test_metrics_match_hand_computation():
     y_true = np.array([0, 0, 1, 1, 2, 2, 2])
     y_pred = np.array([0, 1, 1, 1, 2, 0, 2])
-    m = classification_metrics(y_true, y_pred, "test", num_classes=4, balanced=True)
+    m = classification_metrics(y_true, y_pred, "test", balanced=True)
     assert set(m) == {"test_acc", "test_macro_f1", "test_balanced_acc"}
     assert m["test_acc"] == pytest.approx(5 / 7)
-    # F1 per class: 0 -> 2*1/(2+1+1), 1 -> 4/5, 2 -> 4/5, 3 (absent, never predicted) -> 0.
-    assert m["test_macro_f1"] == pytest.approx((0.5 + 0.8 + 0.8 + 0.0) / 4)
-    assert m["test_macro_f1"] == pytest.approx(
-        f1_score(y_true, y_pred, labels=[0, 1, 2, 3], average="macro", zero_division=0)
-    )
+    # F1 per class: 0 -> 2*1/(2+1+1), 1 -> 4/5, 2 -> 4/5; a class neither true nor predicted is not averaged
+    assert m["test_macro_f1"] == pytest.approx((0.5 + 0.8 + 0.8) / 3)
+    assert m["test_macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
     assert m["test_balanced_acc"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)
-    assert set(classification_metrics(y_true, y_pred, "ood_x", 4)) == {"ood_x_acc", "ood_x_macro_f1"}
-    empty = classification_metrics([], [], "ood_y", 4)
+    assert set(classification_metrics(y_true, y_pred, "ood_x")) == {"ood_x_acc", "ood_x_macro_f1"}
+    empty = classification_metrics([], [], "ood_y")
     assert all(np.isnan(v) for v in empty.values())
+    # an OOD set of 2 of the training classes, predicted perfectly: 1, not 2/6
+    assert classification_metrics([0, 0, 1, 1, 1], [0, 0, 1, 1, 1], "ood_z")["ood_z_macro_f1"] == 1.0
+    # predicting a class the set does not have costs that class's F1 (0)
+    assert classification_metrics([0, 0, 1, 1], [0, 0, 1, 5], "ood_z")["ood_z_macro_f1"] == pytest.approx(
+        (1 + 2 / 3 + 0) / 3)
 
 
 @pytest.mark.parametrize("case", range(6))
 def test_metrics_equal_sklearn(case):
     # The contract metrics are counted with numpy; they must equal scikit-learn's on random labels,
-    # with classes absent from y_true or y_pred, labels beyond num_classes' range unused, and
-    # non-contiguous labels when num_classes is not given.
+    # with classes absent from y_true or y_pred, and with non-contiguous labels.
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     rng = np.random.default_rng(case)
     C, n = [2, 5, 10, 10, 7, 3][case], int(rng.integers(1, 300))
     y_true = rng.integers(0, max(1, C - case % 3), n)  # the top classes absent from y_true for some cases
     y_pred = np.where(rng.random(n) < 0.6, y_true, rng.integers(0, C, n))
-    if case == 5:  # arbitrary label values, no num_classes
-        y_true, y_pred, C = y_true * 7 + 3, y_pred * 7 + 3, None
-    labels = list(range(C)) if C is not None else sorted(set(y_true) | set(y_pred))
+    if case == 5:  # arbitrary label values
+        y_true, y_pred = y_true * 7 + 3, y_pred * 7 + 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_bal = balanced_accuracy_score(y_true, y_pred)
-    m = classification_metrics(y_true, y_pred, "x", C, balanced=True)
+    m = classification_metrics(y_true, y_pred, "x", balanced=True)
     assert m["x_acc"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
-    assert m["x_macro_f1"] == pytest.approx(
-        f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0), abs=1e-12)
+    assert m["x_macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"), abs=1e-12)
     assert m["x_balanced_acc"] == pytest.approx(ref_bal, abs=1e-12)
 
 
@@ -113,7 +113,7 @@ def test_vectorised_head_metrics_match_sklearn():
         np.add.at(conf[h].numpy(), (y, p), 1)
     acc, f1 = _acc_f1(conf)
     for h, p in enumerate(preds):
-        ref = classification_metrics(y, p, "val", C)
+        ref = classification_metrics(y, p, "val")
         assert acc[h] == pytest.approx(ref["val_acc"])
         assert f1[h] == pytest.approx(ref["val_macro_f1"])
 
@@ -275,7 +275,7 @@ def test_early_stopping_keeps_best_epoch():
     # The kept weights are those of the best epoch, which is the max of the history.
     best_val = max(e["val_macro_f1"] for e in es.history)
     assert es.history[es.best_epoch - 1]["val_macro_f1"] == best_val
-    assert classification_metrics(val.y, es.predict(val.X), "val", 4) == pytest.approx(
+    assert classification_metrics(val.y, es.predict(val.X), "val") == pytest.approx(
         {k: v for k, v in es.metrics.items() if k.startswith("val_")})
     assert es.metrics["val_macro_f1"] == pytest.approx(best_val)
 
@@ -301,7 +301,7 @@ def test_probe_epochs_results_are_the_state_of_their_epoch(small):
         assert res.epochs_run == len(res.history) == k
         if (res.lr, res.weight_decay) == (full.lr, full.weight_decay):  # the same head: the same epochs
             assert res.history == full.history[:k]
-        assert classification_metrics(val.y, res.predict(val.X), "val", 4) == pytest.approx(
+        assert classification_metrics(val.y, res.predict(val.X), "val") == pytest.approx(
             {m: v for m, v in res.metrics.items() if m.startswith("val_")})
         assert {"test_acc", "ood_a_acc"} <= set(res.metrics)
         assert (info["lr"], info["weight_decay"]) == (res.lr, res.weight_decay)
@@ -347,3 +347,7 @@ def test_kmeans_scores():
     bad = kmeans_scores(X, np.random.default_rng(0).permutation(y), k=4, seed=0)
     assert abs(bad["kmeans_nmi"]) < 0.05 and abs(bad["kmeans_ari"]) < 0.05
     assert kmeans_scores(X, y, k=4, seed=0) == kmeans_scores(X, y, k=4, seed=0)
+    # a large set: a seeded sample of max_rows rows, which still finds the blobs
+    sampled = kmeans_scores(X, y, k=4, seed=0, max_rows=200)
+    assert sampled == kmeans_scores(X, y, k=4, seed=0, max_rows=200) != good
+    assert sampled["kmeans_nmi"] > 0.9

@@ -233,13 +233,15 @@ def _evaluate(X, y, W):
 
 
 def _acc_f1(conf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy and macro F1 over all C labels (zero_division=0), same as sklearn's, per head."""
+    """Accuracy and macro F1 per head, as `classification_metrics` counts them: F1 averaged over the
+    classes that are true or predicted (of that head)."""
     conf = conf.double()
     tp = conf.diagonal(dim1=1, dim2=2)
     denom = conf.sum(1) + conf.sum(2)  # 2TP + FP + FN
-    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    seen = denom > 0
+    f1 = torch.where(seen, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
     acc = tp.sum(1) / conf.sum((1, 2))
-    return acc.cpu().numpy(), f1.mean(1).cpu().numpy()
+    return acc.cpu().numpy(), (f1.sum(1) / seen.sum(1)).cpu().numpy()
 
 
 def train_probe(
@@ -342,7 +344,7 @@ def probe_epochs(
 
     def result_now() -> ProbeResult:
         # Without early stopping a head is its latest (tail-averaged) weights; with it, its best epoch's.
-        return _finish_probe(val, test, ood, C, grid, config.select, leader, best_W if early_stopping else head_W,
+        return _finish_probe(val, test, ood, grid, config.select, leader, best_W if early_stopping else head_W,
                              R, mean, std, per_epoch, best_metric, best_loss, best_epoch)
 
     # Rows are shuffled once (one gather: minibatches are then views) and every epoch visits the
@@ -419,7 +421,7 @@ def probe_epochs(
             break
 
 
-def _finish_probe(val: Split, test: Split | None, ood: dict[str, Split], num_classes: int, grid, select: str,
+def _finish_probe(val: Split, test: Split | None, ood: dict[str, Split], grid, select: str,
                   leader: int, kept_W: torch.Tensor, R: torch.Tensor, mean: np.ndarray, std: np.ndarray,
                   per_epoch: list[dict], best_metric, best_loss, best_epoch) -> ProbeResult:
     """The chosen head's result: its kept weights mapped back to standardised features, its history and
@@ -446,11 +448,10 @@ def _finish_probe(val: Split, test: Split | None, ood: dict[str, Split], num_cla
         mean=mean,
         std=std,
     )
-    C = num_classes
-    metrics = classification_metrics(val.y, result.predict(val.X), "val", C)
+    metrics = classification_metrics(val.y, result.predict(val.X), "val")
     if test is not None:
-        metrics.update(classification_metrics(test.y, result.predict(test.X), "test", C, balanced=True))
+        metrics.update(classification_metrics(test.y, result.predict(test.X), "test", balanced=True))
     for name, s in ood.items():
-        metrics.update(classification_metrics(s.y, result.predict(s.X), f"ood_{name}", C))
+        metrics.update(classification_metrics(s.y, result.predict(s.X), f"ood_{name}"))
     result.metrics = metrics
     return result

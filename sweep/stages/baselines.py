@@ -109,7 +109,7 @@ def write_final(out: str | Path, state: dict, meta: dict) -> None:
 
 
 def confusion_metrics(conf, prefix: str) -> dict[str, float]:
-    """`<prefix>_acc`, `_macro_f1` (over all classes, zero_division=0, as `sweep.probing.metrics`) and
+    """`<prefix>_acc`, `_macro_f1` (over the classes true or predicted, as `sweep.probing.metrics`) and
     `_balanced_acc` (mean recall over the classes present) from a confusion matrix (true x predicted)."""
     conf = np.asarray(conf, dtype=np.float64)
     n = conf.sum()
@@ -119,9 +119,9 @@ def confusion_metrics(conf, prefix: str) -> dict[str, float]:
     tp = np.diag(conf)
     rows, cols = conf.sum(1), conf.sum(0)
     denom = rows + cols
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    seen = denom > 0
     present = rows > 0
-    return {f"{prefix}_acc": float(tp.sum() / n), f"{prefix}_macro_f1": float(f1.mean()),
+    return {f"{prefix}_acc": float(tp.sum() / n), f"{prefix}_macro_f1": float((2 * tp[seen] / denom[seen]).mean()),
             f"{prefix}_balanced_acc": float((tp[present] / rows[present]).mean())}
 
 
