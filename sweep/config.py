@@ -394,8 +394,8 @@ NOT_RESULTS = {
 
 # The linear probe's revision (sweep/probing/linear.py), part of the config hash: probe runs of an earlier
 # revision are kept apart from today's, as results of other settings are. 1: sweep 0.1.0 until 2026-11-24.
-# 2: directions the training rows do not span are left out of the heads (kept, their rounding noise, scaled
-# up, made heads near chance where a column has about as many dimensions as training rows), and an epoch
+# 2: with fewer training rows than dimensions, the directions they cannot span are left out of the heads
+# (kept, their rounding noise, scaled up, made heads near chance on such columns), and an epoch
 # is at least 10 steps (small training sets were one step a pass); macro F1 averages over the classes a
 # split has or the head predicts (not every training class); k-means runs on the main dataset's images
 # of every split (not the test split alone).
