@@ -139,6 +139,11 @@ def test_runs_of_an_earlier_probe_revision_are_kept_apart(write_pipeline, tmp_pa
     err = capsys.readouterr().err
     assert "2 run(s) of the same settings were made by probe revision 1 (sweep 0.1.0 until 2026-11-23)" in err
     assert "pass the same --set overrides" not in err
+    from sweep.stages import report
+
+    with pytest.raises(RuntimeError, match=r"2 run\(s\) of these settings made by probe revision 1 \(sweep until "
+                                           r"2026-11-24\) are kept apart .*run `sweep probe` first"):
+        report.run(config)
     # once this revision has probed them, its runs are the results
     parent = run(config.config_hash(), None)
     run(config.config_hash(), "diffusion/mid_block@t0", parent)

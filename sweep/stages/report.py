@@ -139,7 +139,9 @@ def run(config: PipelineConfig) -> str:
     metric = config.report.metric
     recs = best(config, metric=config.probe.select, top=None)
     if not recs:
-        raise RuntimeError("report: no probe runs for this config in MLflow; run `sweep probe` first")
+        earlier = "".join(f"; {n} run(s) of these settings made by {what} are kept apart (their results differ)"
+                          for what, n in tracking.earlier_probe_runs(config).items())
+        raise RuntimeError(f"report: no probe runs for this config in MLflow{earlier}; run `sweep probe` first")
     frame = pd.DataFrame(recs)
     # whole numbers as such (`0`, not `0.0`): a column with a gap (no timestep for a baseline) is float in pandas
     counts = {c: "Int64" for c in ("timestep", "resolution", "dim", "epochs_run") if c in frame}
