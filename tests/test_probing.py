@@ -182,6 +182,21 @@ def test_fewer_rows_than_dimensions_reaches_the_optimum_and_stays_in_their_span(
             assert ours <= best * 1.01, (ours, best)
 
 
+def test_a_short_last_minibatch_weighs_its_rows_as_the_others():
+    """1,030 rows at batch 1,024: the last minibatch holds 6. Each row must weigh the same in the objective
+    (its rows once weighed 1024 / 6 times the others), so the head is scikit-learn's optimum."""
+    X, y = make_classification(n_samples=1530, n_features=20, n_informative=10, n_classes=4, random_state=3)
+    train, val = _splits(X, y, [1030, 500])
+    wd = 1e-2
+    res = train_probe(train, val, None, {}, 4, ProbeConfig(lrs=[0.3], weight_decays=[wd], epochs=30,
+                                                          batch_size=1024))
+    Z = (train.X.astype(np.float64) - res.mean) / res.std
+    sk = LogisticRegression(C=1 / (wd * len(Z)), tol=1e-10, max_iter=20000).fit(Z, train.y)
+    ours, best = (_objective(w, b, Z, train.y, wd) for w, b in ((res.weight, res.bias), (sk.coef_.T, sk.intercept_)))
+    assert ours <= best + 1e-3, (ours, best)
+    assert (res.predict(val.X) == sk.predict((val.X.astype(np.float64) - res.mean) / res.std)).mean() >= 0.99
+
+
 def test_heads_are_independent(small):
     train, val, test = small
     grid = train_probe(train, val, test, {}, 4, SMALL_CFG)

@@ -342,6 +342,7 @@ def probe_epochs(
     gen = torch.Generator().manual_seed(config.seed)  # CPU generator: same order on any device
     batch_starts = list(range(0, N, config.batch_size))
     steps_per_epoch = max(len(batch_starts), MIN_STEPS_PER_EPOCH)
+    row_scale = len(batch_starts) / N
     total_steps = config.epochs * steps_per_epoch
     step, last_improved = 0, 0
     sel = 1 if config.select == "val_macro_f1" else 0
@@ -367,12 +368,15 @@ def probe_epochs(
             i = batch_starts[b]
             xb, yb = Xtr[i : i + config.batch_size], ytr[i : i + config.batch_size]
             n = len(yb)
-            # Loss_h = (1/n) sum_rows s_y * CE_h + (wd_h / 2) ||W_h||^2. The gradient of the summed
-            # loss is written out, (softmax - onehot) * s_y / n, which is exactly each head's own
+            # Loss_h = (B/N) sum_rows s_y * CE_h + (wd_h / 2) ||W_h||^2. The gradient of the summed
+            # loss is written out, (softmax - onehot) * s_y * B/N, which is exactly each head's own
             # gradient and skips autograd overhead; the two matmuls serve all heads at once.
             _, e, s, nll = _forward(W, xb, yb)
-            row_w = torch.full((n,), 1.0 / n, device=dev) if sample_w is None else sample_w[yb] / n
-            data_loss += nll @ row_w * (n / N * len(batch_starts) / steps_per_epoch)
+            # every row weighs B / N (B minibatches a pass), also in a short last minibatch: a step's
+            # gradient is then an unbiased estimate of the objective's whatever its minibatch (1 / n
+            # weighed the rows of a short last minibatch up to N / B / n times the others)
+            row_w = torch.full((n,), row_scale, device=dev) if sample_w is None else sample_w[yb] * row_scale
+            data_loss += nll @ row_w / steps_per_epoch
             G = e.div_(s).sub_(onehot[:, i : i + n]).mul_(row_w)  # (softmax - onehot) * row weight
             grad = (G.view(H * C, n) @ xb).view(H, C, D1).addcmul_(wd_hw, W)
 
