@@ -238,14 +238,15 @@ def _evaluate(X, y, W):
 
 def _acc_f1(conf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy and macro F1 per head, as `classification_metrics` counts them: F1 averaged over the
-    classes that are true or predicted (of that head)."""
+    classes the split has (the same for every head)."""
     conf = conf.double()
     tp = conf.diagonal(dim1=1, dim2=2)
-    denom = conf.sum(1) + conf.sum(2)  # 2TP + FP + FN
-    seen = denom > 0
-    f1 = torch.where(seen, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    true_n = conf.sum(2)
+    denom = true_n + conf.sum(1)  # 2TP + FP + FN
+    present = true_n > 0
+    f1 = torch.where(present, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
     acc = tp.sum(1) / conf.sum((1, 2))
-    return acc.cpu().numpy(), (f1.sum(1) / seen.sum(1)).cpu().numpy()
+    return acc.cpu().numpy(), (f1.sum(1) / present.sum(1)).cpu().numpy()
 
 
 def train_probe(

@@ -1,7 +1,7 @@
 """Classification metrics under the contract names (``<prefix>_acc``, ``<prefix>_macro_f1``, ...).
 
-Counted here with numpy, equal to scikit-learn's `accuracy_score`, `f1_score(average="macro")` and
-`balanced_accuracy_score` (tests/test_probing.py checks that on random and edge
+Counted here with numpy, equal to scikit-learn's `accuracy_score`, `f1_score(labels=np.unique(y_true),
+average="macro")` and `balanced_accuracy_score` (tests/test_probing.py checks that on random and edge
 cases). Importing `sklearn.metrics` pulls in scipy.stats and pandas: ~2.5 s of CPU in every probe
 trial worker on a 2-core machine, for three counts over a confusion matrix.
 """
@@ -20,12 +20,14 @@ def _counts(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def classification_metrics(y_true, y_pred, prefix: str, balanced: bool = False) -> dict[str, float]:
     """Accuracy and macro F1 (plus balanced accuracy when ``balanced``) as ``{prefix}_<name>``.
 
-    Macro F1 averages over the classes present in ``y_true`` or predicted (scikit-learn's default label
-    set): a split that lacks some training classes (an OOD set of a few of them, a long tail's test split)
-    is scored on its own classes, and predicting a class it does not have costs that class's F1 = 0.
-    (Averaging over every training class, as sweep did before probe revision 2, gave a perfect prediction
-    on 2 of 6 classes 0.33.) Balanced accuracy is the recall averaged over the classes present in
-    ``y_true``. An empty split gives NaN (e.g. an OOD set with no matching class) instead of failing.
+    Macro F1 averages over the classes present in ``y_true``: the split's own classes, the same label set
+    whichever head predicts (scikit-learn's ``f1_score(labels=np.unique(y_true), average="macro")``). A
+    prediction of a class the split does not have is an error that lowers the recall of the image's true
+    class. (Averaging over every training class, as sweep did before probe revision 2, scored a perfect
+    prediction on 2 of 6 classes 0.33; over the classes true or predicted, one stray prediction of an
+    absent class added a 0 to one head's average and not to another's.) Balanced accuracy is the recall
+    averaged over the same classes. An empty split gives NaN (e.g. an OOD set with no matching class)
+    instead of failing.
     """
     y_true = np.asarray(y_true).ravel()
     y_pred = np.asarray(y_pred).ravel()
@@ -34,12 +36,11 @@ def classification_metrics(y_true, y_pred, prefix: str, balanced: bool = False) 
     names = ["acc", "macro_f1"] + (["balanced_acc"] if balanced else [])
     if y_true.size == 0:
         return {f"{prefix}_{n}": float("nan") for n in names}
-    labels = np.union1d(y_true, y_pred)
+    labels = np.unique(y_true)
     hit = y_true == y_pred
     true_n, pred_n, tp = _counts(y_true, labels), _counts(y_pred, labels), _counts(y_true[hit], labels)
-    f1 = 2.0 * tp / (true_n + pred_n)  # 2 TP / (2 TP + FP + FN); every label here is true or predicted
+    f1 = 2.0 * tp / (true_n + pred_n)  # 2 TP / (2 TP + FP + FN); every label here has true images
     out = {f"{prefix}_acc": float(hit.mean()), f"{prefix}_macro_f1": float(f1.mean())}
     if balanced:
-        present, true_n = np.unique(y_true, return_counts=True)
-        out[f"{prefix}_balanced_acc"] = float((_counts(y_true[hit], present) / true_n).mean())
+        out[f"{prefix}_balanced_acc"] = float((tp / true_n).mean())
     return out

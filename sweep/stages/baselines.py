@@ -109,8 +109,8 @@ def write_final(out: str | Path, state: dict, meta: dict) -> None:
 
 
 def confusion_metrics(conf, prefix: str) -> dict[str, float]:
-    """`<prefix>_acc`, `_macro_f1` (over the classes true or predicted, as `sweep.probing.metrics`) and
-    `_balanced_acc` (mean recall over the classes present) from a confusion matrix (true x predicted)."""
+    """`<prefix>_acc`, `_macro_f1` and `_balanced_acc` (F1 and recall averaged over the classes present, as
+    `sweep.probing.metrics`) from a confusion matrix (true x predicted)."""
     conf = np.asarray(conf, dtype=np.float64)
     n = conf.sum()
     if n == 0:
@@ -119,9 +119,9 @@ def confusion_metrics(conf, prefix: str) -> dict[str, float]:
     tp = np.diag(conf)
     rows, cols = conf.sum(1), conf.sum(0)
     denom = rows + cols
-    seen = denom > 0
     present = rows > 0
-    return {f"{prefix}_acc": float(tp.sum() / n), f"{prefix}_macro_f1": float((2 * tp[seen] / denom[seen]).mean()),
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {f"{prefix}_acc": float(tp.sum() / n), f"{prefix}_macro_f1": float(f1[present].mean()),
             f"{prefix}_balanced_acc": float((tp[present] / rows[present]).mean())}
 
 
