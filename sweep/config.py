@@ -396,9 +396,9 @@ NOT_RESULTS = {
 # revision are kept apart from today's, as results of other settings are. 1: sweep 0.1.0 until 2026-11-24.
 # 2: with fewer training rows than dimensions, the directions they cannot span are left out of the heads
 # (kept, their rounding noise, scaled up, made heads near chance on such columns), and an epoch
-# is at least 10 steps (small training sets were one step a pass); macro F1 averages over the classes a
-# split has or the head predicts (not every training class); k-means runs on the main dataset's images
-# of every split (not the test split alone).
+# is at least 10 steps (small training sets were one step a pass); every training row weighs the same (a
+# short last minibatch's rows weighed more); macro F1 averages over the classes a split has (not every
+# training class); k-means runs on the main dataset's images of every split (not the test split alone).
 PROBE_REVISION = 2
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 from sweep.config import ConfigError, load_config
 from sweep.data import build_table, preprocess
 from sweep.data.preprocess import decode_rows
-from sweep.data.table import stratified_split, unbalanced_classes, unbalanced_warning
+from sweep.data.table import (stratified_split, unbalanced_classes, unbalanced_warning, unscored_classes,
+                              unscored_warning)
 from tests.conftest import DEMO_IMAGES
 
 
@@ -217,3 +218,19 @@ def test_fashion_mnist_idx_source(tmp_path, write_pipeline):
     images, errors = decode_rows([row["path"]], [row["index"]], 28, 1)
     raw = np.frombuffer(gzip.open(tmp_path / "train-images-idx3-ubyte.gz").read()[16:], np.uint8).reshape(40, 28, 28)
     np.testing.assert_allclose(images[0, 0], raw[5] / 127.5 - 1, atol=1e-6)
+
+
+def test_classes_too_small_for_a_val_or_test_image_are_named(write_pipeline):
+    """At 3 % val and test a class needs 17 images for one of each (round(n * 0.03) >= 1): the smaller demo
+    classes are trained on but have none; validate and extract name them."""
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "demo", "splits": {"val": 0.03, "test": 0.03}}}))
+    table = build_table(cfg)
+    counts = {c: len(list((DEMO_IMAGES / c).glob("*.jpg"))) for c in table.classes}
+    small = {c: n for c, n in counts.items() if round(n * 0.03) == 0}
+    assert small and len(small) < len(counts)
+    assert unscored_classes(cfg, table) == {"val": small, "test": small}
+    warning = unscored_warning(cfg, table)
+    assert warning.startswith("data.train: no val image for ") and "; no test image for " in warning
+    assert all(f"{c} ({n} images)" in warning for c, n in small.items())
+    assert unscored_warning(load_config(write_pipeline()), build_table(load_config(write_pipeline()))) is None

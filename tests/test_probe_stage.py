@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 
 from sweep import cli, tracking
 from sweep.best import best, records
-from sweep.config import AshaConfig, PipelineConfig
+from sweep.config import PROBE_REVISION, AshaConfig, PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.probing import ProbeConfig, Split, kmeans_scores, train_probe
 from sweep.stages import extract, probe, report
@@ -289,6 +289,9 @@ def test_report_says_how_many_images_each_split_holds(swept):
         assert (r.images, r.classes, r.largest_class, r.smallest_class) == (sum(sizes), len(sizes), max(sizes),
                                                                             min(sizes))
     assert table["images"].sum() == len(meta) == 105
+    # the probe settings the figures come from
+    assert (f"Probe (revision {PROBE_REVISION}): lrs {swept.probe.lrs}, weight decays {swept.probe.weight_decays}, "
+            f"{swept.probe.epochs} epochs") in md
     data = md.split("## Data")[1].split("```")[1].strip().splitlines()
     assert data[0].split() == list(table.columns) and len(data) == 4
     # one encoder: its best column on val, with the test accuracy's interval over the test images

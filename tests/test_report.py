@@ -98,3 +98,11 @@ def test_data_summary_counts_what_each_split_left_out(tmp_path, write_pipeline):
         assert row["unknown_class"] == (4 if dataset == "shifted" else 0), (dataset, split)
     assert list(got.index) == [("plankton", "train"), ("plankton", "val"), ("plankton", "test"), ("shifted", "ood")]
     assert got.loc[("shifted", "ood"), "images"] == 4  # 3 Tripos + 2 Ciliophora, one of them unreadable
+    # the training classes a split lacks (of the images the store holds): the other four in the OOD set
+    stored = frame.drop(index=bad)
+    for (dataset, split), row in got.iterrows():
+        held = set(stored.loc[(stored["domain"] == dataset) & (stored["split"] == split), "label"])
+        assert row["classes_missing"] == (", ".join(c for i, c in enumerate(table.classes) if i not in held)
+                                          or "-"), (dataset, split)
+    assert got.loc[("shifted", "ood"), "classes_missing"] == ", ".join(
+        c for c in table.classes if c not in ("Tripos", "Ciliophora"))

@@ -160,6 +160,31 @@ def unbalanced_warning(config: PipelineConfig, table: ImageTable) -> str | None:
             f"data.train.per_class to {min(short.values())} for equal classes)")
 
 
+def unscored_classes(config: PipelineConfig, table: ImageTable) -> dict[str, dict[str, int]]:
+    """Training classes with no image in the main dataset's val or test split (too few images for the split
+    fractions): split -> {class: images it has in all}. Such a class is not scored there (macro F1 and
+    balanced accuracy average over the classes a split has)."""
+    main = table.frame[table.frame["domain"] == config.data.train.name]
+    totals = main["label"].value_counts()
+    out = {}
+    for split in ("val", "test"):
+        present = set(main.loc[main["split"] == split, "label"])
+        if (main["split"] == split).any() and len(present) < len(table.classes):
+            out[split] = {table.classes[c]: int(totals.get(c, 0)) for c in range(len(table.classes))
+                          if c not in present}
+    return out
+
+
+def unscored_warning(config: PipelineConfig, table: ImageTable) -> str | None:
+    parts = [f"no {split} image for {', '.join(f'{c} ({n} images)' for c, n in list(missing.items())[:5])}"
+             f"{', ...' if len(missing) > 5 else ''}" for split, missing in unscored_classes(config, table).items()]
+    if not parts:
+        return None
+    return (f"data.train: {'; '.join(parts)}: such classes are trained on but not scored there (macro F1 and "
+            f"balanced accuracy average over the classes a split has); more images or larger "
+            f"data.train.splits fractions give them some")
+
+
 def build_table(config: PipelineConfig) -> ImageTable:
     """Scan every dataset of the pipeline, split the main one, match OOD labels to training classes."""
     spec = config.data.train

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from sweep.config import EncoderSpec, PipelineConfig
-from sweep.data.table import ImageTable, build_table, unbalanced_warning
+from sweep.data.table import ImageTable, build_table, unbalanced_warning, unscored_warning
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint, to_table
 from sweep.stages.common import Progress, Timer, init_ray, quiet_dataset, quiet_ray_data, say
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, fetch_dir
@@ -363,8 +363,9 @@ def run(config: PipelineConfig) -> dict[str, dict]:
 
     table = build_table(config)
     say(f"data: {table.summary()}")
-    if unbalanced := unbalanced_warning(config, table):
-        say(f"warning: {unbalanced}")
+    for warning in (unbalanced_warning(config, table), unscored_warning(config, table)):
+        if warning:
+            say(f"warning: {warning}")
     run_id = tracking.start_stage_run(config, "extract")
     results = {}
     try:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from sweep import tracking
 from sweep.best import best, format_references, format_table, references
-from sweep.config import PipelineConfig
+from sweep.config import PROBE_REVISION, PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.probing.kmeans import MAX_ROWS as KMEANS_MAX_ROWS
 from sweep.stages.common import say
@@ -69,6 +69,14 @@ def accuracy_interval(accuracy: float, n: int, confidence: float = 0.95) -> tupl
     return float(ci.low), float(ci.high)
 
 
+def probe_settings(config: PipelineConfig) -> str:
+    """The probe settings that shape the numbers, in a line: which runs a report's figures come from."""
+    p = config.probe
+    return (f"lrs {p.lrs}, weight decays {p.weight_decays}, {p.epochs} epochs, batch {p.batch_size}, class "
+            f"weights {p.class_weights}, patience {p.patience}, ASHA {'on' if p.asha else 'off'}, k-means "
+            f"{'on' if p.kmeans else 'off'}")
+
+
 def data_summary(config: PipelineConfig, table=None) -> pd.DataFrame | None:
     """Images per dataset and split as the probes saw them (the feature store's rows), with how many classes
     each holds and its largest and smallest class: what every number of the report is measured on; and the
@@ -97,8 +105,11 @@ def data_summary(config: PipelineConfig, table=None) -> pd.DataFrame | None:
     rows = []
     for (domain, split), group in meta.groupby(["domain", "split"]):
         per_class = group["label"].value_counts()
+        missing = [c for i, c in enumerate(table.classes) if i not in per_class.index]
         rows.append({"dataset": domain, "split": split, "images": len(group), "classes": len(per_class),
                      "largest_class": int(per_class.max()), "smallest_class": int(per_class.min()),
+                     "classes_missing": ", ".join(missing[:5]) + (f" (+{len(missing) - 5})" if len(missing) > 5
+                                                                  else "") if missing else "-",
                      "unreadable": int(unreadable.get((domain, split), 0)),
                      "unknown_class": int(unknown.get((domain, split), 0))})
 
@@ -149,15 +160,20 @@ def run(config: PipelineConfig) -> str:
     lines = [f"# {config.name}: probe report", "",
              f"Config hash `{config.config_hash()}`; {len(frame)} probe runs; best chosen on "
              f"`{config.probe.select}` (validation), `{metric}` shown.", "",
+             f"Probe (revision {PROBE_REVISION}): {probe_settings(config)}. This folder holds the report of the "
+             f"settings last reported; another setting's runs stay in MLflow (`sweep report` with its `--set`).",
+             "",
              "## Best configurations", "", "```", format_table(recs[:10], config.probe.select), "```", ""]
     images = data_summary(config)
     if images is not None:
         images.to_csv(out / "data.csv", index=False)
         lines += ["## Data", "",
                   "Images each split holds in the feature store (what the probes were trained, chosen and scored "
-                  "on), with the number of classes and the sizes of the largest and smallest class; and the images "
-                  "of that split left out of them: unreadable (listed in each feature manifest's `rejected`), or of "
-                  "a class the train split does not have (`unknown_class`).", "", "```",
+                  "on), with the number of classes, the sizes of the largest and smallest class and the training "
+                  "classes it lacks (not scored there: macro F1 and balanced accuracy average over the classes a "
+                  "split has); and the images of that split left out: unreadable (listed in each feature "
+                  "manifest's `rejected`), or of a class the train split does not have (`unknown_class`; OOD "
+                  "accuracy is over the OOD images of training classes).", "", "```",
                   images.to_string(index=False), "```", ""]
     compared = encoder_comparison(frame, config.probe.select, images, config.data.train.name)
     several = frame["encoder"].nunique() > 1
