@@ -289,6 +289,15 @@ def test_report_says_how_many_images_each_split_holds(swept):
         assert (r.images, r.classes, r.largest_class, r.smallest_class) == (sum(sizes), len(sizes), max(sizes),
                                                                             min(sizes))
     assert table["images"].sum() == len(meta) == 105
+    # per class, for the best column: its counts add up to the logged test accuracy and macro F1
+    per_class = pd.read_csv(Path(swept.storage_root, "report", "per_class.csv"))
+    top = best(swept, metric=swept.probe.select, top=1)[0]
+    rows = per_class[(per_class["column"] == top["column"]) & (per_class["split"] == "test")]
+    test_row = table[table["split"] == "test"].iloc[0]
+    assert rows["images"].sum() == test_row["images"] and len(rows) == test_row["classes"]
+    assert (rows["recall"] * rows["images"]).sum() / rows["images"].sum() == pytest.approx(top["test_acc"])
+    assert rows["f1"].mean() == pytest.approx(top["test_macro_f1"])
+    assert "## Per class" in md and "the refit's test accuracy" not in md
     # the probe settings the figures come from
     assert (f"Probe (revision {PROBE_REVISION}): lrs {swept.probe.lrs}, weight decays {swept.probe.weight_decays}, "
             f"{swept.probe.epochs} epochs") in md
@@ -560,6 +569,8 @@ def test_asha_stops_weak_columns_and_records_each_as_of_its_stop(swept, tmp_path
     assert probe.run(config)["ran"] == 0  # stopped trials count as done
     md = Path(report.run(config)).read_text()
     assert f"ASHA was on: {len(stopped)} of {N_TRIALS} columns ran fewer than {epochs} epochs" in md
+    # the per-class table refits the best column as far as its trial ran, and matches its record
+    assert "## Per class" in md and "the refit's test accuracy" not in md
 
 
 @pytest.mark.ray

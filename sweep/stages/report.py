@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sweep import tracking
@@ -119,6 +120,52 @@ def data_summary(config: PipelineConfig, table=None) -> pd.DataFrame | None:
     return pd.DataFrame(sorted(rows, key=order))
 
 
+def per_class_results(config: PipelineConfig, best_rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Per class, for each encoder's best column (`best_rows`: one `sweep best` record per encoder): the
+    test split's and each OOD dataset's images, recall, precision and F1 of the chosen head, beside the
+    class's training images (the long tail's view that the averages hide). The head is fitted again here
+    from the same features, settings and seed (a probe trial keeps no weights; stopped where the trial
+    stopped, for ASHA); notes say where the refit's test accuracy differs from the logged run's."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from sweep.stages.probe import compute_threads, probe_column_epochs, read_probe_data
+
+    storage = Storage.of(config.storage_root)
+    probe = {**config.probe.model_dump(mode="json"), "kmeans": False}
+    threads, datasets = max(1, int(config.probe.cpus_per_trial)), config.dataset_names()
+    rows, notes = [], []
+    for r in best_rows.to_dict("records"):
+        store_uri = storage.features(r["encoder"])
+        classes = FeatureStore(store_uri).manifest()["classes"]
+        stop = r.get("epochs_run")
+        for info, outcome in probe_column_epochs(store_uri, r["column"], len(classes), probe, config.seed, threads,
+                                                 datasets=datasets, keep_head=True):
+            if info["final"] or (stop and info["epoch"] >= stop):
+                refit = outcome()
+                break
+        logged, again = r.get("test_acc"), refit["metrics"].get("test_acc")
+        if logged is not None and again is not None and abs(logged - again) > 1e-9:
+            notes.append(f"{r['encoder']} {r['column']}: the refit's test accuracy is {again:.4f}, the logged "
+                         f"run's {logged:.4f} (other thread count or device); the table is the refit's")
+        head = refit["head"]
+        with compute_threads(threads):
+            X, y, split, domain = read_probe_data(store_uri, r["column"], datasets)
+        train_images = np.bincount(y[split == "train"], minlength=len(classes))
+        parts = [(config.data.train.name, "test", split == "test")]
+        parts += [(d, "ood", (split == "ood") & (domain == d)) for d in datasets[1:]]
+        for dataset, part, mask in parts:
+            if not mask.any():
+                continue
+            truth = y[mask]
+            precision, recall, f1, support = precision_recall_fscore_support(
+                truth, head.predict(X[mask]), labels=list(range(len(classes))), zero_division=0)
+            for c in np.flatnonzero(support):  # the classes this split has
+                rows.append({"encoder": r["encoder"], "column": r["column"], "dataset": dataset, "split": part,
+                             "class": classes[c], "train_images": int(train_images[c]), "images": int(support[c]),
+                             "recall": float(recall[c]), "precision": float(precision[c]), "f1": float(f1[c])})
+    return pd.DataFrame(rows), notes
+
+
 def encoder_comparison(frame: pd.DataFrame, select: str, images: pd.DataFrame | None = None,
                        main: str | None = None) -> pd.DataFrame:
     """One row per encoder: its best column on validation (`select`), with that column's test, OOD and k-means
@@ -192,6 +239,17 @@ def run(config: PipelineConfig) -> str:
         lines[4:4] = [f"ASHA was on: {short} of {len(frame)} columns ran fewer than {config.probe.epochs} epochs "
                       "(stopped at a rung, or by `patience`); their cells are results of fewer epochs, marked with "
                       "them in the heat maps (`epochs_run` in probe_runs.csv).", ""]
+    per_class, notes = per_class_results(config, frame.groupby("encoder", sort=False).head(1))
+    if not per_class.empty:
+        per_class.to_csv(out / "per_class.csv", index=False)
+        shown = per_class.sort_values(["encoder", "dataset", "train_images"], ascending=[True, True, False],
+                                      kind="stable")
+        lines += ["## Per class", "",
+                  "Each encoder's best column again, class by class on test (and each OOD dataset), the classes "
+                  "with most training images first: what the averages above hide on a long tail (`per_class.csv`)."
+                  " A class with few images moves its recall in big steps.", "", "```",
+                  shown.drop(columns=["precision"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+                  "```", "", *[f"- {n}" for n in notes], *([""] if notes else [])]
     refs = references(config)
     if refs:
         frame_refs = pd.DataFrame(refs)
