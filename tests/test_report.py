@@ -1,4 +1,5 @@
-"""The report's statistics that need no Ray: accuracy intervals, the encoder comparison built on them, and the\nData section's counts."""
+"""The report's statistics that need no Ray: accuracy intervals, the encoder comparison built on them, and the
+Data section's counts."""
 
 from __future__ import annotations
 

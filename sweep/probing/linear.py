@@ -18,7 +18,8 @@ minimiser when::
     C = 1 / (wd * N_train)        (wd = 0  <->  C = inf, no penalty)
 
 on features standardised with the training mean/std. Minibatches estimate the first term without
-bias and the penalty is added at every step, so Adam optimises exactly this objective. Each head keeps
+bias (every row weighs B / N, B minibatches a pass, a short last one included) and the penalty is added
+at every step, so Adam optimises exactly this objective. Each head keeps
 its lr constant and its result is the AVERAGE of its iterates over the second half of the steps
 (Polyak-Ruppert tail averaging): the average sits at the optimum while the last iterate hovers in the
 minibatch noise. Measured on 12 Fashion-MNIST feature columns against scikit-learn with C chosen on the
@@ -32,9 +33,9 @@ Conditioning: the heads do not train on the standardised features x themselves b
 z = R^T x with R = Q diag(s) from the eigendecomposition Q diag(lam) Q^T of their training covariance and
 s = 1 / sqrt(lam) (tiny eigenvalues floored), over the directions the training rows can span (with fewer
 rows than dimensions the rest are left out, see `_whitening`: a penalised head's optimum has no weight
-there, as the gradient is zero). A head's parameters V act as W = V R^T, and its penalty is written in those terms,
-(wd / 2) ||V R^T||^2 = (wd / 2) sum_i s_i^2 ||V_:,i||^2 (Q is orthogonal), so the objective, and so its
-minimiser, are the ones above; only the optimiser's coordinates change.
+there, as the gradient is zero). A head's parameters V act as W = V R^T, and its penalty is written in
+those terms, (wd / 2) ||V R^T||^2 = (wd / 2) sum_i s_i^2 ||V_:,i||^2 (Q is orthogonal), so the objective,
+and so its minimiser, are the ones above; only the optimiser's coordinates change.
 Feature blocks of a network are strongly correlated; Adam's per-coordinate scaling cannot undo a
 correlation, and on such columns 30 epochs on the raw standardised features stopped 0.01-0.06 nats
 above scikit-learn's optimum (1-3 test points lower), while in whitened coordinates 10 epochs reach it.
@@ -44,9 +45,11 @@ of the features' spread, and useful lrs are around 0.1-1 (the default grid is 0.
 with lr 1e-3 moves each weight by at most ~1e-3 per step and is still far from its optimum after tens
 of epochs.
 
-What is kept: each head's averaged weights after the last epoch (the minimiser above), so a head is the
-regularised logistic regression of its weight decay and only the choice of head (hence of weight decay)
-is made on validation, as when scikit-learn's C is chosen on a validation split. With early stopping
+What is kept: each head's averaged weights after the last epoch (near the minimiser above: within
+about 1e-3 nats at weight decay 1e-2, up to ~1e-2 at small weight decays, whose optima lie far out and
+are reached slowly), so a head is close to the regularised logistic regression of its weight decay and
+the choice of head (mostly of weight decay; of lr only as far as the heads have not converged) is made on
+validation, as when scikit-learn's C is chosen on a validation split. With early stopping
 (``patience``) each head instead keeps the weights of the first epoch that reaches its best validation
 metric, and training stops when no head has improved it for ``patience`` epochs. (Keeping every
 head's best epoch, as DINOv2 does, picks the maximum of heads x epochs noisy validation scores: on

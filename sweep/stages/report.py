@@ -233,7 +233,8 @@ def run(config: PipelineConfig) -> str:
               f"(`{config.probe.select}`) and that column's test and OOD numbers. `_95ci`: the 95 % Wilson interval "
               f"of the accuracy before it over that split's images"
               f"{'; a difference between encoders well inside it is not resolved by this test set' if several else ''}"
-              f".{kmeans_note if 'kmeans_nmi' in compared else ''}", "", "```", compared.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "```", ""]
+              f".{kmeans_note if 'kmeans_nmi' in compared else ''}", "",
+              "```", compared.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "```", ""]
     if config.probe.asha is not None and "epochs_run" in frame:
         short = int((frame["epochs_run"] < config.probe.epochs).sum())
         lines[4:4] = [f"ASHA was on: {short} of {len(frame)} columns ran fewer than {config.probe.epochs} epochs "
