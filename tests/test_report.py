@@ -13,7 +13,7 @@ from conftest import DEMO_IMAGES
 from sweep.config import load_config
 from sweep.data.table import build_table
 from sweep.features.store import FeatureStore, to_table
-from sweep.stages.report import accuracy_interval, data_summary, encoder_comparison
+from sweep.stages.report import accuracy_interval, data_summary, encoder_comparison, head_and_tail
 from sweep.storage import Storage
 
 
@@ -107,3 +107,11 @@ def test_data_summary_counts_what_each_split_left_out(tmp_path, write_pipeline):
                                           or "-"), (dataset, split)
     assert got.loc[("shifted", "ood"), "classes_missing"] == ", ".join(
         c for c in table.classes if c not in ("Tripos", "Ciliophora"))
+
+
+def test_per_class_tables_show_the_head_and_tail_of_many_classes():
+    rows = [{"encoder": "e", "dataset": "d", "class": f"c{i}", "train_images": (i * 7) % 40} for i in range(40)]
+    rows += [{"encoder": "a", "dataset": "d", "class": f"k{i}", "train_images": i} for i in range(5)]
+    shown = head_and_tail(pd.DataFrame(rows), shown=3)
+    assert list(shown["encoder"]) == ["a"] * 5 + ["e"] * 6  # a few classes: all of them
+    assert list(shown["train_images"]) == [4, 3, 2, 1, 0, 39, 38, 37, 2, 1, 0]

@@ -70,6 +70,19 @@ def accuracy_interval(accuracy: float, n: int, confidence: float = 0.95) -> tupl
     return float(ci.low), float(ci.high)
 
 
+PER_CLASS_SHOWN = 15  # classes shown per end of each per-class table in report.md (all in per_class.csv)
+
+
+def head_and_tail(per_class: pd.DataFrame, shown: int = PER_CLASS_SHOWN) -> pd.DataFrame:
+    """`per_class_results` as report.md shows it: per (encoder, dataset) the classes by training images,
+    most first; of more than 2 x `shown` classes only the `shown` largest and smallest (the CSV has all)."""
+    ordered = per_class.sort_values(["encoder", "dataset", "train_images"], ascending=[True, True, False],
+                                    kind="stable")
+    groups = ordered.groupby(["encoder", "dataset"], sort=False)
+    rank, size = groups.cumcount(), groups["class"].transform("size")
+    return ordered[(size <= 2 * shown) | (rank < shown) | (rank >= size - shown)]
+
+
 def probe_settings(config: PipelineConfig) -> str:
     """The probe settings that shape the numbers, in a line: which runs a report's figures come from."""
     p = config.probe
@@ -243,12 +256,12 @@ def run(config: PipelineConfig) -> str:
     per_class, notes = per_class_results(config, frame.groupby("encoder", sort=False).head(1))
     if not per_class.empty:
         per_class.to_csv(out / "per_class.csv", index=False)
-        shown = per_class.sort_values(["encoder", "dataset", "train_images"], ascending=[True, True, False],
-                                      kind="stable")
+        shown = head_and_tail(per_class)
         lines += ["## Per class", "",
                   "Each encoder's best column again, class by class on test (and each OOD dataset), the classes "
-                  "with most training images first: what the averages above hide on a long tail (`per_class.csv`)."
-                  " A class with few images moves its recall in big steps.", "", "```",
+                  "with most training images first: what the averages above hide on a long tail (`per_class.csv`;"
+                  f" with more than {2 * PER_CLASS_SHOWN} classes the {PER_CLASS_SHOWN} largest and smallest are "
+                  "shown here). A class with few images moves its recall in big steps.", "", "```",
                   shown.drop(columns=["precision"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"),
                   "```", "", *[f"- {n}" for n in notes], *([""] if notes else [])]
     refs = references(config)
