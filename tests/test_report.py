@@ -110,8 +110,11 @@ def test_data_summary_counts_what_each_split_left_out(tmp_path, write_pipeline):
 
 
 def test_per_class_tables_show_the_head_and_tail_of_many_classes():
-    rows = [{"encoder": "e", "dataset": "d", "class": f"c{i}", "train_images": (i * 7) % 40} for i in range(40)]
-    rows += [{"encoder": "a", "dataset": "d", "class": f"k{i}", "train_images": i} for i in range(5)]
+    rows = [{"encoder": "e", "dataset": "d", "split": "test", "class": f"c{i}", "train_images": (i * 7) % 40}
+            for i in range(40)]
+    rows += [{"encoder": "a", "dataset": name, "split": split, "class": f"k{i}", "train_images": i}
+             for name, split in (("blur", "ood"), ("d", "test")) for i in range(5)]
     shown = head_and_tail(pd.DataFrame(rows), shown=3)
-    assert list(shown["encoder"]) == ["a"] * 5 + ["e"] * 6  # a few classes: all of them
-    assert list(shown["train_images"]) == [4, 3, 2, 1, 0, 39, 38, 37, 2, 1, 0]
+    # per encoder its test split first, then OOD; a few classes: all of them
+    assert list(zip(shown["encoder"], shown["dataset"])) == [("a", "d")] * 5 + [("a", "blur")] * 5 + [("e", "d")] * 6
+    assert list(shown["train_images"]) == [4, 3, 2, 1, 0] * 2 + [39, 38, 37, 2, 1, 0]

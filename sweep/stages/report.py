@@ -74,10 +74,10 @@ PER_CLASS_SHOWN = 15  # classes shown per end of each per-class table in report.
 
 
 def head_and_tail(per_class: pd.DataFrame, shown: int = PER_CLASS_SHOWN) -> pd.DataFrame:
-    """`per_class_results` as report.md shows it: per (encoder, dataset) the classes by training images,
-    most first; of more than 2 x `shown` classes only the `shown` largest and smallest (the CSV has all)."""
-    ordered = per_class.sort_values(["encoder", "dataset", "train_images"], ascending=[True, True, False],
-                                    kind="stable")
+    """`per_class_results` as report.md shows it: per encoder its test split, then each OOD dataset, the
+    classes by training images, most first; of more than 2 x `shown` classes only the `shown` largest and smallest (the CSV has all)."""
+    ordered = per_class.sort_values(["encoder", "split", "dataset", "train_images"],  # test before ood
+                                    ascending=[True, False, True, False], kind="stable")
     groups = ordered.groupby(["encoder", "dataset"], sort=False)
     rank, size = groups.cumcount(), groups["class"].transform("size")
     return ordered[(size <= 2 * shown) | (rank < shown) | (rank >= size - shown)]
@@ -159,7 +159,8 @@ def per_class_results(config: PipelineConfig, best_rows: pd.DataFrame) -> tuple[
         logged, again = r.get("test_acc"), refit["metrics"].get("test_acc")
         if logged is not None and again is not None and abs(logged - again) > 1e-9:
             notes.append(f"{r['encoder']} {r['column']}: the refit's test accuracy is {again:.4f}, the logged "
-                         f"run's {logged:.4f} (other thread count or device); the table is the refit's")
+                         f"run's {logged:.4f} (another device or thread count, or runs of another sweep build); the table "
+                         f"is the refit's")
         head = refit["head"]
         with compute_threads(threads):
             X, y, split, domain = read_probe_data(store_uri, r["column"], datasets)
