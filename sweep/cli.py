@@ -153,7 +153,7 @@ def sample_images(config: PipelineConfig, table) -> tuple[int, list[tuple[str, s
 
 
 def cmd_validate(config: PipelineConfig) -> None:
-    from sweep.data.table import build_table, unbalanced_warning, unscored_warning
+    from sweep.data.table import build_table, data_warnings
     from sweep.encoders.checks import check_encoder_settings
     from sweep.tracking import TrackingServerUnreachable, check_server, check_tracking, configured_uri
 
@@ -163,9 +163,8 @@ def cmd_validate(config: PipelineConfig) -> None:
     sampled, unreadable = sample_images(config, table)
     print(f"{config.name}: valid (config hash {config.config_hash()})")
     print(f"  data: {table.summary()}")
-    for warning in (unbalanced_warning(config, table), unscored_warning(config, table)):
-        if warning:
-            print(f"  data: warning: {warning}")
+    for warning in data_warnings(config, table):
+        print(f"  data: warning: {warning}")
     print(f"  images: {len(unreadable)} of {sampled} sampled unreadable"
           + (f" (e.g. {unreadable[0][0]}: {unreadable[0][1]}); `sweep extract` skips and lists each one"
              if unreadable else " (the stages skip, count and list any they meet)"))

@@ -185,6 +185,12 @@ def unscored_warning(config: PipelineConfig, table: ImageTable) -> str | None:
             f"data.train.splits fractions give them some")
 
 
+def data_warnings(config: PipelineConfig, table: ImageTable) -> list[str]:
+    """What `validate` and `extract` warn about the image table: unequal classes under `regime: balanced`,
+    training classes with no val or test image."""
+    return [w for w in (unbalanced_warning(config, table), unscored_warning(config, table)) if w]
+
+
 def build_table(config: PipelineConfig) -> ImageTable:
     """Scan every dataset of the pipeline, split the main one, match OOD labels to training classes."""
     spec = config.data.train

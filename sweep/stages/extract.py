@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from sweep.config import EncoderSpec, PipelineConfig
-from sweep.data.table import ImageTable, build_table, unbalanced_warning, unscored_warning
+from sweep.data.table import ImageTable, build_table, data_warnings
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint, to_table
 from sweep.stages.common import Progress, Timer, init_ray, quiet_dataset, quiet_ray_data, say
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, fetch_dir
@@ -363,9 +363,8 @@ def run(config: PipelineConfig) -> dict[str, dict]:
 
     table = build_table(config)
     say(f"data: {table.summary()}")
-    for warning in (unbalanced_warning(config, table), unscored_warning(config, table)):
-        if warning:
-            say(f"warning: {warning}")
+    for warning in data_warnings(config, table):
+        say(f"warning: {warning}")
     run_id = tracking.start_stage_run(config, "extract")
     results = {}
     try:

@@ -158,7 +158,8 @@ def probe_column_epochs(store_uri: str, column: str, num_classes: int, probe: di
     """`probe_column` one epoch at a time (an ASHA trial, which the scheduler may stop between epochs):
     yields `(info, outcome)` after each epoch, `info` as `sweep.probing.probe_epochs` gives it and
     `outcome()` what `probe_column` returns had training ended there (call it before advancing); with
-    `keep_head`, the outcome also holds the chosen head (`head`: a `ProbeResult`, for the report)."""
+    `keep_head`, the outcome also holds the chosen head (`head`: a `ProbeResult`) and the column it was
+    fitted on (`data`: `read_probe_data`'s arrays), for the report."""
     from sweep.probing import ProbeConfig, Split, kmeans_scores, probe_epochs
 
     t0 = time.perf_counter()
@@ -191,7 +192,7 @@ def probe_column_epochs(store_uri: str, column: str, num_classes: int, probe: di
                 "metrics": metrics, "lr": result.lr, "weight_decay": result.weight_decay,
                 "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history,
                 "seconds": time.perf_counter() - t0, "final": info["final"],
-                **({"head": result} if keep_head else {}),
+                **({"head": result, "data": (features, labels, split, domain)} if keep_head else {}),
             }
 
         for info, result_now in probe_epochs(part(split == "train"), part(split == "val"), test, ood,

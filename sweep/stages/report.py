@@ -75,7 +75,8 @@ PER_CLASS_SHOWN = 15  # classes shown per end of each per-class table in report.
 
 def head_and_tail(per_class: pd.DataFrame, shown: int = PER_CLASS_SHOWN) -> pd.DataFrame:
     """`per_class_results` as report.md shows it: per encoder its test split, then each OOD dataset, the
-    classes by training images, most first; of more than 2 x `shown` classes only the `shown` largest and smallest (the CSV has all)."""
+    classes by training images, most first; of more than 2 x `shown` classes only the `shown` largest and
+    smallest (the CSV has all)."""
     ordered = per_class.sort_values(["encoder", "split", "dataset", "train_images"],  # test before ood
                                     ascending=[True, False, True, False], kind="stable")
     groups = ordered.groupby(["encoder", "dataset"], sort=False)
@@ -141,7 +142,7 @@ def per_class_results(config: PipelineConfig, best_rows: pd.DataFrame) -> tuple[
     stopped, for ASHA); notes say where the refit's test accuracy differs from the logged run's."""
     from sklearn.metrics import precision_recall_fscore_support
 
-    from sweep.stages.probe import compute_threads, probe_column_epochs, read_probe_data
+    from sweep.stages.probe import probe_column_epochs
 
     storage = Storage.of(config.storage_root)
     probe = {**config.probe.model_dump(mode="json"), "kmeans": False}
@@ -159,11 +160,9 @@ def per_class_results(config: PipelineConfig, best_rows: pd.DataFrame) -> tuple[
         logged, again = r.get("test_acc"), refit["metrics"].get("test_acc")
         if logged is not None and again is not None and abs(logged - again) > 1e-9:
             notes.append(f"{r['encoder']} {r['column']}: the refit's test accuracy is {again:.4f}, the logged "
-                         f"run's {logged:.4f} (another device or thread count, or runs of another sweep build); the table "
-                         f"is the refit's")
-        head = refit["head"]
-        with compute_threads(threads):
-            X, y, split, domain = read_probe_data(store_uri, r["column"], datasets)
+                         f"run's {logged:.4f} (another device or thread count, or runs of another sweep build); "
+                         f"the table is the refit's")
+        head, (X, y, split, domain) = refit["head"], refit["data"]
         train_images = np.bincount(y[split == "train"], minlength=len(classes))
         parts = [(config.data.train.name, "test", split == "test")]
         parts += [(d, "ood", (split == "ood") & (domain == d)) for d in datasets[1:]]
