@@ -329,9 +329,9 @@ def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tm
     enc = CNNEncoder(final, name="imagenet-r18")
     assert enc.kind == "pretrained" and enc.name == "imagenet-r18"
     assert [c.column for c in enc.columns] == list(DEFAULT_LAYERS)
-    assert [c.timestep for c in enc.columns] == [None] * 5
-    assert [c.dim for c in enc.columns] == [64, 128, 256, 512, 512]
-    assert [c.resolution for c in enc.columns] == [4, 2, 1, 1, 1]  # 16 px through the ImageNet stem
+    assert [c.timestep for c in enc.columns] == [None] * 4
+    assert [c.dim for c in enc.columns] == [64, 128, 256, 512]
+    assert [c.resolution for c in enc.columns] == [4, 2, 1, 1]  # 16 px through the ImageNet stem
 
     x = torch.rand(4, 1, 16, 16) * 2 - 1
     feats = enc.encode(x, [f"i{k}" for k in range(4)])
@@ -356,6 +356,9 @@ def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tm
     np.testing.assert_array_equal(f2["layer1"], feats["layer1"])
     with pytest.raises(ValueError, match="unknown layer"):
         CNNEncoder(final, layers=["layer5"])
+    # why `avgpool` is no default layer: its column is layer4's again
+    f3 = CNNEncoder(final, layers=["layer4", "avgpool"]).encode(x, ["a", "b", "c", "d"])
+    np.testing.assert_allclose(f3["avgpool"].astype(np.float32), f3["layer4"].astype(np.float32), rtol=1e-3, atol=1e-3)
 
     # MLflow: the stage's parent run (tag sweep.stage=baselines), the baseline's run its child
     mlflow.set_tracking_uri(tracking_uri(cfg))
@@ -396,9 +399,10 @@ def test_pretrained_any_architecture_from_a_factory(write_pipeline, tmp_path, mo
 
     enc = CNNEncoder(final)
     assert enc.model.fc.out_features == 7  # arch_args reach the constructor, at build and at load
-    layers = ["stem", "stage1", "stage2", "avgpool"]  # top-level children minus flatten and the classifier
-    assert [c.column for c in enc.columns] == layers and [c.dim for c in enc.columns] == [8, 12, 16, 16]
-    assert [c.resolution for c in enc.columns] == [8, 8, 4, 1]
+    # top-level children minus flatten, the classifier and the global pool (stage2's column again)
+    layers = ["stem", "stage1", "stage2"]
+    assert [c.column for c in enc.columns] == layers and [c.dim for c in enc.columns] == [8, 12, 16]
+    assert [c.resolution for c in enc.columns] == [8, 8, 4]
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     feats = enc.encode(x, ["a", "b", "c"])
     # independent computation: the source network on grey repeated to RGB, ImageNet-normalised
@@ -408,7 +412,7 @@ def test_pretrained_any_architecture_from_a_factory(write_pipeline, tmp_path, mo
         h0 = src.stem(((x.repeat(1, 3, 1, 1) + 1) / 2 - mean) / std)
         h1 = src.stage1(h0)
         h2 = src.stage2(h1)
-    for layer, h in zip(layers, (h0, h1, h2, h2.mean((2, 3), keepdim=True))):
+    for layer, h in zip(layers, (h0, h1, h2), strict=True):
         np.testing.assert_allclose(feats[layer].astype(np.float32), h.mean((2, 3)).numpy(), rtol=2e-3, atol=2e-3)
 
     # weights of another architecture are refused with the keys that differ

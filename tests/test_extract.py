@@ -196,6 +196,44 @@ def test_changed_settings_are_refused_with_what_to_do(extracted):
     assert _store(extracted).is_complete()  # untouched
 
 
+def test_a_store_with_more_columns_serves_those_asked_for(extracted, tmp_path, capsys):
+    """Fewer layers and timesteps than a store holds, the rest of the settings the same: nothing is
+    extracted and the probe plans exactly the columns asked for. Work left on such a store (a lost shard)
+    completes it with every column it was made with. A store of other settings is refused by the probe too,
+    not probed under settings it was not made with."""
+    config = extracted.model_copy(update={"storage": str(tmp_path / "store")})
+    shutil.copytree(Path(extracted.storage_root) / "features", tmp_path / "store" / "features")
+    store = _store(config)
+    narrow = config.model_copy(update={"extract": config.extract.model_copy(
+        update={"timesteps": [100], "layers": ["up_blocks.0", "mid_block"]})})
+    before = Path(store.manifest_uri).read_text()
+    capsys.readouterr()
+    assert _extract(narrow) == {"images": N_ALL, "rows": N_ALL, "rejected": 0}
+    err = capsys.readouterr().err
+    assert f"holds {len(BLOCKS) * len(TIMESTEPS)} feature columns" in err and "serves the 2 asked for" in err
+    assert "nothing to do" in err and Path(store.manifest_uri).read_text() == before
+
+    trials, columns, num_classes = plan_trials(narrow)
+    held = {c["column"]: c for c in store.columns()}
+    assert [t["column"] for t in trials] == ["mid_block@t100", "up_blocks.0@t100"]  # the store's order
+    assert [{k: v for k, v in columns[t["key"]].items() if k != "encoder"} for t in trials] == [
+        held["mid_block@t100"], held["up_blocks.0@t100"]]
+    assert len(plan_trials(config)[0]) == len(held) == len(BLOCKS) * len(TIMESTEPS)
+
+    # a lost shard: extracted again for every column of the store, bit for bit as before
+    (Path(config.storage_root) / "features" / "diffusion" / "plankton" / "part-00001.parquet").unlink()
+    capsys.readouterr()
+    assert _extract(narrow) == {"images": N_ALL, "rows": N_ALL, "rejected": 0}
+    assert f"{len(held)} feature columns, 40 of {N_ALL} images to encode" in capsys.readouterr().err
+    _assert_identical(_rows(config), _rows(extracted))
+
+    other = config.model_copy(update={"extract": config.extract.model_copy(update={"timesteps": [0, 50]})})
+    with pytest.raises(ProbeError, match=r"encoder 'diffusion': .*features/diffusion holds features extracted "
+                                         r"with other settings \(changed: timesteps: \[0, 100\] -> \[0, 50\]\); "
+                                         r"run `sweep extract`"):
+        plan_trials(other)
+
+
 def test_rerun_into_fresh_storage_interrupted_and_resumed_is_bit_identical(extracted, tmp_path, monkeypatch,
                                                                            capsys):
     """Extract again into a fresh storage; interrupt it after two shards; lose one of them (listed in the

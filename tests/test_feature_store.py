@@ -4,6 +4,7 @@ bookkeeping, refusal to mix settings, column reads."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -219,3 +220,20 @@ def test_an_old_store_of_other_images_is_refused(tmp_path):
     with pytest.raises(FeatureStoreError, match=r"changed: image table"):
         _open_datasets(tmp_path / "enc", {"main": "k2"}, {"main": 1},
                        legacy_key=lambda d: fingerprint({**BASE, "images": "all-k2"}))
+
+
+def test_a_store_serves_a_subset_of_its_columns_made_otherwise_alike(tmp_path):
+    store = _open_datasets(tmp_path / "enc", {"main": "k1"}, {"main": 1})
+    one = {**BASE, "layers": ["mid_block"], "columns": [COLUMNS[1]]}
+    assert store.served_columns(BASE) == COLUMNS
+    assert store.wider_settings(BASE) is None  # exactly these columns: nothing wider to say
+    assert store.wider_settings(one) == BASE and store.served_columns(one) == [COLUMNS[1]]
+    # the columns are compared whole: a column of the same name but another dim is not this store's
+    other_dim = {**one, "columns": [{**COLUMNS[1], "dim": 7}]}
+    for asked, changed in [(other_dim, "columns"), ({**one, "checkpoint_hash": "xyz"}, "checkpoint content"),
+                           ({**one, "seed": 1}, "seed: 0 -> 1"), ({**one, "precision": "bf16"}, "precision"),
+                           ({**BASE, "timesteps": [0, 5], "columns": COLUMNS + [{**COLUMNS[0], "column": "x"}]},
+                            "timesteps: [0] -> [0, 5]")]:
+        assert store.wider_settings(asked) is None
+        with pytest.raises(FeatureStoreError, match=f"other settings \\(changed: .*{re.escape(changed)}"):
+            store.served_columns(asked)

@@ -26,7 +26,9 @@ from sweep.encoders.resnet import build_resnet, load_resnet_weights, read_state_
 
 META_FILE = "baseline.json"
 WEIGHTS_FILE = "model.safetensors"
-DEFAULT_LAYERS = ("layer1", "layer2", "layer3", "layer4", "avgpool")
+# No `avgpool`: its output is the spatial mean of layer4, which layer4's (mean-pooled) column already holds
+# (a store made with it, before 2026-11-24, serves these columns: FeatureStore.served_columns).
+DEFAULT_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -76,7 +78,7 @@ def input_transform(meta: dict):
 class CNNEncoder(Encoder):
     """Features of a frozen baseline (a built-in ResNet, or a torchvision / timm / ``<module>:<callable>``
     model): one column per layer, ``timestep`` None. Layers: any ``named_modules()`` paths; by default
-    ``layer1``..``layer4`` and ``avgpool`` of a built-in ResNet, ``zoo.default_layers`` of any other model.
+    ``layer1``..``layer4`` of a built-in ResNet, ``zoo.default_layers`` of any other model.
     ``kind`` is the baseline's kind (supervised, simclr, pretrained)."""
 
     def __init__(

@@ -103,7 +103,9 @@ def default_layers(model: nn.Module) -> list[str]:
     """Layers probed when the baseline lists none: timm's own feature stages (``feature_info``), else the
     model's top-level children minus its classifier (fc/classifier/head, linear, dropout, flatten), with a
     torchvision-style ``features`` trunk (VGG, EfficientNet, MobileNet, ConvNeXt, DenseNet) split into its
-    stages ``features.0``, ``features.1``, ..."""
+    stages ``features.0``, ``features.1``, ... A global average pool (``avgpool``) is left out: its output
+    is the spatial mean of the layer before it, which that layer's column already holds (columns are
+    spatially mean-pooled)."""
     from torch import nn
 
     info = getattr(model, "feature_info", None)
@@ -120,6 +122,8 @@ def default_layers(model: nn.Module) -> list[str]:
     for n, m in model.named_children():
         if n in _CLASSIFIER_NAMES or isinstance(m, (nn.Linear, nn.Dropout, nn.Flatten, nn.Identity)):
             continue
+        if names and isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+            continue  # the previous layer's column, again
         if n == "features" and isinstance(m, nn.Sequential) and len(m) > 1:
             names += [f"features.{k}" for k, _ in m.named_children()]
         else:

@@ -22,8 +22,20 @@ MANIFEST = "_manifest.json"
 META_COLUMNS = ("image_id", "label", "split", "domain")
 
 
+# Settings a store may hold more of than a pipeline asks for: it then serves the columns asked for.
+SELECTABLE = ("layers", "timesteps", "columns")
+
+
 class FeatureStoreError(RuntimeError):
     pass
+
+
+def _column_key(column: dict) -> str:
+    return json.dumps(column, sort_keys=True)
+
+
+def _column_keys(columns: Iterable[dict]) -> set[str]:
+    return {_column_key(c) for c in columns}
 
 
 def feature_schema(columns: Iterable[dict]) -> pa.Schema:
@@ -153,11 +165,49 @@ class FeatureStore:
         existing.pop("summary", None)
         st.write_json(self.manifest_uri, existing)
 
+    def wider_settings(self, settings: dict) -> dict | None:
+        """The settings this store was made with, when it holds every column `settings` asks for and more,
+        and was otherwise made exactly so (checkpoint, preprocessing, seed, precision, shard size): it then
+        serves the columns asked for (a study narrowing its layers or timesteps, or an encoder's default
+        layers shrinking, needs no new extraction). None when it holds exactly these columns, or not all of
+        them, or was made differently."""
+        held = {k: v for k, v in ((self.manifest() or {}).get("settings") or {}).items() if k != "images"}
+        if not held or set(held) != set(settings):
+            return None
+        if any(held[k] != settings[k] for k in settings if k not in SELECTABLE):
+            return None
+        asked, have = _column_keys(settings["columns"]), _column_keys(held["columns"])
+        return held if asked < have else None
+
+    def served_columns(self, settings: dict) -> list[dict]:
+        """The store's columns that `settings` (as the extract stage computes them) asks for: every column
+        of a store made under these settings, the asked subset of a store made with more layers or
+        timesteps (`wider_settings`). Raises FeatureStoreError naming what differs otherwise."""
+        m = self.manifest() or {}
+        held = {k: v for k, v in (m.get("settings") or {}).items() if k != "images"}
+        if held == settings or (not held and m.get("key") == fingerprint(settings)):
+            return self.columns()
+        if self.wider_settings(settings) is not None:
+            asked = _column_keys(settings["columns"])
+            return [c for c in self.columns() if _column_key(c) in asked]
+        raise FeatureStoreError(f"{self.root} holds features extracted with other settings (changed: "
+                                f"{self._changes(m, settings)})")
+
     def _mismatch(self, existing: dict, settings: dict | None) -> str:
+        return (
+            f"{self.root} holds features extracted with other settings (changed: "
+            f"{self._changes(existing, settings)}). Nothing was written: to keep both, extract into another "
+            f"storage (--set storage=PATH); to replace them, delete {self.root} and rerun; or restore the "
+            f"settings it was made with (see 'settings' in {self.manifest_uri})."
+        )
+
+    def _changes(self, existing: dict, settings: dict | None) -> str:
         old = existing.get("settings") or {}
         changed = [k for k in (settings or {}) if k in old and old[k] != settings[k]]
         if len(changed) > 1 and "columns" in changed and ({"layers", "timesteps"} & set(changed)):
-            changed.remove("columns")  # follows from the layers/timesteps named already
+            held = {c.get("column"): c for c in old["columns"]}
+            if all(held.get(c["column"], c) == c for c in settings["columns"]):
+                changed.remove("columns")  # follows from the layers/timesteps named already
         parts = []
         for k in changed:
             if k == "images":
@@ -168,13 +218,7 @@ class FeatureStore:
                 parts.append(f"{k}: {_short(old[k])} -> {_short(settings[k])}")
         if not parts and isinstance(old.get("images"), str):  # a store from before per-dataset fingerprints
             parts.append("image table (images, labels, splits or their order)")
-        what = "; ".join(parts) or "checkpoint, layers, timesteps, preprocessing or images"
-        return (
-            f"{self.root} holds features extracted with other settings (changed: {what}). Nothing was written: "
-            f"to keep both, extract into another storage (--set storage=PATH); to replace them, delete "
-            f"{self.root} and rerun; or restore the settings it was made with (see 'settings' in "
-            f"{self.manifest_uri})."
-        )
+        return "; ".join(parts) or "checkpoint, layers, timesteps, preprocessing or images"
 
     def _drop_missing(self) -> None:
         m = self._manifest

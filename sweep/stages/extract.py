@@ -179,6 +179,13 @@ def _settings(config: PipelineConfig, encoder, columns: list[dict]) -> dict:
     }
 
 
+def asked_settings(config: PipelineConfig, spec: EncoderSpec) -> dict:
+    """The feature-store settings (`_settings`) this pipeline asks of encoder `spec`: its store must have been
+    made under them, or serve them (`FeatureStore.served_columns`). Builds the encoder on this machine."""
+    encoder = build_encoder(encoder_kwargs(config, spec))
+    return _settings(config, encoder, [c.to_dict() for c in encoder.columns])
+
+
 def _decode_tasks(config: PipelineConfig) -> int:
     """How many decode tasks run at once: enough to keep the encoder actors fed (a CPU actor is far slower
     than decoding; a GPU actor needs several CPUs of decoding), and never the actor count itself: Ray Data
@@ -253,6 +260,15 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
         "columns": columns,
     }
     del encoder  # the actors build their own; the driver needs no model while the pipeline runs
+    wider = store.wider_settings(settings)
+    if wider is not None:
+        # a store made with more layers or timesteps serves the columns asked for; any work left on it (an
+        # interrupted run, a new OOD set) completes it as it was made, every column of it
+        say(f"extract {spec.name}: {store.root} holds {len(wider['columns'])} feature columns, made with more "
+            f"layers or timesteps than asked and otherwise the same settings; it serves the {len(columns)} "
+            f"asked for")
+        settings, kwargs = wider, {**kwargs, "layers": wider["layers"],
+                                   **({"timesteps": wider["timesteps"]} if "timesteps" in kwargs else {})}
     store.open(header, fingerprint(settings), shard_counts, settings=settings, images=_images(frame),
                legacy_key=_legacy_key(settings, frame))
     for lost in store.dropped:
@@ -268,7 +284,7 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
             store.mark_complete(summary)
         return summary
     skipped = sum(len(v) for v in done.values())
-    say(f"extract {spec.name}: {len(columns)} feature columns, {len(pending)} of {total} images to encode "
+    say(f"extract {spec.name}: {len(settings['columns'])} feature columns, {len(pending)} of {total} images to encode "
         f"({skipped} shard(s) already complete)")
 
     init_ray(config)  # only now: a rerun over finished shards needs no Ray at all

@@ -41,7 +41,7 @@ import numpy as np
 from ray.tune import Callback, Trainable
 
 from sweep.config import PipelineConfig
-from sweep.features.store import FeatureStore
+from sweep.features.store import FeatureStore, FeatureStoreError
 from sweep.stages.common import Progress, dropped_messages, error_cause, errors_only, init_ray, ray_address, say
 from sweep.stages import rendezvous
 from sweep.storage import Storage
@@ -460,11 +460,10 @@ class MlflowChildRuns(Callback):
 
 # ------------------------------------------------------------------------------------------ stage
 
-def plan_trials(config: PipelineConfig) -> tuple[list[dict], dict[str, dict], dict[str, int]]:
-    """Every (encoder, column) of the complete feature stores: trial configs, column specs by trial key,
-    and the number of classes of each encoder's store. Raises when an encoder has no complete store."""
+def complete_stores(config: PipelineConfig) -> dict[str, FeatureStore]:
+    """Each encoder's feature store; raises when one is missing or lacks some of the pipeline's datasets."""
     storage = Storage.of(config.storage_root)
-    trials, columns, num_classes = [], {}, {}
+    stores = {}
     for spec in config.encoder_specs():
         store = FeatureStore(storage.features(spec.name))
         complete, lacking = store.is_complete(), store.incomplete(config.dataset_names())
@@ -472,9 +471,29 @@ def plan_trials(config: PipelineConfig) -> tuple[list[dict], dict[str, dict], di
             what = f" (dataset(s) {', '.join(map(repr, lacking))})" if lacking and store.manifest() else ""
             raise ProbeError(f"probe: features of encoder {spec.name!r} are missing or incomplete at "
                              f"{store.root}{what}; run `sweep extract` first")
-        manifest = store.manifest()
-        num_classes[spec.name] = len(manifest["classes"])
-        for col in manifest["columns"]:
+        stores[spec.name] = store
+    return stores
+
+
+def plan_trials(config: PipelineConfig, stores: dict[str, FeatureStore] | None = None
+                ) -> tuple[list[dict], dict[str, dict], dict[str, int]]:
+    """Every (encoder, column) the pipeline asks for, from the complete feature stores (`complete_stores`):
+    trial configs, column specs by trial key, and the number of classes of each encoder's store. Raises
+    when an encoder's store is missing, incomplete or made under other settings. Builds each encoder (its
+    columns and checkpoint hash), as the extract stage does."""
+    from sweep.stages.extract import asked_settings  # not at module level: trial workers import this module
+
+    stores = complete_stores(config) if stores is None else stores
+    trials, columns, num_classes = [], {}, {}
+    for spec in config.encoder_specs():
+        store = stores[spec.name]
+        try:  # the columns these settings ask for: all of the store's, or some of a store made with more
+            served = store.served_columns(asked_settings(config, spec))
+        except FeatureStoreError as e:
+            raise ProbeError(f"probe: encoder {spec.name!r}: {e}; run `sweep extract`, which names what to "
+                             f"do") from None
+        num_classes[spec.name] = len(store.manifest()["classes"])
+        for col in served:
             key = trial_key(spec.name, col["column"])
             columns[key] = {**col, "encoder": spec.name}
             trials.append({"key": key, "encoder": spec.name, "store": store.root, "column": col["column"]})
@@ -650,14 +669,19 @@ def run(config: PipelineConfig) -> dict:
     from sweep import tracking
 
     t_start = time.perf_counter()
-    trials, columns, num_classes = plan_trials(config)
-    # MLflow's import and store queries keep one core busy for seconds while Ray's start mostly waits on
-    # the processes it launches: side by side they overlap (~3 s less on 2 cores). A rerun with nothing
-    # left to do then starts Ray for nothing, once.
+    stores = complete_stores(config)
+
+    def plan():
+        trials, columns, num_classes = plan_trials(config, stores)
+        return trials, columns, num_classes, *_pending_trials(config, trials)
+
+    # Building the encoders (diffusers' import), MLflow's import and its store queries keep one core busy
+    # for seconds while Ray's start mostly waits on the processes it launches: side by side they overlap
+    # (~3 s less on 2 cores). A rerun with nothing left to do then starts Ray for nothing, once.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="probe-plan") as pool:
-        pending = pool.submit(_pending_trials, config, trials)
+        planned = pool.submit(plan)
         init_ray(config)
-        done, todo, stale = pending.result()
+        trials, columns, num_classes, done, todo, stale = planned.result()
     if not todo:
         say(f"probe: all {len(trials)} trials already in MLflow for config {config.config_hash()}, nothing to do")
         return {"trials": len(trials), "ran": 0}
