@@ -189,3 +189,33 @@ def fetch_dir(uri: str | os.PathLike) -> Path:
     except OSError:  # another process fetched it first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """Content hash of a checkpoint folder (or single file): first 16 hex chars of a sha256.
+
+    A folder hashes its sorted relative file paths with their contents, so a copy elsewhere hashes the same
+    and any renamed, added or changed file changes it. Hidden entries (``.cache/`` written by
+    ``huggingface_hub`` downloads, ``.DS_Store``) are skipped: they change without the weights changing.
+    A single file hashes its contents only.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint not found: {root}")
+    h = hashlib.sha256()
+    if root.is_file():
+        files = [(root, "")]
+    else:
+        files = sorted(
+            ((p, p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file()),
+            key=lambda item: item[1],
+        )
+        files = [(p, rel) for p, rel in files if not any(part.startswith(".") for part in rel.split("/"))]
+    for p, rel in files:
+        # Length-prefix name and size so that (name, content) boundaries cannot be shifted between files.
+        name = rel.encode()
+        h.update(len(name).to_bytes(8, "little") + name + p.stat().st_size.to_bytes(8, "little"))
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]

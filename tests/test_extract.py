@@ -219,6 +219,12 @@ def test_a_store_with_more_columns_serves_those_asked_for(extracted, tmp_path, c
     assert [{k: v for k, v in columns[t["key"]].items() if k != "encoder"} for t in trials] == [
         held["mid_block@t100"], held["up_blocks.0@t100"]]
     assert len(plan_trials(config)[0]) == len(held) == len(BLOCKS) * len(TIMESTEPS)
+    # layers listed by name: the settings from the store's columns (no model built) are the encoder's own
+    listed = config.model_copy(update={"extract": config.extract.model_copy(update={"layers": BLOCKS[::-1]})})
+    spec = listed.encoder_specs()[0]
+    built = extract.asked_settings(listed, spec)
+    assert extract.asked_settings(listed, spec, store.columns()) == built
+    assert [c["column"] for c in built["columns"]][:2] == ["up_blocks.1@t0", "up_blocks.0@t0"]
 
     # a lost shard: extracted again for every column of the store, bit for bit as before
     (Path(config.storage_root) / "features" / "diffusion" / "plankton" / "part-00001.parquet").unlink()

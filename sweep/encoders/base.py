@@ -8,7 +8,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from sweep.storage import checkpoint_hash  # noqa: F401 - also imported from here; lives where no torch is imported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,36 +31,6 @@ class FeatureColumn:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def checkpoint_hash(path: str | Path) -> str:
-    """Content hash of a checkpoint folder (or single file): first 16 hex chars of a sha256.
-
-    A folder hashes its sorted relative file paths with their contents, so a copy elsewhere hashes the same
-    and any renamed, added or changed file changes it. Hidden entries (``.cache/`` written by
-    ``huggingface_hub`` downloads, ``.DS_Store``) are skipped: they change without the weights changing.
-    A single file hashes its contents only.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"checkpoint not found: {root}")
-    h = hashlib.sha256()
-    if root.is_file():
-        files = [(root, "")]
-    else:
-        files = sorted(
-            ((p, p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file()),
-            key=lambda item: item[1],
-        )
-        files = [(p, rel) for p, rel in files if not any(part.startswith(".") for part in rel.split("/"))]
-    for p, rel in files:
-        # Length-prefix name and size so that (name, content) boundaries cannot be shifted between files.
-        name = rel.encode()
-        h.update(len(name).to_bytes(8, "little") + name + p.stat().st_size.to_bytes(8, "little"))
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 class Encoder(abc.ABC):

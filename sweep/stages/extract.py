@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from sweep.config import EncoderSpec, PipelineConfig
 from sweep.data.table import ImageTable, build_table, data_warnings
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint, to_table
 from sweep.stages.common import Progress, Timer, init_ray, quiet_dataset, quiet_ray_data, say
-from sweep.storage import PRETRAIN_MARKER, Storage, exists, fetch_dir
+from sweep.storage import PRETRAIN_MARKER, Storage, checkpoint_hash, exists, fetch_dir
 
 
 class ExtractError(RuntimeError):
@@ -162,12 +163,12 @@ def _legacy_key(settings: dict, frame: pd.DataFrame):
     return key
 
 
-def _settings(config: PipelineConfig, encoder, columns: list[dict]) -> dict:
+def _settings(config: PipelineConfig, checkpoint_digest: str, columns: list[dict]) -> dict:
     """Everything that decides the stored values or which row lands in which shard, but the images (see
     `_images`). A store made under other settings is refused (FeatureStore.open names what differs) rather
     than mixed."""
     return {
-        "checkpoint_hash": encoder.checkpoint_hash,
+        "checkpoint_hash": checkpoint_digest,
         "layers": list(dict.fromkeys(c["layer"] for c in columns)),
         "timesteps": list(dict.fromkeys(c["timestep"] for c in columns)),
         "columns": columns,
@@ -179,11 +180,24 @@ def _settings(config: PipelineConfig, encoder, columns: list[dict]) -> dict:
     }
 
 
-def asked_settings(config: PipelineConfig, spec: EncoderSpec) -> dict:
+def asked_settings(config: PipelineConfig, spec: EncoderSpec, held_columns: Sequence[dict] = ()) -> dict:
     """The feature-store settings (`_settings`) this pipeline asks of encoder `spec`: its store must have been
-    made under them, or serve them (`FeatureStore.served_columns`). Builds the encoder on this machine."""
-    encoder = build_encoder(encoder_kwargs(config, spec))
-    return _settings(config, encoder, [c.to_dict() for c in encoder.columns])
+    made under them, or serve them (`FeatureStore.served_columns`).
+
+    Where the layers are listed by name and `held_columns` (a store's) hold every (layer, timestep) asked
+    for, the columns are taken from them and only the checkpoint is hashed: a column's dim and resolution
+    follow from the checkpoint, which its hash then vouches for. Otherwise (`blocks`, an encoder's default
+    layers, a column the store lacks) the encoder is built, on this machine, as the extract stage does;
+    importing diffusers alone takes seconds of CPU."""
+    kwargs = encoder_kwargs(config, spec)
+    if isinstance(kwargs["layers"], list):
+        held = {(c["layer"], c["timestep"]): c for c in held_columns}
+        # an encoder's column order: timesteps outer (DiffusionEncoder), layers inner
+        asked = [(layer, t) for t in kwargs.get("timesteps", [None]) for layer in kwargs["layers"]]
+        if asked and all(a in held for a in asked):
+            return _settings(config, checkpoint_hash(fetch_dir(kwargs["checkpoint"])), [held[a] for a in asked])
+    encoder = build_encoder(kwargs)
+    return _settings(config, encoder.checkpoint_hash, [c.to_dict() for c in encoder.columns])
 
 
 def _decode_tasks(config: PipelineConfig) -> int:
@@ -252,7 +266,7 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     encoder = build_encoder(kwargs)  # on the driver: columns and checkpoint hash, before any work starts
     columns = [c.to_dict() for c in encoder.columns]
     frame, shard_counts = _plan(table, config.extract.shard_size)
-    settings = _settings(config, encoder, columns)
+    settings = _settings(config, encoder.checkpoint_hash, columns)
     header = {
         "encoder": spec.name, "kind": encoder.kind, "checkpoint": str(getattr(encoder, "checkpoint", "")),
         "checkpoint_hash": encoder.checkpoint_hash, "classes": table.classes,

@@ -479,8 +479,8 @@ def plan_trials(config: PipelineConfig, stores: dict[str, FeatureStore] | None =
                 ) -> tuple[list[dict], dict[str, dict], dict[str, int]]:
     """Every (encoder, column) the pipeline asks for, from the complete feature stores (`complete_stores`):
     trial configs, column specs by trial key, and the number of classes of each encoder's store. Raises
-    when an encoder's store is missing, incomplete or made under other settings. Builds each encoder (its
-    columns and checkpoint hash), as the extract stage does."""
+    when an encoder's store is missing, incomplete or made under other settings (`asked_settings`: hashes
+    each encoder's checkpoint, and builds the encoder where its layers are not listed by name)."""
     from sweep.stages.extract import asked_settings  # not at module level: trial workers import this module
 
     stores = complete_stores(config) if stores is None else stores
@@ -488,7 +488,7 @@ def plan_trials(config: PipelineConfig, stores: dict[str, FeatureStore] | None =
     for spec in config.encoder_specs():
         store = stores[spec.name]
         try:  # the columns these settings ask for: all of the store's, or some of a store made with more
-            served = store.served_columns(asked_settings(config, spec))
+            served = store.served_columns(asked_settings(config, spec, store.columns()))
         except FeatureStoreError as e:
             raise ProbeError(f"probe: encoder {spec.name!r}: {e}; run `sweep extract`, which names what to "
                              f"do") from None
