@@ -7,8 +7,11 @@ with a one-line cause on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 
 from sweep.config import STAGES, ArgumentError, ConfigError, PipelineConfig, load_config, metric_problem
@@ -68,6 +71,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CtrlC:
+    """Ctrl-C as a KeyboardInterrupt that is also remembered. Python swallows an exception raised inside a
+    weakref callback or `__del__` ("Exception ignored in ..."): a Ctrl-C landing while the garbage collector
+    ran one (SQLAlchemy's class registry, during the report's imports) was lost, the report went on and the
+    command exited 0. Remembered, it stops the command at the next stage and the exit status is 130."""
+
+    seen = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def remembered(cls):
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield  # Ctrl-C ignored (a background job of a shell) or handled by the embedding program
+            return
+        cls.seen = False
+        signal.signal(signal.SIGINT, cls._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @classmethod
+    def _on_sigint(cls, signum, frame):
+        cls.seen = True
+        raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.seen:
+            raise KeyboardInterrupt
+
+
 def run_stage(config: PipelineConfig, stage: str) -> None:
     from sweep.stages import baselines, extract, pretrain, probe, report
 
@@ -86,8 +122,10 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
         check_encoder_settings(config)
     stages = [s for s in stages if s != "baselines" or config.baselines]  # none configured: nothing to say
     for stage in stages:
+        _CtrlC.check()
         say(f"== {stage} ==")
         run_stage(config, stage)
+    _CtrlC.check()
     say(f"done: {','.join(stages)} in {time.perf_counter() - t0:.0f}s; storage {config.storage_root}")
 
 
@@ -194,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             from sweep.tracking import check_tracking
 
             check_tracking(config, reach_server=True)  # before any stage: a dead server fails now, not later
-        if args.command == "run":
-            cmd_run(config, args.stages)
-        elif args.command in STAGES:
-            cmd_run(config, [args.command]) if args.command != "baselines" else run_stage(config, "baselines")
+        if args.command == "run" or args.command in STAGES:
+            with _CtrlC.remembered():
+                if args.command == "run":
+                    cmd_run(config, args.stages)
+                else:
+                    cmd_run(config, [args.command]) if args.command != "baselines" else run_stage(config, "baselines")
+                _CtrlC.check()
         elif args.command == "best":
             cmd_best(config, args)
         elif args.command == "validate":

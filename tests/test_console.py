@@ -111,3 +111,36 @@ def test_error_cause_is_the_last_line_of_a_ray_error(ray_local):
     assert str(caught.value).splitlines()[0].lstrip("\x1b[0123456789m").startswith("ray::")
     assert error_cause(caught.value) == "ValueError: val split is empty: it is needed to select the head"
     assert error_cause("") == "str"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the finalizer's, on purpose
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_command(write_pipeline, monkeypatch, capsys):
+    """Python drops an exception raised in `__del__` or a weakref callback ("Exception ignored in ..."): a
+    Ctrl-C handled while the garbage collector runs one (it happened in the report's imports) must still
+    stop `sweep run` before the next stage, with exit status 130."""
+    import signal
+
+    from sweep import cli
+
+    class Finalised:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the finalizer
+
+    ran = []
+
+    def stage(config, name):
+        ran.append(name)
+        if name == "pretrain" and len(ran) == 1:  # the first command only
+            obj = Finalised()
+            del obj  # KeyboardInterrupt inside __del__: printed as ignored, not raised here
+            ran.append("pretrain went on")
+
+    monkeypatch.setattr(cli, "run_stage", stage)
+    path = write_pipeline()
+    assert cli.main(["run", str(path), "--stages", "pretrain,extract"]) == 130
+    assert ran == ["pretrain", "pretrain went on"]  # extract never started
+    assert "sweep: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the process's own again
+    capsys.readouterr()
+    assert cli.main(["run", str(path), "--stages", "pretrain,extract"]) == 0  # a later command starts afresh
+    assert ran[2:] == ["pretrain", "extract"]
