@@ -79,14 +79,28 @@ def test_warmup_then_cosine_and_ema_lags():
 
 
 class _FakeShard:
-    def __init__(self, n: int):
+    """Images 0..n-1 (the value is the row), streamed in the order `order_seed` draws (Ray Data's order
+    varies from run to run), or in row order."""
+
+    def __init__(self, n: int, order_seed: int | None = None):
         self.data = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+        self.order = (torch.arange(n) if order_seed is None
+                      else torch.randperm(n, generator=torch.Generator().manual_seed(order_seed)))
         self.reads = 0
 
     def iter_torch_batches(self, batch_size, **_):
         self.reads += 1
         for i in range(0, len(self.data), batch_size):
-            yield {"image": self.data[i: i + batch_size]}
+            rows = self.order[i: i + batch_size]
+            yield {"image": self.data[rows], "row": rows}
+
+
+def _epochs(stream, batches: int) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for _ in range(batches):
+        e, x = next(stream)
+        out.setdefault(e, []).append(x.flatten().tolist())
+    return out
 
 
 def test_batches_cache_a_small_shard_and_reshuffle_it():
@@ -101,6 +115,20 @@ def test_batches_cache_a_small_shard_and_reshuffle_it():
         assert [len(b) for b in batches] == [4, 4, 2]
         assert sorted(sum(batches, [])) == list(range(10))  # every image once per epoch
     assert epochs[6] != epochs[7]
+
+
+@pytest.mark.parametrize("cache_limit", [1 << 20, 8])
+def test_a_resumed_run_sees_the_batches_an_uninterrupted_one_does(cache_limit):
+    """Resumed at epoch 2 (its first pass streamed in another order): a cached shard gives exactly the
+    uninterrupted run's epochs 2 and 3; one too big to cache streams every image of every epoch."""
+    whole = _epochs(pretrain._batches(_FakeShard(10, order_seed=1), 4, cache_limit, seed=0, rank=0), 12)
+    resumed = _epochs(pretrain._batches(_FakeShard(10, order_seed=2), 4, cache_limit, seed=0, rank=0,
+                                        start_epoch=2), 6)
+    assert list(whole) == [0, 1, 2, 3] and list(resumed) == [2, 3]
+    for batches in (*whole.values(), *resumed.values()):
+        assert sorted(sum(batches, [])) == list(range(10))  # every image once per epoch
+    if cache_limit > 8:
+        assert resumed == {e: whole[e] for e in (2, 3)}
 
 
 def test_batches_stream_a_large_shard_every_epoch():

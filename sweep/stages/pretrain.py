@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
@@ -92,30 +93,45 @@ def checkpoint_name(step: int) -> str:
 
 def _batches(shard, batch_size: int, cache_limit_bytes: int, seed: int, rank: int, start_epoch: int = 0,
              shuffle_buffer: int | None = None):
-    """Endless (epoch, batch) stream. A shard that fits in `cache_limit_bytes` is read once and then
-    reshuffled in memory each epoch (re-streaming a small set through Ray Data costs more than training
-    on it); a larger one is streamed every epoch through a local shuffle buffer."""
+    """Endless (epoch, batch) stream. A shard that fits in `cache_limit_bytes` is read once, put in a fixed
+    order (its `row` column: not the order Ray Data's tasks finished in) and reshuffled in memory each later
+    epoch with a generator seeded by (seed, epoch, rank) (re-streaming a small set through Ray Data costs
+    more than training on it). A fresh run trains on its first pass as it streams; a run resumed at epoch E
+    only fills the cache with it and trains epoch E on the cache, so it sees exactly the batches an
+    uninterrupted run sees (with `train_datasets`' fixed split; when its pass trained on the stream, the
+    resumed run's epoch E differed and with it every step after the checkpoint). A larger shard is streamed
+    every epoch through a local shuffle buffer."""
     import torch
 
     cached: torch.Tensor | None = None
     epoch = start_epoch
     while True:
         if cached is None:
-            seen, size, batches = [], 0, 0
+            held, size, batches = [], 0, 0  # (rows, images) while the shard may fit in the cache
+            fresh = epoch == 0
             for batch in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer,
                                                   local_shuffle_seed=seed * 1009 + epoch * 7 + rank):
                 x = batch["image"]
-                if size >= 0:
-                    seen.append(x)
-                    size += x.numel() * x.element_size()
-                    if size > cache_limit_bytes:
-                        seen, size = [], -1  # too big to cache: stream every epoch
                 batches += 1
-                yield epoch, x
+                if size >= 0:
+                    held.append((batch["row"], x))
+                    size += x.numel() * x.element_size()
+                    if size > cache_limit_bytes:  # too big to cache: every epoch streams
+                        backlog = [] if fresh else [images for _, images in held]  # a resumed pass held back
+                        held, size = [], -1
+                        for images in backlog:
+                            yield epoch, images
+                        if backlog:
+                            continue  # x was the last of them
+                if fresh or size < 0:
+                    yield epoch, x
             if not batches:  # an endless loop over nothing otherwise (every image of a streamed set unreadable)
                 raise RuntimeError(f"no training image reached worker {rank}: are any of them readable?")
-            if size >= 0 and seen:
-                cached = torch.cat(seen)
+            if size >= 0 and held:
+                rows = torch.cat([r for r, _ in held])
+                cached = torch.cat([images for _, images in held])[torch.argsort(rows)]
+                if not fresh:
+                    continue  # this epoch trains on the cache, as an uninterrupted run's does
         else:
             g = torch.Generator().manual_seed(seed * 100_003 + epoch * 1009 + rank)
             perm = torch.randperm(len(cached), generator=g).to(cached.device)
@@ -208,6 +224,8 @@ def train_loop(cfg: dict) -> None:
     import torch.distributed as dist
 
     quiet_train_reports()
+    # Ray Data hands the `row` column over as a read-only array; it is only sorted, never written
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -340,6 +358,8 @@ def train_dataset(config: PipelineConfig):
     rows = table.frame[table.frame["split"] == "train"].assign(shard=0)
     # the table is ordered by class: mix it once here, so blocks (and a streamed epoch) are not one class each
     rows = rows.sample(frac=1.0, random_state=config.seed)
+    # `row`: the place in that order, by which a worker sorts the images it caches (`_batches`)
+    rows = rows.assign(row=np.arange(len(rows), dtype=np.int64))[["path", "index", "row"]]
     chunks = [rows.iloc[i: i + TRAIN_BLOCK_ROWS] for i in range(0, len(rows), TRAIN_BLOCK_ROWS)]
     ds = ray.data.from_pandas(chunks).map_batches(
         decode_batch, fn_kwargs={"size": config.data.image_size, "channels": config.data.channels},
@@ -347,7 +367,7 @@ def train_dataset(config: PipelineConfig):
 
     def keep_good(batch: dict) -> dict:
         ok = np.asarray([not e for e in batch["error"]])
-        return {"image": batch["image"][ok]}
+        return {"image": batch["image"][ok], "row": batch["row"][ok]}
 
     return quiet_dataset(ds.map_batches(keep_good, batch_format="numpy")), len(rows)
 
