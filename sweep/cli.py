@@ -104,6 +104,12 @@ class _CtrlC:
             raise KeyboardInterrupt
 
 
+def _ray_up() -> bool:
+    """Whether this process is connected to Ray (without importing Ray where nothing did)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 def run_stage(config: PipelineConfig, stage: str) -> None:
     from sweep.stages import baselines, extract, pretrain, probe, report
 
@@ -234,10 +240,14 @@ def main(argv: list[str] | None = None) -> int:
             check_tracking(config, reach_server=True)  # before any stage: a dead server fails now, not later
         if args.command == "run" or args.command in STAGES:
             with _CtrlC.remembered():
+                ray_was_up = _ray_up()
                 if args.command == "run":
                     cmd_run(config, args.stages)
                 else:
                     cmd_run(config, [args.command]) if args.command != "baselines" else run_stage(config, "baselines")
+                if not ray_was_up and _ray_up():
+                    # here rather than at exit: a Ctrl-C during it ended in a 20-line atexit traceback and status 0
+                    sys.modules["ray"].shutdown()
                 _CtrlC.check()
         elif args.command == "best":
             cmd_best(config, args)

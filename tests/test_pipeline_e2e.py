@@ -95,6 +95,11 @@ def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys, monkeypatch
     for encoder, manifest in manifests.items():
         assert json.load(open(f"{store}/features/{encoder}/_manifest.json"))["datasets"] == manifest["datasets"]
     assert Path(store, "baselines", "sup", "final", "model.safetensors").read_bytes() == weights
+    # the extract stage's run: one, from the first run (the rerun had nothing to encode), with its counts
+    extract_runs = mlflow.search_runs(experiment_names=[cfg.experiment_name],
+                                      filter_string="tags.`sweep.stage` = 'extract'")
+    assert len(extract_runs) == 1 and extract_runs.iloc[0]["status"] == "FINISHED"
+    assert {e: extract_runs.iloc[0][f"metrics.{e}_rows"] for e in ("diffusion", "sup")} == {"diffusion": 105, "sup": 105}
 
     # the table format names the columns a user looks for
     assert main(["best", str(path), "--top", "3"]) == 0

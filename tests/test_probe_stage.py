@@ -273,6 +273,23 @@ def test_records_types_for_a_non_diffusion_encoder():
     json.dumps(rec, allow_nan=False)
 
 
+def test_an_interrupted_report_leaves_the_last_one_whole(swept, monkeypatch):
+    """Ctrl-C half-way through writing a report: report/ is still the last complete one, file for file (a
+    new report is staged beside it and replaces it whole), and nothing staged is left behind."""
+    folder = Path(report.run(swept)).parent
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert {"report.md", "probe_runs.csv", "data.csv", "per_class.csv"} <= set(before)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # while the heat maps are drawn: the CSV tables are written already
+
+    monkeypatch.setattr(report, "_heatmap", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.run(swept)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("report")) == ["report"]
+
+
 def test_report_says_how_many_images_each_split_holds(swept):
     """report.md's Data section and data.csv: images, classes and the largest and smallest class of every
     (dataset, split), as counted from the feature store's shards."""

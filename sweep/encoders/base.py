@@ -9,7 +9,6 @@ import abc
 import dataclasses
 import difflib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np

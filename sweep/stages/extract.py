@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -259,7 +259,10 @@ def build_dataset(config: PipelineConfig, pending: pd.DataFrame, kwargs: dict):
     return ds
 
 
-def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable) -> dict:
+def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable,
+                    on_work: Callable[[], None] | None = None) -> dict:
+    """Extract (or resume, or find finished) encoder `spec`'s feature store; `on_work` is called before any
+    image is encoded. Returns the store's summary: images, rows, rejected."""
     storage = Storage.of(config.storage_root)
     store = FeatureStore(storage.features(spec.name))
     kwargs = encoder_kwargs(config, spec)
@@ -301,6 +304,8 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     say(f"extract {spec.name}: {len(settings['columns'])} feature columns, {len(pending)} of {total} images to encode "
         f"({skipped} shard(s) already complete)")
 
+    if on_work is not None:
+        on_work()
     init_ray(config)  # only now: a rerun over finished shards needs no Ray at all
     quiet_ray_data()
     ds = quiet_dataset(build_dataset(config, pending, kwargs))
@@ -395,17 +400,26 @@ def run(config: PipelineConfig) -> dict[str, dict]:
     say(f"data: {table.summary()}")
     for warning in data_warnings(config, table):
         say(f"warning: {warning}")
-    run_id = tracking.start_stage_run(config, "extract")
+    # the stage's MLflow run is started when an encoder has images to encode: a rerun over finished stores
+    # adds none (as pretrain and probe with nothing to do)
+    run: list[str] = []
+
+    def on_work():
+        if not run:
+            run.append(tracking.start_stage_run(config, "extract"))
+
     results = {}
     try:
         for spec in config.encoder_specs():
-            results[spec.name] = summary = extract_encoder(config, spec, table)
-            tracking.log_batch(config, run_id, metrics={
-                f"{spec.name}_rows": summary["rows"], f"{spec.name}_rejected": summary["rejected"]})
+            results[spec.name] = extract_encoder(config, spec, table, on_work)
     except BaseException:
-        tracking.finish_run(config, run_id, "FAILED")
+        if run:
+            tracking.finish_run(config, run[0], "FAILED")
         raise
-    tracking.finish_run(config, run_id)
+    if run:
+        tracking.log_batch(config, run[0], metrics={
+            f"{name}_{k}": summary[k] for name, summary in results.items() for k in ("rows", "rejected")})
+        tracking.finish_run(config, run[0])
     return results
 
 

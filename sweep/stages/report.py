@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from sweep.config import PROBE_REVISION, PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.probing.kmeans import MAX_ROWS as KMEANS_MAX_ROWS
 from sweep.stages.common import say
-from sweep.storage import Storage, upload_dir
+from sweep.storage import Storage, staged_dir
 
 
 def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | None = None) -> None:
@@ -204,15 +202,27 @@ def encoder_comparison(frame: pd.DataFrame, select: str, images: pd.DataFrame | 
 
 def run(config: PipelineConfig) -> str:
     storage = Storage.of(config.storage_root)
-    # written locally, then uploaded when the storage is remote
-    out = storage.local("report") if storage.is_local else Path(tempfile.mkdtemp()) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    metric = config.report.metric
     recs = best(config, metric=config.probe.select, top=None)
     if not recs:
         earlier = "".join(f"; {n} run(s) of these settings made by {what} are kept apart (their results differ)"
                           for what, n in tracking.earlier_probe_runs(config).items())
         raise RuntimeError(f"report: no probe runs for this config in MLflow{earlier}; run `sweep probe` first")
+    # Written into a staging folder that replaces report/ whole when done: a report interrupted half-way left
+    # some of the new settings' tables beside the old settings' report.md and heat maps, nothing saying so.
+    with staged_dir(storage.report, "report.md") as out:
+        _write(config, recs, out)
+        run_id = tracking.start_stage_run(config, "report", resume_unfinished=False)
+        client = tracking.client_for(config)
+        for f in out.iterdir():
+            client.log_artifact(run_id, str(f))
+    tracking.finish_run(config, run_id)
+    say(f"report: {storage.report}/report.md")
+    return f"{storage.report}/report.md"
+
+
+def _write(config: PipelineConfig, recs: list[dict], out: Path) -> None:
+    """Every file of the report into the folder `out`, report.md last."""
+    metric = config.report.metric
     frame = pd.DataFrame(recs)
     # whole numbers as such (`0`, not `0.0`): a column with a gap (no timestep for a baseline) is float in pandas
     counts = {c: "Int64" for c in ("timestep", "resolution", "dim", "epochs_run") if c in frame}
@@ -289,13 +299,3 @@ def run(config: PipelineConfig) -> str:
         lines += [f"- best {encoder}: `{top['column']}` (resolution {top['resolution']}): "
                   f"{metric} {top.get(metric, float('nan')):.4f}", ""]
     (out / "report.md").write_text("\n".join(lines))
-    run_id = tracking.start_stage_run(config, "report", resume_unfinished=False)
-    client = tracking.client_for(config)
-    for f in out.iterdir():
-        client.log_artifact(run_id, str(f))
-    tracking.finish_run(config, run_id)
-    if not storage.is_local:
-        upload_dir(out, storage.report)
-        shutil.rmtree(out.parent, ignore_errors=True)
-    say(f"report: {storage.report}/report.md")
-    return f"{storage.report}/report.md"
