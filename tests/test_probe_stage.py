@@ -277,7 +277,7 @@ def test_an_interrupted_report_leaves_the_last_one_whole(swept, monkeypatch):
     """Ctrl-C half-way through writing a report: report/ is still the last complete one, file for file (a
     new report is staged beside it and replaces it whole), and nothing staged is left behind."""
     folder = Path(report.run(swept)).parent
-    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    before = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in folder.iterdir()}
     assert {"report.md", "probe_runs.csv", "data.csv", "per_class.csv"} <= set(before)
 
     def interrupted(*args, **kwargs):
@@ -286,7 +286,7 @@ def test_an_interrupted_report_leaves_the_last_one_whole(swept, monkeypatch):
     monkeypatch.setattr(report, "_heatmap", interrupted)
     with pytest.raises(KeyboardInterrupt):
         report.run(swept)
-    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in folder.iterdir()} == before  # not rewritten
     assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("report")) == ["report"]
 
 
