@@ -165,13 +165,17 @@ class FeatureStore:
         existing.pop("summary", None)
         st.write_json(self.manifest_uri, existing)
 
+    def _held_settings(self) -> dict:
+        """The settings this store was made with, but the images (fingerprinted apart, per dataset)."""
+        return {k: v for k, v in ((self.manifest() or {}).get("settings") or {}).items() if k != "images"}
+
     def wider_settings(self, settings: dict) -> dict | None:
         """The settings this store was made with, when it holds every column `settings` asks for and more,
         and was otherwise made exactly so (checkpoint, preprocessing, seed, precision, shard size): it then
         serves the columns asked for (a study narrowing its layers or timesteps, or an encoder's default
         layers shrinking, needs no new extraction). None when it holds exactly these columns, or not all of
         them, or was made differently."""
-        held = {k: v for k, v in ((self.manifest() or {}).get("settings") or {}).items() if k != "images"}
+        held = self._held_settings()
         if not held or set(held) != set(settings):
             return None
         if any(held[k] != settings[k] for k in settings if k not in SELECTABLE):
@@ -184,7 +188,7 @@ class FeatureStore:
         of a store made under these settings, the asked subset of a store made with more layers or
         timesteps (`wider_settings`). Raises FeatureStoreError naming what differs otherwise."""
         m = self.manifest() or {}
-        held = {k: v for k, v in (m.get("settings") or {}).items() if k != "images"}
+        held = self._held_settings()
         if held == settings or (not held and m.get("key") == fingerprint(settings)):
             return self.columns()
         if self.wider_settings(settings) is not None:
