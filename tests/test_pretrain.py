@@ -105,30 +105,46 @@ def _epochs(stream, batches: int) -> dict[int, list]:
 
 def test_batches_cache_a_small_shard_and_reshuffle_it():
     shard = _FakeShard(10)
-    stream = pretrain._batches(shard, batch_size=4, cache_limit_bytes=1 << 20, seed=0, rank=0, start_epoch=5)
-    epochs: dict[int, list] = {}
-    for _ in range(9):  # 3 epochs of 3 batches (4 + 4 + 2)
-        e, x = next(stream)
-        epochs.setdefault(e, []).append(x.flatten().tolist())
-    assert list(epochs) == [5, 6, 7] and shard.reads == 1
+    epochs = _epochs(pretrain._batches(shard, batch_size=4, cache_limit_bytes=1 << 20, seed=0, rank=0), 9)
+    assert list(epochs) == [0, 1, 2] and shard.reads == 1  # 3 epochs of 3 batches (4 + 4 + 2), one read
+    assert epochs[0] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # epoch 0: the stream as it comes
     for batches in epochs.values():
         assert [len(b) for b in batches] == [4, 4, 2]
         assert sorted(sum(batches, [])) == list(range(10))  # every image once per epoch
-    assert epochs[6] != epochs[7]
+    assert epochs[1] != epochs[2]
 
 
-@pytest.mark.parametrize("cache_limit", [1 << 20, 8])
-def test_a_resumed_run_sees_the_batches_an_uninterrupted_one_does(cache_limit):
-    """Resumed at epoch 2 (its first pass streamed in another order): a cached shard gives exactly the
-    uninterrupted run's epochs 2 and 3; one too big to cache streams every image of every epoch."""
-    whole = _epochs(pretrain._batches(_FakeShard(10, order_seed=1), 4, cache_limit, seed=0, rank=0), 12)
-    resumed = _epochs(pretrain._batches(_FakeShard(10, order_seed=2), 4, cache_limit, seed=0, rank=0,
-                                        start_epoch=2), 6)
-    assert list(whole) == [0, 1, 2, 3] and list(resumed) == [2, 3]
-    for batches in (*whole.values(), *resumed.values()):
-        assert sorted(sum(batches, [])) == list(range(10))  # every image once per epoch
-    if cache_limit > 8:
-        assert resumed == {e: whole[e] for e in (2, 3)}
+def _stream(shard, cache_limit, resume_at=None, batches=12):
+    stream = pretrain._batches(shard, 4, cache_limit, seed=0, rank=0, resume_at=resume_at)
+    return [(e, x.flatten().tolist()) for e, x in (next(stream) for _ in range(batches))]
+
+
+@pytest.mark.parametrize("step", range(1, 12))
+def test_a_run_resumed_at_any_step_trains_on_the_batches_an_uninterrupted_one_does(step):
+    """A cached shard of 10 images in batches of 4: 3 steps an epoch. Resumed from a checkpoint at any step
+    (inside an epoch or at its end), the run goes on with exactly the uninterrupted run's batches. Inside
+    epoch 0 that is the stream again (Ray Data's is fixed for a seeded run, `train_datasets`); later, the
+    resumed run's first pass may come in another order: it only fills the cache."""
+    whole = _stream(_FakeShard(10, order_seed=1), 1 << 20)
+    assert [e for e, _ in whole] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    epoch = whole[step - 1][0]  # a checkpoint's epoch: that of its last step
+    shard = _FakeShard(10, order_seed=1 if epoch == 0 else 2)
+    assert _stream(shard, 1 << 20, resume_at=(epoch, step), batches=12 - step) == whole[step:]
+    assert shard.reads == 1
+
+
+@pytest.mark.parametrize("step", [2, 3, 5])
+def test_a_shard_too_big_to_cache_resumes_with_its_next_epoch_after_epoch_0(step):
+    """Streamed every epoch (its split varies between runs anyway): inside epoch 0 the run trains the rest
+    of the stream, later it starts the next epoch; every epoch still sees every image once."""
+    whole = _stream(_FakeShard(10, order_seed=1), 8)
+    epoch = whole[step - 1][0]
+    resumed = _stream(_FakeShard(10, order_seed=1), 8, resume_at=(epoch, step), batches=6)
+    if epoch == 0:
+        assert resumed[:3 - step] == whole[step:3]
+        resumed = resumed[3 - step:]
+    assert [e for e, _ in resumed[:3]] == [epoch + 1] * 3
+    assert sorted(sum((x for _, x in resumed[:3]), [])) == list(range(10))
 
 
 def test_batches_stream_a_large_shard_every_epoch():
@@ -429,21 +445,33 @@ def test_rerun_of_a_finished_pretrain_does_nothing(pretrained):
 
 
 @pytest.mark.ray
-def test_a_seeded_run_on_two_workers_trains_the_same_unet_again(ray_local, tmp_path, monkeypatch):
-    """Each worker trains on the same images in the same order every run (`train_datasets`), so two runs of
-    one seed on two DDP workers end with the same weights, bit for bit. Blocks of 8 images: Ray Train's
-    streaming split, which hands blocks to whichever worker asks first, gave different weights here."""
+def test_a_seeded_run_stopped_inside_epochs_and_resumed_trains_the_unet_of_an_uninterrupted_one(
+        ray_local, tmp_path, monkeypatch):
+    """Each worker trains on the same images in the same order every run (`train_datasets`), and a resumed
+    run goes on inside the epoch its checkpoint lies in (`_batches`). So a seeded run on two DDP workers,
+    stopped by injected faults after its checkpoints at steps 3 and 6 (inside epochs 0 and 1: 30 images a
+    worker in batches of 8 are 4 steps an epoch) and resumed each time, ends with the weights of a run that
+    was never stopped, bit for bit. Blocks of 8 images: Ray Train's streaming split, which hands blocks to
+    whichever worker asks first, gave different weights here; so did a resumed run that started the next
+    epoch."""
     from safetensors.torch import load_file
 
     monkeypatch.setattr(pretrain, "TRAIN_BLOCK_ROWS", 8)
-    weights = []
-    for run in ("a", "b"):
+    weights = {}
+    for run, faults in (("whole", ()), ("stopped", (3, 6))):
         config = PipelineConfig.model_validate(small_pipeline(tmp_path / run, pretrain={
-            "steps": 8, "checkpoint_every": 8, "workers": 2, "sample_grid": 0}))
+            "steps": 8, "checkpoint_every": 3, "workers": 2, "sample_grid": 0}))
+        for fault_at in faults:  # each attempt resumes from the last one's checkpoint
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv(pretrain.FAULT_ENV, str(fault_at))
+                with pytest.raises(pretrain.PretrainError, match="injected fault"):
+                    pretrain.run(config)
+            run_dir, = (tmp_path / run / "pretrain").glob("run-*")
+            assert max(_checkpoints(run_dir)) == fault_at
         final = pretrain.run(config)
-        weights.append(load_file(f"{final}/diffusion_pytorch_model.safetensors"))
-    assert set(weights[0]) == set(weights[1])
-    assert [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])] == []
+        weights[run] = load_file(f"{final}/diffusion_pytorch_model.safetensors")
+    assert set(weights["stopped"]) == set(weights["whole"])
+    assert [k for k in weights["whole"] if not torch.equal(weights["whole"][k], weights["stopped"][k])] == []
 
 
 # ------------------------------------------------------------------------------ unreadable training images

@@ -6,7 +6,8 @@ that determine the weights (`pretrain/run-<key>`), and Ray Train V2 reloads that
 `checkpoint_manager_snapshot.json` when a trainer with the same `RunConfig(name, storage_path)` starts, so
 `ray.train.get_checkpoint()` hands the workers the latest checkpoint and the rerun continues to the
 configured step count (checked against Ray 2.60's checkpoint manager; `resume_from_checkpoint=` is
-deprecated in V2 and raises). The EMA weights and the scheduler end up in `pretrain/final/` (diffusers
+deprecated in V2 and raises). Noise and augmentation are drawn per step and the batches of a cached shard
+follow from the step (`_batches`), so a resumed run trains what an uninterrupted one would have trained. The EMA weights and the scheduler end up in `pretrain/final/` (diffusers
 `save_pretrained`), written under a temporary name and renamed.
 
 MLflow (rank 0 only): per-step `loss` (mean over all workers, one all-reduce per report) and `lr` stamped
@@ -91,53 +92,64 @@ def checkpoint_name(step: int) -> str:
 
 # ------------------------------------------------------------------------------------ worker side
 
-def _batches(shard, batch_size: int, cache_limit_bytes: int, seed: int, rank: int, start_epoch: int = 0,
-             shuffle_buffer: int | None = None):
+def _batches(shard, batch_size: int, cache_limit_bytes: int, seed: int, rank: int,
+             resume_at: tuple[int, int] | None = None, shuffle_buffer: int | None = None):
     """Endless (epoch, batch) stream. A shard that fits in `cache_limit_bytes` is read once, put in a fixed
     order (its `row` column: not the order Ray Data's tasks finished in) and reshuffled in memory each later
     epoch with a generator seeded by (seed, epoch, rank) (re-streaming a small set through Ray Data costs
-    more than training on it). A fresh run trains on its first pass as it streams; a run resumed at epoch E
-    only fills the cache with it and trains epoch E on the cache, so it sees exactly the batches an
-    uninterrupted run sees (with `train_datasets`' fixed split; when its pass trained on the stream, the
-    resumed run's epoch E differed and with it every step after the checkpoint). A larger shard is streamed
-    every epoch through a local shuffle buffer."""
+    more than training on it). Epoch 0 trains on the first pass as it streams. A larger shard is streamed
+    every epoch through a local shuffle buffer.
+
+    `resume_at`: (epoch, step) of the checkpoint a run resumes from, so that it trains on exactly the batches
+    an uninterrupted run trains on from that step. Every epoch of a cached shard is ceil(rows / batch_size)
+    steps, so the step says where in its epoch the run stopped: inside epoch 0, the run streams epoch 0
+    again (the same seeded shuffle of the same fixed split, `train_datasets`) and trains from the first batch
+    not trained yet; later, the first pass only fills the cache and the run goes on inside the permutation
+    of its epoch. A shard too big to cache (its split varies anyway) goes on with the next epoch."""
     import torch
 
+    epoch, skip = 0, 0  # the epoch to train and how many of its batches were trained before
+    if resume_at is not None:
+        last_epoch, step = resume_at
+        # after epoch 0, the place of `step` in its epoch is known once the shard's size is: skip None
+        epoch, skip = (0, step) if last_epoch == 0 else (last_epoch + 1, None)
     cached: torch.Tensor | None = None
-    epoch = start_epoch
-    while True:
-        if cached is None:
-            held, size, batches = [], 0, 0  # (rows, images) while the shard may fit in the cache
-            fresh = epoch == 0
-            for batch in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer,
-                                                  local_shuffle_seed=seed * 1009 + epoch * 7 + rank):
-                x = batch["image"]
-                batches += 1
-                if size >= 0:
-                    held.append((batch["row"], x))
-                    size += x.numel() * x.element_size()
-                    if size > cache_limit_bytes:  # too big to cache: every epoch streams
-                        backlog = [] if fresh else [images for _, images in held]  # a resumed pass held back
-                        held, size = [], -1
-                        for images in backlog:
+    while cached is None:  # streamed passes, until one fits in the cache
+        held, size, batches = [], 0, 0  # (rows, images) while the shard may fit in the cache
+        for batch in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer,
+                                              local_shuffle_seed=seed * 1009 + epoch * 7 + rank):
+            x = batch["image"]
+            batches += 1
+            if size >= 0:
+                held.append((batch["row"], x))
+                size += x.numel() * x.element_size()
+                if size > cache_limit_bytes:  # too big to cache: every epoch streams
+                    if skip is None:  # a resumed pass held its batches back: they train epoch `epoch`
+                        skip = 0
+                        for _, images in held[:-1]:
                             yield epoch, images
-                        if backlog:
-                            continue  # x was the last of them
-                if fresh or size < 0:
-                    yield epoch, x
-            if not batches:  # an endless loop over nothing otherwise (every image of a streamed set unreadable)
-                raise RuntimeError(f"no training image reached worker {rank}: are any of them readable?")
-            if size >= 0 and held:
-                rows = torch.cat([r for r, _ in held])
-                cached = torch.cat([images for _, images in held])[torch.argsort(rows)]
-                if not fresh:
-                    continue  # this epoch trains on the cache, as an uninterrupted run's does
+                    held, size = [], -1
+            if skip is not None and batches > skip:
+                yield epoch, x
+        if not batches:  # an endless loop over nothing otherwise (every image of a streamed set unreadable)
+            raise RuntimeError(f"no training image reached worker {rank}: are any of them readable?")
+        if size >= 0:
+            rows = torch.cat([r for r, _ in held])
+            cached = torch.cat([images for _, images in held])[torch.argsort(rows)]
         else:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch * 1009 + rank)
-            perm = torch.randperm(len(cached), generator=g).to(cached.device)
-            for i in range(0, len(cached), batch_size):
-                yield epoch, cached[perm[i: i + batch_size]]
-        epoch += 1
+            epoch, skip = epoch + 1, 0
+    per_epoch = -(-len(cached) // batch_size)
+    if skip is None:  # resumed after epoch 0: `step` lies in epoch last_epoch, or ends it
+        at_epoch, at_batch = divmod(step, per_epoch)
+        epoch, skip = (at_epoch, at_batch) if at_epoch in (last_epoch, last_epoch + 1) else (last_epoch + 1, 0)
+    else:  # the first pass trained its epoch
+        epoch, skip = epoch + 1, 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch * 1009 + rank)
+        perm = torch.randperm(len(cached), generator=g).to(cached.device)
+        for i in range(skip * batch_size, len(cached), batch_size):
+            yield epoch, cached[perm[i: i + batch_size]]
+        epoch, skip = epoch + 1, 0
 
 
 def _build_model(cfg: dict):
@@ -238,9 +250,9 @@ def train_loop(cfg: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    # a resumed run starts a new epoch (the position inside the interrupted one is not kept)
     stream = _batches(train_shard(cfg.get("ordered_split", False), rank), cfg["batch_size"],
-                      cfg["cache_limit_bytes"], cfg["seed"], rank, start_epoch=state["epoch"] + 1 if state else 0,
+                      cfg["cache_limit_bytes"], cfg["seed"], rank,
+                      resume_at=(int(state["epoch"]), int(state["step"])) if state else None,
                       shuffle_buffer=cfg.get("shuffle_buffer"))
     if not state or state["step"] < cfg["steps"]:
         stream = _FirstBatchInBackground(stream)
