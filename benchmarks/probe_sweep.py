@@ -400,6 +400,17 @@ def run_sklearn(config, columns: list[str]) -> list[dict]:
     return rows
 
 
+def _mean_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of paired differences: how far the sample's mean can be from the
+    mean over every trial of the grid."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
 def shares(rounds: list[dict], slots: int) -> dict[str, float]:
     """The overhead and its parts as shares of the Tune slots, from the rounds' seconds summed (one round, or
     several pooled: a round in a slow phase of the machine then weighs as much as its seconds)."""
@@ -492,6 +503,7 @@ def main() -> None:
     exact_gaps = np.array([r["probe_test_acc"] - r["exact_test_acc"] for r in sk])
     tol_noise = np.array([r["test_acc"] - r["exact_test_acc"] for r in sk])
     same_wd = sum(r["probe_weight_decay"] == r["weight_decay"] for r in sk)
+    gap_ci = _mean_interval(gaps)
     iters = [i for r in sk for i in r["iters"]]
     p = config.probe
     print()
@@ -553,6 +565,8 @@ def main() -> None:
     print(f"    speed-up, compute vs compute (paired)  {sk_per_trial / probe_per_trial:5.1f} x")
     print(f"    test accuracy, probe - scikit-learn: {100 * gaps.mean():+.3f} points mean (min {100 * gaps.min():+.2f}, "
           f"max {100 * gaps.max():+.2f}); same weight decay chosen in {same_wd}/{len(sk)}   [target >= 0]")
+    print(f"      95 % interval of that mean (paired t over the {len(sk)} trials): {100 * gap_ci[0]:+.3f} to "
+          f"{100 * gap_ci[1]:+.3f} points")
     print(f"      against the exact optimum of scikit-learn's chosen C (tol 1e-8): probe {100 * exact_gaps.mean():+.3f}"
           f" points, scikit-learn at its default tol {100 * tol_noise.mean():+.3f} (mean |.| "
           f"{100 * np.abs(tol_noise).mean():.3f})")
