@@ -27,11 +27,23 @@ def _bar_image(w: int, h: int, mode: str) -> Image.Image:
     return Image.fromarray(a).convert(mode)
 
 
-@pytest.mark.parametrize("mode, channels", [("RGB", 3), ("RGB", 1), ("L", 1), ("L", 3), ("RGBA", 3), ("I;16", 1)])
+def _wide_image(gray: np.ndarray, mode: str) -> Image.Image:
+    """An 8-bit greyscale array as the same picture in a mode of more bits, on that mode's range."""
+    if mode == "F":
+        return Image.fromarray(gray.astype(np.float32) / 255)
+    if mode == "I":
+        return Image.fromarray(gray.astype(np.int32) * 257)
+    if mode == "I;16B":
+        return Image.frombytes(mode, gray.shape[::-1], (gray.astype(">u2") * 257).tobytes())
+    return Image.fromarray(gray.astype(np.uint16) * 257)  # "I;16"
+
+
+@pytest.mark.parametrize("mode, channels", [("RGB", 3), ("RGB", 1), ("L", 1), ("L", 3), ("RGBA", 3), ("I;16", 1),
+                                            ("I;16", 3), ("F", 1)])
 def test_preprocess_shape_range_and_modes(mode, channels):
-    img = _bar_image(64, 32, mode if mode != "I;16" else "L")
-    if mode == "I;16":
-        img = img.convert("I").convert("I;16")
+    img = _bar_image(64, 32, mode if mode not in ("I;16", "F") else "L")
+    if mode in ("I;16", "F"):
+        img = _wide_image(np.asarray(img), mode)
     x = preprocess(img, 16, channels)
     assert x.shape == (channels, 16, 16) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
@@ -63,6 +75,25 @@ def test_preprocess_matches_independent_computation_on_real_image():
     sq[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = g
     ref = np.asarray(Image.fromarray(sq).resize((32, 32), Image.Resampling.BICUBIC), np.float32) / 127.5 - 1
     np.testing.assert_allclose(x[0].numpy(), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, suffix", [("I;16", "png"), ("I;16", "tif"), ("I;16B", "tif"), ("I", "tif"),
+                                          ("F", "tif")])
+def test_preprocess_reads_images_of_more_bits_on_their_type_range(tmp_path, mode, suffix):
+    """A real demo image saved as 16-bit PNG/TIFF (values v * 257), 32-bit integer TIFF or float TIFF in
+    [0, 1] gives the 8-bit image's tensor (up to the 8-bit image's rounding in padding and resizing):
+    Pillow's own conversion made every 16-bit image white and the float one black."""
+    path = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
+    gray = np.asarray(Image.open(path).convert("L"))
+    wide = tmp_path / f"wide.{suffix}"
+    _wide_image(gray, mode).save(wide)
+    with Image.open(wide) as reread:
+        assert reread.mode == mode or (mode == "I;16B" and reread.mode.startswith("I;16"))
+    for channels in (1, 3):
+        x = preprocess(Image.open(wide), 32, channels)
+        ref = preprocess(Image.fromarray(gray), 32, channels)
+        assert x.shape == ref.shape
+        assert (x - ref).abs().max() < 0.03 and (x - ref).abs().mean() < 0.005
 
 
 def test_decode_rows_reports_bad_images(tmp_path):

@@ -17,14 +17,32 @@ def _border_fill(image: Image.Image) -> int | tuple[int, ...]:
     a = np.asarray(image)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]], axis=0)
     med = np.median(border, axis=0)
+    if image.mode == "F":
+        return float(med)
     return tuple(int(v) for v in np.atleast_1d(med)) if a.ndim == 3 else int(med)
+
+
+# Pillow modes of more than 8 bits (16-bit PNG and TIFF, 32-bit integer and float TIFF) and the value that is
+# white in each: integer images span their type's range, as torchvision's and scikit-image's conversions
+# read them (a 16-bit value v is v / 65535; Pillow decodes some 16-bit files to 32-bit "I"), float images
+# [0, 1]; values outside are clipped. Pillow's own conversion to "L" clips instead of scaling: every 16-bit
+# image came out white and a [0, 1] float image black.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def _wide_to_float(image: Image.Image) -> Image.Image:
+    """A single-channel image of more than 8 bits as a float ("F") image on the 8-bit scale [0, 255]."""
+    a = np.asarray(image).astype(np.float32)
+    a = np.clip(a * np.float32(255.0 / WIDE_MODES[image.mode]), np.float32(0.0), np.float32(255.0))
+    return Image.fromarray(a, mode="F")
 
 
 def preprocess(image: Image.Image, size: int, channels: int) -> torch.Tensor:
     """Return ``image`` as a float32 tensor of shape (channels, size, size) with values in [-1, 1].
 
     Any size, aspect ratio or mode is accepted. The image is padded to a square with its own background
-    colour (never stretched), then resized with antialiasing, so shapes keep their proportions.
+    colour (never stretched), then resized with antialiasing, so shapes keep their proportions. 8-bit
+    images map 0..255 to [-1, 1]; images of more bits are read on their type's range (`WIDE_MODES`).
     """
     import torch
 
@@ -40,7 +58,8 @@ def preprocess_array(image: Image.Image, size: int, channels: int) -> np.ndarray
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     image = ImageOps.exif_transpose(image)
-    image = image.convert("L" if channels == 1 else "RGB")
+    wide = image.mode in WIDE_MODES  # kept single-channel float here; copied to 3 channels at the end
+    image = _wide_to_float(image) if wide else image.convert("L" if channels == 1 else "RGB")
     w, h = image.size
     side = max(w, h)
     if w != h:
@@ -51,7 +70,7 @@ def preprocess_array(image: Image.Image, size: int, channels: int) -> np.ndarray
         image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
     a = np.asarray(image, dtype=np.float32)
     if a.ndim == 2:
-        a = a[None]
+        a = a[None] if channels == 1 else np.repeat(a[None], 3, axis=0)
     else:
         a = a.transpose(2, 0, 1)
     a = np.ascontiguousarray(a) / np.float32(127.5) - np.float32(1.0)
