@@ -228,6 +228,125 @@ def test_manifest_split_column(tmp_path, write_pipeline):
             table(manifest.assign(split=bad))
 
 
+def test_manifest_with_train_and_val_splits_draws_test_from_train(tmp_path, write_pipeline):
+    """A split column of train and val keeps val and draws test from train (as train/test draws val): the
+    study had an empty test split, its report failed at the end."""
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    given = np.array(["train", "train", "val"] * 35, dtype=object)
+    pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files],
+                  "split": given}).to_csv(tmp_path / "m.csv", index=False)
+    t = build_table(load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "manifest", "path": str(tmp_path / "m.csv"), "splits": {"val": 0.25, "test": 0.25}}})))
+    split = dict(zip(t.frame["image_id"], t.frame["split"]))
+    assert [split[str(p)] for p, g in zip(files, given) if g == "val"] == ["val"] * 35
+    drawn = pd.Series([split[str(p)] for p, g in zip(files, given) if g == "train"]).value_counts()
+    assert set(drawn.index) == {"train", "test"} and 15 <= drawn["test"] <= 21  # ~ a quarter of 70, per class
+
+
+def _manifest(tmp_path, write_pipeline, text: str | bytes, name: str = "m.csv"):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return build_table(load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "manifest", "path": str(path), "splits": {"val": 0.2, "test": 0.2}}})))
+
+
+def test_manifest_labels_are_trimmed_and_unicode_normalised(tmp_path, write_pipeline):
+    """' Tripos', 'Tripos ' and 'Tripos' are one class (a spreadsheet's spaces made three), as are a
+    decomposed and a composed 'Ciliés' (macOS writes the first); `Path,Label` headers are read too."""
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    pads = ["", " ", "  "]
+    names = {"Ciliophora": "Cilie\u0301s", "Tripos": "Ciliés"}  # decomposed and composed: one class
+    rows = [f'"{p}","{pads[i % 3]}{names.get(p.parent.name, p.parent.name)}{pads[(i + 1) % 3]}"'
+            for i, p in enumerate(files)]
+    t = _manifest(tmp_path, write_pipeline, "Path, Label\n" + "\n".join(rows) + "\n")
+    assert t.classes == ["Actinoptychus", "Bacillariophyceae", "Ciliés", "Dinoflagellata", "Noctilucales"]
+    assert len(t.frame) == 105
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty_label", "row(s) 3 (counting data rows from 1) have no label"),
+    ("empty_row", "row(s) 2 (counting data rows from 1) have no path"),
+    ("same_image_twice", "lists 1 image(s) more than once, e.g. '{p0}' (rows 1, 4)"),
+    ("latin1", "is not UTF-8 text (byte 0xe9"),
+    ("semicolons", "lacks column(s) ['label', 'path']: its columns are ['path;label']; the file seems separated "
+                   "by ';'"),
+])
+def test_manifest_mistakes_are_config_errors_naming_the_rows(tmp_path, write_pipeline, case, message):
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))[:3]
+    p0 = files[0]
+    text = {
+        "empty_label": f"path,label\n{files[0]},A\n{files[1]},B\n{files[2]},\n",
+        "empty_row": f"path,label\n{files[0]},A\n,\n{files[2]},B\n",
+        # the same file, once spelled through its folder's parent: one image in train and in test
+        "same_image_twice": f"path,label,split\n{p0},A,train\n{files[1]},B,val\n{files[2]},B,train\n"
+                            f"{p0.parent}/../{p0.parent.name}/{p0.name},A,test\n",
+        "latin1": f"path,label\n{files[0]},Cilié\n{files[1]},B\n".encode("latin-1"),
+        "semicolons": f"path;label\n{files[0]};A\n{files[1]};B\n",
+    }[case]
+    with pytest.raises(ConfigError, match=re.escape(message.format(p0=p0))):
+        _manifest(tmp_path, write_pipeline, text)
+
+
+def test_split_files_hold_ids_with_spaces(tmp_path, write_pipeline):
+    """Ids of files and class folders with spaces ('Chaetoceros spp/img 01.png') are whole lines, or lines
+    with a label after them; a byte-order mark is not part of the first id."""
+    root = tmp_path / "images"
+    ids = []
+    for c, cls in enumerate(["Chaetoceros spp", "Tripos"]):
+        (root / cls).mkdir(parents=True)
+        for i, f in enumerate(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))[:9]):
+            (root / cls / f"img {i:02d}.jpg").write_bytes(f.read_bytes())
+            ids.append((f"{cls}/img {i:02d}.jpg", cls))
+    lists = {"train": ids[0:6] + ids[9:15], "val": ids[6:8] + ids[15:17], "test": ids[8:9] + ids[17:18]}
+    splits = {}
+    for name, members in lists.items():
+        lines = [f"{i} {label}" if k % 2 else i for k, (i, label) in enumerate(members)]
+        (tmp_path / f"{name}.txt").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+        splits[name] = str(tmp_path / f"{name}.txt")
+    t = build_table(load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "imagefolder", "path": str(root), "splits": splits}})))
+    assert dict(zip(t.frame["image_id"], t.frame["split"])) == {i: name for name, m in lists.items() for i, _ in m}
+
+
+def test_imagefolder_scan_skips_what_is_not_an_image_and_says_so(tmp_path, write_pipeline):
+    """Hidden and NAS metadata folders (Synology's @eaDir thumbnails: near-duplicates) are not entered, a
+    linked folder inside a class is, PGM and JFIF files are images; files without an image suffix, broken
+    links, class folders without images and loose files are passed over and counted in `ignored` and the
+    data warnings."""
+    from sweep.data.table import data_warnings
+
+    src = sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))
+    root, elsewhere = tmp_path / "images", tmp_path / "more"
+    for cls in ("Tripos", "Ciliophora"):
+        (root / cls).mkdir(parents=True)
+        for i, f in enumerate(src[:4]):
+            (root / cls / f"{i}.jpg").write_bytes(f.read_bytes())
+    for hidden in (".thumbnails", "@eaDir/0.jpg"):
+        (root / "Tripos" / hidden).mkdir(parents=True)
+        (root / "Tripos" / hidden / "thumb.jpg").write_bytes(src[0].read_bytes())
+    elsewhere.mkdir()
+    for i, f in enumerate(src[4:7]):
+        (elsewhere / f"{i}.jpg").write_bytes(f.read_bytes())
+    (root / "Tripos" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    Image.open(src[0]).convert("L").save(root / "Ciliophora" / "gray.pgm")
+    (root / "Ciliophora" / "photo.jfif").write_bytes(src[1].read_bytes())
+    (root / "Ciliophora" / "notes.txt").write_text("not an image")
+    (root / "Ciliophora" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (root / "Empty").mkdir()
+    (root / "loose.jpg").write_bytes(src[0].read_bytes())
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "name": "main", "source": "imagefolder", "path": str(root)}}))
+    t = build_table(cfg)
+    assert sorted(t.frame["image_id"]) == sorted(
+        [f"{c}/{i}.jpg" for c in ("Tripos", "Ciliophora") for i in range(4)]
+        + [f"Tripos/linked/{i}.jpg" for i in range(3)] + ["Ciliophora/gray.pgm", "Ciliophora/photo.jfif"])
+    assert sorted((reason, count) for reason, count, _ in t.ignored["main"]) == [
+        ("broken link(s)", 1), ("file(s) beside the class folders", 1), ("file(s) without an image suffix", 1),
+        ("folder(s) without images", 1), ("hidden or metadata folder(s)", 2)]
+    warning = next(w for w in data_warnings(cfg, t) if w.startswith("not read as images"))
+    assert "1 file(s) without an image suffix (e.g. 'Ciliophora/notes.txt')" in warning
+
+
 def _write_idx(path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import os
 import struct
+import unicodedata
 from importlib import resources
 from pathlib import Path
 
@@ -18,7 +20,11 @@ from PIL import Image
 
 from sweep.config import ConfigError, DatasetSpec
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".pgm",
+                  ".ppm", ".pbm", ".pnm"}
+# Folders an image folder's scan never enters (besides hidden ones): thumbnails and metadata that NAS and
+# operating systems write beside images (Synology's @eaDir holds a near-duplicate JPEG of every image)
+METADATA_DIRS = {"@eaDir", "__MACOSX", "$RECYCLE.BIN", "System Volume Information", "#recycle", "#snapshot"}
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -36,9 +42,17 @@ def demo_root() -> Path:
     return Path(str(resources.files("sweep.data") / "demo" / "plankton-flowcam-demo"))
 
 
+def class_name(name) -> str:
+    """A class name as sources compare it: without surrounding spaces (spreadsheets leave them) and in
+    Unicode NFC (macOS writes folder names decomposed: 'Cilie\u0301s' and 'Ciliés' print alike)."""
+    return unicodedata.normalize("NFC", str(name).strip())
+
+
 def scan(spec: DatasetSpec, where: str) -> pd.DataFrame:
     """Rows of COLUMNS for every image of a dataset; `official_split` is set where the source defines
-    one (Fashion-MNIST's train/test), else None. `where` names the config key for error messages."""
+    one (Fashion-MNIST's train/test), else None. `where` names the config key for error messages.
+    What an image folder's scan passed over is in the frame's ``attrs["ignored"]``: (reason, count,
+    example) tuples."""
     if spec.source == "demo":
         root = Path(spec.path) if spec.path else demo_root() / "images"
         return _scan_imagefolder(root, where)
@@ -51,55 +65,134 @@ def scan(spec: DatasetSpec, where: str) -> pd.DataFrame:
     raise ConfigError(f"{where}.source: unknown source {spec.source!r}")
 
 
+def _walk_files(folder: Path):
+    """Every file below `folder`, following symbolic links to folders (each real folder once), leaving out
+    hidden files and folders and METADATA_DIRS; yields (path, skipped_dir) where skipped_dir is set for the
+    folders left out (path None)."""
+    seen = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for d in sorted(dirs):
+            if d.startswith(".") or d in METADATA_DIRS:
+                yield None, Path(top, d)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in METADATA_DIRS)
+        for f in sorted(files):
+            if not f.startswith("."):
+                yield Path(top, f), None
+
+
 def _scan_imagefolder(root: Path, where: str) -> pd.DataFrame:
     if not root.is_dir():
         raise ConfigError(f"{where}.path: not a folder: {root}")
-    rows = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(class_dir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
-                rows.append((f.relative_to(root).as_posix(), str(f), -1, class_dir.name, None))
+    rows, ignored = [], {}
+
+    def ignore(reason: str, path: Path) -> None:
+        count, example = ignored.get(reason, (0, path.relative_to(root).as_posix()))
+        ignored[reason] = (count + 1, example)
+
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or entry.name in METADATA_DIRS:
+            continue
+        if not entry.is_dir():
+            ignore("file(s) beside the class folders", entry)
+            continue
+        name, found = class_name(entry.name), 0
+        for f, skipped_dir in _walk_files(entry):
+            if skipped_dir is not None:
+                ignore("hidden or metadata folder(s)", skipped_dir)
+            elif f.suffix.lower() not in IMAGE_SUFFIXES:
+                ignore("file(s) without an image suffix", f)
+            elif not f.is_file():
+                ignore("broken link(s)", f)
+            else:
+                rows.append((f.relative_to(root).as_posix(), str(f), -1, name, None))
+                found += 1
+        if not found:
+            ignore("folder(s) without images", entry)
     if not rows:
         raise ConfigError(
             f"{where}.path: no class folders with images in {root} "
             f"(expected {root}/<class>/<image>{{{','.join(sorted(IMAGE_SUFFIXES))}}})"
         )
-    return pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame.attrs["ignored"] = [(reason, count, example) for reason, (count, example) in ignored.items()]
+    return frame
 
 
 MANIFEST_SPLITS = ("train", "val", "test")
 
 
-def _scan_manifest(path: Path, where: str) -> pd.DataFrame:
-    if path.suffix.lower() == ".parquet":
+def _read_manifest(path: Path, where: str) -> pd.DataFrame:
+    """The manifest as text columns (an empty cell: ""), column names stripped and lower-cased."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         table = pd.read_parquet(path)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+        table = table.astype(object).where(table.notna(), "").astype(str)
+    elif suffix in (".csv", ".tsv"):
+        try:
+            table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
+                                encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where}.path: manifest {path} is not UTF-8 text (byte {e.object[e.start]:#x} at "
+                              f"position {e.start}): save it as UTF-8") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise ConfigError(f"{where}.path: manifest {path} is not a readable {suffix[1:].upper()} table: "
+                              f"{str(e).strip()}") from None
     else:
         raise ConfigError(f"{where}.path: a manifest must be .csv, .tsv or .parquet, got {path.name}")
+    table.columns = [str(c).strip().lower() for c in table.columns]
     missing = {"path", "label"} - set(table.columns)
     if missing:
-        raise ConfigError(f"{where}.path: manifest {path} lacks column(s) {sorted(missing)}")
+        found = list(table.columns)
+        hint = (f"; the file seems separated by {sep!r}" if len(found) == 1 and
+                (sep := next((c for c in (";", "\t", ",", "|") if c in found[0]), None)) else "")
+        raise ConfigError(f"{where}.path: manifest {path} lacks column(s) {sorted(missing)}: its columns are "
+                          f"{found}{hint} (a .csv is comma-separated, a .tsv tab-separated)")
     if table.empty:
         raise ConfigError(f"{where}.path: manifest {path} has no rows")
-    base = path.parent
-    rel = table["path"].astype(str)
-    full = [p if Path(p).is_absolute() else str(base / p) for p in rel]
+    return table
+
+
+def _rows(mask) -> str:
+    rows = [str(i + 1) for i in np.flatnonzero(mask)]
+    return ", ".join(rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
+def _scan_manifest(path: Path, where: str) -> pd.DataFrame:
+    table = _read_manifest(path, where)
+    rel = table["path"].str.strip()
+    labels = table["label"].map(class_name)
+    for column, values in (("path", rel), ("label", labels)):
+        if (values == "").any():
+            raise ConfigError(f"{where}.path: manifest {path}: row(s) {_rows(values == '')} (counting data rows "
+                              f"from 1) have no {column}")
+    base = path.parent  # relative paths are relative to the manifest's folder
+    full = pd.Series([p if Path(p).is_absolute() else str(base / p) for p in rel])
+    resolved = full.map(os.path.normpath)
+    repeated = resolved.duplicated(keep=False)
+    if repeated.any():
+        first = resolved[repeated].iloc[0]
+        rows = _rows(resolved == first)
+        raise ConfigError(
+            f"{where}.path: manifest {path} lists {resolved[repeated].nunique()} image(s) more than once, e.g. "
+            f"{rel[resolved == first].iloc[0]!r} (rows {rows}); each image may have one row (one label, one split)")
     split = [None] * len(table)
     if "split" in table.columns:
-        given = table["split"]
-        bad = sorted({"(empty)" if pd.isna(v) else str(v) for v in given
-                      if not isinstance(v, str) or v not in MANIFEST_SPLITS})
+        given = table["split"].str.strip().str.lower()
+        bad = sorted({v or "(empty)" for v in given if v not in MANIFEST_SPLITS})
         if bad:
             raise ConfigError(f"{where}.path: manifest {path}: column split holds {bad[:5]}; each row's split must be "
                               f"one of {', '.join(MANIFEST_SPLITS)} (or leave the column out: then the splits are "
                               f"drawn by {where}.splits)")
         if not (given == "train").any():
             raise ConfigError(f"{where}.path: manifest {path}: column split names no train image")
-        split = given.astype(str)
+        split = given
     return pd.DataFrame({
-        "image_id": rel, "path": full, "index": -1,
-        "class_name": table["label"].astype(str), "official_split": split,
+        "image_id": rel, "path": full, "index": -1, "class_name": labels, "official_split": split,
     })[COLUMNS]
 
 

@@ -7,6 +7,7 @@ class or an image elsewhere never reshuffles the rest.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ class ImageTable:
     # images left out because their class is not a training class: image_id, domain, split, class_name
     left_out: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
         columns=["image_id", "domain", "split", "class_name"]))
+    # what a dataset's scan passed over, not being images: domain -> [(reason, count, example path)]
+    ignored: dict[str, list[tuple[str, int, str]]] = field(default_factory=dict)
 
     @property
     def excluded(self) -> dict[str, dict[str, int]]:
@@ -97,11 +100,18 @@ def stratified_split(class_names: pd.Series, val: float, test: float, seed: int)
     return split
 
 
-def _read_split_file(path: str) -> list[str]:
+def _read_split_file(path: str, known: set[str]) -> list[str]:
+    """The image ids of a split file: one `IMAGE_ID [LABEL]` per line. Ids and labels may hold spaces (a
+    class folder `Chaetoceros spp`): a line's id is its longest start, cut at a space, that is an id of
+    the dataset (else its first field, which the caller reports as unknown); a tab always ends the id."""
     ids = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            ids.append(line.split()[0])
+    for line in Path(path).read_text(encoding="utf-8-sig").splitlines():
+        line = line.split("\t")[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        cuts = [m.start() for m in re.finditer(r"\s+", line)]
+        starts = (line[:cut] for cut in [len(line), *reversed(cuts)])
+        ids.append(next((i for i in starts if i in known), line.split()[0]))
     return ids
 
 
@@ -109,15 +119,15 @@ def _assign_splits(frame: pd.DataFrame, spec: TrainDataset, seed: int, where: st
     splits = spec.splits
     if splits.from_files:
         members: dict[str, str] = {}
+        known = set(frame["image_id"])
         for name in ("train", "val", "test"):
             f = getattr(splits, name)
             if f is None:
                 continue
-            for image_id in _read_split_file(f):
+            for image_id in _read_split_file(f, known):
                 if image_id in members and members[image_id] != name:
-                    raise ConfigError(f"{where}.splits: {image_id} is in both {members[image_id]} and {name}")
+                    raise ConfigError(f"{where}.splits: {image_id!r} is in both {members[image_id]} and {name}")
                 members[image_id] = name
-        known = set(frame["image_id"])
         unknown = [i for i in members if i not in known]
         if unknown:
             raise ConfigError(
@@ -128,13 +138,16 @@ def _assign_splits(frame: pd.DataFrame, spec: TrainDataset, seed: int, where: st
                              frame["image_id"].map(members))
         return frame[frame["split"].notna()].reset_index(drop=True)
     official = frame["official_split"]
-    if official.notna().all() and "val" in set(official):
+    given = set(official) if official.notna().all() else set()
+    if {"val", "test"} <= given:
         return frame.assign(split=official)  # a manifest that names every split: kept as given
-    if official.notna().all() and set(official) == {"train", "test"}:
-        # a source with an official test set (Fashion-MNIST, a manifest) keeps it; val is drawn from its train part
+    if given in ({"train", "test"}, {"train", "val"}):
+        # a source with an official test set (Fashion-MNIST, a manifest) keeps it and val is drawn from its
+        # train part; a manifest's val split likewise, with test drawn from train
         split = official.to_numpy(dtype=object).copy()
         is_train = split == "train"
-        split[is_train] = stratified_split(frame.loc[is_train, "class_name"], splits.val, 0.0, seed)
+        val, test = (splits.val, 0.0) if "test" in given else (0.0, splits.test)
+        split[is_train] = stratified_split(frame.loc[is_train, "class_name"], val, test, seed)
         return frame.assign(split=split)
     return frame.assign(split=stratified_split(frame["class_name"], splits.val, splits.test, seed))
 
@@ -185,16 +198,26 @@ def unscored_warning(config: PipelineConfig, table: ImageTable) -> str | None:
             f"data.train.splits fractions give them some")
 
 
+def ignored_warning(table: ImageTable) -> str | None:
+    """What the scan of an image folder passed over, by reason, with an example each."""
+    parts = [f"{domain}: " + "; ".join(f"{count} {reason} (e.g. {example!r})" for reason, count, example in found)
+             for domain, found in table.ignored.items() if found]
+    return f"not read as images: {' | '.join(parts)}" if parts else None
+
+
 def data_warnings(config: PipelineConfig, table: ImageTable) -> list[str]:
     """What `validate` and `extract` warn about the image table: unequal classes under `regime: balanced`,
-    training classes with no val or test image."""
-    return [w for w in (unbalanced_warning(config, table), unscored_warning(config, table)) if w]
+    training classes with no val or test image, files of an image folder passed over."""
+    return [w for w in (unbalanced_warning(config, table), unscored_warning(config, table),
+                        ignored_warning(table)) if w]
 
 
 def build_table(config: PipelineConfig) -> ImageTable:
     """Scan every dataset of the pipeline, split the main one, match OOD labels to training classes."""
     spec = config.data.train
-    frame = _limit(scan(spec, "data.train"), spec.limit, config.seed)
+    frame = scan(spec, "data.train")
+    ignored = {spec.name: frame.attrs.get("ignored", [])}
+    frame = _limit(frame, spec.limit, config.seed)
     if spec.regime == "balanced":
         frame = _stratified_sample(frame, spec.per_class, config.seed, "balanced")
     frame = _assign_splits(frame, spec, config.seed, "data.train")
@@ -210,7 +233,9 @@ def build_table(config: PipelineConfig) -> ImageTable:
     label_of = {c: i for i, c in enumerate(classes)}
     frames = [frame.assign(domain=spec.name)]
     for i, ood in enumerate(config.data.ood):
-        other = _limit(scan(ood, f"data.ood.{i}"), ood.limit, config.seed)
+        other = scan(ood, f"data.ood.{i}")
+        ignored[ood.name] = other.attrs.get("ignored", [])
+        other = _limit(other, ood.limit, config.seed)
         if not other["class_name"].isin(label_of).any():
             raise ConfigError(f"data.ood.{i}: no image of {ood.name!r} belongs to a training class ({classes})"
                               f"{case_hint(other['class_name'].unique(), classes)}")
@@ -222,4 +247,5 @@ def build_table(config: PipelineConfig) -> ImageTable:
     table = table[~unknown].copy()
     table["label"] = table["class_name"].map(label_of).astype("int32")
     table = table[["image_id", "path", "index", "label", "split", "domain"]].reset_index(drop=True)
-    return ImageTable(frame=table, classes=classes, left_out=left_out)
+    return ImageTable(frame=table, classes=classes, left_out=left_out,
+                      ignored={domain: found for domain, found in ignored.items() if found})
