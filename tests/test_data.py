@@ -96,6 +96,30 @@ def test_preprocess_reads_images_of_more_bits_on_their_type_range(tmp_path, mode
         assert (x - ref).abs().max() < 0.03 and (x - ref).abs().mean() < 0.005
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_white(tmp_path, mode):
+    """A real demo image cut out on a transparent background whose pixels are black underneath (as
+    segmentation exports write them), saved as PNG: it preprocesses as the cut-out on white. Dropping
+    the alpha, the background was black."""
+    path = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
+    gray = np.asarray(Image.open(path).convert("L"))
+    keep = gray < np.median(gray)  # the darker half: the organism, roughly
+    cut = np.where(keep, gray, 0).astype(np.uint8)
+    alpha = np.where(keep, 255, 0).astype(np.uint8)
+    if mode == "P":  # a palette image with one transparent index
+        img = Image.fromarray(np.where(keep, gray // 2 * 2, 1).astype(np.uint8), mode="L").convert("P")
+        img.info["transparency"] = 1
+        white = Image.fromarray(np.where(keep, gray // 2 * 2, 255).astype(np.uint8))
+    else:
+        img = Image.merge(mode, [Image.fromarray(cut)] * (3 if mode == "RGBA" else 1) + [Image.fromarray(alpha)])
+        white = Image.fromarray(np.where(keep, gray, 255).astype(np.uint8))
+    img.save(tmp_path / "cut.png")
+    for channels in (1, 3):
+        x = preprocess(Image.open(tmp_path / "cut.png"), 32, channels)
+        np.testing.assert_allclose(x.numpy(), preprocess(white, 32, channels).numpy(), atol=1e-6)
+        assert x[:, 0, 0].min() == 1.0  # the corner: background, white
+
+
 def test_decode_rows_reports_bad_images(tmp_path):
     good = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
     truncated = tmp_path / "trunc.jpg"

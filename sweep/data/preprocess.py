@@ -42,7 +42,8 @@ def preprocess(image: Image.Image, size: int, channels: int) -> torch.Tensor:
 
     Any size, aspect ratio or mode is accepted. The image is padded to a square with its own background
     colour (never stretched), then resized with antialiasing, so shapes keep their proportions. 8-bit
-    images map 0..255 to [-1, 1]; images of more bits are read on their type's range (`WIDE_MODES`).
+    images map 0..255 to [-1, 1]; images of more bits are read on their type's range (`WIDE_MODES`);
+    transparent pixels are white.
     """
     import torch
 
@@ -58,6 +59,10 @@ def preprocess_array(image: Image.Image, size: int, channels: int) -> np.ndarray
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # transparent pixels keep whatever colour their writer left (often black): composite on white, as
+        # Hugging Face's image processors do, rather than let that colour become the background
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
     wide = image.mode in WIDE_MODES  # kept single-channel float here; copied to 3 channels at the end
     image = _wide_to_float(image) if wide else image.convert("L" if channels == 1 else "RGB")
     w, h = image.size
