@@ -17,6 +17,27 @@ def test_demo_pipeline_is_valid(capsys):
     assert "105 images, 6 classes" in out
 
 
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_validate_warns_when_a_datasets_images_read_nearly_uniform(tmp_path, capsys, bits):
+    """Demo images saved as 16-bit PNGs holding 12-bit values (a camera's) are read on the 16-bit range: nearly
+    black. `validate` says so; 8-bit and full-range 16-bit copies of the same images read fine."""
+    import numpy as np
+    from PIL import Image
+
+    demo = Path("sweep/data/demo/plankton-flowcam-demo/images").resolve()
+    for c in ("Tripos", "Ciliophora"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for f in sorted((demo / c).iterdir())[:8]:
+            gray = np.asarray(Image.open(f).convert("L")).astype(np.uint16)
+            scaled = {8: gray.astype(np.uint8), 12: gray * 16, 16: gray * 257}[bits]
+            Image.fromarray(scaled).save(tmp_path / "images" / c / f"{f.stem}.png")
+    assert main(["validate", "pipelines/demo.yaml", "--set", "data.train.source=imagefolder",
+                 "--set", f"data.train.path={tmp_path / 'images'}"]) == 0
+    out = capsys.readouterr().out
+    warned = "images: warning: data.train: the sampled images are nearly uniform once read" in out
+    assert warned == (bits == 12), out
+
+
 def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
     """`validate` opens a seeded sample of each dataset's images: unreadable ones are counted and one is named;
     a dataset none of whose sampled images reads is an invalid setting (it made pretraining wait forever)."""
