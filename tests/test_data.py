@@ -267,6 +267,13 @@ def test_manifest_with_train_and_val_splits_draws_test_from_train(tmp_path, writ
     assert set(drawn.index) == {"train", "test"} and 15 <= drawn["test"] <= 21  # ~ a quarter of 70, per class
 
 
+def test_an_empty_test_split_is_a_config_error(write_pipeline):
+    """Without test images a study ran to its end and its report failed on the empty test columns."""
+    with pytest.raises(ConfigError, match=re.escape("data.train: the test split is empty (105 images)")):
+        build_table(load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+            "source": "demo", "splits": {"val": 0.2, "test": 0.0}}})))
+
+
 def _manifest(tmp_path, write_pipeline, text: str | bytes, name: str = "m.csv"):
     path = tmp_path / name
     path.write_bytes(text if isinstance(text, bytes) else text.encode())

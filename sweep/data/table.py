@@ -227,6 +227,10 @@ def build_table(config: PipelineConfig) -> ImageTable:
             f"data.train: the val split is empty ({len(frame)} images, {per_class.min()} to {per_class.max()} per "
             f"class{f', regime balanced with per_class {spec.per_class}' if spec.regime == 'balanced' else ''}); "
             f"the probes choose their heads on it: give it images (data.train.splits.val, or more per class)")
+    if not (frame["split"] == "test").any():  # every probe and baseline is scored on it, the report reads it
+        raise ConfigError(
+            f"data.train: the test split is empty ({len(frame)} images); the probes are scored on it: give it "
+            f"images (data.train.splits.test, a test split file, or test rows in a manifest's split column)")
     classes = sorted(frame.loc[frame["split"] == "train", "class_name"].unique())
     if len(classes) < 2:
         raise ConfigError(f"data.train: the train split holds {len(classes)} class(es); a probe needs at least 2")

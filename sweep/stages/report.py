@@ -286,6 +286,9 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path) -> None:
         lines += [f"## {encoder}", ""]
         if group["timestep"].notna().any():
             for m in dict.fromkeys([config.probe.select, metric]):
+                if m not in group or not group[m].notna().any():  # say, no test image of a training class
+                    lines += [f"({m}: not measured on any column)", ""]
+                    continue
                 name = f"heatmap_{encoder}_{m}.png"
                 _heatmap(group, m, f"{encoder}: {m} by block and timestep", out / name,
                          epochs=config.probe.epochs if config.probe.asha else None)
