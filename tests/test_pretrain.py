@@ -449,7 +449,7 @@ def test_a_seeded_run_stopped_inside_epochs_and_resumed_trains_the_unet_of_an_un
         ray_local, tmp_path, monkeypatch):
     """Each worker trains on the same images in the same order every run (`train_datasets`), and a resumed
     run goes on inside the epoch its checkpoint lies in (`_batches`). So a seeded run on two DDP workers,
-    stopped by injected faults after its checkpoints at steps 3 and 6 (inside epochs 0 and 1: 30 images a
+    stopped by injected faults after its checkpoints at steps 3 and 6 (inside epochs 0 and 1: 31 images a
     worker in batches of 8 are 4 steps an epoch) and resumed each time, ends with the weights of a run that
     was never stopped, bit for bit. Blocks of 8 images: Ray Train's streaming split, which hands blocks to
     whichever worker asks first, gave different weights here; so did a resumed run that started the next
@@ -519,6 +519,21 @@ def test_unreadable_training_images_are_skipped_counted_and_named(ray_local, tmp
     assert check_training_images(config, "pretrain", listed, None) == 10  # streamed: not known before training
     with pytest.raises(RuntimeError, match="1 readable training image.*pretrain.workers=2"):
         check_training_images(config, "pretrain", listed, 1)
+
+
+@pytest.mark.ray
+def test_every_training_image_reaches_a_worker_when_they_do_not_divide_evenly(ray_local, tmp_path):
+    """9 images on 2 workers: 5 each, the first image twice (Ray's equal split dropped the ninth, the same
+    one every run)."""
+    from sweep.stages.common import train_datasets
+
+    config = _manifest_pipeline(tmp_path, _demo_rows(("Tripos", "Ciliophora", "Dinoflagellata"), train=3))
+    dataset, listed = pretrain.train_dataset(config)
+    datasets, _, usable = train_datasets(dataset, config, listed)
+    assert listed == usable == 9
+    rows = {name: sorted(int(r) for r in d.to_pandas()["row"]) for name, d in datasets.items()}
+    assert [len(r) for r in rows.values()] == [5, 5]
+    assert sorted(set(rows["train_0"]) | set(rows["train_1"])) == list(range(9))
 
 
 @pytest.mark.ray

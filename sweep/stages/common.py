@@ -166,7 +166,7 @@ def train_datasets(ds, config: PipelineConfig, n_images: int) -> tuple[dict, obj
 
     Images that fit in memory (float32, at most ORDERED_SPLIT_BYTES) are decoded before training, kept in
     `ds`'s order and split into `workers` equal parts `train_0`, `train_1`, ..., each taken whole by the worker
-    of that rank (`train_shard`): a seeded run trains every worker on the same images in the same order each
+    of that rank (`train_shard`; the first images repeated where the images do not divide evenly): a seeded run trains every worker on the same images in the same order each
     time; `check_training_images` then says how many were unreadable. A larger set is handed to Ray Train as
     `train`, split while streaming: its split coordinator gives blocks to whichever worker asks first, so which
     images a worker trains on varies between runs."""
@@ -180,7 +180,12 @@ def train_datasets(ds, config: PipelineConfig, n_images: int) -> tuple[dict, obj
         say(f"decoding {n_images} training images before training")
     decoded = ds.materialize()
     usable = decoded.count()
-    parts = decoded.split(config.pretrain.workers, equal=True) if usable else []
+    workers = config.pretrain.workers
+    if usable % workers:
+        # an equal split drops the remainder, the same images every run: repeat the first few instead (as
+        # torch's DistributedSampler pads), so every image is trained on and the workers' shares stay equal
+        decoded = decoded.union(decoded.limit(workers - usable % workers)).materialize()
+    parts = decoded.split(workers, equal=True) if usable else []
     return ({f"train_{rank}": part for rank, part in enumerate(parts)}, ray.train.DataConfig(datasets_to_split=[]),
             usable)
 
