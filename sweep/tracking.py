@@ -25,6 +25,7 @@ TAG_STAGE = "sweep.stage"
 TAG_PIPELINE = "sweep.pipeline"
 TAG_HASH = "sweep.config_hash"
 TAG_TRIAL = "sweep.trial"
+TAG_FEATURES = "sweep.features"  # on a probe child run: the identity of the feature store it read (`FeatureStore.identity`)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_BASELINE = "sweep.baseline"  # a baseline's training run: its name...
 TAG_BASELINE_KEY = "sweep.baseline_key"  # ...and the fingerprint of what made its weights
@@ -213,22 +214,40 @@ def earlier_probe_runs(config: PipelineConfig, client: MlflowClient | None = Non
     return found
 
 
-def finished_trials(config: PipelineConfig) -> set[str]:
-    """Trial keys (`encoder/column`) that already have a finished probe run for this config."""
+def finished_trials(config: PipelineConfig, features: dict[str, str | None] | None = None
+                    ) -> tuple[set[str], list[str]]:
+    """Trial keys (`encoder/column`) that already have a finished probe run for this config, and the ids of
+    finished runs made on other features: their `TAG_FEATURES` is not the identity of their encoder's store
+    now (`features`: encoder -> identity), made again since from other images. Runs without the tag (made
+    before sweep wrote it) count as made on today's store."""
     client = client_for(config)
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is None:
-        return set()
+        return set(), []
     runs = _all_runs(client, exp.experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = "
                                                 f"'{config.config_hash()}' and attributes.status = 'FINISHED'")
-    done = {r.data.tags[TAG_TRIAL] for r in runs if TAG_TRIAL in r.data.tags}
-    if not done:
+    features = features or {}
+    done, other_features = set(), []
+    for r in runs:
+        made_on, now = r.data.tags.get(TAG_FEATURES), features.get(r.data.params.get("encoder"))
+        if made_on and now and made_on != now:
+            other_features.append(r.info.run_id)
+        elif TAG_TRIAL in r.data.tags:
+            done.add(r.data.tags[TAG_TRIAL])
+    if not done and not other_features:
         for what, n in earlier_probe_runs(config, client, exp.experiment_id).items():
             from sweep.stages.common import say
 
             say(f"probe: {n} run(s) of these settings made by {what} are kept apart from this probe's "
                 f"results and probed again (`sweep best --any-config` shows them)")
-    return done
+    return done, other_features
+
+
+def delete_runs(config: PipelineConfig, run_ids: list[str]) -> None:
+    """Move runs to MLflow's deleted runs (`mlflow gc` removes them for good; until then restorable)."""
+    client = client_for(config)
+    for run_id in run_ids:
+        client.delete_run(run_id)
 
 
 def local_mlflow_db(config: PipelineConfig) -> Path | None:

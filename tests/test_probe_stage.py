@@ -28,6 +28,7 @@ from sweep.features.store import FeatureStore
 from sweep.probing import ProbeConfig, Split, kmeans_scores, train_probe
 from sweep.stages import extract, probe, report
 from sweep.stages.probe import probe_column, read_probe_data
+from sweep.storage import Storage
 
 pytestmark = pytest.mark.ray
 
@@ -462,6 +463,32 @@ def test_interrupted_sweep_resumes_without_duplicates(swept, tmp_path, monkeypat
     assert all(by_key[k][0].info.run_id == run_id for k, run_id in keep.items())  # finished ones not redone
     assert {r.data.tags[tracking.TAG_PARENT] for r in children} == {parent_id}
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_runs_made_on_a_feature_store_made_again_from_other_images_are_probed_again(swept, tmp_path, capfd):
+    """Every child run names the feature store it read (`FeatureStore.identity`: its settings, images
+    included). Images changed, store deleted and extracted again (what `sweep extract` tells a user to do):
+    the runs made on the old store were reported as results of the new one ("all trials already in MLflow").
+    Simulated on a copy of the MLflow store by giving 3 runs another store's identity: they are deleted and
+    their trials run again, the rest stays."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(tracking.local_mlflow_db(swept), db)
+    config = swept.model_copy(update={"tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{db}"})})
+    client = _client(config)
+    identity = FeatureStore(Storage.of(swept.storage_root).features("diffusion")).identity()
+    runs = sorted(_children(config), key=lambda r: r.data.tags[tracking.TAG_TRIAL])
+    assert identity and {r.data.tags.get(tracking.TAG_FEATURES) for r in runs} == {identity}
+    for r in runs[:3]:
+        client.set_tag(r.info.run_id, tracking.TAG_FEATURES, "0123456789ab")  # made on an earlier store
+    capfd.readouterr()
+    assert probe.run(config)["ran"] == 3
+    assert "3 finished run(s) of this config were made on feature stores made again since" in capfd.readouterr().err
+    assert all(client.get_run(r.info.run_id).info.lifecycle_stage == "deleted" for r in runs[:3])
+    children = _children(config)
+    assert sorted(r.data.tags[tracking.TAG_TRIAL] for r in children) == sorted(r.data.tags[tracking.TAG_TRIAL]
+                                                                               for r in runs)
+    assert {r.data.tags[tracking.TAG_FEATURES] for r in children} == {identity}
+    assert probe.run(config)["ran"] == 0
 
 
 def test_ctrl_c_ends_the_sweep_keeps_what_finished_and_a_rerun_does_the_rest(swept, tmp_path, monkeypatch, capfd):

@@ -131,7 +131,7 @@ def test_runs_of_an_earlier_probe_revision_are_kept_apart(write_pipeline, tmp_pa
     assert len(tracking.search_trial_runs(config, any_config=True)) == 5
     assert tracking.earlier_probe_runs(config) == {"probe revision 1 (sweep until 2026-11-24)": 2,
                                                    "probe revision 1 (sweep 0.1.0 until 2026-11-23)": 2}
-    assert tracking.finished_trials(config) == set()  # probed again
+    assert tracking.finished_trials(config) == (set(), [])  # probed again
     err = capsys.readouterr().err
     assert "probe: 2 run(s) of these settings made by probe revision 1 (sweep until 2026-11-24) are kept apart" \
         in err
@@ -147,5 +147,5 @@ def test_runs_of_an_earlier_probe_revision_are_kept_apart(write_pipeline, tmp_pa
     # once this revision has probed them, its runs are the results
     parent = run(config.config_hash(), None)
     run(config.config_hash(), "diffusion/mid_block@t0", parent)
-    assert tracking.finished_trials(config) == {"diffusion/mid_block@t0"}
+    assert tracking.finished_trials(config) == ({"diffusion/mid_block@t0"}, [])
     assert capsys.readouterr().err == ""

@@ -165,6 +165,13 @@ class FeatureStore:
         existing.pop("summary", None)
         st.write_json(self.manifest_uri, existing)
 
+    def identity(self) -> str | None:
+        """A fingerprint of the settings this store was made with, its images included: the same for a store
+        made again from the same images and checkpoint (extraction is deterministic), another for a store
+        made again after the images changed. None for a store from before sweep recorded its settings."""
+        settings = (self.manifest() or {}).get("settings")
+        return fingerprint(settings) if settings else None
+
     def _held_settings(self) -> dict:
         """The settings this store was made with, but the images (fingerprinted apart, per dataset)."""
         return {k: v for k, v in ((self.manifest() or {}).get("settings") or {}).items() if k != "images"}

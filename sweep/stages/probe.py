@@ -402,6 +402,8 @@ class ChildRunWriter:
         metrics.update(epochs_run=outcome["epochs_run"], trial_seconds=outcome["seconds"])
         end = int(finished * 1000)
         tags = {**self.tags, self.tracking.TAG_TRIAL: key, "mlflow.runName": key}
+        if col.get("features"):
+            tags[self.tracking.TAG_FEATURES] = col["features"]
         if not outcome.get("final", True):
             tags[TAG_STOPPED_BY] = "asha"
         return self.tracking.FinishedRun(
@@ -493,9 +495,10 @@ def plan_trials(config: PipelineConfig, stores: dict[str, FeatureStore] | None =
             raise ProbeError(f"probe: encoder {spec.name!r}: {e}; run `sweep extract`, which names what to "
                              f"do") from None
         num_classes[spec.name] = len(store.manifest()["classes"])
+        features = store.identity()
         for col in served:
             key = trial_key(spec.name, col["column"])
-            columns[key] = {**col, "encoder": spec.name}
+            columns[key] = {**col, "encoder": spec.name, "features": features}
             trials.append({"key": key, "encoder": spec.name, "store": store.root, "column": col["column"]})
     return trials, columns, num_classes
 
@@ -652,12 +655,21 @@ def _asha_params(p) -> dict:
                                       "asha_reduction_factor": p.asha.reduction_factor}
 
 
-def _pending_trials(config: PipelineConfig, trials: list[dict]) -> tuple[set[str], list[dict], int]:
+def _pending_trials(config: PipelineConfig, trials: list[dict], columns: dict[str, dict]
+                    ) -> tuple[set[str], list[dict], int]:
     """MLflow's side of planning: the keys of trials already finished for this config, the trials left,
-    and how many unfinished child runs of those were deleted (an interrupted sweep's)."""
+    and how many unfinished child runs of those were deleted (an interrupted sweep's). Finished runs made on
+    a feature store since made again from other images (the images changed and the store was deleted and
+    extracted again) are deleted too, said, and their trials run again: kept, they were reported as results
+    of today's features."""
     from sweep import tracking
 
-    done = tracking.finished_trials(config)
+    features = {col["encoder"]: col["features"] for col in columns.values()}
+    done, other_features = tracking.finished_trials(config, features)
+    if other_features:
+        tracking.delete_runs(config, other_features)
+        say(f"probe: {len(other_features)} finished run(s) of this config were made on feature stores made again "
+            f"since from other images: moved to MLflow's deleted runs and probed again")
     todo = [t for t in trials if t["key"] not in done]
     stale = tracking.delete_unfinished_trial_runs(config, {t["key"] for t in todo}) if todo else 0
     return done, todo, stale
@@ -673,7 +685,7 @@ def run(config: PipelineConfig) -> dict:
 
     def plan():
         trials, columns, num_classes = plan_trials(config, stores)
-        return trials, columns, num_classes, *_pending_trials(config, trials)
+        return trials, columns, num_classes, *_pending_trials(config, trials, columns)
 
     # Building the encoders (diffusers' import), MLflow's import and its store queries keep one core busy
     # for seconds while Ray's start mostly waits on the processes it launches: side by side they overlap
