@@ -518,7 +518,7 @@ def _runs(cfg, name):
 
 @pytest.mark.ray
 def test_supervised_trains_selects_on_val_and_reports_test_metrics(ray_local, write_pipeline):
-    from sweep.data.table import build_table
+    from sweep.data.table import build_table, training_images
 
     path = write_pipeline(baselines=[{"name": "sup", "kind": "supervised", "arch": "resnet18", "epochs": 3,
                                       "batch_size": 16, "lr": 2.0e-3}])
@@ -535,10 +535,11 @@ def test_supervised_trains_selects_on_val_and_reports_test_metrics(ray_local, wr
     best = max(hist, key=lambda h: h["val_macro_f1"])  # the first of equals
     assert m["best_epoch"] == best["epoch"] and m["val_macro_f1"] == best["val_macro_f1"]
     assert 0 <= m["test_acc"] <= 1 and 0 <= m["test_macro_f1"] <= 1 and m["test_images"] == n_test
+    assert meta["training_images"] == training_images(build_table(cfg))  # compared by a rerun (below)
 
     # the kept weights carry BatchNorm statistics recomputed over the train split at their epoch (one batch
     # per worker here), not the running average of the training steps: the first layer's mean is the
-    # mean of its input over the train images (up to the row Ray Train's equal split may drop)
+    # mean of its input over the train images (up to the image repeated to give the workers equal shares)
     from safetensors.torch import load_file
 
     from sweep.data.preprocess import decode_rows

@@ -522,6 +522,42 @@ def test_unreadable_training_images_are_skipped_counted_and_named(ray_local, tmp
 
 
 @pytest.mark.ray
+def test_a_unet_trained_on_other_images_is_refused(ray_local, tmp_path):
+    """The finished U-Net's marker records its training images (`training_images`): the same settings over a
+    manifest that lost one training image find it trained on other images (it said "complete for this
+    config", and the baselines and probes went on with it)."""
+    rows = _demo_rows()
+    config = _manifest_pipeline(tmp_path, rows)
+    final = pretrain.run(config)
+    from sweep.storage import PRETRAIN_MARKER
+
+    marker = json.loads((Path(final) / PRETRAIN_MARKER).read_text())
+    assert marker["training_images"]["images"] == 8
+    assert pretrain.run(config) == final  # unchanged: complete
+    gone = next(r for r in rows if r[2] == "train")
+    config = _manifest_pipeline(tmp_path, [r for r in rows if r != gone])
+    with pytest.raises(pretrain.PretrainError, match=r"trained on other training images \(8 training images then, "
+                                                     r"7 now\)"):
+        pretrain.run(config)
+
+
+def test_a_supervised_model_is_also_told_apart_by_its_labels(write_pipeline):
+    from sweep.data.table import build_table, training_images
+    from sweep.stages.common import trained_on_other_images
+
+    table = build_table(load_config(write_pipeline()))
+    recorded = training_images(table)
+    relabelled = type(table)(frame=table.frame.copy(), classes=list(table.classes))
+    first = relabelled.frame.index[relabelled.frame["split"] == "train"][0]
+    relabelled.frame.loc[first, "label"] = (relabelled.frame.loc[first, "label"] + 1) % len(table.classes)
+    assert trained_on_other_images("a U-Net", recorded, table, "f") is None
+    assert trained_on_other_images("a U-Net", recorded, relabelled, "f") is None  # no labels in a U-Net
+    assert "trained on other training labels (61 training images then, 61 now)" in \
+        trained_on_other_images("a supervised baseline", recorded, relabelled, "f", labels=True)
+    assert trained_on_other_images("a U-Net", None, relabelled, "f") is None  # recorded by no earlier sweep
+
+
+@pytest.mark.ray
 def test_every_training_image_reaches_a_worker_when_they_do_not_divide_evenly(ray_local, tmp_path):
     """9 images on 2 workers: 5 each, the first image twice (Ray's equal split dropped the ninth, the same
     one every run)."""

@@ -212,6 +212,19 @@ def data_warnings(config: PipelineConfig, table: ImageTable) -> list[str]:
                         ignored_warning(table)) if w]
 
 
+def training_images(table: ImageTable) -> dict:
+    """What a model trains on, recorded with it so that a later run can tell when the images changed: the
+    train split's image count, a fingerprint of its image ids and one of its (image id, class) pairs."""
+    train = table.frame[table.frame["split"] == "train"].sort_values("image_id")
+    ids = train["image_id"].astype(str).tolist()
+    classes = [table.classes[label] for label in train["label"]]
+
+    def digest(lines) -> str:
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+    return {"images": len(ids), "ids": digest(ids), "labels": digest(f"{i}\t{c}" for i, c in zip(ids, classes))}
+
+
 def build_table(config: PipelineConfig) -> ImageTable:
     """Scan every dataset of the pipeline, split the main one, match OOD labels to training classes."""
     spec = config.data.train

@@ -40,12 +40,13 @@ import numpy as np
 
 from sweep import tracking
 from sweep.config import BaselineConfig, PipelineConfig
+from sweep.data.table import training_images
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
 from sweep.stages.common import (check_training_images, error_cause, fit_interruptibly, init_ray, quiet_dataset,
                                  quiet_train_reports, say, train_datasets, train_logging, train_shard,
-                                 trained_with_other_settings)
+                                 trained_on_other_images, trained_with_other_settings)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
@@ -615,6 +616,11 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
     key = baseline_key(config, b)
     marker = read_json(f"{final}/{META_FILE}")
     if marker is not None and marker.get("key") == key:
+        problem = trained_on_other_images(f"a {b.kind} baseline", marker.get("training_images"), get_table(),
+                                          str(final), labels=b.kind == "supervised") \
+            if marker.get("training_images") else None
+        if problem:
+            raise BaselineError(f"baselines {b.name}: {problem}")
         say(f"baselines {b.name}: {final} is complete for this config, nothing to do")
         return str(final)
 
@@ -657,7 +663,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
             "small_input": settings["small_input"],
             "num_classes": len(table.classes) if b.kind == "supervised" else 0,
             "image_size": config.data.image_size, "input_mean": None, "input_std": None, "key": key,
-            "epochs": b.epochs, **trained_settings(config, b),
+            "epochs": b.epochs, **trained_settings(config, b), "training_images": training_images(table),
             **({"classes": list(table.classes)} if b.kind == "supervised" else {})}
     loop_config = {
         **settings, "name": b.name, "seed": config.seed, "cpus_per_worker": p.cpus_per_worker,

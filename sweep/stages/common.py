@@ -236,6 +236,25 @@ def trained_with_other_settings(what: str, recorded: dict | None, wanted: dict, 
             f"train into another storage (--set storage=PATH); to retrain here, delete {folder}")
 
 
+def trained_on_other_images(what: str, recorded: dict | None, table, folder: str, labels: bool = False) -> str | None:
+    """The error for a finished model (`what` in `folder`) trained on other training images than the
+    pipeline's now (`recorded`: `training_images` of the images it was trained on; None for a model from
+    before sweep recorded them: not compared), else None. `labels`: the classes count too (a supervised
+    model)."""
+    from sweep.data.table import training_images
+
+    if not recorded:
+        return None
+    now = training_images(table)
+    if recorded.get("ids") == now["ids"] and (not labels or recorded.get("labels") == now["labels"]):
+        return None
+    which = "images" if recorded.get("ids") != now["ids"] else "labels"
+    return (f"{folder} holds {what} trained on other training {which} ({recorded.get('images')} training images "
+            f"then, {now['images']} now): data.train's files, labels or splits changed since it was trained (the "
+            f"splits are drawn per class: adding or removing an image redraws its class's). To keep it, restore "
+            f"those images; to train again, use another storage (--set storage=PATH) or delete {folder}")
+
+
 def train_shard(ordered: bool, rank: int):
     """This worker's training data (see `train_datasets`), on a Ray Train worker."""
     import ray.train

@@ -33,7 +33,7 @@ from pathlib import Path
 from sweep.config import NOT_RESULTS, PipelineConfig
 from sweep.stages.common import (check_training_images, error_cause, fit_interruptibly, init_ray, quiet_dataset,
                                  quiet_train_reports, say, train_datasets, train_logging, train_shard,
-                                 trained_with_other_settings)
+                                 trained_on_other_images, trained_with_other_settings)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
@@ -347,7 +347,8 @@ def _save_final(trainer, scheduler, cfg: dict, client) -> None:
     with staged_dir(cfg["final_dir"], PRETRAIN_MARKER) as tmp:  # the marker last: whoever sees it sees it all
         final.save_pretrained(tmp)
         scheduler.save_pretrained(tmp)
-        marker = {"key": cfg["key"], "steps": cfg["steps"], "settings": cfg["settings"]}
+        marker = {"key": cfg["key"], "steps": cfg["steps"], "settings": cfg["settings"],
+                  "training_images": cfg.get("training_images")}
         (tmp / PRETRAIN_MARKER).write_text(json.dumps(marker, indent=1))
     if client is not None and cfg["sample_grid"]:
         with tempfile.TemporaryDirectory() as d:
@@ -358,15 +359,16 @@ def _save_final(trainer, scheduler, cfg: dict, client) -> None:
 
 # ------------------------------------------------------------------------------------ driver side
 
-def train_dataset(config: PipelineConfig):
-    """Ray Data: the train split's images, decoded and preprocessed in parallel (corrupt ones dropped)."""
+def train_dataset(config: PipelineConfig, table=None):
+    """Ray Data: the train split's images of `table` (default: the pipeline's), decoded and preprocessed in
+    parallel (corrupt ones dropped)."""
     import numpy as np
     import ray
 
     from sweep.data.table import build_table
     from sweep.stages.extract import decode_batch
 
-    table = build_table(config)
+    table = build_table(config) if table is None else table
     rows = table.frame[table.frame["split"] == "train"].assign(shard=0)
     # the table is ordered by class: mix it once here, so blocks (and a streamed epoch) are not one class each
     rows = rows.sample(frac=1.0, random_state=config.seed)
@@ -398,7 +400,8 @@ def _check_init_from(config: PipelineConfig) -> None:
             f"has data.channels={config.data.channels} and data.image_size={config.data.image_size}")
 
 
-def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = None) -> dict:
+def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = None,
+                training_images: dict | None = None) -> dict:
     """The `train_loop_config` of every worker (plain JSON values)."""
     from sweep import tracking
 
@@ -408,7 +411,7 @@ def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = No
     return {
         **p.model_dump(mode="json"), "image_size": config.data.image_size, "channels": config.data.channels,
         "seed": config.seed, "final_dir": storage.pretrain_final, "key": key or pretrain_key(config),
-        "settings": pretrain_settings(config),
+        "settings": pretrain_settings(config), "training_images": training_images,
         "tracking_uri": tracking.tracking_uri(config), "run_id": run_id, "cache_limit_bytes": 2 << 30,
         "shuffle_buffer": 4 * p.batch_size,
         # passed explicitly: env vars of the driver do not reach workers of a running (or remote) Ray
@@ -416,8 +419,10 @@ def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = No
     }
 
 
-def make_trainer(config: PipelineConfig, run_id: str | None, datasets: dict, dataset_config, key: str | None = None):
-    """The stage's TorchTrainer over the training images as `train_datasets` gives them."""
+def make_trainer(config: PipelineConfig, run_id: str | None, datasets: dict, dataset_config, key: str | None = None,
+                 training_images: dict | None = None):
+    """The stage's TorchTrainer over the training images as `train_datasets` gives them (`training_images`:
+    what the finished U-Net's marker records of them)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -426,7 +431,8 @@ def make_trainer(config: PipelineConfig, run_id: str | None, datasets: dict, dat
     p = config.pretrain
     return TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config(config, run_id, key), "ordered_split": dataset_config is not None},
+        train_loop_config={**loop_config(config, run_id, key, training_images),
+                           "ordered_split": dataset_config is not None},
         scaling_config=ray.train.ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
                                                resources_per_worker={"CPU": p.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -455,6 +461,13 @@ def run(config: PipelineConfig) -> str:
             write_json(storage.uri("pretrain", KEY_ALIAS), {"marker_key": done, "key": key})
             done = key
         if done == key:
+            if marker.get("training_images"):
+                from sweep.data.table import build_table
+
+                problem = trained_on_other_images("a U-Net", marker["training_images"], build_table(config),
+                                                  storage.pretrain_final)
+                if problem:
+                    raise PretrainError(f"pretrain: {problem}")
             say(f"pretrain: {storage.pretrain_final} is complete for this config, nothing to do")
             return storage.pretrain_final
         raise PretrainError(trained_with_other_settings("a U-Net", marker.get("settings"),
@@ -476,7 +489,10 @@ def run(config: PipelineConfig) -> str:
         "beta_schedule": p.scheduler.beta_schedule, "image_size": config.data.image_size,
         "channels": config.data.channels, "init_from": p.init_from, "seed": config.seed,
         "compile": p.compile if p.use_gpu else "none"})
-    dataset, listed = train_dataset(config)
+    from sweep.data.table import build_table, training_images
+
+    table = build_table(config)
+    dataset, listed = train_dataset(config, table)
     try:
         datasets, dataset_config, usable = train_datasets(dataset, config, listed)
         n_images = check_training_images(config, "pretrain", listed, usable)
@@ -491,7 +507,7 @@ def run(config: PipelineConfig) -> str:
     if key != legacy and exists(f"{storage.pretrain_runs}/run-{legacy}") \
             and not exists(f"{storage.pretrain_runs}/run-{key}"):
         key = legacy  # a run interrupted under an older sweep's key: resume it, in its folder
-    trainer = make_trainer(config, run_id, datasets, dataset_config, key)
+    trainer = make_trainer(config, run_id, datasets, dataset_config, key, training_images(table))
     try:
         result = fit_interruptibly(trainer, "pretrain")
     except KeyboardInterrupt:
