@@ -214,10 +214,13 @@ def sample_images(config: PipelineConfig, table) -> tuple[int, list[tuple[str, s
 def cmd_validate(config: PipelineConfig) -> None:
     from sweep.data.table import build_table, data_warnings
     from sweep.encoders.checks import check_encoder_settings
+    from sweep.stages.common import check_ray, ray_address
     from sweep.tracking import TrackingServerUnreachable, check_server, check_tracking, configured_uri
 
     check_tracking(config)
     check_encoder_settings(config)
+    if not ray_address(config):  # a cluster's address is checked where it is used: it may answer only there
+        check_ray(config)
     table = build_table(config)
     sampled, unreadable, flat = sample_images(config, table)
     print(f"{config.name}: valid (config hash {config.config_hash()})")
@@ -255,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             from sweep.tracking import check_tracking
 
             check_tracking(config, reach_server=True)  # before any stage: a dead server fails now, not later
+            from sweep.stages.common import check_ray
+
+            # resources a local Ray never has, a cluster that does not answer: now, not later
+            check_ray(config, args.stages if args.command == "run" else [args.command])
         if args.command == "run" or args.command in STAGES:
             with _CtrlC.remembered():
                 ray_was_up = _ray_up()

@@ -48,6 +48,16 @@ def _missing(path: str, kind: Literal["file", "folder", "path"]) -> bool:
     return not (p.is_file() if kind == "file" else p.is_dir() if kind == "folder" else p.exists())
 
 
+def _diffusers_folder(path: str | None) -> str | None:
+    """A local diffusers U-Net folder must exist and hold its config.json (itself or in unet/)."""
+    if path and _missing(path, "folder"):
+        raise ValueError(f"checkpoint folder does not exist: {path}")
+    if path and not _is_remote(path) and _CHECK_LOCAL_PATHS.get() \
+            and not any((Path(path) / sub / "config.json").is_file() for sub in ("", "unet")):
+        raise ValueError(f"{path} holds no config.json (itself or in unet/): not a diffusers UNet2DModel folder")
+    return path
+
+
 def _safe_name(value: str, what: str) -> str:
     """Names become folder names and MLflow tag values: keep them to a safe alphabet."""
     if not value or not all(c.isalnum() or c in "-_." for c in value):
@@ -111,6 +121,8 @@ class DatasetSpec(_Model):
             self.path = DEFAULT_FASHION_MNIST
         if self.source in ("imagefolder", "manifest") and not self.path:
             raise ValueError(f"source {self.source!r} needs a path")
+        if self.path and self.path.startswith("~"):
+            self.path = os.path.expanduser(self.path)
         if self.path and _missing(self.path, "path"):
             hint = (" (apt-get install dataset-fashion-mnist puts the idx files there, or set path)"
                     if self.source == "fashion-mnist" else "")
@@ -178,7 +190,7 @@ class PretrainConfig(_Model):
     lr: float = Field(2.0e-4, gt=0)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = Field(1.0, gt=0, description="gradient norm clip; null: none")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker failures Ray Train recovers from (-1: no limit)")
@@ -194,9 +206,7 @@ class PretrainConfig(_Model):
     @field_validator("init_from")
     @classmethod
     def _init_from(cls, v: str | None) -> str | None:
-        if v and _missing(v, "folder"):
-            raise ValueError(f"checkpoint folder does not exist: {v}")
-        return v
+        return _diffusers_folder(v)
 
 
 # ----------------------------------------------------------------------------------------- baselines
@@ -231,8 +241,10 @@ class BaselineConfig(_Model):
                 raise ValueError("a pretrained baseline needs weights: a local .pth/.pt/.safetensors file")
             if self.weights.startswith("file://"):  # a local file as a URI: the path it names
                 self.weights = self.weights[len("file://"):]
-            if _is_remote(self.weights) or _missing(self.weights, "file"):
-                raise ValueError(f"weights must be a local file: {self.weights}")
+            if _is_remote(self.weights):
+                raise ValueError(f"weights must be a local file, not a URI: {self.weights}")
+            if _missing(self.weights, "file"):
+                raise ValueError(f"weights file not found: {self.weights}")
         elif self.weights:
             raise ValueError(f"weights is only for kind pretrained (this baseline is {self.kind})")
         from sweep.encoders import zoo  # imports no torch: only the arch's form is checked here
@@ -258,13 +270,11 @@ class EncoderSpec(_Model):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint(cls, v: str | None) -> str | None:
-        if v and _missing(v, "folder"):
-            raise ValueError(f"checkpoint folder does not exist: {v}")
-        return v
+        return _diffusers_folder(v)
 
 
 class ExtractConfig(_Model):
-    encoders: list[EncoderSpec | str] | None = None
+    encoders: list[EncoderSpec | str] | None = Field(None, min_length=1)
     timesteps: list[int] = [0, 25, 50, 100, 200, 400]
     layers: Literal["blocks"] | list[str] = "blocks"
     batch_size: int = Field(64, ge=1)
@@ -326,9 +336,13 @@ class ProbeConfig(_Model):
 
     @field_validator("lrs", "weight_decays")
     @classmethod
-    def _grid(cls, v: list[float]) -> list[float]:
+    def _grid(cls, v: list[float], info) -> list[float]:
         if not v:
             raise ValueError("the probe grid needs at least one value")
+        if info.field_name == "lrs" and any(x <= 0 for x in v):
+            raise ValueError(f"learning rates must be above 0, got {v}")
+        if info.field_name == "weight_decays" and any(x < 0 for x in v):
+            raise ValueError(f"weight decays must be 0 or more, got {v}")
         return v
 
     @model_validator(mode="after")
@@ -344,6 +358,14 @@ class ProbeConfig(_Model):
 class TrackingConfig(_Model):
     uri: str | None = None
     experiment: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v and "://" not in v and not v.startswith("databricks"):
+            raise ValueError(f"{v!r} is not an MLflow tracking URI (no scheme): e.g. sqlite:///{v.lstrip('/')} "
+                             f"for a SQLite file, http://HOST:5000 for a server")
+        return v
 
 
 class RayConfig(_Model):
@@ -404,7 +426,7 @@ PROBE_REVISION = 2
 
 class PipelineConfig(_Model):
     name: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and torch's seed range
     storage: str | None = None
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
@@ -420,6 +442,13 @@ class PipelineConfig(_Model):
     def _name(cls, v: str) -> str:
         if not v or not all(c.isalnum() or c in "-_." for c in v):
             raise ValueError(f"name must be letters, digits, '-', '_' or '.', got {v!r}")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v and not _is_remote(v) and Path(v).exists() and not Path(v).is_dir():
+            raise ValueError(f"{v} is a file, not a folder")
         return v
 
     @model_validator(mode="after")
@@ -556,8 +585,9 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
         got = None
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+        if e["type"] == "extra_forbidden":  # the unknown key itself is the user's, whatever its form
+            loc = tuple(p for p in e["loc"][:-1] if _key_part(p)) + (e["loc"][-1],)
+            msg = f"unknown key{_suggestion(e['loc'][-1])}"
         elif e["type"] != "missing" and isinstance(value, (str, int, float, bool, type(None))) \
                 and str(value) not in msg:
             got = _shown(value)
@@ -574,6 +604,72 @@ def _format_errors(err: ValidationError) -> str:
                      f"{f' (got {got})' if got else ''}" for loc, (msgs, got) in by_key.items())
 
 
+class _PipelineLoader(yaml.SafeLoader):
+    """YAML as a pipeline file needs it: a key given twice in one mapping is an error (PyYAML keeps the last
+    silently: a second `extract:` section dropped the first), and so is an integer with a leading zero (YAML
+    1.1 reads `025` as octal 21)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {seen[key]} and {line}): the second would "
+                                f"silently replace the first", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        text = str(self.construct_scalar(node))
+        digits = text.replace("_", "").lstrip("+-")
+        if len(digits) > 1 and digits.isdigit() and digits[0] == "0":
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text} has a leading zero, which YAML reads as an octal number: write "
+                            f"{text[0] if text[0] in '+-' else ''}{int(digits)}", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_PipelineLoader.add_constructor("tag:yaml.org,2002:int", _PipelineLoader.construct_yaml_int)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_PipelineLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: where (line, column) and what."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
+
+
+def _all_keys(model=None, seen=None) -> set[str]:
+    """Every key name of the pipeline's sections, for suggesting one in place of an unknown key."""
+    import typing
+
+    model, seen = model or PipelineConfig, seen if seen is not None else set()
+    keys = set()
+    for name, field in model.model_fields.items():
+        keys.add(name)
+        stack = [field.annotation]
+        while stack:
+            t = stack.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel) and t not in seen:
+                seen.add(t)
+                keys |= _all_keys(t, seen)
+            stack.extend(typing.get_args(t))
+    return keys
+
+
+def _suggestion(key: object) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(key).lower().replace("-", "_"), sorted(_all_keys()), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close and close[0] != key else ""
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `a.b.c=VALUE` (VALUE parsed as YAML) to a nested dict in place; list items by index."""
     if "=" not in assignment:
@@ -583,9 +679,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     if not all(parts):
         raise ConfigError(f"--set {assignment!r}: empty key segment")
     try:
-        value = yaml.safe_load(text)
+        value = _load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"--set {key}: value is not valid YAML: {_yaml_problem(e)}") from None
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])
@@ -614,12 +710,18 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     `check_local_paths=False`: data, split files, weights and checkpoints need not exist on this machine
     (a pipeline checked here to run on a cluster)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give the pipeline's YAML file")
     if not path.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _load_yaml(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at position {e.start})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of pipeline keys at the top level")
     for assignment in overrides:

@@ -590,7 +590,7 @@ def test_simclr_reads_no_label_and_resumes_exactly(ray_local, write_pipeline, tm
 
     import sweep.data.table as table_mod
 
-    spec = {"name": "ssl", "kind": "simclr", "arch": "resnet18", "epochs": 2, "batch_size": 16, "lr": 2.0e-3}
+    spec = {"name": "ssl", "kind": "simclr", "arch": "resnet18", "epochs": 2, "batch_size": 8, "lr": 2.0e-3}
     monkeypatch.setattr(baselines, "TRAIN_BLOCK_ROWS", 8)  # several blocks per worker, as on a real data set
     cfg = load_config(write_pipeline(baselines=[spec], pretrain={"workers": 2}))
     ds, _ = baselines.train_dataset(cfg, "simclr")

@@ -92,6 +92,21 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         # 2 images per class: round(2 x 0.2) = 0 val images of any class (the probes failed, every trial)
         ("data.train={name: p, source: demo, regime: balanced, per_class: 2, splits: {val: 0.2, test: 0.2}}",
          "data.train", "the val split is empty (12 images, 2 to 2 per class, regime balanced with per_class 2)"),
+        # a config audit's finds: each was accepted, and failed late or did the wrong thing
+        ("probe.batch-size=64", "probe.batch-size", "unknown key (did you mean 'batch_size'?)"),
+        ("Probe={epochs: 3}", "Probe", "unknown key (did you mean 'probe'?)"),
+        ("extract.timesteps=[000, 025]", "--set extract.timesteps", "000 has a leading zero, which YAML reads as an "
+                                                                  "octal number: write 0"),
+        ("pretrain.grad_clip=-1", "pretrain.grad_clip", "greater than 0 (got -1)"),  # -1 climbed the loss
+        ("probe.lrs=[0, -0.1]", "probe.lrs", "learning rates must be above 0"),
+        ("probe.weight_decays=[-1]", "probe.weight_decays", "weight decays must be 0 or more"),
+        ("seed=-1", "seed", "greater than or equal to 0 (got -1)"),
+        ("extract.encoders=[]", "extract.encoders", "at least 1 item"),
+        ("tracking.uri=mlflow.db", "tracking.uri", "'mlflow.db' is not an MLflow tracking URI (no scheme): e.g. "
+                                                   "sqlite:///mlflow.db"),
+        ("pretrain.use_gpu=true", "pretrain.use_gpu", "needs as many GPUs: the local Ray has"),
+        ("pretrain.workers=64", "pretrain.workers x cpus_per_worker = 64 x 1 CPUs", "the local Ray has"),
+        ("extract.gpus_per_actor=1", "extract.actors x gpus_per_actor", "the local Ray has"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):
@@ -99,6 +114,40 @@ def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key
     assert main(["validate", str(path), "--set", override]) == 2
     err = capsys.readouterr().err
     assert key in err and why in err, err
+
+
+def test_pipeline_file_mistakes_name_the_file_and_line(tmp_path, write_pipeline, capsys):
+    """A section given twice (PyYAML kept the second silently), a folder or an empty file as the pipeline, a
+    checkpoint folder that is not a diffusers one, storage that is a file: exit 2 naming them."""
+    text = write_pipeline().read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "extract:\n  timesteps: [0, 50]\n")
+    line = len(text.splitlines()) + 1
+    cases = [([str(twice)], f"key 'extract' given twice (lines "),
+             ([str(tmp_path)], "is a folder: give the pipeline's YAML file")]
+    (tmp_path / "empty.yaml").write_text("")
+    cases.append(([str(tmp_path / "empty.yaml")], "the file is empty"))
+    (tmp_path / "unet").mkdir()
+    cases.append(([str(write_pipeline()), "--set", f"extract.encoders=[{{name: diffusion, checkpoint: "
+                                                    f"{tmp_path / 'unet'}}}]"],
+                  "holds no config.json (itself or in unet/): not a diffusers UNet2DModel folder"))
+    (tmp_path / "afile").write_text("x")
+    cases.append(([str(write_pipeline()), "--set", f"storage={tmp_path / 'afile'}"], "is a file, not a folder"))
+    for args, why in cases:
+        assert main(["validate", *args]) == 2
+        err = capsys.readouterr().err
+        assert why in err, err
+    assert f"and {line})" in (main(["validate", str(twice)]), capsys.readouterr().err)[1]
+
+
+def test_ray_address_that_does_not_answer_fails_before_any_stage(write_pipeline, capsys):
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["pretrain", str(write_pipeline()), "--set", f"ray.address=127.0.0.1:{port}"]) == 1
+    assert f"ray.address: nothing answers at 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_a_value_of_the_wrong_form_gets_one_message(write_pipeline, capsys):
@@ -266,9 +315,10 @@ def test_pretrained_weights_may_be_a_file_uri(write_pipeline, tmp_path, capsys):
     spec = {"name": "r18", "kind": "pretrained", "arch": "resnet18"}
     config = load_config(write_pipeline(baselines=[{**spec, "weights": f"file://{weights}"}]))
     assert config.baselines[0].weights == str(weights)
-    for bad in ("s3://bucket/r18.pth", f"file://{tmp_path}/missing.pth"):
+    for bad, why in (("s3://bucket/r18.pth", "weights must be a local file, not a URI: s3://bucket/r18.pth"),
+                     (f"file://{tmp_path}/missing.pth", f"weights file not found: {tmp_path}/missing.pth")):
         assert main(["validate", str(write_pipeline(baselines=[{**spec, "weights": bad}]))]) == 2
-        assert "weights must be a local file" in capsys.readouterr().err
+        assert why in capsys.readouterr().err
 
 
 def test_best_before_any_run_creates_nothing(write_pipeline, capsys):

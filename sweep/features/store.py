@@ -166,11 +166,15 @@ class FeatureStore:
         st.write_json(self.manifest_uri, existing)
 
     def identity(self) -> str | None:
-        """A fingerprint of the settings this store was made with, its images included: the same for a store
-        made again from the same images and checkpoint (extraction is deterministic), another for a store
-        made again after the images changed. None for a store from before sweep recorded its settings."""
-        settings = (self.manifest() or {}).get("settings")
-        return fingerprint(settings) if settings else None
+        """A fingerprint of the settings this store was made with, its images included, and of the images
+        it could not read: the same for a store made again from the same images and checkpoint (extraction
+        is deterministic), another for one made again after the images changed or a file was repaired.
+        None for a store from before sweep recorded its settings."""
+        m = self.manifest() or {}
+        if not m.get("settings"):
+            return None
+        rejected = sorted((str(r.get("domain")), str(r.get("image_id"))) for r in m.get("rejected") or [])
+        return fingerprint(m["settings"], rejected) if rejected else fingerprint(m["settings"])
 
     def _held_settings(self) -> dict:
         """The settings this store was made with, but the images (fingerprinted apart, per dataset)."""

@@ -27,6 +27,70 @@ def ray_address(config: PipelineConfig) -> str | None:
     return config.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def local_num_cpus(config: PipelineConfig) -> int:
+    """Logical CPUs of the local Ray sweep starts: Ray Train workers and Ray Data tasks must fit side by side
+    even on a 2-core machine."""
+    return config.ray.num_cpus or max(4, os.cpu_count() or 1)
+
+
+ALL_STAGES = ("pretrain", "baselines", "extract", "probe", "report")
+
+
+def resource_problems(config: PipelineConfig, cpus: float, gpus: float, stages=ALL_STAGES) -> list[str]:
+    """What the pipeline's `stages` ask of a Ray with `cpus` logical CPUs and `gpus` GPUs that it can never
+    get: Ray would wait for it forever (Ray Train retrying its worker group every minute, Ray Data and Tune
+    pending)."""
+    p, e, q = config.pretrain, config.extract, config.probe
+    where = (f"the local Ray has {cpus:g} CPU(s) (ray.num_cpus, default max(4, cores)) and {gpus:g} GPU(s); lower "
+             f"the setting, or set ray.address to a cluster that has them")
+    problems = []
+    trains = "pretrain" in stages or ("baselines" in stages and config.baselines)  # both on pretrain.workers
+    if trains and p.workers * p.cpus_per_worker > cpus:
+        problems.append(f"pretrain.workers x cpus_per_worker = {p.workers} x {p.cpus_per_worker:g} CPUs: {where}")
+    if trains and p.use_gpu and p.workers > gpus:
+        problems.append(f"pretrain.use_gpu with {p.workers} worker(s) needs as many GPUs: {where}")
+    if "extract" in stages and e.actors * e.cpus_per_actor > cpus:
+        problems.append(f"extract.actors x cpus_per_actor = {e.actors} x {e.cpus_per_actor:g} CPUs: {where}")
+    if "extract" in stages and e.actors * e.gpus_per_actor > gpus:
+        problems.append(f"extract.actors x gpus_per_actor = {e.actors} x {e.gpus_per_actor:g} GPUs: {where}")
+    if "probe" in stages and (q.cpus_per_trial > cpus or q.gpus_per_trial > gpus):
+        problems.append(f"probe.cpus_per_trial / gpus_per_trial = {q.cpus_per_trial:g} / {q.gpus_per_trial:g}: "
+                        f"{where}")
+    return problems
+
+
+def check_ray(config: PipelineConfig, stages=ALL_STAGES, timeout: float = 5.0) -> None:
+    """Before any of `stages`: a local Ray must have what they ask for (ConfigError naming the setting), and
+    a cluster address must answer (Ray's own connection retries for minutes, printing only its own lines).
+    A cluster's resources are not checked: it may autoscale."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from sweep.config import ConfigError
+
+    address = ray_address(config)
+    if not address:
+        p, e, q = config.pretrain, config.extract, config.probe
+        gpus = 0
+        if p.use_gpu or e.gpus_per_actor or q.gpus_per_trial:  # torch only where a GPU is asked for
+            import torch
+
+            gpus = torch.cuda.device_count()
+        problems = resource_problems(config, local_num_cpus(config), gpus, stages)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return
+    if address == "auto" or os.environ.get("RAY_ADDRESS"):  # auto: Ray finds a running head itself, at once
+        return
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    if parts.hostname and parts.port:
+        try:
+            socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+        except OSError as e:
+            raise RuntimeError(f"ray.address: nothing answers at {address} ({e.strerror or e}); start the cluster "
+                               f"(`ray up cluster.yaml`, `ray start --head`) or fix the address") from None
+
+
 def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
     """Connect to the configured cluster, or start a local Ray on demand.
 
@@ -42,8 +106,7 @@ def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # logical CPUs: Ray Train workers and Ray Data tasks must fit side by side even on a 2-core machine
-    num_cpus = config.ray.num_cpus or max(4, os.cpu_count() or 1)
+    num_cpus = local_num_cpus(config)
     local_ray_environment()
     # Ray turns token authentication on for a new local cluster and warns that it did, at every start
     with errors_only("ray._private.authentication.authentication_token_setup"):

@@ -296,7 +296,8 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     if pending.empty:
         summary = _summary(store, total, shard_counts)
         say(f"extract {spec.name}: all {sum(shard_counts.values())} shards already complete, nothing to do "
-            f"({summary['rows']} rows, {summary['rejected']} image(s) rejected)")
+            f"({summary['rows']} rows, {summary['rejected']} image(s) rejected"
+            f"{': listed in its manifest, not read again (to read a file repaired since, delete the store)' if summary['rejected'] else ''})")
         if not store.is_complete():
             store.mark_complete(summary)
         return summary
