@@ -154,8 +154,10 @@ def cmd_best(config: PipelineConfig, args) -> None:
     check_tracking(config, reach_server=True)
     have_store = store_exists(config)
     if not have_store:
-        print(f"[sweep] no MLflow store for {config.name!r} yet (storage {config.storage_root}): run the pipeline "
-              f"first", file=sys.stderr)
+        from sweep.tracking import configured_uri
+
+        where = configured_uri(config) or f"storage {config.storage_root}"
+        print(f"[sweep] no MLflow store for {config.name!r} yet ({where}): run the pipeline first", file=sys.stderr)
     recs = best(config, metric=metric, top=args.top or None, encoder=args.encoder, any_config=args.any_config)
     if not recs and not args.any_config and have_store:
         from sweep.tracking import earlier_probe_runs

@@ -58,6 +58,25 @@ def _diffusers_folder(path: str | None) -> str | None:
     return path
 
 
+def _state_dict_file_problem(path: str) -> str | None:
+    """Why a local weights file is not one torch.save or safetensors wrote (its first bytes), or None. Loaded
+    only in the baselines stage, after pretraining, such a file failed there with torch's advice to load it
+    unsafely."""
+    import zipfile
+
+    p = Path(path)
+    if not p.is_file():
+        return None  # not checked here (`sweep submit`: it may exist only on the cluster)
+    with p.open("rb") as f:
+        head = f.read(9)
+    if p.suffix.lower() == ".safetensors":
+        n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+        return None if 0 < n <= p.stat().st_size - 8 and head[8:9] == b"{" else "not a safetensors file"
+    if zipfile.is_zipfile(p) or head[:1] == b"\x80":  # torch.save: a zip archive (legacy: a pickle)
+        return None
+    return "not a state dict file (torch.save's .pth/.pt or a .safetensors)"
+
+
 def _safe_name(value: str, what: str) -> str:
     """Names become folder names and MLflow tag values: keep them to a safe alphabet."""
     if not value or not all(c.isalnum() or c in "-_." for c in value):
@@ -245,6 +264,9 @@ class BaselineConfig(_Model):
                 raise ValueError(f"weights must be a local file, not a URI: {self.weights}")
             if _missing(self.weights, "file"):
                 raise ValueError(f"weights file not found: {self.weights}")
+            problem = _state_dict_file_problem(self.weights)
+            if problem:
+                raise ValueError(f"weights {self.weights}: {problem}")
         elif self.weights:
             raise ValueError(f"weights is only for kind pretrained (this baseline is {self.kind})")
         from sweep.encoders import zoo  # imports no torch: only the arch's form is checked here

@@ -94,10 +94,12 @@ def tracking_uri(config: PipelineConfig) -> str:
 
 
 def store_exists(config: PipelineConfig) -> bool:
-    """False only for the default local SQLite store before any stage made it: a query then finds nothing
-    and creates nothing (a mistyped pipeline name leaves no empty runs/<name>/ behind)."""
-    if configured_uri(config):
-        return True
+    """False only for a local SQLite store before any stage made it (the default one, or a configured
+    `sqlite:///` file): a query then finds nothing and creates nothing (a mistyped pipeline name or URI
+    leaves no empty runs/<name>/ or database behind)."""
+    uri = configured_uri(config)
+    if uri:
+        return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
     storage = Storage.of(config.storage_root)
     return not storage.is_local or storage.local("mlflow.db").is_file()
 

@@ -310,13 +310,18 @@ def test_defaults_follow_design(tmp_path):
 
 
 def test_pretrained_weights_may_be_a_file_uri(write_pipeline, tmp_path, capsys):
+    import torch
+
     weights = tmp_path / "r18.pth"
-    weights.write_bytes(b"")
+    torch.save({"x": torch.zeros(1)}, weights)
     spec = {"name": "r18", "kind": "pretrained", "arch": "resnet18"}
     config = load_config(write_pipeline(baselines=[{**spec, "weights": f"file://{weights}"}]))
     assert config.baselines[0].weights == str(weights)
+    (tmp_path / "notes.pth").write_text("not weights")
     for bad, why in (("s3://bucket/r18.pth", "weights must be a local file, not a URI: s3://bucket/r18.pth"),
-                     (f"file://{tmp_path}/missing.pth", f"weights file not found: {tmp_path}/missing.pth")):
+                     (f"file://{tmp_path}/missing.pth", f"weights file not found: {tmp_path}/missing.pth"),
+                     (str(tmp_path / "notes.pth"), "notes.pth: not a state dict file (torch.save's .pth/.pt or a "
+                                                   ".safetensors)")):
         assert main(["validate", str(write_pipeline(baselines=[{**spec, "weights": bad}]))]) == 2
         assert why in capsys.readouterr().err
 

@@ -630,9 +630,12 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
         run_id = _start_run(config, b, key, get_parent())
         try:
             meta = build_pretrained(config, b, final, key)
-        except Exception:
+        except BaselineError:
             tracking.finish_run(config, run_id, "FAILED")
             raise
+        except Exception as e:  # the weights do not fit the arch: say which baseline and file
+            tracking.finish_run(config, run_id, "FAILED")
+            raise BaselineError(f"baselines {b.name}: {b.arch} from {b.weights}: {type(e).__name__}: {e}") from e
         tracking.log_batch(config, run_id, params={"kind": b.kind, "arch": b.arch, "weights": b.weights,
                                                    "weights_hash": meta["weights_hash"],
                                                    "small_input": meta["small_input"],
