@@ -35,6 +35,10 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
     must answer at once. `http(s)://`, `ray://` and `auto` go to Ray's client as given."""
     import socket
 
+    scheme = address.split("://", 1)[0].lower() if "://" in address else None
+    if scheme is not None and scheme not in ("http", "https", "ray"):
+        raise ArgumentError(f"--address {address!r}: unknown scheme {scheme!r}; expected the dashboard's "
+                            f"http://HOST:8265")
     if "://" in address or address == "auto":
         return
     host, _, port = address.rpartition(":")

@@ -106,6 +106,8 @@ def test_submit_to_an_address_nothing_answers_fails_at_once(capsys):
     assert main(["submit", "pipelines/demo.yaml", "--address", "head-node"]) == 2
     assert "sweep: invalid argument: --address 'head-node': expected the dashboard's http://HOST:8265" in (
         capsys.readouterr().err)
+    assert main(["submit", "pipelines/demo.yaml", "--address", "htp://127.0.0.1:8265"]) == 2  # Ray: "no module htp"
+    assert "--address 'htp://127.0.0.1:8265': unknown scheme 'htp'" in capsys.readouterr().err
 
 
 def test_ctrl_c_while_following_a_job_leaves_it_running(ray_local, tmp_path, monkeypatch, capsys):
