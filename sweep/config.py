@@ -103,7 +103,9 @@ class Splits(_Model):
         fractions = [v for v in (self.val, self.test) if isinstance(v, float)]
         files = [v for v in (self.val, self.test, self.train) if isinstance(v, str)]
         if fractions and files:
-            raise ValueError("use either fractions (val: 0.15) or split files (val: path/val.txt), not both")
+            quoted = [v for v in files if v.replace(".", "", 1).isdigit()]
+            raise ValueError("use either fractions (val: 0.15) or split files (val: path/val.txt), not both"
+                             + (f"; {quoted[0]!r} is quoted: as text it names a file" if quoted else ""))
         for name in ("val", "test"):
             v = getattr(self, name)
             if isinstance(v, float) and not 0.0 <= v < 1.0:
@@ -179,7 +181,7 @@ class DataConfig(_Model):
 # ------------------------------------------------------------------------------------------ pretrain
 
 class UNetConfig(_Model):
-    block_out_channels: list[int] = [32, 64, 64]
+    block_out_channels: list[int] = Field([32, 64, 64], min_length=1)
     layers_per_block: int = Field(1, ge=1)
     attention: list[bool] = [False, False, True]
 

@@ -130,7 +130,10 @@ def _read_manifest(path: Path, where: str) -> pd.DataFrame:
     """The manifest as text columns (an empty cell: ""), column names stripped and lower-cased."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        table = pd.read_parquet(path)
+        try:
+            table = pd.read_parquet(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors: not a Parquet file, truncated, ...
+            raise ConfigError(f"{where}.path: manifest {path} is not a readable Parquet file: {e}") from None
         table = table.astype(object).where(table.notna(), "").astype(str)
     elif suffix in (".csv", ".tsv"):
         try:

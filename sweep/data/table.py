@@ -246,7 +246,10 @@ def build_table(config: PipelineConfig) -> ImageTable:
             f"images (data.train.splits.test, a test split file, or test rows in a manifest's split column)")
     classes = sorted(frame.loc[frame["split"] == "train", "class_name"].unique())
     if len(classes) < 2:
-        raise ConfigError(f"data.train: the train split holds {len(classes)} class(es); a probe needs at least 2")
+        hint = (f" ({classes[0]!r}: if that is the folder of the class folders, point data.train.path at it)"
+                if classes and spec.source == "imagefolder" else "")
+        raise ConfigError(f"data.train: the train split holds {len(classes)} class(es){hint}; a probe needs at "
+                          f"least 2")
     label_of = {c: i for i, c in enumerate(classes)}
     frames = [frame.assign(domain=spec.name)]
     for i, ood in enumerate(config.data.ood):

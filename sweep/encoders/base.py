@@ -96,7 +96,13 @@ def _pool(t: torch.Tensor) -> torch.Tensor:
 def unknown_module_error(model: nn.Module, bad: str) -> ValueError:
     names = [n for n, _ in model.named_modules() if n]
     near = difflib.get_close_matches(bad, names, n=5, cutoff=0.5) or names[:8]
-    return ValueError(f"unknown layer {bad!r}: not a module path of {type(model).__name__}; e.g. {', '.join(near)}")
+    hint = ""
+    if bad == "blocks":
+        hint = ' ("blocks" stands alone: extract.layers: blocks, not in a list)'
+    elif bad.startswith("layer") and type(model).__name__ == "UNet2DModel":
+        hint = " (a ResNet baseline's layers go in baselines[].layers)"
+    return ValueError(f"unknown layer {bad!r}: not a module path of {type(model).__name__}; e.g. {', '.join(near)}"
+                      f"{hint}")
 
 
 class PooledFeatureHooks:
