@@ -216,7 +216,7 @@ def test_a_store_with_more_columns_serves_those_asked_for(extracted, tmp_path, c
     trials, columns, num_classes = plan_trials(narrow)
     held = {c["column"]: c for c in store.columns()}
     assert [t["column"] for t in trials] == ["mid_block@t100", "up_blocks.0@t100"]  # the store's order
-    assert [{k: v for k, v in columns[t["key"]].items() if k != "encoder"} for t in trials] == [
+    assert [{k: v for k, v in columns[t["key"]].items() if k not in ("encoder", "features")} for t in trials] == [
         held["mid_block@t100"], held["up_blocks.0@t100"]]
     assert len(plan_trials(config)[0]) == len(held) == len(BLOCKS) * len(TIMESTEPS)
     # layers listed by name: the settings from the store's columns (no model built) are the encoder's own

@@ -276,14 +276,20 @@ def check_training_images(config: PipelineConfig, stage: str, listed: int, usabl
     return usable
 
 
-def _first_unreadable(config: PipelineConfig, limit: int = 64) -> str:
-    """"; e.g. <file>: <error>" for the first unreadable one of the first `limit` training images, or ""."""
+def _first_unreadable(config: PipelineConfig, limit: int = 64, look: int = 10_000) -> str:
+    """"; e.g. <file>: <error>" for the first unreadable one of the first `limit` training images decoded,
+    else for the first missing file of the first `look`, else ""."""
     from sweep.data.preprocess import unreadable_rows
     from sweep.data.table import build_table
 
     rows = build_table(config).frame
-    bad = unreadable_rows(rows[rows["split"] == "train"].head(limit), config.data.image_size, config.data.channels)
-    return f"; e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""
+    train = rows[rows["split"] == "train"]
+    bad = unreadable_rows(train.head(limit), config.data.image_size, config.data.channels)
+    if not bad:
+        gone = next((p for p, i in zip(train["path"].head(look), train["index"].head(look))
+                     if i < 0 and not os.path.isfile(p)), None)
+        bad = [(gone, "FileNotFoundError")] if gone else []
+    return f"; e.g. {bad[0][0]!r}: {bad[0][1]}" if bad else ""
 
 
 def trained_with_other_settings(what: str, recorded: dict | None, wanted: dict, folder: str) -> str:
