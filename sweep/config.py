@@ -163,11 +163,17 @@ class TrainDataset(DatasetSpec):
         return self
 
 
+class OodDataset(DatasetSpec):
+    """An evaluation-only dataset: named (its metrics are ood_<name>_acc ...), never "main" by default."""
+
+    name: str
+
+
 class DataConfig(_Model):
     image_size: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     train: TrainDataset
-    ood: list[DatasetSpec] = []
+    ood: list[OodDataset] = []
 
     @model_validator(mode="after")
     def _names(self) -> "DataConfig":

@@ -107,6 +107,8 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         ("pretrain.use_gpu=true", "pretrain.use_gpu", "needs as many GPUs: the local Ray has"),
         ("pretrain.workers=64", "pretrain.workers x cpus_per_worker = 64 x 1 CPUs", "the local Ray has"),
         ("extract.gpus_per_actor=1", "extract.actors x gpus_per_actor", "the local Ray has"),
+        # an unnamed OOD set was called "main": metrics ood_main_acc, or a clash with an unnamed train set
+        ("data.ood=[{source: demo}]", "data.ood.0.name", "Field required"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):
