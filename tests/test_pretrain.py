@@ -584,7 +584,7 @@ def test_pretrain_with_no_readable_training_image_fails_at_once(ray_local, tmp_p
     config = _manifest_pipeline(tmp_path, rows)
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match=r"pretrain: none of the 6 training images of data.train could be read; "
-                                           r"e\.g\. .*gone-0\.png: FileNotFoundError"):
+                                           r"e\.g\. '.*gone-0\.png': FileNotFoundError"):
         pretrain.run(config)
     assert time.perf_counter() - t0 < 120
     client = tracking.client_for(config)
