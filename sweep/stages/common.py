@@ -229,10 +229,11 @@ def train_datasets(ds, config: PipelineConfig, n_images: int) -> tuple[dict, obj
 
     Images that fit in memory (float32, at most ORDERED_SPLIT_BYTES) are decoded before training, kept in
     `ds`'s order and split into `workers` equal parts `train_0`, `train_1`, ..., each taken whole by the worker
-    of that rank (`train_shard`; the first images repeated where the images do not divide evenly): a seeded run trains every worker on the same images in the same order each
-    time; `check_training_images` then says how many were unreadable. A larger set is handed to Ray Train as
-    `train`, split while streaming: its split coordinator gives blocks to whichever worker asks first, so which
-    images a worker trains on varies between runs."""
+    of that rank (`train_shard`; the first images repeated where the images do not divide evenly): a seeded
+    run trains every worker on the same images in the same order each time; `check_training_images` then
+    says how many were unreadable. A larger set is handed to Ray Train as `train`, split while streaming: its
+    split coordinator gives blocks to whichever worker asks first, so which images a worker trains on varies
+    between runs."""
     import ray.train
 
     if n_images * config.data.channels * config.data.image_size ** 2 * 4 > ORDERED_SPLIT_BYTES:

@@ -295,9 +295,9 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     total = len(frame)
     if pending.empty:
         summary = _summary(store, total, shard_counts)
+        again = ": listed in its manifest, not read again (to read a file repaired since, delete the store)"
         say(f"extract {spec.name}: all {sum(shard_counts.values())} shards already complete, nothing to do "
-            f"({summary['rows']} rows, {summary['rejected']} image(s) rejected"
-            f"{': listed in its manifest, not read again (to read a file repaired since, delete the store)' if summary['rejected'] else ''})")
+            f"({summary['rows']} rows, {summary['rejected']} image(s) rejected{again if summary['rejected'] else ''})")
         if not store.is_complete():
             store.mark_complete(summary)
         return summary

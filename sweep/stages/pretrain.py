@@ -7,8 +7,9 @@ that determine the weights (`pretrain/run-<key>`), and Ray Train V2 reloads that
 `ray.train.get_checkpoint()` hands the workers the latest checkpoint and the rerun continues to the
 configured step count (checked against Ray 2.60's checkpoint manager; `resume_from_checkpoint=` is
 deprecated in V2 and raises). Noise and augmentation are drawn per step and the batches of a cached shard
-follow from the step (`_batches`), so a resumed run trains what an uninterrupted one would have trained. The EMA weights and the scheduler end up in `pretrain/final/` (diffusers
-`save_pretrained`), written under a temporary name and renamed.
+follow from the step (`_batches`), so a resumed run trains what an uninterrupted one would have trained.
+The EMA weights and the scheduler end up in `pretrain/final/` (diffusers `save_pretrained`), written under a
+temporary name and renamed.
 
 MLflow (rank 0 only): per-step `loss` (mean over all workers, one all-reduce per report) and `lr` stamped
 with the wall time each step ended, `images_per_s` and `images_seen` per report, all sent in one batch right
