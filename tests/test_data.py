@@ -281,6 +281,21 @@ def _manifest(tmp_path, write_pipeline, text: str | bytes, name: str = "m.csv"):
         "source": "manifest", "path": str(path), "splits": {"val": 0.2, "test": 0.2}}})))
 
 
+def test_class_names_that_differ_only_in_case_are_warned_about(tmp_path, write_pipeline):
+    """'Tripos' and 'tripos' stay two classes (they may be), and validate and extract say so."""
+    from sweep.data.table import data_warnings
+
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    rows = [f"{p},{p.parent.name.lower() if i % 2 and p.parent.name == 'Tripos' else p.parent.name}"
+            for i, p in enumerate(files)]
+    t = _manifest(tmp_path, write_pipeline, "path,label\n" + "\n".join(rows) + "\n")
+    assert "Tripos" in t.classes and "tripos" in t.classes and len(t.classes) == 7
+    config = load_config(tmp_path / "pipeline.yaml")
+    assert ["data.train: 1 group(s) of class names differ only in case ('Tripos' / 'tripos'): each is a class of "
+            "its own; if they are one, spell them alike"] == data_warnings(config, t)
+    assert not [w for w in data_warnings(config, build_table(load_config(write_pipeline()))) if "case" in w]
+
+
 def test_manifest_labels_are_trimmed_and_unicode_normalised(tmp_path, write_pipeline):
     """' Tripos', 'Tripos ' and 'Tripos' are one class (a spreadsheet's spaces made three), as are a
     decomposed and a composed 'Ciliés' (macOS writes the first); `Path,Label` headers are read too."""

@@ -198,6 +198,20 @@ def unscored_warning(config: PipelineConfig, table: ImageTable) -> str | None:
             f"data.train.splits fractions give them some")
 
 
+def case_warning(table: ImageTable) -> str | None:
+    """Training classes whose names differ only in case ('Tripos' and 'tripos'): most likely one class
+    spelled two ways, which the probes would learn to tell apart."""
+    by_lower: dict[str, list[str]] = {}
+    for c in table.classes:
+        by_lower.setdefault(c.casefold(), []).append(c)
+    groups = [names for names in by_lower.values() if len(names) > 1]
+    if not groups:
+        return None
+    shown = "; ".join(" / ".join(repr(n) for n in names) for names in groups[:5])
+    return (f"data.train: {len(groups)} group(s) of class names differ only in case ({shown}"
+            f"{'; ...' if len(groups) > 5 else ''}): each is a class of its own; if they are one, spell them alike")
+
+
 def ignored_warning(table: ImageTable) -> str | None:
     """What the scan of an image folder passed over, by reason, with an example each."""
     parts = [f"{domain}: " + "; ".join(f"{count} {reason} (e.g. {example!r})" for reason, count, example in found)
@@ -207,8 +221,9 @@ def ignored_warning(table: ImageTable) -> str | None:
 
 def data_warnings(config: PipelineConfig, table: ImageTable) -> list[str]:
     """What `validate` and `extract` warn about the image table: unequal classes under `regime: balanced`,
-    training classes with no val or test image, files of an image folder passed over."""
-    return [w for w in (unbalanced_warning(config, table), unscored_warning(config, table),
+    training classes with no val or test image, class names that differ only in case, files of an image
+    folder passed over."""
+    return [w for w in (unbalanced_warning(config, table), unscored_warning(config, table), case_warning(table),
                         ignored_warning(table)) if w]
 
 
