@@ -48,6 +48,11 @@ def _missing(path: str, kind: Literal["file", "folder", "path"]) -> bool:
     return not (p.is_file() if kind == "file" else p.is_dir() if kind == "folder" else p.exists())
 
 
+def not_utf8(path, e: UnicodeDecodeError) -> str:
+    """The message for a text file that is not UTF-8 (a spreadsheet's Latin-1 export, say)."""
+    return f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at position {e.start}): save it as UTF-8"
+
+
 def _diffusers_folder(path: str | None) -> str | None:
     """A local diffusers U-Net folder must exist and hold its config.json (itself or in unet/)."""
     if path and _missing(path, "folder"):
@@ -749,7 +754,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at position {e.start})") from None
+        raise ConfigError(not_utf8(path, e)) from None
     if raw is None:
         raise ConfigError(f"{path}: the file is empty")
     if not isinstance(raw, dict):

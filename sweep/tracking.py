@@ -97,9 +97,9 @@ def store_exists(config: PipelineConfig) -> bool:
     """False only for a local SQLite store before any stage made it (the default one, or a configured
     `sqlite:///` file): a query then finds nothing and creates nothing (a mistyped pipeline name or URI
     leaves no empty runs/<name>/ or database behind)."""
-    uri = configured_uri(config)
-    if uri:
-        return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+    if configured_uri(config):
+        db = local_mlflow_db(config)  # the configured URI's file: nothing made
+        return db is None or db.is_file()
     storage = Storage.of(config.storage_root)
     return not storage.is_local or storage.local("mlflow.db").is_file()
 
@@ -318,8 +318,7 @@ def delete_unfinished_trial_runs(config: PipelineConfig, keys: set[str] | None =
                                                 f"'{config.config_hash()}' and tags.`{TAG_TRIAL}` LIKE '%' "
                                                 f"and attributes.status != 'FINISHED'")
     stale = [r.info.run_id for r in runs if keys is None or r.data.tags.get(TAG_TRIAL) in keys]
-    for run_id in stale:
-        client.delete_run(run_id)
+    delete_runs(config, stale)
     return len(stale)
 
 

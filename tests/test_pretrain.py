@@ -550,11 +550,11 @@ def test_a_supervised_model_is_also_told_apart_by_its_labels(write_pipeline):
     relabelled = type(table)(frame=table.frame.copy(), classes=list(table.classes))
     first = relabelled.frame.index[relabelled.frame["split"] == "train"][0]
     relabelled.frame.loc[first, "label"] = (relabelled.frame.loc[first, "label"] + 1) % len(table.classes)
-    assert trained_on_other_images("a U-Net", recorded, table, "f") is None
-    assert trained_on_other_images("a U-Net", recorded, relabelled, "f") is None  # no labels in a U-Net
+    assert trained_on_other_images("a U-Net", recorded, lambda: table, "f") is None
+    assert trained_on_other_images("a U-Net", recorded, lambda: relabelled, "f") is None  # no labels in a U-Net
     assert "trained on other training labels (61 training images then, 61 now)" in \
-        trained_on_other_images("a supervised baseline", recorded, relabelled, "f", labels=True)
-    assert trained_on_other_images("a U-Net", None, relabelled, "f") is None  # recorded by no earlier sweep
+        trained_on_other_images("a supervised baseline", recorded, lambda: relabelled, "f", labels=True)
+    assert trained_on_other_images("a U-Net", None, lambda: relabelled, "f") is None  # recorded by no earlier sweep
 
 
 @pytest.mark.ray

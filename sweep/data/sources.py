@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from sweep.config import ConfigError, DatasetSpec
+from sweep.config import ConfigError, DatasetSpec, not_utf8
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".pgm",
                   ".ppm", ".pbm", ".pnm"}
@@ -140,8 +140,7 @@ def _read_manifest(path: Path, where: str) -> pd.DataFrame:
             table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
                                 encoding="utf-8-sig")
         except UnicodeDecodeError as e:
-            raise ConfigError(f"{where}.path: manifest {path} is not UTF-8 text (byte {e.object[e.start]:#x} at "
-                              f"position {e.start}): save it as UTF-8") from None
+            raise ConfigError(f"{where}.path: manifest {not_utf8(path, e)}") from None
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
             raise ConfigError(f"{where}.path: manifest {path} is not a readable {suffix[1:].upper()} table: "
                               f"{str(e).strip()}") from None

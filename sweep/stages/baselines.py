@@ -616,9 +616,8 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
     key = baseline_key(config, b)
     marker = read_json(f"{final}/{META_FILE}")
     if marker is not None and marker.get("key") == key:
-        problem = trained_on_other_images(f"a {b.kind} baseline", marker.get("training_images"), get_table(),
-                                          str(final), labels=b.kind == "supervised") \
-            if marker.get("training_images") else None
+        problem = trained_on_other_images(f"a {b.kind} baseline", marker.get("training_images"), get_table,
+                                          str(final), labels=b.kind == "supervised")
         if problem:
             raise BaselineError(f"baselines {b.name}: {problem}")
         say(f"baselines {b.name}: {final} is complete for this config, nothing to do")

@@ -306,16 +306,17 @@ def trained_with_other_settings(what: str, recorded: dict | None, wanted: dict, 
             f"train into another storage (--set storage=PATH); to retrain here, delete {folder}")
 
 
-def trained_on_other_images(what: str, recorded: dict | None, table, folder: str, labels: bool = False) -> str | None:
+def trained_on_other_images(what: str, recorded: dict | None, get_table, folder: str,
+                            labels: bool = False) -> str | None:
     """The error for a finished model (`what` in `folder`) trained on other training images than the
     pipeline's now (`recorded`: `training_images` of the images it was trained on; None for a model from
-    before sweep recorded them: not compared), else None. `labels`: the classes count too (a supervised
-    model)."""
+    before sweep recorded them: not compared, and `get_table()`, the pipeline's image table, not built), else
+    None. `labels`: the classes count too (a supervised model)."""
     from sweep.data.table import training_images
 
     if not recorded:
         return None
-    now = training_images(table)
+    now = training_images(get_table())
     if recorded.get("ids") == now["ids"] and (not labels or recorded.get("labels") == now["labels"]):
         return None
     which = "images" if recorded.get("ids") != now["ids"] else "labels"

@@ -462,13 +462,12 @@ def run(config: PipelineConfig) -> str:
             write_json(storage.uri("pretrain", KEY_ALIAS), {"marker_key": done, "key": key})
             done = key
         if done == key:
-            if marker.get("training_images"):
-                from sweep.data.table import build_table
+            from sweep.data.table import build_table
 
-                problem = trained_on_other_images("a U-Net", marker["training_images"], build_table(config),
-                                                  storage.pretrain_final)
-                if problem:
-                    raise PretrainError(f"pretrain: {problem}")
+            problem = trained_on_other_images("a U-Net", marker.get("training_images"),
+                                              lambda: build_table(config), storage.pretrain_final)
+            if problem:
+                raise PretrainError(f"pretrain: {problem}")
             say(f"pretrain: {storage.pretrain_final} is complete for this config, nothing to do")
             return storage.pretrain_final
         raise PretrainError(trained_with_other_settings("a U-Net", marker.get("settings"),
