@@ -70,8 +70,9 @@ def ray_local():
         bin_dir = str(Path(sys.executable).parent)
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 configure_logging=False)
+        from sweep.stages.common import start_local_ray
+
+        start_local_ray(num_cpus=4, dashboard=True, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

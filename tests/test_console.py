@@ -5,9 +5,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from sweep.stages import common
 
 
@@ -149,3 +154,47 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_command(write_pipelin
         assert ran[2:] == ["pretrain", "extract"]
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+_ACTORS_SEEN_FROM_A_WORKER = """
+import sys, types
+import ray
+from sweep.stages.common import init_ray
+
+init_ray(types.SimpleNamespace(ray=types.SimpleNamespace(address=None, num_cpus=2)), dashboard=True)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def actors(self):  # what Ray Train's PlacementGroupCleaner asks from inside the cluster
+        from ray.util.state import list_actors
+        return sorted(a.class_name for a in list_actors())
+
+print("ACTORS", ray.get(Probe.remote().actors.remote()))
+"""
+
+
+@pytest.mark.ray
+def test_a_local_ray_beside_one_that_ray_start_left_running(tmp_path, monkeypatch):
+    """With `ray start --head` running on the machine, sweep starts its own Ray (a bare `ray.init(num_cpus=...)`
+    raised "When connecting to an existing cluster, num_cpus ... must not be provided"), says so, and Ray's
+    state API seen from its workers is its own: Ray Train's placement-group cleaner looked for its controller
+    in the other Ray, did not find it and quit (or, earlier, would have removed the training's workers)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port", str(free_port()), "--num-cpus", "1",
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port())],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while common.running_local_cluster() is None:
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        out = subprocess.run([sys.executable, "-c", _ACTORS_SEEN_FROM_A_WORKER], capture_output=True, text=True,
+                             timeout=180, cwd=tmp_path)
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "a Ray cluster runs on this machine" in out.stderr and "ray.address: auto" in out.stderr
+    assert "ACTORS ['Probe']" in out.stdout, out.stdout + out.stderr[-3000:]

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -63,7 +64,6 @@ def check_ray(config: PipelineConfig, stages=ALL_STAGES, timeout: float = 5.0) -
     """Before any of `stages`: a local Ray must have what they ask for (ConfigError naming the setting), and
     a cluster address must answer (Ray's own connection retries for minutes, printing only its own lines).
     A cluster's resources are not checked: it may autoscale."""
-    import socket
     from urllib.parse import urlsplit
 
     from sweep.config import ConfigError
@@ -106,12 +106,62 @@ def init_ray(config: PipelineConfig, dashboard: bool = False) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    num_cpus = local_num_cpus(config)
     local_ray_environment()
-    # Ray turns token authentication on for a new local cluster and warns that it did, at every start
+    running = running_local_cluster()
+    if running:
+        say(f"a Ray cluster runs on this machine ({running}, started by `ray start`); sweep starts its own local Ray "
+            f"as `ray.address` is null: set `ray.address: auto` (or $RAY_ADDRESS) to run on that one")
+    start_local_ray(local_num_cpus(config), dashboard)
+
+
+def start_local_ray(num_cpus: int, dashboard: bool, log_to_driver: bool = True,
+                    configure_logging: bool = True) -> None:
+    """A new local Ray for this process, even where `ray start` left one running (a bare `ray.init()` joins
+    that one, and refuses `num_cpus`)."""
+    import ray
+
+    dashboard_port = _own_state_api() if dashboard else None
+    # Ray turns token authentication on for a new local cluster and warns that it did, at every start.
     with errors_only("ray._private.authentication.authentication_token_setup"):
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
-                 configure_logging=True, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 dashboard_port=dashboard_port, log_to_driver=log_to_driver, configure_logging=configure_logging,
+                 logging_level=logging.WARNING)
+
+
+_STATE_API_SET = "_SWEEP_SET_RAY_API_SERVER_ADDRESS"  # marks a RAY_API_SERVER_ADDRESS that sweep set itself
+
+
+def _own_state_api() -> int | None:
+    """A free port for the dashboard of the local Ray about to start, and $RAY_API_SERVER_ADDRESS pointing at it
+    (Ray's processes inherit this process's environment); a user's own setting is kept (None).
+
+    Why: Ray Train's PlacementGroupCleaner asks Ray's state API whether the training controller lives, and
+    finds the API by looking for a Ray on this machine. With another Ray running (`ray start --head`, a second
+    sweep) it asked that one, printed "Found multiple active Ray instances" every second, or was told the
+    controller is gone and exited (at another moment it would have removed the training's placement group)."""
+    if os.environ.get("RAY_API_SERVER_ADDRESS") and not os.environ.get(_STATE_API_SET):
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ[_STATE_API_SET] = "1"
+    return port
+
+
+def running_local_cluster() -> str | None:
+    """The address of a Ray that `ray start --head` left running on this machine (the one a bare `ray.init()`
+    joins), if it answers; else None."""
+    from ray._common.utils import get_ray_address_file
+
+    try:
+        with open(get_ray_address_file(None)) as f:
+            address = f.read().strip()
+        host, port = address.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=0.5).close()
+    except (OSError, ValueError):
+        return None
+    return address
 
 
 @contextlib.contextmanager
