@@ -500,6 +500,21 @@ def test_arch_forms_checked_in_the_config(write_pipeline):
         load_config(path)
 
 
+def test_an_arch_whose_package_is_missing_is_a_config_error_before_any_stage(write_pipeline, tmp_path):
+    """`sweep validate` and `sweep run` (before pretraining) name the baseline's arch and the missing package;
+    before, only the baselines stage found it, after pretraining."""
+    from sweep.config import ConfigError
+    from sweep.encoders.checks import check_encoder_settings
+
+    weights = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, weights)
+    path = write_pipeline(baselines=[{"name": "p", "kind": "pretrained", "arch": "no_such_module_xyz.nets:net",
+                                      "weights": str(weights)}])
+    with pytest.raises(ConfigError, match=r"baselines\.0\.arch: 'no_such_module_xyz\.nets:net' needs the Python "
+                                          r"module 'no_such_module_xyz\.nets', which is not installed"):
+        check_encoder_settings(load_config(path))
+
+
 def test_pretrained_needs_weights(write_pipeline):
     from sweep.config import ConfigError
 

@@ -8,7 +8,9 @@ are built on PyTorch's meta device: names and structure only, no memory, no weig
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 from sweep.config import ConfigError, PipelineConfig
@@ -79,8 +81,15 @@ def _check_baseline(config: PipelineConfig, index: int) -> None:
     from sweep.encoders.resnet import build_resnet
 
     b = config.baselines[index]
-    if not b.layers or not zoo.is_builtin(b.arch):
-        return  # the default layers; or an external arch, built (imports and all) by the extract stage only
+    if not zoo.is_builtin(b.arch):
+        # an external arch is built (imports and all) by the stages only; its package must be here at least
+        module = b.arch.partition(":")[0]
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise ConfigError(f"baselines.{index}.arch: {b.arch!r} needs the Python module {module!r}, which is "
+                              f"not installed in this environment ({sys.executable})")
+        return
+    if not b.layers:
+        return  # the default layers
     with torch.device("meta"):
         model = build_resnet(b.arch, num_classes=0, in_channels=config.data.channels)
     modules = dict(model.named_modules())
