@@ -622,7 +622,7 @@ def _format_errors(err: ValidationError) -> str:
         got = None
         if e["type"] == "extra_forbidden":  # the unknown key itself is the user's, whatever its form
             loc = tuple(p for p in e["loc"][:-1] if _key_part(p)) + (e["loc"][-1],)
-            msg = f"unknown key{_suggestion(e['loc'][-1])}"
+            msg = f"unknown key{_suggestion(e['loc'][-1], loc[:-1])}"
         elif e["type"] != "missing" and isinstance(value, (str, int, float, bool, type(None))) \
                 and str(value) not in msg:
             got = _shown(value)
@@ -680,28 +680,58 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
 
 
-def _all_keys(model=None, seen=None) -> set[str]:
-    """Every key name of the pipeline's sections, for suggesting one in place of an unknown key."""
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation can hold (through unions, lists and dicts)."""
     import typing
 
-    model, seen = model or PipelineConfig, seen if seen is not None else set()
-    keys = set()
-    for name, field in model.model_fields.items():
-        keys.add(name)
-        stack = [field.annotation]
-        while stack:
-            t = stack.pop()
-            if isinstance(t, type) and issubclass(t, BaseModel) and t not in seen:
-                seen.add(t)
-                keys |= _all_keys(t, seen)
+    found, stack = [], [annotation]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            found.append(t)
+        else:
             stack.extend(typing.get_args(t))
+    return found
+
+
+def _keys_by_section(model=None, prefix: str = "", seen=None) -> dict[str, list[str]]:
+    """Every key name of the pipeline, with the sections that have it ('' for the top level; list items
+    without their index): 'lrs' -> ['probe']."""
+    model, seen = model or PipelineConfig, seen if seen is not None else set()
+    keys: dict[str, list[str]] = {}
+    for name, field in model.model_fields.items():
+        keys.setdefault(name, []).append(prefix)
+        for sub in _models_in(field.annotation):
+            if sub not in seen:
+                seen.add(sub)
+                for key, places in _keys_by_section(sub, f"{prefix}.{name}".lstrip("."), seen).items():
+                    keys.setdefault(key, []).extend(places)
     return keys
 
 
-def _suggestion(key: object) -> str:
+def _keys_at(section: tuple) -> list[str]:
+    """The key names valid in the section at `section` (field names and list indexes); [] if unknown."""
+    models = [PipelineConfig]
+    for part in section:
+        if isinstance(part, int):
+            continue
+        models = [sub for m in models if part in m.model_fields for sub in _models_in(m.model_fields[part].annotation)]
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _suggestion(key: object, section: tuple = ()) -> str:
+    """A hint for an unknown key: the closest key of its own section, or the sections where it is a key."""
     import difflib
 
-    close = difflib.get_close_matches(str(key).lower().replace("-", "_"), sorted(_all_keys()), n=1, cutoff=0.7)
+    wanted = str(key).lower().replace("-", "_")
+    here = _keys_at(section)
+    close = difflib.get_close_matches(wanted, here, n=1, cutoff=0.7)
+    if close and close[0] != key:
+        return f" (did you mean {close[0]!r}?)"
+    elsewhere = sorted(f"{place}.{wanted}" if place else wanted for place in _keys_by_section().get(wanted, []))
+    if elsewhere:
+        return f" (a key elsewhere: {', '.join(elsewhere)})"
+    close = difflib.get_close_matches(wanted, sorted(_keys_by_section()), n=1, cutoff=0.7)
     return f" (did you mean {close[0]!r}?)" if close and close[0] != key else ""
 
 

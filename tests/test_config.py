@@ -95,6 +95,9 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         # a config audit's finds: each was accepted, and failed late or did the wrong thing
         ("probe.batch-size=64", "probe.batch-size", "unknown key (did you mean 'batch_size'?)"),
         ("Probe={epochs: 3}", "Probe", "unknown key (did you mean 'probe'?)"),
+        # the closest key of the key's own section, or where the key belongs (a global lookup found 'lr' itself)
+        ("probe.lr=0.1", "probe.lr", "unknown key (did you mean 'lrs'?)"),
+        ("probe.timesteps=[0]", "probe.timesteps", "unknown key (a key elsewhere: extract.timesteps)"),
         ("extract.timesteps=[000, 025]", "--set extract.timesteps", "000 has a leading zero, which YAML reads as an "
                                                                   "octal number: write 0"),
         ("pretrain.grad_clip=-1", "pretrain.grad_clip", "greater than 0 (got -1)"),  # -1 climbed the loss
