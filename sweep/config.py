@@ -610,6 +610,14 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _names_value(msg: str, value) -> bool:
+    """Whether a message already shows the value: quoted, in parentheses or after "got" (a bare digit in
+    "greater than 1" is the bound, not the value)."""
+    if isinstance(value, str):
+        return repr(value) in msg or f'"{value}"' in msg or (len(value) > 3 and value in msg)
+    return any(form in msg for form in (f"({value})", f"got {value}", f"{value!r} "))
+
+
 def _format_errors(err: ValidationError) -> str:
     """One entry per wrong key: `key: why (got VALUE)`. Where a value may take several forms (a union),
     pydantic reports a failure per form; a form whose shape the value does not have at all is dropped when
@@ -624,7 +632,7 @@ def _format_errors(err: ValidationError) -> str:
             loc = tuple(p for p in e["loc"][:-1] if _key_part(p)) + (e["loc"][-1],)
             msg = f"unknown key{_suggestion(e['loc'][-1], loc[:-1])}"
         elif e["type"] != "missing" and isinstance(value, (str, int, float, bool, type(None))) \
-                and str(value) not in msg:
+                and not _names_value(msg, value):
             got = _shown(value)
         found.append((loc, msg, got, e["type"].endswith("_type") or e["type"] == "literal_error"))
     by_key: dict[tuple, tuple[list[str], str | None]] = {}

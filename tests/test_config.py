@@ -80,7 +80,7 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         ("extract.encoders=[diffusion, {name: unet2}]", "extract.encoders.1",
          "encoder 'unet2' has no checkpoint: name the pretrained U-Net 'diffusion'"),
         ("probe.asha={grace_period: 20}", "probe", "asha.grace_period (20) must be below epochs (20)"),
-        ("probe.asha.reduction_factor=1", "probe.asha.reduction_factor", "greater than 1"),
+        ("probe.asha.reduction_factor=1", "probe.asha.reduction_factor", "greater than 1 (got 1)"),
         ("probe.epochs=0", "probe.epochs", "greater than or equal to 1 (got 0)"),
         ("report.metric=test_f1", "report.metric", "unknown metric 'test_f1'"),
         ("report.metric=ood_other_acc", "report.metric", "no OOD dataset 'other'"),
