@@ -11,8 +11,10 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from sweep.config import STAGES, ArgumentError, ConfigError, PipelineConfig, load_config, metric_problem
 
@@ -241,7 +243,11 @@ def cmd_validate(config: PipelineConfig) -> None:
     print(f"  classes: {', '.join(table.classes)}")
     print(f"  encoders: {', '.join(s.name for s in config.encoder_specs())}; "
           f"timesteps {config.extract.timesteps}; layers {config.extract.layers}")
-    print(f"  storage: {config.storage_root}")
+    try:  # a warning: a cluster's storage path may exist only on the cluster
+        check_local_storage(config, create=False)
+        print(f"  storage: {config.storage_root}")
+    except ConfigError as e:
+        print(f"  storage: warning: {str(e).removeprefix('storage: ')} (here; the stages would stop at once)")
     uri = configured_uri(config)
     try:  # a cluster's server may answer only from the cluster: said, not an error
         if uri:
@@ -249,6 +255,27 @@ def cmd_validate(config: PipelineConfig) -> None:
         print(f"  tracking: {uri or 'the default SQLite store, <storage>/mlflow.db'}")
     except TrackingServerUnreachable as e:
         print(f"  tracking: warning: {e}")
+
+
+def check_local_storage(config: PipelineConfig, create: bool) -> None:
+    """A local `storage` folder must be one this process can write: created now with `create` (the stages
+    would create it), else (`validate`) its nearest existing folder must take a new folder (one is made and
+    removed). ConfigError naming it."""
+    from sweep.storage import is_remote
+
+    root = config.storage_root
+    if is_remote(root):
+        return
+    path = Path(root)
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".sweep-write-check-", dir=existing))  # root passes os.access anywhere
+    except OSError as e:
+        raise ConfigError(f"storage: cannot create or write {root}: {e.strerror or e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             from sweep.tracking import check_tracking
 
             check_tracking(config, reach_server=True)  # before any stage: a dead server fails now, not later
+            check_local_storage(config, create=True)
             from sweep.stages.common import check_ray
 
             # resources a local Ray never has, a cluster that does not answer: now, not later

@@ -121,6 +121,22 @@ def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key
     assert key in err and why in err, err
 
 
+def test_storage_that_cannot_be_made_stops_before_any_stage(tmp_path, write_pipeline, capsys):
+    """A storage path under a file (or anywhere no folder can be made): `validate` warns (a cluster's path
+    may exist only there), a stage exits 2 naming `storage` before it starts (it failed inside the stage
+    with the OS error alone). A good path is created by the check itself."""
+    (tmp_path / "a-file").write_text("x")
+    bad = tmp_path / "a-file" / "runs"
+    path = write_pipeline()
+    assert main(["validate", str(path), "--set", f"storage={bad}"]) == 0
+    assert f"storage: warning: cannot create or write {bad}" in capsys.readouterr().out
+    assert main(["pretrain", str(path), "--set", f"storage={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert f"storage: cannot create or write {bad}" in err and "== pretrain ==" not in err, err
+    assert main(["validate", str(path), "--set", f"storage={tmp_path / 'new' / 'runs'}"]) == 0
+    assert list(tmp_path.glob("new/.sweep-write-check-*")) == [] and not (tmp_path / "new").exists()
+
+
 def test_pipeline_file_mistakes_name_the_file_and_line(tmp_path, write_pipeline, capsys):
     """A section given twice (PyYAML kept the second silently), a folder or an empty file as the pipeline, a
     checkpoint folder that is not a diffusers one, storage that is a file: exit 2 naming them."""
