@@ -171,6 +171,25 @@ def test_split_files_are_used(write_pipeline):
     assert set(f.loc[f["split"] == "val", "image_id"]) == set(listed)
 
 
+@pytest.mark.parametrize("form", ["absolute", "file name", "no suffix", "made up"])
+def test_split_file_ids_of_another_form_are_explained(tmp_path, write_pipeline, form):
+    """A split file that names images otherwise than the dataset does (absolute paths, bare file names, no
+    suffix) is a config error that shows the dataset's id for the first one, or what ids look like."""
+    splits = DEMO_IMAGES.parent / "splits"
+    lines = (splits / "val.txt").read_text().splitlines()
+    first = lines[0].split()[0]
+    wrong = {"absolute": str(DEMO_IMAGES / first), "file name": first.rsplit("/", 1)[1],
+             "no suffix": first.rsplit(".", 1)[0], "made up": "no/such/image.png"}[form]
+    (tmp_path / "val.txt").write_text("\n".join([wrong, *lines[1:]]) + "\n")
+    cfg = write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "demo", "splits": {"train": str(splits / "train.txt"), "val": str(tmp_path / "val.txt"),
+                                     "test": str(splits / "test.txt")}}})
+    hint = "the dataset's ids look like '" if form == "made up" else f"the dataset's id for it is probably {first!r}"
+    with pytest.raises(ConfigError, match=rf"1 listed image\(s\) are not in the dataset, e.g. '{re.escape(wrong)}' "
+                                          rf"\({re.escape(hint)}"):
+        build_table(load_config(cfg))
+
+
 def test_balanced_regime_caps_each_class(write_pipeline):
     cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
         "source": "demo", "regime": "balanced", "per_class": 14}}))

@@ -7,6 +7,7 @@ class or an image elsewhere never reshuffles the rest.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,18 @@ def _read_split_file(path: str, known: set[str]) -> list[str]:
     return ids
 
 
+def _id_form_hint(unknown: str, known: set[str]) -> str:
+    """What the dataset's ids look like, and the id an unknown one probably means: the same file named by an
+    absolute path, without its class folder or with another suffix."""
+    if not known:
+        return ""
+    u = unknown.replace("\\", "/")
+    for k in sorted(known):
+        if u.endswith("/" + k) or k.endswith("/" + u) or os.path.splitext(k)[0] == os.path.splitext(u)[0]:
+            return f" (the dataset's id for it is probably {k!r})"
+    return f" (the dataset's ids look like {min(known)!r}: image paths as the dataset's folder or manifest names them)"
+
+
 def _assign_splits(frame: pd.DataFrame, spec: TrainDataset, seed: int, where: str) -> pd.DataFrame:
     splits = spec.splits
     if splits.from_files:
@@ -130,9 +143,8 @@ def _assign_splits(frame: pd.DataFrame, spec: TrainDataset, seed: int, where: st
                 members[image_id] = name
         unknown = [i for i in members if i not in known]
         if unknown:
-            raise ConfigError(
-                f"{where}.splits: {len(unknown)} listed image(s) are not in the dataset, e.g. {unknown[0]!r}"
-            )
+            raise ConfigError(f"{where}.splits: {len(unknown)} listed image(s) are not in the dataset, e.g. "
+                              f"{unknown[0]!r}{_id_form_hint(unknown[0], known)}")
         default = "train" if splits.train is None else None
         frame = frame.assign(split=frame["image_id"].map(members).fillna(default) if default else
                              frame["image_id"].map(members))
