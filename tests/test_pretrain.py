@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -365,10 +366,36 @@ def test_steps_logged_before_a_lost_checkpoint_are_not_logged_again(write_pipeli
 
 @pytest.mark.ray
 def test_fault_stops_after_the_first_checkpoint(pretrained):
+    from sweep.data.table import build_table, training_images
+    from sweep.stages.common import RUN_IMAGES_FILE
+
     after = pretrained["after_fault"]
     assert after["checkpoints"] == [FAULT_AT]
     assert not after["final"]
     assert [status for _, status in after["runs"]] == ["FAILED"]
+    # the run folder records the images it trains on, for the resume to compare
+    recorded = json.loads((pretrained["run_dir"] / RUN_IMAGES_FILE).read_text())
+    assert recorded == training_images(build_table(pretrained["config"])) and recorded["images"] > 0
+
+
+def test_a_run_resumed_over_other_training_images_is_refused(tmp_path):
+    """The first start of a Ray Train run records its training images in the run folder; a resume over the
+    same ones goes on, over others (an image removed: its class's split redrawn) it stops naming the folder
+    and both counts; a supervised run also compares the labels."""
+    from sweep.stages.common import RUN_IMAGES_FILE, check_run_images
+
+    run = tmp_path / "run-abc"
+    images = {"images": 3, "ids": "i1", "labels": "l1"}
+    check_run_images("U-Net", str(run), images)
+    assert json.loads((run / RUN_IMAGES_FILE).read_text()) == images
+    check_run_images("U-Net", str(run), dict(images))  # the same images: resumes
+    with pytest.raises(RuntimeError, match=rf"{re.escape(str(run))} holds an interrupted U-Net run trained on other "
+                                           r"training images \(3 training images then, 2 now\)"):
+        check_run_images("U-Net", str(run), {"images": 2, "ids": "i2", "labels": "l2"})
+    relabelled = {**images, "labels": "l3"}
+    check_run_images("simclr baseline", str(run), relabelled)  # no labels in a self-supervised run
+    with pytest.raises(RuntimeError, match="trained on other training labels"):
+        check_run_images("supervised baseline", str(run), relabelled, labels=True)
 
 
 @pytest.mark.ray

@@ -44,8 +44,8 @@ from sweep.data.table import training_images
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import (check_training_images, error_cause, fit_interruptibly, init_ray, quiet_dataset,
-                                 quiet_train_reports, say, train_datasets, train_logging, train_shard,
+from sweep.stages.common import (check_run_images, check_training_images, error_cause, fit_interruptibly, init_ray,
+                                 quiet_dataset, quiet_train_reports, say, train_datasets, train_logging, train_shard,
                                  trained_on_other_images, trained_with_other_settings)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
@@ -676,6 +676,12 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
     if b.kind == "supervised":  # SimCLR gets no labels, no classes, no val/test rows
         loop_config.update(classes=list(table.classes), val_rows=_split_rows(table, "val"),
                            test_rows=_split_rows(table, "test"))
+    try:
+        check_run_images(f"{b.name} baseline", f"{storage.uri('baselines', b.name)}/run-{key}", meta["training_images"],
+                         labels=b.kind == "supervised")
+    except RuntimeError as e:
+        tracking.finish_run(config, run_id, "FAILED")
+        raise BaselineError(f"baselines {b.name}: {e}") from None
     say(f"baselines {b.name}: {b.kind} {b.arch}, {n_train} training images, {b.epochs} epoch(s) x "
         f"{b.batch_size} per worker x {p.workers} worker(s){' on GPU' if p.use_gpu else ''}")
     loop_config["ordered_split"] = dataset_config is not None

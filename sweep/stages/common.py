@@ -357,16 +357,17 @@ def trained_with_other_settings(what: str, recorded: dict | None, wanted: dict, 
 
 
 def trained_on_other_images(what: str, recorded: dict | None, get_table, folder: str,
-                            labels: bool = False) -> str | None:
+                            labels: bool = False, now: dict | None = None) -> str | None:
     """The error for a finished model (`what` in `folder`) trained on other training images than the
     pipeline's now (`recorded`: `training_images` of the images it was trained on; None for a model from
     before sweep recorded them: not compared, and `get_table()`, the pipeline's image table, not built), else
-    None. `labels`: the classes count too (a supervised model)."""
+    None. `labels`: the classes count too (a supervised model). `now`: today's `training_images`, where the
+    caller has them."""
     from sweep.data.table import training_images
 
     if not recorded:
         return None
-    now = training_images(get_table())
+    now = now or training_images(get_table())
     if recorded.get("ids") == now["ids"] and (not labels or recorded.get("labels") == now["labels"]):
         return None
     which = "images" if recorded.get("ids") != now["ids"] else "labels"
@@ -374,6 +375,27 @@ def trained_on_other_images(what: str, recorded: dict | None, get_table, folder:
             f"then, {now['images']} now): data.train's files, labels or splits changed since it was trained (the "
             f"splits are drawn per class: adding or removing an image redraws its class's). To keep it, restore "
             f"those images; to train again, use another storage (--set storage=PATH) or delete {folder}")
+
+
+RUN_IMAGES_FILE = "training_images.json"  # in a Ray Train run folder: the images that run trains on
+
+
+def check_run_images(what: str, run_folder: str, now: dict, labels: bool = False) -> None:
+    """Before a Ray Train run starts or resumes in `run_folder`: the first start records the training images
+    (`now`, `training_images` of the pipeline's table) beside its checkpoints; a resumed run must train on
+    the same ones (a finished model's marker is compared by `trained_on_other_images`; an interrupted run
+    resumed over other images mixed two data sets in one model). RuntimeError with what to do."""
+    from sweep.storage import read_json, write_json
+
+    path = f"{run_folder}/{RUN_IMAGES_FILE}"
+    before = read_json(path)
+    if before is None:  # a new run, or one from before sweep recorded its images
+        write_json(path, now)
+        return
+    problem = trained_on_other_images(f"an interrupted {what} run", before, lambda: None, run_folder, labels,
+                                      now=now)
+    if problem:
+        raise RuntimeError(problem)
 
 
 def train_shard(ordered: bool, rank: int):

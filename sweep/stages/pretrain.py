@@ -32,8 +32,8 @@ import warnings
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
-from sweep.stages.common import (check_training_images, error_cause, fit_interruptibly, init_ray, quiet_dataset,
-                                 quiet_train_reports, say, train_datasets, train_logging, train_shard,
+from sweep.stages.common import (check_run_images, check_training_images, error_cause, fit_interruptibly, init_ray,
+                                 quiet_dataset, quiet_train_reports, say, train_datasets, train_logging, train_shard,
                                  trained_on_other_images, trained_with_other_settings)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
@@ -507,6 +507,11 @@ def run(config: PipelineConfig) -> str:
     if key != legacy and exists(f"{storage.pretrain_runs}/run-{legacy}") \
             and not exists(f"{storage.pretrain_runs}/run-{key}"):
         key = legacy  # a run interrupted under an older sweep's key: resume it, in its folder
+    try:
+        check_run_images("U-Net", f"{storage.pretrain_runs}/run-{key}", training_images(table))
+    except RuntimeError as e:
+        tracking.finish_run(config, run_id, "FAILED")
+        raise PretrainError(f"pretrain: {e}") from None
     trainer = make_trainer(config, run_id, datasets, dataset_config, key, training_images(table))
     try:
         result = fit_interruptibly(trainer, "pretrain")
