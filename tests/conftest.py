@@ -24,6 +24,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_mlflow_server(db: Path, port: int, timeout: float = 180.0):
+    """A real `mlflow server` on 127.0.0.1:`port` over the SQLite file `db`, answering (its Popen; stop it with
+    `stop_mlflow_server`). In a session of its own: the server's work is done by child processes (uvicorn),
+    which outlive a signal to the `mlflow` command alone and keep answering."""
+    import subprocess
+    import time
+    import urllib.request
+
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+         "--default-artifact-root", str(db.parent / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                return server
+        except OSError:
+            time.sleep(0.5)
+    stop_mlflow_server(server)
+    pytest.fail("mlflow server did not start")
+
+
+def stop_mlflow_server(server, hard: bool = False) -> None:
+    """Stop a server of `start_mlflow_server` and all its processes: SIGTERM, or SIGKILL (`hard`: a crash)."""
+    import signal
+
+    try:
+        os.killpg(server.pid, signal.SIGKILL if hard else signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    server.wait(30)
+
+
 def small_pipeline(storage: Path, **sections) -> dict:
     """A pipeline dict small enough for tests: demo images at 16 px, a 2-level U-Net, 2 timesteps."""
     raw = {

@@ -11,7 +11,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port
+from conftest import free_port, start_mlflow_server, stop_mlflow_server
 from sweep import tracking, tracking_sql
 from sweep.tracking import FinishedRun
 
@@ -129,27 +129,10 @@ def test_a_server_store_is_not_written_directly():
 def test_through_an_mlflow_server_the_client_writes_the_same_runs(tmp_path):
     """A real `mlflow server` on 127.0.0.1: runs go through the client there (the server does the SQL), and
     read back equal to a run inserted into the server's database directly."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
-
     port = free_port()
     db = tmp_path / "server.db"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
-         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_mlflow_server(db, port)
     try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
         tracking.check_server(f"http://127.0.0.1:{port}")  # a real server passes the reachability check
         client = MlflowClient(f"http://127.0.0.1:{port}")
         assert tracking_sql.sql_store(client) is None
@@ -165,5 +148,4 @@ def test_through_an_mlflow_server_the_client_writes_the_same_runs(tmp_path):
         assert client.get_run(served[1]).data.tags[tracking.TAG_TRIAL] == "diffusion/b"
         assert all(client.get_run(i).info.status == "FINISHED" for i in [*served, *direct])
     finally:
-        server.terminate()
-        server.wait(30)
+        stop_mlflow_server(server)

@@ -38,7 +38,7 @@ import time
 import uuid
 
 import numpy as np
-from ray.tune import Callback, Trainable
+from ray.tune import Callback, Stopper, Trainable
 
 from sweep.config import PipelineConfig
 from sweep.features.store import FeatureStore, FeatureStoreError
@@ -337,6 +337,8 @@ class ChildRunWriter:
                             "patience": p.patience}
         self.grid_params.update(_asha_params(p))
         self.logged, self.batches, self.seconds, self.errors = 0, 0, 0.0, []
+        self.uri = tracking.tracking_uri(config)
+        self.lost: str | None = None  # why the tracking server stopped answering, once it has
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="probe-mlflow-writer", daemon=True)
         self._thread.start()
@@ -364,11 +366,23 @@ class ChildRunWriter:
                 batch.pop()
             if batch:
                 t0 = time.perf_counter()
-                errors = self.write(batch)
+                errors = self.write(batch) if self._server_answers() else [
+                    f"{key}: not recorded: {self.lost}" for key, _, _ in batch]
                 self.logged += len(batch) - len(errors)
                 self.errors += errors
                 self.batches += 1
                 self.seconds += time.perf_counter() - t0
+
+    def _server_answers(self) -> bool:
+        """False once an MLflow server at the tracking URI has stopped answering (asked before each batch, a
+        few ms): MLflow's client retries every request to a dead server for ~4 minutes, a sweep's worth of
+        runs for hours. The sweep then stops (`StopWhenTrackingLost`) and a rerun does the rest."""
+        if self.lost is None:
+            try:
+                self.tracking.check_server(self.uri)
+            except self.tracking.TrackingServerUnreachable as e:
+                self.lost = str(e).removeprefix("tracking.uri: ")
+        return self.lost is None
 
     def write(self, batch: list[tuple[str, dict, float]]) -> list[str]:
         """Records a batch of (trial key, outcome, finish time); returns a line per trial not recorded
@@ -410,6 +424,23 @@ class ChildRunWriter:
             tags=tags, params=params,
             metrics=metrics, curves={f"history_{k}": [h[k] for h in outcome["history"]] for k in CURVE_KEYS},
             start_time=end - int(1000 * outcome["seconds"]), end_time=end)
+
+
+class StopWhenTrackingLost(Stopper):
+    """Ends the sweep once the MLflow server stopped answering: trials finished after that are not recorded
+    and would run again anyway."""
+
+    def __init__(self, writer: ChildRunWriter):
+        self.writer = writer
+
+    def __getstate__(self):  # pickled with Tune's run config; the writer (a thread) stays on the driver
+        return {**self.__dict__, "writer": None}
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.writer is not None and self.writer.lost is not None
 
 
 class MlflowChildRuns(Callback):
@@ -732,6 +763,7 @@ def run(config: PipelineConfig) -> dict:
         # one folder per attempt: a resumed sweep is a new, smaller Tune experiment (MLflow says what is done)
         run_config=tune.RunConfig(name=f"probe-{config.config_hash()}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=storage.tune, callbacks=[callback], verbose=0,
+                                  stop=StopWhenTrackingLost(writer),
                                   # nothing to checkpoint: a trial is one step, MLflow holds the outcome
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
     )
@@ -744,7 +776,8 @@ def run(config: PipelineConfig) -> dict:
             raise KeyboardInterrupt
     except BaseException:
         writer.close()  # what finished is kept
-        tracking.finish_run(config, parent, "KILLED" if ctrl_c.interrupted else "FAILED")
+        if writer.lost is None:
+            tracking.finish_run(config, parent, "KILLED" if ctrl_c.interrupted else "FAILED")
         if ctrl_c.interrupted:
             say(f"probe: {writer.logged} of {len(todo)} trials recorded before the interruption")
         raise
@@ -758,6 +791,10 @@ def run(config: PipelineConfig) -> dict:
     wall = time.perf_counter() - t_start
     errors = [r.error for r in results if r.error is not None]
     missing = len(todo) - writer.logged
+    if writer.lost is not None:  # the parent run cannot be closed either: it stays RUNNING, a rerun goes on
+        raise ProbeError(f"probe: the MLflow server stopped answering during the sweep ({writer.lost}); "
+                         f"{writer.logged} of {len(todo)} trials were recorded before. Start the server again and "
+                         f"rerun to do the {missing} left.")
     tracking.log_batch(config, parent, metrics={
         "sweep_seconds": wall, "tune_seconds": tune_seconds, "trials_run": writer.logged,
         "trials_failed": missing, "logging_seconds": writer.seconds})
