@@ -293,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             # resources a local Ray never has, a cluster that does not answer: now, not later
             check_ray(config, args.stages if args.command == "run" else [args.command])
         if args.command == "run" or args.command in STAGES:
-            with _CtrlC.remembered():
+            from sweep.storage import storage_lock
+
+            with storage_lock(config.storage_root, " ".join(["sweep", *(argv or sys.argv[1:])])), \
+                    _CtrlC.remembered():
                 ray_was_up = _ray_up()
                 if args.command == "run":
                     cmd_run(config, args.stages)

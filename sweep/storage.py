@@ -24,6 +24,46 @@ def _absolute(uri: str) -> str:
 
 
 PRETRAIN_MARKER = "sweep_pretrain.json"  # in pretrain/final, written last: the U-Net there is complete
+LOCK_FILE = ".sweep.lock"  # in a local storage root: held by the command writing there
+
+
+class StorageBusy(RuntimeError):
+    """Another sweep command is writing to the same storage."""
+
+
+@contextlib.contextmanager
+def storage_lock(root: str, command: str):
+    """Hold the local storage `root` for one command (an exclusive `flock` on its lock file, released by the
+    OS however the process ends); StorageBusy naming the holder when another command has it. Two commands in
+    one storage trained into the same checkpoint folder (one deleted the other's checkpoints), logged every
+    step twice and recorded every probe trial twice. Remote storage has no such lock: one writer there."""
+    import fcntl
+    import socket
+    import time
+
+    if is_remote(root):
+        yield
+        return
+    path = Path(root) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise StorageBusy(f"storage {root} is in use by another sweep command ({holder}): wait for it to end, or "
+                          f"use another storage (--set storage=PATH)") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, since {since}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 @dataclass(frozen=True)

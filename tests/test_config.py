@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,21 @@ def test_changed_settings_lists_each_differing_leaf_by_its_key_path():
         "added: (not set) -> 'x'", "gone: 1 -> (not set)", "pretrain.model.channels: [16, 32] -> [16, 64]",
         "pretrain.steps: 6 -> 9"]
     assert changed_settings(old, old) == []
+
+
+def test_a_second_command_in_a_storage_in_use_stops_naming_the_first(tmp_path, write_pipeline, capsys):
+    """Two commands in one storage (a double launch) trained into one checkpoint folder and recorded every
+    probe trial twice: the second now stops at once (exit 1) naming the first; the lock goes with the
+    command holding it, however it ends."""
+    from sweep.storage import storage_lock
+
+    path = write_pipeline()
+    root = load_config(path).storage_root
+    with storage_lock(root, "sweep run first.yaml"):
+        assert main(["pretrain", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert f"storage {root} is in use by another sweep command (pid {os.getpid()} on " in err
+        assert "`sweep run first.yaml`" in err and "== pretrain ==" not in err
+        assert main(["validate", str(path)]) == 0  # reading needs no lock
+    with storage_lock(root, "sweep pretrain again"):  # released: free again
+        pass
