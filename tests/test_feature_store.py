@@ -59,8 +59,9 @@ def test_shards_manifest_and_column_reads(tmp_path):
     store.write_shard("main", 0, first)
     m = json.loads((tmp_path / "enc" / "_manifest.json").read_text())
     assert [s["index"] for s in m["datasets"]["main"]["shards"]] == [0, 1]
-    assert m["datasets"]["main"]["shards"][1] == {"index": 1, "file": "main/part-00001.parquet", "rows": 1,
-                                                  "rejected": 1}
+    assert m["datasets"]["main"]["shards"][1] == {
+        "index": 1, "file": "main/part-00001.parquet", "rows": 1, "rejected": 1,
+        "bytes": (tmp_path / "enc" / "main" / "part-00001.parquet").stat().st_size}
     assert m["rejected"] == [{"image_id": "e", "reason": "OSError: truncated", "domain": "main", "shard": 1}]
     assert m["settings"] == SETTINGS and m["columns"] == COLUMNS and not m["complete"]
     assert not list((tmp_path / "enc" / "main").glob("*.tmp"))  # written under a temporary name, renamed
@@ -105,9 +106,40 @@ def test_reopen_keeps_completed_shards_and_drops_lost_files(tmp_path):
     assert again.completed_shards("main") == {0, 1} and again.dropped == [] and again.is_complete()
     (tmp_path / "enc" / "main" / "part-00000.parquet").unlink()
     again = _open(tmp_path / "enc")
-    assert again.dropped == ["main/part-00000.parquet"]
+    assert again.dropped == [("main/part-00000.parquet", "its file is gone")]
     assert again.completed_shards("main") == {1} and not again.is_complete()
     assert again.manifest()["rejected"] == []  # the lost shard's rejected images are redone with it
+
+
+def test_reopen_drops_a_damaged_shard_and_checks_older_stores_by_their_footers(tmp_path):
+    """A listed shard cut short (a copy interrupted, a full disk) was served as complete: the probe's trials
+    failed on it without naming it, every rerun again. Its size differs from the one recorded when written:
+    dropped and extracted again. A store from before sizes were recorded is checked by its footers once."""
+    store = _open(tmp_path / "enc")
+    store.write_shard("main", 0, _rows(["a", "b", "c"])[0])
+    store.write_shard("main", 1, _rows(["d"])[0])
+    store.mark_complete({"rows": 4})
+    shard = tmp_path / "enc" / "main" / "part-00000.parquet"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    again = _open(tmp_path / "enc")
+    assert again.dropped == [("main/part-00000.parquet", f"its file is damaged ({len(whole) // 2} bytes, "
+                                                         f"{len(whole)} written)")]
+    assert again.completed_shards("main") == {1} and not again.is_complete()
+
+    old = _open(tmp_path / "old")  # a store whose manifest has no sizes
+    old.write_shard("main", 0, _rows(["a", "b"])[0])
+    old.write_shard("main", 1, _rows(["c"])[0])
+    m = json.loads((tmp_path / "old" / "_manifest.json").read_text())
+    for s in m["datasets"]["main"]["shards"]:
+        del s["bytes"]
+    (tmp_path / "old" / "_manifest.json").write_text(json.dumps(m))
+    (tmp_path / "old" / "main" / "part-00001.parquet").write_bytes(b"PAR1 cut short")
+    again = _open(tmp_path / "old")
+    assert [(f, why.split(" (")[0]) for f, why in again.dropped] == [("main/part-00001.parquet",
+                                                                     "its file is damaged")]
+    assert again.completed_shards("main") == {0}
+    assert again.manifest()["datasets"]["main"]["shards"][0]["bytes"] > 0  # checked once, recorded
 
 
 def test_other_settings_are_refused_naming_the_change(tmp_path):

@@ -86,7 +86,7 @@ class FeatureStore:
         self.root = root_uri.rstrip("/")
         self.fs, self.base = pafs.FileSystem.from_uri(st._absolute(self.root))
         self._manifest: dict | None = None
-        self.dropped: list[str] = []
+        self.dropped: list[tuple[str, str]] = []  # (shard file, why) dropped from the manifest by `open`
 
     # manifest -----------------------------------------------------------------------------------
     @property
@@ -112,8 +112,8 @@ class FeatureStore:
         is upgraded in place when `legacy_key(its dataset names)`, the key it would then have carried,
         matches.
 
-        On resume, a shard listed as complete whose file is gone is dropped from the manifest (so it is
-        extracted again); `self.dropped` names such shards. Files not listed in the manifest (a shard
+        On resume, a shard listed as complete whose file is gone or damaged is dropped from the manifest (so
+        it is extracted again); `self.dropped` names such shards. Files not listed in the manifest (a shard
         written but not yet recorded, a stray `*.tmp`) are never read and are overwritten when their
         shard is written."""
         existing = self.manifest(reload=True)
@@ -236,24 +236,43 @@ class FeatureStore:
         return "; ".join(parts) or "checkpoint, layers, timesteps, preprocessing or images"
 
     def _drop_missing(self) -> None:
+        """Drop from the manifest the shards listed as complete whose file is gone or damaged: of another size
+        than when it was written (a copy cut short, a full disk), or, in a store from before sizes were
+        recorded, without a readable Parquet footer (its size is recorded then). `self.dropped` gets
+        (file, why) for each."""
         m = self._manifest
-        present: dict[str, set[str]] = {}
+        changed = False
         for dataset, info in m["datasets"].items():
             if not info["shards"]:
                 continue
             selector = pafs.FileSelector(f"{self.base}/{dataset}", allow_not_found=True)
-            present[dataset] = {f.base_name for f in self.fs.get_file_info(selector)
-                                if f.type == pafs.FileType.File}
-            gone = [s for s in info["shards"] if s["file"].rsplit("/", 1)[-1] not in present[dataset]]
-            for s in gone:
-                self.dropped.append(s["file"])
+            sizes = {f.base_name: f.size for f in self.fs.get_file_info(selector) if f.type == pafs.FileType.File}
+            for s in list(info["shards"]):
+                size = sizes.get(s["file"].rsplit("/", 1)[-1])
+                why = "its file is gone" if size is None else self._damage(s, size)
+                if why is None:
+                    if "bytes" not in s:
+                        s["bytes"], changed = size, True
+                    continue
+                self.dropped.append((s["file"], why))
                 info["shards"].remove(s)
                 m["rejected"] = [r for r in m["rejected"]
                                  if not (r.get("domain") == dataset and r.get("shard") == s["index"])]
         if self.dropped:
             m["complete"] = False
             m.pop("summary", None)
+        if self.dropped or changed:
             st.write_json(self.manifest_uri, m)
+
+    def _damage(self, shard: dict, size: int) -> str | None:
+        """Why a listed shard's file of `size` bytes cannot be what was written, or None."""
+        if "bytes" in shard:
+            return None if size == shard["bytes"] else f"its file is damaged ({size} bytes, {shard['bytes']} written)"
+        try:
+            rows = pq.read_metadata(f"{self.base}/{shard['file']}", filesystem=self.fs).num_rows
+        except (OSError, pa.ArrowException) as e:
+            return f"its file is damaged ({str(e).splitlines()[0]})"
+        return None if rows == shard["rows"] else f"its file is damaged ({rows} rows, {shard['rows']} written)"
 
     def completed_shards(self, dataset: str) -> set[int]:
         m = self.manifest() or {}
@@ -274,7 +293,8 @@ class FeatureStore:
         self.fs.move(tmp, path)
         m = self.manifest()
         shards = [s for s in m["datasets"][dataset]["shards"] if s["index"] != index]
-        shards.append({"index": index, "file": rel, "rows": table.num_rows, "rejected": len(rejected)})
+        shards.append({"index": index, "file": rel, "rows": table.num_rows, "rejected": len(rejected),
+                       "bytes": self.fs.get_file_info(path).size})  # a later size differs: damaged
         m["datasets"][dataset]["shards"] = sorted(shards, key=lambda s: s["index"])
         m["rejected"] = [r for r in m["rejected"] if not (r["domain"] == dataset and r.get("shard") == index)]
         m["rejected"] += [{**r, "domain": dataset, "shard": index} for r in rejected]

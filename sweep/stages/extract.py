@@ -288,8 +288,8 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
                                    **({"timesteps": wider["timesteps"]} if "timesteps" in kwargs else {})}
     store.open(header, fingerprint(settings), shard_counts, settings=settings, images=_images(frame),
                legacy_key=_legacy_key(settings, frame))
-    for lost in store.dropped:
-        say(f"extract {spec.name}: shard {lost} is listed as complete but its file is gone: extracting it again")
+    for lost, why in store.dropped:
+        say(f"extract {spec.name}: shard {lost} is listed as complete but {why}: extracting it again")
     done = {d: store.completed_shards(d) for d in shard_counts}
     pending = frame[[s not in done[d] for d, s in zip(frame["domain"], frame["shard"])]]
     total = len(frame)
