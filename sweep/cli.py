@@ -311,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "validate":
             cmd_validate(config)
         elif args.command == "submit":
-            from sweep.submit import submit
+            from sweep.submit import check_job_storage, submit
+
+            check_job_storage(config)
 
             return submit(args.pipeline, args.address, args.stages, args.overrides, wait=not args.no_wait)
         return 0

@@ -68,6 +68,25 @@ def submit_job(client, wait_s: float = AGENT_WAIT_S, retry_every_s: float = 2.0,
             time.sleep(retry_every_s)
 
 
+def check_job_storage(config) -> None:
+    """A job runs in Ray's temporary copy of the working directory: a relative storage (the default
+    `runs/<name>` included) or SQLite tracking path would put the study there, lost at the next submit (a new
+    copy) or head restart, and out of `sweep best`'s reach. ConfigError naming the key."""
+    from sweep.config import ConfigError
+    from sweep.storage import is_remote
+    from sweep.tracking import configured_uri
+
+    root = config.storage_root
+    if not is_remote(root) and not os.path.isabs(os.path.expanduser(root)):
+        raise ConfigError(f"storage: {root!r} is relative: a Ray job runs in a temporary copy of this folder, where "
+                          f"the study would land and be lost at the next submit; give a path every node shares "
+                          f"(--set storage=/shared/sweep/{config.name}) or a bucket (--set storage=s3://...)")
+    uri = configured_uri(config) or ""
+    if uri.startswith("sqlite:///") and not os.path.isabs(uri.removeprefix("sqlite:///")):
+        raise ConfigError(f"tracking.uri: {uri!r} is a relative SQLite path: in a Ray job it lands in a temporary "
+                          f"copy of this folder; give an absolute path or the cluster's MLflow server")
+
+
 def submit(pipeline: str, address: str, stages: list[str], overrides: list[str], wait: bool = True) -> int:
     """Submit `sweep run` as a Ray job shipping the current directory; with `wait`, stream its logs and
     return the job's own exit status (its driver's exit code: 2 for an invalid config, 1 for a failure)."""

@@ -58,6 +58,20 @@ def test_submit_refuses_a_pipeline_the_job_would_not_get(write_pipeline, tmp_pat
             else "under runs/, which is not shipped") in err, err
 
 
+@pytest.mark.parametrize("setting, key", [("storage=runs/t", "storage: 'runs/t' is relative"),
+                                          ("tracking.uri=sqlite:///runs/t.db", "tracking.uri: 'sqlite:///runs/t.db' is "
+                                                                               "a relative SQLite path")])
+def test_submit_refuses_a_study_that_would_land_in_the_jobs_temporary_folder(write_pipeline, tmp_path, monkeypatch,
+                                                                             capsys, setting, key):
+    """A relative storage (the default runs/<name>) in a job is inside Ray's temporary copy of the working
+    directory: a new copy at the next submit (the study starts over), gone at a head restart, and `sweep best`
+    here finds nothing. Refused before anything is sent (the address does not exist)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", str(write_pipeline().relative_to(tmp_path)), "--address", "http://127.0.0.1:9",
+                 "--no-wait", "--set", setting]) == 2
+    assert key in capsys.readouterr().err
+
+
 class _ClusterStartingUp:
     """Ray's JobSubmissionClient as a just-started cluster answers it (its job agent not registered yet for
     the first `busy` calls): that window cannot be opened on demand on a real head, so it is played here."""
