@@ -124,10 +124,6 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
     from sweep.stages.common import say
 
     t0 = time.perf_counter()
-    if "extract" in stages:  # a wrong layer name fails now, not after pretraining
-        from sweep.encoders.checks import check_encoder_settings
-
-        check_encoder_settings(config)
     stages = [s for s in stages if s != "baselines" or config.baselines]  # none configured: nothing to say
     for stage in stages:
         _CtrlC.check()
@@ -287,11 +283,16 @@ def main(argv: list[str] | None = None) -> int:
             from sweep.tracking import check_tracking
 
             check_tracking(config, reach_server=True)  # before any stage: a dead server fails now, not later
-            check_local_storage(config, create=True)
             from sweep.stages.common import check_ray
 
+            stages = args.stages if args.command == "run" else [args.command]
             # resources a local Ray never has, a cluster that does not answer: now, not later
-            check_ray(config, args.stages if args.command == "run" else [args.command])
+            check_ray(config, stages)
+            if "extract" in stages:  # a wrong layer name fails now, not after pretraining
+                from sweep.encoders.checks import check_encoder_settings
+
+                check_encoder_settings(config)
+            check_local_storage(config, create=True)  # last: a config error leaves no storage behind
         if args.command == "run" or args.command in STAGES:
             from sweep.storage import storage_lock
 

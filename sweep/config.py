@@ -407,6 +407,29 @@ class RayConfig(_Model):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (default: max(4, cores))")
 
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v:
+            problem = ray_address_problem(v)
+            if problem:
+                raise ValueError(problem)
+        return v
+
+
+def ray_address_problem(address: str) -> str | None:
+    """Why sweep cannot run on the cluster at `address`, or None: Ray Client (`ray://`) runs neither Ray Data's
+    streaming executor nor Tune's callbacks on this side; a dashboard URL is for `sweep submit`."""
+    scheme = address.split("://", 1)[0].lower() if "://" in address else ""
+    if scheme == "ray":
+        return (f"{address} is a Ray Client address, which sweep's stages cannot run through (Ray Data and Tune "
+                f"callbacks fail there): run `sweep submit PIPELINE --address http://HEAD:8265`, or on a node of "
+                f"the cluster with ray.address auto")
+    if scheme in ("http", "https"):
+        return (f"{address} is a dashboard URL: that is `sweep submit`'s --address; ray.address takes auto or "
+                f"HOST:6379 (the cluster's GCS, from one of its nodes)")
+    return None
+
 
 # the probe's MLflow metric keys (DESIGN.md "Metrics"), besides ood_<dataset>_acc / ood_<dataset>_macro_f1
 PROBE_METRICS = ("val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "test_balanced_acc",

@@ -111,6 +111,10 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         ("pretrain.use_gpu=true", "pretrain.use_gpu", "needs as many GPUs: the local Ray has"),
         ("pretrain.workers=64", "pretrain.workers x cpus_per_worker = 64 x 1 CPUs", "the local Ray has"),
         ("extract.gpus_per_actor=1", "extract.actors x gpus_per_actor", "the local Ray has"),
+        # Ray Client: pretraining failed in Ray Data after a minute, every probe trial in its Tune callback
+        ("ray.address=ray://127.0.0.1:10001", "ray.address", "is a Ray Client address, which sweep's stages cannot "
+                                                             "run through"),
+        ("ray.address=http://127.0.0.1:8265", "ray.address", "is a dashboard URL: that is `sweep submit`'s"),
         # an unnamed OOD set was called "main": metrics ood_main_acc, or a clash with an unnamed train set
         ("data.ood=[{source: demo}]", "data.ood.0.name", "Field required"),
     ],

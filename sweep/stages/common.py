@@ -66,9 +66,11 @@ def check_ray(config: PipelineConfig, stages=ALL_STAGES, timeout: float = 5.0) -
     A cluster's resources are not checked: it may autoscale."""
     from urllib.parse import urlsplit
 
-    from sweep.config import ConfigError
+    from sweep.config import ConfigError, ray_address_problem
 
     address = ray_address(config)
+    if address and not config.ray.address and ray_address_problem(address):  # from $RAY_ADDRESS
+        raise ConfigError(f"$RAY_ADDRESS: {ray_address_problem(address)}")
     if not address:
         p, e, q = config.pretrain, config.extract, config.probe
         gpus = 0
