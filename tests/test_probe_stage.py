@@ -291,6 +291,29 @@ def test_an_interrupted_report_leaves_the_last_one_whole(swept, monkeypatch):
     assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("report")) == ["report"]
 
 
+def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
+    """A report made while some planned trials have no run (an interrupted or failed sweep) looked complete:
+    '17 probe runs', another best table. It now says how many are missing, in report.md and on the console;
+    the complete one says nothing of the kind."""
+    store = tmp_path / "store"
+    shutil.copytree(swept.storage_root, store)
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(tracking.local_mlflow_db(swept), db)
+    config = swept.model_copy(update={"storage": str(store),
+                                      "tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{db}"})})
+    assert report.missing_trials(config, best(config, top=None)) == []
+    assert "Incomplete" not in Path(report.run(config)).read_text()
+    gone = sorted(_children(config), key=lambda r: r.data.tags[tracking.TAG_TRIAL])[:2]
+    for r in gone:
+        _client(config).delete_run(r.info.run_id)
+    capsys.readouterr()
+    text = Path(report.run(config)).read_text()
+    first = gone[0].data.tags[tracking.TAG_TRIAL]
+    assert f"**Incomplete: 2 of {N_TRIALS} planned probe trials have no run yet (e.g. `{first}`)" in text
+    assert f"{N_TRIALS - 2} probe runs" in text
+    assert f"report: warning: 2 planned probe trial(s) have no run yet (e.g. {first})" in capsys.readouterr().err
+
+
 def test_report_says_how_many_images_each_split_holds(swept):
     """report.md's Data section and data.csv: images, classes and the largest and smallest class of every
     (dataset, split), as counted from the feature store's shards."""

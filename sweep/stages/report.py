@@ -207,10 +207,14 @@ def run(config: PipelineConfig) -> str:
         earlier = "".join(f"; {n} run(s) of these settings made by {what} are kept apart (their results differ)"
                           for what, n in tracking.earlier_probe_runs(config).items())
         raise RuntimeError(f"report: no probe runs for this config in MLflow{earlier}; run `sweep probe` first")
+    missing = missing_trials(config, recs)
+    if missing:
+        say(f"report: warning: {len(missing)} planned probe trial(s) have no run yet (e.g. {missing[0]}): the report "
+            f"leaves them out; `sweep probe` runs them")
     # Written into a staging folder that replaces report/ whole when done: a report interrupted half-way left
     # some of the new settings' tables beside the old settings' report.md and heat maps, nothing saying so.
     with staged_dir(storage.report, "report.md") as out:
-        _write(config, recs, out)
+        _write(config, recs, out, missing)
         run_id = tracking.start_stage_run(config, "report", resume_unfinished=False)
         client = tracking.client_for(config)
         for f in out.iterdir():
@@ -220,8 +224,21 @@ def run(config: PipelineConfig) -> str:
     return f"{storage.report}/report.md"
 
 
-def _write(config: PipelineConfig, recs: list[dict], out: Path) -> None:
-    """Every file of the report into the folder `out`, report.md last."""
+def missing_trials(config: PipelineConfig, recs: list[dict]) -> list[str]:
+    """The trial keys the pipeline plans (`probe.plan_trials`) that have no finished run among `recs`: an
+    interrupted or failed sweep's; [] where the plan cannot be made (the feature stores changed since)."""
+    from sweep.stages.probe import ProbeError, plan_trials, trial_key
+
+    try:
+        planned, _, _ = plan_trials(config)
+    except (ProbeError, OSError, ValueError):
+        return []
+    have = {trial_key(r["encoder"], r["column"]) for r in recs}
+    return [t["key"] for t in planned if t["key"] not in have]
+
+
+def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[str] = ()) -> None:
+    """Every file of the report into the folder `out`, report.md last; `missing`: planned trials without a run."""
     metric = config.report.metric
     frame = pd.DataFrame(recs)
     # whole numbers as such (`0`, not `0.0`): a column with a gap (no timestep for a baseline) is float in pandas
@@ -230,6 +247,9 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path) -> None:
     lines = [f"# {config.name}: probe report", "",
              f"Config hash `{config.config_hash()}`; {len(frame)} probe runs; best chosen on "
              f"`{config.probe.select}` (validation), `{metric}` shown.", "",
+             *([f"**Incomplete: {len(missing)} of {len(frame) + len(missing)} planned probe trials have no run yet "
+                f"(e.g. `{missing[0]}`): every table and heat map below leaves them out. `sweep probe` runs them, "
+                f"then `sweep report` again.**", ""] if missing else []),
              f"Probe (revision {PROBE_REVISION}): {probe_settings(config)}. This folder holds the report of the "
              f"settings last reported; another setting's runs stay in MLflow (`sweep report` with its `--set`).",
              "",
