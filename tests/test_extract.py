@@ -422,3 +422,20 @@ def test_an_unfinished_pretraining_is_not_extracted(tmp_path, write_pipeline, ti
     err = capsys.readouterr().err
     assert "no finished pretraining at" in err and "sweep_pretrain.json" in err, err
     assert not (Path(config.storage_root) / "features").exists()
+
+
+def test_a_model_whose_weights_cannot_be_read_is_named_with_what_to_do(tmp_path, tiny_unet_checkpoint):
+    """Weights cut short (a copy interrupted, a full disk) in a folder its marker calls complete: the stage
+    failed with the loader's error, which for safetensors names no file. It names the encoder, the folder
+    and what to do, before any image is encoded."""
+    import shutil
+
+    unet = tmp_path / "unet"
+    shutil.copytree(tiny_unet_checkpoint, unet)
+    (weights,) = unet.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    config = _config(tmp_path / "store", unet)
+    with pytest.raises(extract.ExtractError, match=rf"encoder 'diffusion': the model at {re.escape(str(unet))} "
+                                                   r"cannot be loaded \(.*\): replace that checkpoint"):
+        _extract(config)
+    assert not (tmp_path / "store" / "features").exists()

@@ -266,7 +266,17 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     storage = Storage.of(config.storage_root)
     store = FeatureStore(storage.features(spec.name))
     kwargs = encoder_kwargs(config, spec)
-    encoder = build_encoder(kwargs)  # on the driver: columns and checkpoint hash, before any work starts
+    try:
+        encoder = build_encoder(kwargs)  # on the driver: columns and checkpoint hash, before any work starts
+    except Exception as e:  # noqa: BLE001 - e.g. weights cut short while their marker says complete
+        if isinstance(e, ExtractError):
+            raise
+        made_by = "sweep pretrain" if spec.kind == "diffusion" and not spec.checkpoint else (
+            "sweep baselines" if spec.kind == "baseline" else None)
+        remedy = (f"delete {kwargs['checkpoint']} and run `{made_by}` to make it again" if made_by
+                  else "replace that checkpoint")
+        raise ExtractError(f"encoder {spec.name!r}: the model at {kwargs['checkpoint']} cannot be loaded "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): {remedy}") from e
     columns = [c.to_dict() for c in encoder.columns]
     frame, shard_counts = _plan(table, config.extract.shard_size)
     settings = _settings(config, encoder.checkpoint_hash, columns)
