@@ -336,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user; SWEEP_DEBUG=1 for the traceback
         if os.environ.get("SWEEP_DEBUG", "0") not in ("", "0"):
             raise
-        print(f"sweep: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        text = str(e)
+        # Ray's authentication error is its fix: the token's places and RAY_AUTH_MODE, on its later lines
+        shown = " ".join(text.split()) if type(e).__name__ == "AuthenticationError" else (
+            text.splitlines()[0] if text else "")
+        print(f"sweep: {type(e).__name__}: {shown}", file=sys.stderr)
         return 1
 
 

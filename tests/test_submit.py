@@ -72,6 +72,23 @@ def test_submit_refuses_a_study_that_would_land_in_the_jobs_temporary_folder(wri
     assert key in capsys.readouterr().err
 
 
+def test_a_cluster_asking_for_a_token_gets_rays_whole_advice(write_pipeline, tmp_path, monkeypatch, capsys):
+    """Ray's AuthenticationError says where the token goes on its later lines, which the one-line error
+    policy cut off: it is shown whole (on one line)."""
+    from ray.exceptions import AuthenticationError
+
+    from sweep import submit
+
+    def needs_a_token(*args, **kwargs):
+        raise AuthenticationError("Authentication required: Unauthorized: Missing authentication token")
+
+    monkeypatch.setattr(submit, "submit", needs_a_token)
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", str(write_pipeline().relative_to(tmp_path)), "--address", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert "sweep: AuthenticationError: Authentication required" in err and "RAY_AUTH_TOKEN" in err, err
+
+
 class _ClusterStartingUp:
     """Ray's JobSubmissionClient as a just-started cluster answers it (its job agent not registered yet for
     the first `busy` calls): that window cannot be opened on demand on a real head, so it is played here."""
