@@ -87,6 +87,17 @@ def check_job_storage(config) -> None:
                           f"copy of this folder; give an absolute path or the cluster's MLflow server")
 
 
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)  # and every SWEEP_* variable
+
+
+def job_runtime_env(working_dir: str) -> dict:
+    """The job's runtime environment: this folder, and the environment variables that change what sweep does
+    here (`MLFLOW_TRACKING_URI`, `SWEEP_*`), so that the job does what `validate` showed here. Credentials
+    (AWS_*, tokens) are not sent: the job's settings are visible in the cluster's dashboard."""
+    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith("SWEEP_")}
+    return {"working_dir": working_dir, "excludes": EXCLUDES, **({"env_vars": env} if env else {})}
+
+
 def submit(pipeline: str, address: str, stages: list[str], overrides: list[str], wait: bool = True) -> int:
     """Submit `sweep run` as a Ray job shipping the current directory; with `wait`, stream its logs and
     return the job's own exit status (its driver's exit code: 2 for an invalid config, 1 for a failure)."""
@@ -99,8 +110,7 @@ def submit(pipeline: str, address: str, stages: list[str], overrides: list[str],
     client = JobSubmissionClient(address)
     for o in overrides:
         cmd += ["--set", o]
-    job_id = submit_job(client, entrypoint=shlex.join(cmd),
-                        runtime_env={"working_dir": working_dir, "excludes": EXCLUDES})
+    job_id = submit_job(client, entrypoint=shlex.join(cmd), runtime_env=job_runtime_env(working_dir))
     print(f"[sweep] submitted job {job_id} to {address}", file=sys.stderr)
     if not wait:
         print(job_id)

@@ -3,6 +3,8 @@ authentication Ray 2.60 sets up), the job's logs streamed back and its own exit 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -87,6 +89,21 @@ def test_a_cluster_asking_for_a_token_gets_rays_whole_advice(write_pipeline, tmp
     assert main(["submit", str(write_pipeline().relative_to(tmp_path)), "--address", "http://127.0.0.1:9"]) == 1
     err = capsys.readouterr().err
     assert "sweep: AuthenticationError: Authentication required" in err and "RAY_AUTH_TOKEN" in err, err
+
+
+def test_the_job_gets_the_environment_that_changes_what_sweep_does(monkeypatch, tmp_path):
+    """$MLFLOW_TRACKING_URI and SWEEP_* go with the job (validate here used the server; the job fell back to
+    its own default store and failed on a remote storage); credentials stay here."""
+    from sweep.submit import EXCLUDES, job_runtime_env
+
+    for k in [k for k in os.environ if k.startswith("SWEEP_") or k == "MLFLOW_TRACKING_URI"]:
+        monkeypatch.delenv(k)
+    assert job_runtime_env(str(tmp_path)) == {"working_dir": str(tmp_path), "excludes": EXCLUDES}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
+    monkeypatch.setenv("SWEEP_DEBUG", "1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    assert job_runtime_env(str(tmp_path))["env_vars"] == {"MLFLOW_TRACKING_URI": "http://head:5000",
+                                                          "SWEEP_DEBUG": "1"}
 
 
 class _ClusterStartingUp:
