@@ -654,3 +654,33 @@ def test_ctrl_c_aborts_a_training_run_and_ends_as_interrupted(ray_local, tmp_pat
         fit_interruptibly(trainer, "test")
     assert started.exists() and time.perf_counter() - t0 < 100
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_unreadable_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
+    """The latest checkpoint cut short (a crash while it was stored): every rerun failed on it the same way
+    while the one before was intact. The one before is used and said; with none readable, the run starts
+    over."""
+    import ray.train
+
+    from sweep.stages.common import load_checkpoint_state
+
+    run = tmp_path / "run-abc"
+    for step in (20, 40):
+        (run / pretrain.checkpoint_name(step)).mkdir(parents=True)
+        torch.save({"step": step}, run / pretrain.checkpoint_name(step) / pretrain.STATE_FILE)
+    latest = run / pretrain.checkpoint_name(40) / pretrain.STATE_FILE
+    assert load_checkpoint_state(ray.train.Checkpoint(str(latest.parent)), pretrain.STATE_FILE, "pretrain",
+                                 speak=True) == {"step": 40}
+    assert capsys.readouterr().err == ""
+    latest.write_bytes(latest.read_bytes()[:40])
+    state = load_checkpoint_state(ray.train.Checkpoint(str(latest.parent)), pretrain.STATE_FILE, "pretrain", speak=True)
+    assert state == {"step": 20}
+    err = capsys.readouterr().err
+    assert f"pretrain: the latest checkpoint cannot be read ({latest}: " in err
+    assert f"resuming from the one before, {run / pretrain.checkpoint_name(20)}" in err
+    earlier = run / pretrain.checkpoint_name(20) / pretrain.STATE_FILE
+    earlier.write_bytes(b"")
+    assert load_checkpoint_state(ray.train.Checkpoint(str(latest.parent)), pretrain.STATE_FILE, "pretrain",
+                                 speak=True) is None
+    assert "no checkpoint of this run can be read" in capsys.readouterr().err
+    assert load_checkpoint_state(None, pretrain.STATE_FILE, "pretrain", speak=True) is None

@@ -45,8 +45,8 @@ from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
 from sweep.stages.common import (check_run_images, check_training_images, error_cause, fit_interruptibly, init_ray,
-                                 quiet_dataset, quiet_train_reports, say, train_datasets, train_logging, train_shard,
-                                 trained_on_other_images, trained_with_other_settings)
+                                 load_checkpoint_state, quiet_dataset, quiet_train_reports, say, train_datasets,
+                                 train_logging, train_shard, trained_on_other_images, trained_with_other_settings)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
@@ -343,10 +343,9 @@ def train_loop(cfg: dict) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["epochs"] * steps_per_epoch))
     start_epoch, step, history, best = 0, 0, [], None
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint_state(ray.train.get_checkpoint(), "state.pt", f"baselines {cfg['name']}",
+                                  speak=rank == 0)
+    if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -707,7 +706,8 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
         raise
     except Exception as e:
         tracking.finish_run(config, run_id, "FAILED")
-        raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): {error_cause(e)}") from e
+        raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): "
+                            f"{error_cause(e)}") from e
     done = read_json(f"{final}/{META_FILE}")
     if done is None or done.get("key") != key:
         tracking.finish_run(config, run_id, "FAILED")

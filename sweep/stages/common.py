@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from sweep.config import PipelineConfig
 
@@ -377,6 +378,41 @@ def trained_on_other_images(what: str, recorded: dict | None, get_table, folder:
             f"then, {now['images']} now): data.train's files, labels or splits changed since it was trained (the "
             f"splits are drawn per class: adding or removing an image redraws its class's). To keep it, restore "
             f"those images; to train again, use another storage (--set storage=PATH) or delete {folder}")
+
+
+def load_checkpoint_state(checkpoint, file_name: str, what: str, speak: bool):
+    """The training state (`file_name`, a torch file) of Ray Train's latest checkpoint of this run; where that
+    one cannot be read (cut short by a crash while it was stored, a full disk), of the newest earlier one kept
+    beside it (checkpoint folder names sort by time); None when the run has none, or none readable (it then
+    starts over). Said (`speak`: one worker) when the latest is passed over. Before, a damaged latest
+    checkpoint failed every rerun the same way, while the one before it was intact."""
+    import pyarrow.fs as pafs
+    import ray.train
+    import torch
+
+    if checkpoint is None:
+        return None
+    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    try:
+        kept = fs.get_file_info(pafs.FileSelector(latest.rsplit("/", 1)[0]))
+    except OSError:
+        kept = []
+    earlier = sorted((i.path for i in kept if i.type == pafs.FileType.Directory and
+                      i.base_name.startswith("checkpoint_") and i.path < latest), reverse=True)
+    problem = None
+    for i, path in enumerate([latest, *earlier]):
+        try:
+            with ray.train.Checkpoint(path=path, filesystem=fs).as_directory() as d:
+                state = torch.load(Path(d) / file_name, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the one before
+            problem = problem or f"{latest}/{file_name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        if i and speak:
+            say(f"{what}: the latest checkpoint cannot be read ({problem}); resuming from the one before, {path}")
+        return state
+    if speak:
+        say(f"{what}: no checkpoint of this run can be read ({problem}); starting over")
+    return None
 
 
 RUN_IMAGES_FILE = "training_images.json"  # in a Ray Train run folder: the images that run trains on

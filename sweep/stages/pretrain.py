@@ -33,8 +33,8 @@ from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
 from sweep.stages.common import (check_run_images, check_training_images, error_cause, fit_interruptibly, init_ray,
-                                 quiet_dataset, quiet_train_reports, say, train_datasets, train_logging, train_shard,
-                                 trained_on_other_images, trained_with_other_settings)
+                                 load_checkpoint_state, quiet_dataset, quiet_train_reports, say, train_datasets,
+                                 train_logging, train_shard, trained_on_other_images, trained_with_other_settings)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
@@ -246,11 +246,8 @@ def train_loop(cfg: dict) -> None:
         # one intra-op thread per reserved CPU: more threads than cores only contend with the other workers
         torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
 
-    state = None
-    checkpoint = ray.train.get_checkpoint()  # Ray Train V2: the latest checkpoint of this run folder, if any
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    # Ray Train V2: the latest checkpoint of this run folder, if any (an unreadable one: the one before)
+    state = load_checkpoint_state(ray.train.get_checkpoint(), STATE_FILE, "pretrain", speak=rank == 0)
     stream = _batches(train_shard(cfg.get("ordered_split", False), rank), cfg["batch_size"],
                       cfg["cache_limit_bytes"], cfg["seed"], rank,
                       resume_at=(int(state["epoch"]), int(state["step"])) if state else None,
