@@ -20,9 +20,14 @@ def test_cluster_yaml_validates_against_ray_schema():
     assert workers["min_workers"] == 0 and workers["node_config"]["InstanceType"].startswith("p4d")
     assert raw["available_node_types"]["head"]["resources"] == {"CPU": 0}
     assert any("mlflow server" in c for c in raw["head_start_ray_commands"])
+    # the checkout is synced without the virtualenv, history and results (gigabytes to every node)
+    assert {".venv", ".git", "runs"} <= set(raw["rsync_exclude"])
+    assert any("torch==2.13.0" in c for c in raw["setup_commands"])
 
 
 def test_dockerfile_uses_official_ray_gpu_image_and_installs_package():
     text = (REPO / "docker" / "Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:[\d.]+-py311-gpu$", text, re.M)
     assert "pip install" in text and "sweep" in text
+    assert re.search(r"^COPY .*\bLICENSE\b", text, re.M)  # pyproject's license-files
+    assert "[test]" not in text  # no test tools in the runtime image
