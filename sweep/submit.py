@@ -110,7 +110,15 @@ def submit(pipeline: str, address: str, stages: list[str], overrides: list[str],
     client = JobSubmissionClient(address)
     for o in overrides:
         cmd += ["--set", o]
-    job_id = submit_job(client, entrypoint=shlex.join(cmd), runtime_env=job_runtime_env(working_dir))
+    try:
+        job_id = submit_job(client, entrypoint=shlex.join(cmd), runtime_env=job_runtime_env(working_dir))
+    except RuntimeError as e:
+        if "413" in str(e) or "Maximum request body size" in str(e):  # Ray's upload limit, 100 MiB
+            raise RuntimeError(f"{working_dir} is over Ray's 100 MiB limit for a job's working directory, after "
+                               f"leaving out {', '.join(EXCLUDES)} and .gitignore'd files: run `sweep submit` from "
+                               f"a folder that holds the pipeline files (and code), with data on the cluster or in a "
+                               f"bucket") from None
+        raise
     print(f"[sweep] submitted job {job_id} to {address}", file=sys.stderr)
     if not wait:
         print(job_id)
@@ -126,6 +134,12 @@ def submit(pipeline: str, address: str, stages: list[str], overrides: list[str],
         while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
                                                                  JobStatus.STOPPED):
             time.sleep(1)
+    except Exception as e:  # noqa: BLE001 - the head went away (or the network): the job's fate is unknown here
+        if not (isinstance(e, OSError) or type(e).__module__.startswith("aiohttp")):  # requests', aiohttp's
+            raise
+        raise ConnectionError(f"lost the connection to the cluster at {address} while following job {job_id} "
+                              f"({type(e).__name__}); ask for its state with `ray job status {job_id} --address "
+                              f"{address}` once the cluster answers") from None
     except KeyboardInterrupt:  # the job is the cluster's: Ctrl-C here stops following it, not the job
         print(f"[sweep] stopped following job {job_id}, which goes on running on the cluster; follow it again "
               f"with `ray job logs -f {job_id} --address {address}`, stop it with `ray job stop {job_id} "
@@ -135,4 +149,7 @@ def submit(pipeline: str, address: str, stages: list[str], overrides: list[str],
     if code is None:  # stopped, or the driver never ran (e.g. the runtime environment failed)
         code = 0 if status == JobStatus.SUCCEEDED else 1
     print(f"[sweep] job {job_id}: {status.value} (exit code {code})", file=sys.stderr)
+    if code == 127:
+        print("[sweep] the job's shell found no `sweep` command: install sweep on the cluster's nodes (cluster.yaml "
+              "does), or start Ray there from the environment that has it, activated", file=sys.stderr)
     return code

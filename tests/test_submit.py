@@ -106,6 +106,53 @@ def test_the_job_gets_the_environment_that_changes_what_sweep_does(monkeypatch, 
                                                           "SWEEP_DEBUG": "1"}
 
 
+class _FakeJobClient:
+    """Ray's JobSubmissionClient in the states a real cluster cannot be put in on demand here: an upload over
+    its limit, a head that goes away while the job is followed, a node without `sweep`."""
+
+    def __init__(self, address, upload_too_big=False, lost=False, exit_code=0):
+        self.upload_too_big, self.lost, self.exit_code = upload_too_big, lost, exit_code
+
+    def submit_job(self, **job):
+        if self.upload_too_big:
+            raise RuntimeError("Request failed with status code 413: Maximum request body size 104857600 exceeded..")
+        return "raysubmit_1"
+
+    async def tail_job_logs(self, job_id):
+        yield "[sweep] == pretrain ==\n"
+
+    def get_job_status(self, job_id):
+        from ray.job_submission import JobStatus
+
+        if self.lost:
+            import requests
+
+            raise requests.exceptions.ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end "
+                                                      "closed connection without response'))")
+        return JobStatus.FAILED if self.exit_code else JobStatus.SUCCEEDED
+
+    def get_job_info(self, job_id):
+        import types
+
+        return types.SimpleNamespace(driver_exit_code=self.exit_code)
+
+
+@pytest.mark.parametrize("state, code, said", [
+    ({"upload_too_big": True}, 1, "is over Ray's 100 MiB limit for a job's working directory"),
+    ({"lost": True}, 1, "lost the connection to the cluster at http://head:8265 while following job raysubmit_1"),
+    ({"exit_code": 127}, 127, "the job's shell found no `sweep` command"),
+])
+def test_submit_says_what_a_cluster_answer_means(write_pipeline, tmp_path, monkeypatch, capsys, state, code, said):
+    import functools
+
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", functools.partial(_FakeJobClient, **state))
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", str(write_pipeline().relative_to(tmp_path)), "--address", "http://head:8265"]) == code
+    assert said in capsys.readouterr().err
+
+
 class _ClusterStartingUp:
     """Ray's JobSubmissionClient as a just-started cluster answers it (its job agent not registered yet for
     the first `busy` calls): that window cannot be opened on demand on a real head, so it is played here."""
