@@ -126,7 +126,7 @@ def test_a_server_store_is_not_written_directly():
     assert tracking_sql.sql_store(MlflowClient("http://127.0.0.1:1")) is None
 
 
-def test_through_an_mlflow_server_the_client_writes_the_same_runs(tmp_path):
+def test_through_an_mlflow_server_the_client_writes_the_same_runs(tmp_path, capfd):
     """A real `mlflow server` on 127.0.0.1: runs go through the client there (the server does the SQL), and
     read back equal to a run inserted into the server's database directly."""
     port = free_port()
@@ -147,5 +147,8 @@ def test_through_an_mlflow_server_the_client_writes_the_same_runs(tmp_path):
         assert (a.data.params, a.data.metrics, a.data.tags) == (b.data.params, b.data.metrics, b.data.tags)
         assert client.get_run(served[1]).data.tags[tracking.TAG_TRIAL] == "diffusion/b"
         assert all(client.get_run(i).info.status == "FINISHED" for i in [*served, *direct])
+        capfd.readouterr()
+        client.set_terminated(parent)  # MLflow printed "View run ... at: URL" lines on stdout here
+        assert "View run" not in capfd.readouterr().out
     finally:
         stop_mlflow_server(server)
