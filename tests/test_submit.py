@@ -38,7 +38,8 @@ def test_submit_returns_the_jobs_exit_code(ray_local, tmp_path, monkeypatch, cap
     out, err = capsys.readouterr()
     assert "data.train: path does not exist: /cluster/imgs" in out + err
     assert "exit code 2" in err
-    assert not store.exists()  # neither job got as far as writing
+    # neither job got as far as writing: the first made the storage folder and its lock file, nothing else
+    assert sorted(p.name for p in store.iterdir()) == [".sweep.lock"]
 
 
 @pytest.mark.parametrize("where", ["outside", "excluded"])
@@ -194,14 +195,16 @@ def test_submit_to_an_address_nothing_answers_fails_at_once(capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
-    assert main(["submit", "pipelines/demo.yaml", "--address", f"127.0.0.1:{port}"]) == 1
+    shared = ["--set", "storage=/shared/sweep/demo"]  # a job's storage must be absolute (see below)
+    assert main(["submit", "pipelines/demo.yaml", "--address", f"127.0.0.1:{port}", *shared]) == 1
     assert time.perf_counter() - t0 < 10
     err = capsys.readouterr().err
     assert f"sweep: ConnectionError: --address 127.0.0.1:{port}: nothing answers there" in err
-    assert main(["submit", "pipelines/demo.yaml", "--address", "head-node"]) == 2
+    assert main(["submit", "pipelines/demo.yaml", "--address", "head-node", *shared]) == 2
     assert "sweep: invalid argument: --address 'head-node': expected the dashboard's http://HOST:8265" in (
         capsys.readouterr().err)
-    assert main(["submit", "pipelines/demo.yaml", "--address", "htp://127.0.0.1:8265"]) == 2  # Ray: "no module htp"
+    # Ray's own message: "no module htp"
+    assert main(["submit", "pipelines/demo.yaml", "--address", "htp://127.0.0.1:8265", *shared]) == 2
     assert "--address 'htp://127.0.0.1:8265': unknown scheme 'htp'" in capsys.readouterr().err
 
 
