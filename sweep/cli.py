@@ -336,11 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user; SWEEP_DEBUG=1 for the traceback
         if os.environ.get("SWEEP_DEBUG", "0") not in ("", "0"):
             raise
-        text = str(e)
+        from sweep.stages.common import one_line
+
         # Ray's authentication error is its fix: the token's places and RAY_AUTH_MODE, on its later lines
-        shown = " ".join(text.split()) if type(e).__name__ == "AuthenticationError" else (
-            text.splitlines()[0] if text else "")
-        print(f"sweep: {type(e).__name__}: {shown}", file=sys.stderr)
+        shown = f"{type(e).__name__}: {' '.join(str(e).split())}" if type(e).__name__ == "AuthenticationError" \
+            else one_line(e)
+        print(f"sweep: {shown}", file=sys.stderr)
         return 1
 
 

@@ -759,10 +759,11 @@ def _suggestion(key: object, section: tuple = ()) -> str:
     close = difflib.get_close_matches(wanted, here, n=1, cutoff=0.7)
     if close and close[0] != key:
         return f" (did you mean {close[0]!r}?)"
-    elsewhere = sorted(f"{place}.{wanted}" if place else wanted for place in _keys_by_section().get(wanted, []))
+    everywhere = _keys_by_section()
+    elsewhere = sorted(f"{place}.{wanted}" if place else wanted for place in everywhere.get(wanted, []))
     if elsewhere:
         return f" (a key elsewhere: {', '.join(elsewhere)})"
-    close = difflib.get_close_matches(wanted, sorted(_keys_by_section()), n=1, cutoff=0.7)
+    close = difflib.get_close_matches(wanted, sorted(everywhere), n=1, cutoff=0.7)
     return f" (did you mean {close[0]!r}?)" if close and close[0] != key else ""
 
 

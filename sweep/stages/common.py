@@ -70,8 +70,9 @@ def check_ray(config: PipelineConfig, stages=ALL_STAGES, timeout: float = 5.0) -
     from sweep.config import ConfigError, ray_address_problem
 
     address = ray_address(config)
-    if address and not config.ray.address and ray_address_problem(address):  # from $RAY_ADDRESS
-        raise ConfigError(f"$RAY_ADDRESS: {ray_address_problem(address)}")
+    problem = ray_address_problem(address) if address and not config.ray.address else None  # $RAY_ADDRESS's
+    if problem:
+        raise ConfigError(f"$RAY_ADDRESS: {problem}")
     if not address:
         p, e, q = config.pretrain, config.extract, config.probe
         gpus = 0
@@ -360,17 +361,20 @@ def trained_with_other_settings(what: str, recorded: dict | None, wanted: dict, 
 
 
 def trained_on_other_images(what: str, recorded: dict | None, get_table, folder: str,
-                            labels: bool = False, now: dict | None = None) -> str | None:
+                            labels: bool = False) -> str | None:
     """The error for a finished model (`what` in `folder`) trained on other training images than the
     pipeline's now (`recorded`: `training_images` of the images it was trained on; None for a model from
     before sweep recorded them: not compared, and `get_table()`, the pipeline's image table, not built), else
-    None. `labels`: the classes count too (a supervised model). `now`: today's `training_images`, where the
-    caller has them."""
+    None. `labels`: the classes count too (a supervised model)."""
     from sweep.data.table import training_images
 
     if not recorded:
         return None
-    now = now or training_images(get_table())
+    return other_images_problem(what, recorded, training_images(get_table()), folder, labels)
+
+
+def other_images_problem(what: str, recorded: dict, now: dict, folder: str, labels: bool = False) -> str | None:
+    """`trained_on_other_images` for two `training_images` records at hand: then, `recorded`; `now`."""
     if recorded.get("ids") == now["ids"] and (not labels or recorded.get("labels") == now["labels"]):
         return None
     which = "images" if recorded.get("ids") != now["ids"] else "labels"
@@ -405,7 +409,7 @@ def load_checkpoint_state(checkpoint, file_name: str, what: str, speak: bool):
             with ray.train.Checkpoint(path=path, filesystem=fs).as_directory() as d:
                 state = torch.load(Path(d) / file_name, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the one before
-            problem = problem or f"{latest}/{file_name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            problem = problem or f"{latest}/{file_name}: {one_line(e)}"
             continue
         if i and speak:
             say(f"{what}: the latest checkpoint cannot be read ({problem}); resuming from the one before, {path}")
@@ -421,7 +425,7 @@ RUN_IMAGES_FILE = "training_images.json"  # in a Ray Train run folder: the image
 def check_run_images(what: str, run_folder: str, now: dict, labels: bool = False) -> None:
     """Before a Ray Train run starts or resumes in `run_folder`: the first start records the training images
     (`now`, `training_images` of the pipeline's table) beside its checkpoints; a resumed run must train on
-    the same ones (a finished model's marker is compared by `trained_on_other_images`; an interrupted run
+    the same ones (a finished model's marker is compared the same way; an interrupted run
     resumed over other images mixed two data sets in one model). RuntimeError with what to do."""
     from sweep.storage import read_json, write_json
 
@@ -430,8 +434,7 @@ def check_run_images(what: str, run_folder: str, now: dict, labels: bool = False
     if before is None:  # a new run, or one from before sweep recorded its images
         write_json(path, now)
         return
-    problem = trained_on_other_images(f"an interrupted {what} run", before, lambda: None, run_folder, labels,
-                                      now=now)
+    problem = other_images_problem(f"an interrupted {what} run", before, now, run_folder, labels)
     if problem:
         raise RuntimeError(problem)
 
@@ -463,6 +466,12 @@ def quiet_train_reports() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception for a message: its type and the first line of its text."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def error_cause(e: BaseException | str) -> str:

@@ -23,7 +23,7 @@ import pyarrow as pa
 from sweep.config import EncoderSpec, PipelineConfig
 from sweep.data.table import ImageTable, build_table, data_warnings
 from sweep.features.store import FeatureStore, FeatureStoreError, fingerprint, to_table
-from sweep.stages.common import Progress, Timer, init_ray, quiet_dataset, quiet_ray_data, say
+from sweep.stages.common import Progress, Timer, init_ray, one_line, quiet_dataset, quiet_ray_data, say
 from sweep.storage import PRETRAIN_MARKER, Storage, checkpoint_hash, exists, fetch_dir
 
 
@@ -268,15 +268,15 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     kwargs = encoder_kwargs(config, spec)
     try:
         encoder = build_encoder(kwargs)  # on the driver: columns and checkpoint hash, before any work starts
+    except ExtractError:
+        raise
     except Exception as e:  # noqa: BLE001 - e.g. weights cut short while their marker says complete
-        if isinstance(e, ExtractError):
-            raise
         made_by = "sweep pretrain" if spec.kind == "diffusion" and not spec.checkpoint else (
             "sweep baselines" if spec.kind == "baseline" else None)
         remedy = (f"delete {kwargs['checkpoint']} and run `{made_by}` to make it again" if made_by
                   else "replace that checkpoint")
         raise ExtractError(f"encoder {spec.name!r}: the model at {kwargs['checkpoint']} cannot be loaded "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): {remedy}") from e
+                           f"({one_line(e)}): {remedy}") from e
     columns = [c.to_dict() for c in encoder.columns]
     frame, shard_counts = _plan(table, config.extract.shard_size)
     settings = _settings(config, encoder.checkpoint_hash, columns)
