@@ -27,43 +27,55 @@ def clock(monkeypatch):
 def test_progress_lines_at_most_every_interval_with_an_estimate(clock, capsys):
     progress = common.Progress("probe", 200, "trials", eta_after=4)
     clock[0] += 3.0
-    progress.update(3, "0 failed")  # too soon after the start: nothing
+    progress.update(3, "0 failed")  # too soon after the start: nothing (the rate is measured from here)
     clock[0] += 7.0
-    progress.update(3, "0 failed")  # 10 s: a line, but no estimate from 3 trials
+    progress.update(3, "0 failed")  # 10 s: a line, but no estimate: no trial done since the first ones
     clock[0] += 5.0
     progress.update(50, "1 failed")  # 5 s after the last line: nothing
     clock[0] += 5.0
-    progress.update(50, "1 failed")  # 20 s, 50 done: 150 left at 2.5 trials/s
+    progress.update(53, "1 failed")  # 20 s: 50 trials in the 17 s since the first 3; 147 left
     clock[0] += 1.0
     progress.update(200, "1 failed")  # the end, at once
     assert capsys.readouterr().err.splitlines() == [
         "[sweep] probe: 3/200 trials (0 failed), 10s",
-        "[sweep] probe: 50/200 trials (1 failed), 20s, ~60s left",
+        "[sweep] probe: 53/200 trials (1 failed), 20s, ~50s left",
         "[sweep] probe: 200/200 trials (1 failed), 21s",
     ]
 
 
-def test_progress_restarts_its_clock_and_can_leave_the_end_to_a_summary(clock, capsys):
-    progress = common.Progress("extract diffusion", 100, "images", final=False)
+def test_progress_estimate_leaves_out_the_wait_for_the_first_units(clock, capsys):
+    # a GPU extraction: 20 s of actor start-up before the first 256 images, then ~2,000 images/s
+    progress = common.Progress("extract diffusion", 70_000, "images", final=False)
     clock[0] += 30.0
     progress.restart()  # e.g. when the work actually begins
+    clock[0] += 20.0
+    progress.update(256)
     clock[0] += 10.0
-    progress.update(40)
-    clock[0] += 10.0
-    progress.update(100)  # final=False: the caller's summary line says it
-    assert capsys.readouterr().err.splitlines() == ["[sweep] extract diffusion: 40/100 images, 10s, ~15s left"]
+    progress.update(20_256)
+    clock[0] += 25.0
+    progress.update(70_000)  # final=False: the caller's summary line says it
+    assert capsys.readouterr().err.splitlines() == [
+        "[sweep] extract diffusion: 256/70000 images, 20s",  # was "~5449s left", from the start-up's rate
+        "[sweep] extract diffusion: 20256/70000 images, 30s, ~25s left"]
 
 
-def test_quiet_ray_data_drops_only_the_progress_bars_notice(caplog):
+def test_quiet_ray_data_drops_only_the_progress_bars_and_cpu_and_gpu_notices(caplog):
+    from ray.data._internal.execution.operators.map_operator import _canonicalize_ray_remote_args
+
     common.quiet_ray_data()
     common.quiet_ray_data()  # idempotent: one filter
     progress_log = logging.getLogger("ray.data._internal.progress")
     assert sum(isinstance(f, common._DropMessages) for f in progress_log.filters) == 1
+    ray_data_log = logging.getLogger("ray.data")  # once Ray Data is imported, its lines stop there
+    ray_data_log.addHandler(caplog.handler)
     with caplog.at_level(logging.INFO):
         progress_log.warning("Progress bars disabled. To enable, set ...")
         progress_log.warning("Progress bars for operators disabled. To enable, ...")
         logging.getLogger("ray.data._internal.execution.streaming_executor").info("Starting execution of Dataset x")
         logging.getLogger("ray.data._internal.execution.streaming_executor").warning("a real warning")
+        # what Ray Data does with a GPU encoder actor's resources (it warned at every GPU extraction)
+        assert _canonicalize_ray_remote_args({"num_cpus": 1, "num_gpus": 1})["num_gpus"] == 1
+    ray_data_log.removeHandler(caplog.handler)
     assert [r.getMessage() for r in caplog.records] == ["Progress bars for operators disabled. To enable, ...",
                                                         "a real warning"]
 

@@ -4,6 +4,8 @@ checked against the CPU. Skipped where no GPU is: CI has none; run them on a GPU
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -104,8 +106,10 @@ def test_ddpm_trainer_compiled_on_cuda_takes_the_eager_steps(demo_batch, ddp):
             t.wrap(lambda m: DistributedDataParallel(m, device_ids=[0]))
     try:
         losses = []
-        for i in range(0, 96, 32):
-            losses.append([float(t.train_step(images[i: i + 32])) for t in (eager, compiled)])
+        with warnings.catch_warnings(record=True) as caught:  # the compilation: no notice about diffusers' code
+            for i in range(0, 96, 32):
+                losses.append([float(t.train_step(images[i: i + 32])) for t in (eager, compiled)])
+        assert not [w for w in caught if "lru_cache" in str(w.message)]
         graphs = counters["stats"]["unique_graphs"]
         losses.append([float(t.train_step(images[96:])) for t in (eager, compiled)])  # an epoch's last 9 images
     finally:
@@ -116,7 +120,8 @@ def test_ddpm_trainer_compiled_on_cuda_takes_the_eager_steps(demo_batch, ddp):
     assert compiled._compiled_batch == 32 and counters["stats"]["unique_graphs"] == graphs  # no recompilation
     assert compiled.step == 4 and all(not k.startswith(("_orig_mod", "module")) for k in compiled.state_dict()["model"])
 
-def test_train_probe_on_cuda_chooses_the_head_the_cpu_chooses():
+
+def test_train_probe_on_cuda_scores_and_trains_heads_as_the_cpu_does():
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (5, 48))
 
@@ -128,11 +133,23 @@ def test_train_probe_on_cuda_chooses_the_head_the_cpu_chooses():
     cfg = ProbeConfig(lrs=[0.01, 0.1, 1.0], weight_decays=[0.0, 1e-3, 1e-1], epochs=15, batch_size=256, seed=1)
     on_cpu = train_probe(train, val, test, None, 5, cfg, device="cpu")
     on_gpu = train_probe(train, val, test, None, 5, cfg, device="cuda")
-    assert (on_gpu.lr, on_gpu.weight_decay) == (on_cpu.lr, on_cpu.weight_decay)
-    assert on_gpu.best_epoch == on_cpu.best_epoch
-    # the same minibatch order (a CPU generator) on both: only float rounding differs
-    assert abs(on_gpu.metrics["test_acc"] - on_cpu.metrics["test_acc"]) <= 0.003
-    np.testing.assert_allclose(on_gpu.weight, on_cpu.weight, rtol=0, atol=2e-3 * np.abs(on_cpu.weight).max())
+    # every head's validation score as on the CPU, to a few of the 1,000 images (float rounding)
+    cpu_scores = np.array([h["val_macro_f1"] for h in on_cpu.head_scores])
+    gpu_scores = np.array([h["val_macro_f1"] for h in on_gpu.head_scores])
+    assert np.abs(gpu_scores - cpu_scores).max() <= 0.005, (cpu_scores, gpu_scores)
+    # the GPU's choice is the CPU's best but for a tie at that level: this grid's top three heads lie within
+    # 0.0003, and two CPUs (torch 2.11 on 16 cores, 2.13 on 2) chose differently among them
+    chosen = [(h["lr"], h["weight_decay"]) for h in on_gpu.head_scores].index((on_gpu.lr, on_gpu.weight_decay))
+    assert cpu_scores[chosen] >= cpu_scores.max() - 0.005, (on_gpu.lr, on_gpu.weight_decay, cpu_scores)
+    # one head, the CPU's choice, trained on both: the same minibatch order (a CPU generator), so the same
+    # kept epoch, test accuracy and weights but for rounding
+    one = dataclasses.replace(cfg, lrs=[on_cpu.lr], weight_decays=[on_cpu.weight_decay])
+    cpu_head = train_probe(train, val, test, None, 5, one, device="cpu")
+    gpu_head = train_probe(train, val, test, None, 5, one, device="cuda")
+    assert abs(cpu_head.metrics["test_acc"] - on_cpu.metrics["test_acc"]) <= 0.002  # heads train independently
+    assert gpu_head.best_epoch == cpu_head.best_epoch
+    assert abs(gpu_head.metrics["test_acc"] - cpu_head.metrics["test_acc"]) <= 0.003
+    np.testing.assert_allclose(gpu_head.weight, cpu_head.weight, rtol=0, atol=2e-3 * np.abs(cpu_head.weight).max())
 
 
 def test_recalibrate_batchnorm_on_cuda_in_bf16_matches_the_cpu():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -70,7 +71,13 @@ class DDPMTrainer:
         self._compiled = self._compile(self.model)
 
     def _compile(self, model: torch.nn.Module) -> torch.nn.Module | None:
-        return torch.compile(model, mode=self.compile_mode) if self.compile_mode else None  # lazy: at first call
+        if not self.compile_mode:
+            return None
+        # diffusers' up-sampling blocks call its lru_cache'd `is_torch_version`: Dynamo traces through the cache
+        # and said so in 14 lines at each compiled pretraining (a version check: nothing to be wrong about)
+        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped",
+                                category=UserWarning)
+        return torch.compile(model, mode=self.compile_mode)  # lazy: compiled at the first call
 
     def _forward_model(self, batch: int) -> torch.nn.Module:
         """The compiled forward for batches of the first batch's size, the eager one (same weights) otherwise."""
