@@ -156,7 +156,16 @@ def cmd_best(config: PipelineConfig, args) -> None:
 
         where = configured_uri(config) or f"storage {config.storage_root}"
         print(f"[sweep] no MLflow store for {config.name!r} yet ({where}): run the pipeline first", file=sys.stderr)
-    recs = best(config, metric=metric, top=args.top or None, encoder=args.encoder, any_config=args.any_config)
+    every = best(config, metric=metric, top=None, encoder=args.encoder, any_config=args.any_config)
+    recs = every[:args.top] if args.top else every
+    if have_store and not args.any_config and args.encoder is None:
+        from sweep.tracking import last_probe_plan
+
+        plan = last_probe_plan(config)
+        if plan is not None and plan[0] > len(every):
+            print(f"[sweep] {plan[0] - len(every)} of the {plan[0]} trials planned by the last probe stage have no "
+                  f"finished run (that stage's run is {plan[1]}): the ranking leaves them out; `sweep probe` runs "
+                  f"them", file=sys.stderr)
     if not recs and not args.any_config and have_store:
         from sweep.tracking import earlier_probe_runs
 

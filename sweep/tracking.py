@@ -171,6 +171,9 @@ def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool 
 
 
 def finish_run(config: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
+    """End a stage's run; TrackingServerUnreachable at once where its MLflow server is gone (MLflow's client
+    retried for ~4 minutes, after a training that had finished or failed)."""
+    check_server(tracking_uri(config))
     client_for(config).set_terminated(run_id, status=status)
 
 
@@ -287,6 +290,21 @@ def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
         filters.append(f"params.encoder = '{encoder}'")
     return mlflow.search_runs(experiment_names=[config.experiment_name], filter_string=" and ".join(filters),
                               order_by=[f"metrics.`{metric}` DESC"], max_results=max_results)
+
+
+def last_probe_plan(config: PipelineConfig) -> tuple[int, str] | None:
+    """How many trials the latest probe stage of this config planned (its parent run's `trials`) and how that
+    run ended (its status); None where no probe stage ran."""
+    client = client_for(config)
+    exp = client.get_experiment_by_name(config.experiment_name)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = "
+                                            f"'{config.config_hash()}' and tags.`{TAG_PARENT}` IS NULL")
+    if not runs or "trials" not in runs[0].data.params:
+        return None
+    return int(runs[0].data.params["trials"]), runs[0].info.status
 
 
 def search_baseline_runs(config: PipelineConfig, keys: dict[str, str]) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import mlflow
@@ -303,6 +304,10 @@ def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
                                       "tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{db}"})})
     assert report.missing_trials(config, best(config, top=None)) == []
     assert "Incomplete" not in Path(report.run(config)).read_text()
+    best_args = Namespace(metric="val_macro_f1", top=3, encoder=None, format="table", any_config=False)
+    capsys.readouterr()
+    cli.cmd_best(config, best_args)
+    assert "no finished run" not in capsys.readouterr().err
     gone = sorted(_children(config), key=lambda r: r.data.tags[tracking.TAG_TRIAL])[:2]
     for r in gone:
         _client(config).delete_run(r.info.run_id)
@@ -312,6 +317,12 @@ def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
     assert f"**Incomplete: 2 of {N_TRIALS} planned probe trials have no run yet (e.g. `{first}`)" in text
     assert f"{N_TRIALS - 2} probe runs" in text
     assert f"report: warning: 2 planned probe trial(s) have no run yet (e.g. {first})" in capsys.readouterr().err
+    cli.cmd_best(config, best_args)  # `sweep best` too: its ranking is of the trials that have a run
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [
+        f"[sweep] 2 of the {N_TRIALS} trials planned by the last probe stage have no finished run (that stage's "
+        f"run is FINISHED): the ranking leaves them out; `sweep probe` runs them"]
+    assert len(out.out.splitlines()) == 4  # the header and the top 3
 
 
 def test_report_says_how_many_images_each_split_holds(swept):

@@ -149,3 +149,66 @@ def test_runs_of_an_earlier_probe_revision_are_kept_apart(write_pipeline, tmp_pa
     run(config.config_hash(), "diffusion/mid_block@t0", parent)
     assert tracking.finished_trials(config) == ({"diffusion/mid_block@t0"}, [])
     assert capsys.readouterr().err == ""
+
+
+def test_a_training_workers_metrics_wait_for_a_lost_server_and_reach_it_when_it_is_back(tmp_path, capsys):
+    """Pretraining and the baselines log through `WorkerMetrics`: with the server gone a window's metrics are
+    held at once (MLflow's client retried ~4 minutes per request, the training standing still) and reach the
+    server when it answers again; a stage's run is not ended into the void for minutes either."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from conftest import start_mlflow_server, stop_mlflow_server
+    from sweep.stages.common import WorkerMetrics
+
+    db, port = tmp_path / "mlflow.db", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(db, port)
+    try:
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("t")).info.run_id
+        log = WorkerMetrics(uri, run_id, "pretrain")
+
+        def window(first):
+            return [Metric("loss", 1.0 / s, 1000 * s, s) for s in range(first, first + 3)]
+
+        assert log.log(window(1), "step 3")
+        stop_mlflow_server(server, hard=True)
+        t0 = time.monotonic()
+        assert not log.log(window(4), "step 6") and not log.log(window(7), "step 9")
+        assert time.monotonic() - t0 < 5 and len(log.held) == 6
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump({**small_pipeline(tmp_path / "s"), "tracking": {"uri": uri}}))
+        config = load_config(tmp_path / "p.yaml")
+        t0 = time.monotonic()
+        with pytest.raises(tracking.TrackingServerUnreachable, match=f"127.0.0.1:{port}"):
+            tracking.finish_run(config, run_id)
+        assert time.monotonic() - t0 < 10
+        server = start_mlflow_server(db, port)
+        assert log.log(window(10), "step 12") and log.held == []
+        log.close()  # nothing held: nothing to say
+        history = MlflowClient(uri).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, 13))
+        tracking.finish_run(config, run_id)
+        assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+    finally:
+        stop_mlflow_server(server, hard=True)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"[sweep] pretrain: the MLflow server at {uri} does not answer (step 6); training goes on, its metrics are "
+        f"held and logged once the server answers",
+        "[sweep] pretrain: the MLflow server answers again (step 12); the metrics held since step 6 are logged"]
+
+
+def test_metrics_a_lost_server_never_got_are_counted_at_the_end(tmp_path, capsys):
+    from mlflow.entities import Metric
+
+    from sweep.stages.common import WorkerMetrics
+
+    log = WorkerMetrics(f"http://127.0.0.1:{free_port()}", "0" * 32, "baselines supervised")  # nothing there
+    assert not log.log([Metric("train_loss", 0.5, 0, s) for s in (1, 2)], "epoch 1")
+    log.close()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"[sweep] baselines supervised: 2 metric values since epoch 1 are not in MLflow (the server at {log.uri} "
+        f"does not answer); the trained weights are saved")

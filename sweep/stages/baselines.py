@@ -44,9 +44,10 @@ from sweep.data.table import training_images
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import (check_run_images, check_training_images, error_cause, fit_interruptibly, init_ray,
-                                 load_checkpoint_state, quiet_dataset, quiet_train_reports, say, train_datasets,
-                                 train_logging, train_shard, trained_on_other_images, trained_with_other_settings)
+from sweep.stages.common import (WorkerMetrics, check_run_images, check_training_images, error_cause,
+                                 fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
+                                 quiet_train_reports, say, train_datasets, train_logging, train_shard,
+                                 trained_on_other_images, trained_with_other_settings)
 from sweep.storage import Storage, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
@@ -357,12 +358,11 @@ def train_loop(cfg: dict) -> None:
     model = ray.train.torch.prepare_model(net, move_to_device=False)  # DDP (gloo on CPU, nccl on GPU)
     raw = model.module if hasattr(model, "module") else model
 
-    client = Metric = None
+    metrics_log = Metric = None
     if rank == 0 and cfg["run_id"]:  # only rank 0 logs (and pays for importing mlflow)
         from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(cfg["tracking_uri"])
+        metrics_log = WorkerMetrics(cfg["tracking_uri"], cfg["run_id"], f"baselines {cfg['name']}")
     shard = _TrainShard(train_shard(cfg.get("ordered_split", False), rank), cfg["batch_size"],
                         cfg["cache_limit_bytes"],
                         bn_sample_every(cfg["n_train"], world, 4 * cfg["in_channels"] * cfg["image_size"] ** 2))
@@ -407,7 +407,7 @@ def train_loop(cfg: dict) -> None:
             schedule.step()
             step += 1
             total += torch.tensor([loss.item() * x.shape[0], x.shape[0]], dtype=torch.float64, device=device)
-            if client is not None:
+            if metrics_log is not None:
                 pending.append(Metric("train_loss", loss.item(), int(time.time() * 1000), step))
         _all_reduce(total, world)
         seconds = time.perf_counter() - t0
@@ -422,11 +422,11 @@ def train_loop(cfg: dict) -> None:
                 best = {"epoch": epoch + 1, "score": score, "metrics": record.copy(),
                         "state": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}}
         history.append(record)
-        if client is not None:
+        if metrics_log is not None:
             now = int(time.time() * 1000)
             pending += [Metric(f"epoch_{k}", float(v), now, epoch + 1) for k, v in record.items()
                         if k not in ("epoch", "step")]
-            _log_metrics(client, cfg["run_id"], pending)
+            metrics_log.log(pending, f"epoch {epoch + 1}")
         last = epoch + 1 == cfg["epochs"]
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
@@ -463,16 +463,12 @@ def train_loop(cfg: dict) -> None:
         meta = {**cfg["meta"], "best_epoch": final_metrics.get("best_epoch"), "metrics": final_metrics,
                 "history": history}
         write_final(cfg["final_dir"], encoder.state_dict(), meta)
-        if client is not None:
+        if metrics_log is not None:
             now = int(time.time() * 1000)
-            _log_metrics(client, cfg["run_id"], [
-                Metric(k, float(v), now, cfg["epochs"]) for k, v in final_metrics.items()
-                if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))])
-
-
-def _log_metrics(client, run_id: str, metrics: list) -> None:
-    for i in range(0, len(metrics), 1000):  # MLflow's limit per log_batch call
-        client.log_batch(run_id, metrics=metrics[i: i + 1000])
+            metrics_log.log([Metric(k, float(v), now, cfg["epochs"]) for k, v in final_metrics.items()
+                             if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))],
+                            "the end of training")
+            metrics_log.close()
 
 
 def _plain_batchnorm(module):

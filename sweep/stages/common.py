@@ -480,6 +480,55 @@ def quiet_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+class WorkerMetrics:
+    """A training worker's MLflow metrics (rank 0 of pretrain and the baselines), logged window by window. An
+    MLflow server at the tracking URI is asked first (a few ms; nothing for a SQLite store): while it does not
+    answer, the metrics are held and training goes on, said once; they are logged when it answers again.
+    MLflow's client retried each request to a dead server for ~4 minutes, the training standing still, and
+    then failed the run."""
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(self, uri: str, run_id: str, label: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.uri, self.run_id, self.label = MlflowClient(uri), uri, run_id, label
+        self.held: list = []
+        self.lost_at: str | None = None  # where the server was first found gone (None: it answers)
+
+    def answers(self) -> bool:
+        from sweep import tracking
+
+        try:
+            tracking.check_server(self.uri)
+            return True
+        except tracking.TrackingServerUnreachable:
+            return False
+
+    def log(self, metrics: list, at: str) -> bool:
+        """Log `metrics` (and any held ones); False where the server does not answer (they are held)."""
+        self.held += metrics
+        if not self.answers():
+            if self.lost_at is None:
+                self.lost_at = at
+                say(f"{self.label}: the MLflow server at {self.uri} does not answer ({at}); training goes on, its "
+                    f"metrics are held and logged once the server answers")
+            return False
+        for i in range(0, len(self.held), self.BATCH):
+            self.client.log_batch(self.run_id, metrics=self.held[i: i + self.BATCH])
+        if self.lost_at is not None:
+            say(f"{self.label}: the MLflow server answers again ({at}); the metrics held since {self.lost_at} "
+                f"are logged")
+        self.held, self.lost_at = [], None
+        return True
+
+    def close(self) -> None:
+        """At the end of training: held metrics that could not be logged are said (the weights are saved)."""
+        if self.held and not self.log([], "the end of training"):
+            say(f"{self.label}: {len(self.held)} metric values since {self.lost_at} are not in MLflow (the server at "
+                f"{self.uri} does not answer); the trained weights are saved")
+
+
 def one_line(e: BaseException) -> str:
     """An exception for a message: its type and the first line of its text."""
     text = str(e)

@@ -32,9 +32,10 @@ import warnings
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
-from sweep.stages.common import (check_run_images, check_training_images, error_cause, fit_interruptibly, init_ray,
-                                 load_checkpoint_state, quiet_dataset, quiet_train_reports, say, train_datasets,
-                                 train_logging, train_shard, trained_on_other_images, trained_with_other_settings)
+from sweep.stages.common import (WorkerMetrics, check_run_images, check_training_images, error_cause,
+                                 fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
+                                 quiet_train_reports, say, train_datasets, train_logging, train_shard,
+                                 trained_on_other_images, trained_with_other_settings)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
@@ -47,7 +48,6 @@ STATE_FILE = "state.pt"
 FAULT_ENV = "SWEEP_FAULT_AT_STEP"
 # pretrain/<KEY_ALIAS>: today's key of a U-Net finished under an older sweep's key (`legacy_pretrain_key`)
 KEY_ALIAS = "final-key.json"
-MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 TRAIN_BLOCK_ROWS = 256  # training images per Ray Data block (a decode task's work)
 
 
@@ -164,11 +164,6 @@ def _build_model(cfg: dict):
     return unet, build_scheduler(**cfg["scheduler"])
 
 
-def _log_metrics(client, run_id: str, metrics: list) -> None:
-    for i in range(0, len(metrics), MLFLOW_BATCH):
-        client.log_batch(run_id, metrics=metrics[i: i + MLFLOW_BATCH])
-
-
 def _window_metrics(window: dict, after_step: int = 0) -> list:
     """MLflow metrics of one reporting window (per-step loss and lr at the wall time each step ended)."""
     from mlflow.entities import Metric
@@ -188,13 +183,13 @@ def _last_logged_step(client, run_id: str) -> int:
     return max((m.step for m in client.get_metric_history(run_id, "loss")), default=0)
 
 
-def _relog_lost_window(client, run_id: str, window: dict | None, logged: int) -> int:
+def _relog_lost_window(metrics_log, window: dict | None, logged: int) -> int:
     """After a resume: the last checkpoint's window may be persisted but not yet in MLflow (a crash
     between the report and the log); log exactly the steps MLflow lacks (it holds steps up to `logged`).
     Returns the last step MLflow holds now."""
     if not window or not window["steps"] or logged >= window["steps"][-1]:
         return logged
-    _log_metrics(client, run_id, _window_metrics(window, after_step=logged))
+    metrics_log.log(_window_metrics(window, after_step=logged), f"step {window['steps'][-1]}, resumed")
     return window["steps"][-1]
 
 
@@ -263,21 +258,18 @@ def train_loop(cfg: dict) -> None:
                           warmup_steps=cfg["warmup_steps"], weight_decay=cfg["weight_decay"],
                           grad_clip=cfg["grad_clip"], ema_decay=cfg["ema_decay"], augment=cfg["augment"],
                           device=device, seed=cfg["seed"], rank=rank, compile=cfg["compile"])
-    client = None
-    if rank == 0 and cfg["run_id"]:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(cfg["tracking_uri"])
+    metrics_log = WorkerMetrics(cfg["tracking_uri"], cfg["run_id"], "pretrain") if rank == 0 and cfg["run_id"] \
+        else None
     # Steps MLflow already holds are not logged again. Normally that is none past this start, but a run that
     # failed right after a report can have logged a window whose checkpoint Ray Train never registered (the
     # controller saw the failure first): this run starts before it, trains those steps again, logs them once.
-    logged_before = _last_logged_step(client, cfg["run_id"]) if client is not None else 0
+    logged_before = _last_logged_step(metrics_log.client, cfg["run_id"]) if metrics_log is not None else 0
     if state is not None:
         trainer.load_state_dict(state)
         if rank == 0:
             say(f"pretrain: resuming at step {trainer.step}/{cfg['steps']} from the run's latest checkpoint")
-        if client is not None:
-            logged_before = _relog_lost_window(client, cfg["run_id"], state.get("window"), logged_before)
+        if metrics_log is not None:
+            logged_before = _relog_lost_window(metrics_log, state.get("window"), logged_before)
         state = None
     start_step = trainer.step
     images_seen = trainer.extra.get("images_seen", 0)  # global count, for throughput and epochs
@@ -327,18 +319,18 @@ def train_loop(cfg: dict) -> None:
                 f"{metrics['images_per_s']:.0f} images/s")
         # logged only once the checkpoint that covers these steps is persisted: a resumed run never
         # logs a step twice (steps after the last checkpoint are trained again, and logged then)
-        if client is not None:
-            _log_metrics(client, cfg["run_id"], _window_metrics(window, after_step=logged_before))
+        if metrics_log is not None:
+            metrics_log.log(_window_metrics(window, after_step=logged_before), f"step {trainer.step}")
         losses, lrs, times, images = [], [], [], 0
         if fault_at and start_step < fault_at <= trainer.step:
             raise RuntimeError(f"injected fault after the checkpoint at step {trainer.step} ({FAULT_ENV})")
         t_window = time.perf_counter()
 
     if rank == 0:
-        _save_final(trainer, scheduler, cfg, client)
+        _save_final(trainer, scheduler, cfg, metrics_log)
 
 
-def _save_final(trainer, scheduler, cfg: dict, client) -> None:
+def _save_final(trainer, scheduler, cfg: dict, metrics_log) -> None:
     from sweep.train.ddpm import image_grid, sample
 
     final = trainer.ema_model("cpu")
@@ -348,11 +340,16 @@ def _save_final(trainer, scheduler, cfg: dict, client) -> None:
         marker = {"key": cfg["key"], "steps": cfg["steps"], "settings": cfg["settings"],
                   "training_images": cfg.get("training_images")}
         (tmp / PRETRAIN_MARKER).write_text(json.dumps(marker, indent=1))
-    if client is not None and cfg["sample_grid"]:
+    if metrics_log is None:
+        return
+    metrics_log.close()
+    if cfg["sample_grid"] and not metrics_log.answers():
+        say("pretrain: the sample grid is not logged (the MLflow server does not answer)")
+    elif cfg["sample_grid"]:
         with tempfile.TemporaryDirectory() as d:
             images = sample(final.to(trainer.device), dict(scheduler.config), cfg["sample_grid"], seed=cfg["seed"])
             image_grid(images, f"{d}/samples.png")
-            client.log_artifact(cfg["run_id"], f"{d}/samples.png")
+            metrics_log.client.log_artifact(cfg["run_id"], f"{d}/samples.png")
 
 
 # ------------------------------------------------------------------------------------ driver side
