@@ -353,7 +353,7 @@ def train_loop(cfg: dict) -> None:
         start_epoch, step, history, best = state["epoch"] + 1, state["step"], state["history"], state["best"]
         if rank == 0:
             say(f"baselines {cfg['name']}: resuming at epoch {start_epoch + 1}/{cfg['epochs']} from the run's "
-                f"latest checkpoint")
+                f"checkpoint")
 
     model = ray.train.torch.prepare_model(net, move_to_device=False)  # DDP (gloo on CPU, nccl on GPU)
     raw = model.module if hasattr(model, "module") else model

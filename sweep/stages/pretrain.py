@@ -267,7 +267,7 @@ def train_loop(cfg: dict) -> None:
     if state is not None:
         trainer.load_state_dict(state)
         if rank == 0:
-            say(f"pretrain: resuming at step {trainer.step}/{cfg['steps']} from the run's latest checkpoint")
+            say(f"pretrain: resuming at step {trainer.step}/{cfg['steps']} from the run's checkpoint")
         if metrics_log is not None:
             logged_before = _relog_lost_window(metrics_log, state.get("window"), logged_before)
         state = None
