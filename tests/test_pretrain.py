@@ -656,6 +656,50 @@ def test_ctrl_c_aborts_a_training_run_and_ends_as_interrupted(ray_local, tmp_pat
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_process_that_ignores_ctrl_c_trains_on(ray_local, tmp_path):
+    """Started with SIGINT ignored (a background job of a non-interactive shell), a training stage ignores it
+    as Python and the other stages do: Ray Train's handler, then sweep's, stopped only pretraining and the
+    baselines."""
+    import os
+    import signal
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sweep.stages.common import fit_interruptibly
+
+    def loop(cfg):
+        import time as t
+
+        while not Path(cfg["started"]).exists():  # the driver's SIGINT is sent once the run is under way
+            t.sleep(0.1)
+        t.sleep(3)
+        Path(cfg["started"]).with_name("done").touch()
+
+    started = tmp_path / "started"
+    trainer = TorchTrainer(loop, train_loop_config={"started": str(started)},
+                           scaling_config=ray.train.ScalingConfig(num_workers=1),
+                           run_config=ray.train.RunConfig(name="ignored", storage_path=str(tmp_path / "runs")))
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import threading
+
+        def ctrl_c_while_training():
+            while not (tmp_path / "runs" / "ignored").exists():
+                time.sleep(0.2)
+            started.touch()
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=ctrl_c_while_training, daemon=True).start()
+        fit_interruptibly(trainer, "test")
+        assert (tmp_path / "done").exists()  # the loop ran to its end
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_an_unreadable_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
     """The latest checkpoint cut short (a crash while it was stored): every rerun failed on it the same way
     while the one before was intact. The one before is used and said; with none readable, the run starts

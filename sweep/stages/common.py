@@ -572,7 +572,9 @@ def fit_interruptibly(trainer, stage: str):
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT) if main else None
     if main and hasattr(trainer, "_register_sigint_handler"):
-        trainer._register_sigint_handler = register
+        # a process that ignores SIGINT (a background job of a script) goes on ignoring it, as Python and the
+        # other stages do: Ray Train's handler, and then ours, made only the training stages stop
+        trainer._register_sigint_handler = (lambda controller: None) if before is signal.SIG_IGN else register
     try:
         result = trainer.fit()
     except Exception:
