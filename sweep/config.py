@@ -83,9 +83,12 @@ def _state_dict_file_problem(path: str) -> str | None:
 
 
 def _safe_name(value: str, what: str) -> str:
-    """Names become folder names and MLflow tag values: keep them to a safe alphabet."""
-    if not value or not all(c.isalnum() or c in "-_." for c in value):
-        raise ValueError(f"{what} must be letters, digits, '-', '_' or '.', got {value!r}")
+    """Names become folder names and MLflow tag values: keep them to a safe alphabet, and start them with a
+    letter, digit or '_' ('..' as an OOD dataset put its shards in the encoders' common folder, where each
+    encoder overwrote the other's; a leading '.' makes a hidden folder, a leading '-' reads as an option)."""
+    if not value or not all(c.isalnum() or c in "-_." for c in value) or not (value[0].isalnum() or value[0] == "_"):
+        raise ValueError(f"{what} must be letters, digits, '-', '_' or '.', starting with a letter, digit or '_', "
+                         f"got {value!r}")
     return value
 
 
@@ -498,9 +501,7 @@ class PipelineConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError(f"name must be letters, digits, '-', '_' or '.', got {v!r}")
-        return v
+        return _safe_name(v, "name")
 
     @field_validator("storage")
     @classmethod

@@ -117,6 +117,11 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         ("ray.address=http://127.0.0.1:8265", "ray.address", "is a dashboard URL: that is `sweep submit`'s"),
         # an unnamed OOD set was called "main": metrics ood_main_acc, or a clash with an unnamed train set
         ("data.ood=[{source: demo}]", "data.ood.0.name", "Field required"),
+        # '..' as an OOD set wrote its shards into the encoders' common folder, each encoder over the other's
+        ("data.ood=[{name: '..', source: demo}]", "data.ood.0.name", "starting with a letter, digit or '_', got '..'"),
+        ("data.train.name=.hidden", "data.train.name", "got '.hidden'"),
+        ("name=-x", "name", "got '-x'"),
+        ("baselines=[{name: ., kind: supervised}]", "baselines.0.name", "got '.'"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):

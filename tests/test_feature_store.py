@@ -185,9 +185,15 @@ def test_a_dataset_added_to_a_finished_store_keeps_the_others(tmp_path):
     store.mark_complete({"rows": 2})
     main_file = tmp_path / "enc" / "main" / "part-00000.parquet"
     written = main_file.stat().st_mtime_ns
+    identity = store.identity()
+    assert store.identity(["main"]) == identity  # a pipeline reading every dataset: the store's identity
 
     store = _open_datasets(tmp_path / "enc", {"main": "k1", "shifted": "k9"}, {"main": 1, "shifted": 2})
     m = store.manifest(reload=True)
+    # another pipeline's dataset changes the store, not what a pipeline reading `main` alone reads: its probe
+    # runs (tagged with that identity) stay current
+    assert store.identity() != identity and store.identity(["main"]) == identity
+    assert store.identity(["main", "shifted"]) == store.identity()
     assert not m["complete"] and "summary" not in m  # the new dataset still has to be extracted
     assert m["datasets"]["shifted"] == {"num_shards": 2, "shards": []}
     assert m["settings"]["images"] == {"main": "k1", "shifted": "k9"}

@@ -165,16 +165,25 @@ class FeatureStore:
         existing.pop("summary", None)
         st.write_json(self.manifest_uri, existing)
 
-    def identity(self) -> str | None:
+    def identity(self, datasets: Iterable[str] | None = None) -> str | None:
         """A fingerprint of the settings this store was made with, its images included, and of the images
         it could not read: the same for a store made again from the same images and checkpoint (extraction
         is deterministic), another for one made again after the images changed or a file was repaired.
-        None for a store from before sweep recorded its settings."""
+        With `datasets`, of those datasets' images only (what a pipeline reads: its train set and OOD sets),
+        so that another pipeline adding a dataset to the store changes no identity of the others: it made
+        their probe runs look stale (deleted and probed again). None for a store from before sweep recorded
+        its settings."""
         m = self.manifest() or {}
         if not m.get("settings"):
             return None
-        rejected = sorted((str(r.get("domain")), str(r.get("image_id"))) for r in m.get("rejected") or [])
-        return fingerprint(m["settings"], rejected) if rejected else fingerprint(m["settings"])
+        settings, rejected = m["settings"], m.get("rejected") or []
+        if datasets is not None:
+            keep = set(datasets)
+            if isinstance(settings.get("images"), dict):
+                settings = {**settings, "images": {d: v for d, v in settings["images"].items() if d in keep}}
+            rejected = [r for r in rejected if r.get("domain") in keep]
+        rejected = sorted((str(r.get("domain")), str(r.get("image_id"))) for r in rejected)
+        return fingerprint(settings, rejected) if rejected else fingerprint(settings)
 
     def _held_settings(self) -> dict:
         """The settings this store was made with, but the images (fingerprinted apart, per dataset)."""
