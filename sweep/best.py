@@ -91,6 +91,8 @@ def format_table(recs: list[dict], metric: str) -> str:
     if not recs:
         return "(no probe runs)"
     cols = ["encoder", "layer", "timestep", "resolution", "dim", "lr", "weight_decay"]
+    if len({r.get("config_hash") for r in recs}) > 1:  # --any-config: runs of several settings, told apart
+        cols.insert(0, "config_hash")
     metrics = [metric] + [m for m in ("val_acc", "val_macro_f1", "test_acc", "test_macro_f1") if m != metric]
     metrics += sorted(k for k in recs[0] if k.startswith("ood_") and k.endswith("_macro_f1"))
     header = ["#"] + cols + metrics

@@ -449,8 +449,12 @@ def metric_problem(metric: str, ood_names: list[str] | None = None) -> str | Non
         if metric.startswith("ood_") and metric.endswith(suffix) and dataset:
             if ood_names is None or dataset in ood_names:
                 return None
+            # ood_mixed_balanced_acc: an OOD dataset 'mixed' with a metric it does not have
+            near = [f"ood_{d}_{rest}" for d in ood_names if dataset.startswith(f"{d}_")
+                    for rest in ("acc", "macro_f1")]
             return (f"unknown metric {metric!r}: no OOD dataset {dataset!r} in data.ood "
-                    f"({', '.join(ood_names) or 'none'})")
+                    f"({', '.join(ood_names) or 'none'})"
+                    + (f"; an OOD dataset has accuracy and macro F1 only: {' or '.join(near)}" if near else ""))
     return (f"unknown metric {metric!r}; choose from {', '.join(PROBE_METRICS)} or ood_<dataset>_acc / "
             f"ood_<dataset>_macro_f1")
 

@@ -243,11 +243,24 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
         elif TAG_TRIAL in r.data.tags:
             done.add(r.data.tags[TAG_TRIAL])
     if not done and not other_features:
-        for what, n in earlier_probe_runs(config, client, exp.experiment_id).items():
-            from sweep.stages.common import say
+        from sweep.stages.common import say
 
+        earlier = earlier_probe_runs(config, client, exp.experiment_id)
+        for what, n in earlier.items():
             say(f"probe: {n} run(s) of these settings made by {what} are kept apart from this probe's "
                 f"results and probed again (`sweep best --any-config` shows them)")
+        if not earlier:  # a setting that changes results (data.ood, the probe grid, ...) makes a new config hash
+            others = client.search_runs([exp.experiment_id], max_results=1000, filter_string=(
+                f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_PIPELINE}` = '{config.name}' and "
+                f"tags.`{TAG_HASH}` != '{config.config_hash()}' and tags.`{TAG_PARENT}` LIKE '%' and "
+                f"attributes.status = 'FINISHED'"))
+            if others:
+                hashes = sorted({r.data.tags.get(TAG_HASH) for r in others})
+                say(f"probe: no run of these settings yet (config hash {config.config_hash()}); "
+                    f"{len(others)}{'+' if len(others) == 1000 else ''} probe run(s) of other settings of "
+                    f"{config.name!r} (hash {', '.join(hashes[:3])}{', ...' if len(hashes) > 3 else ''}) stay in "
+                    f"MLflow (`sweep best --any-config`); any setting that changes results (data.ood, the probe "
+                    f"grid, ...) probes every trial again")
     return done, other_features
 
 

@@ -393,3 +393,12 @@ def test_a_second_command_in_a_storage_in_use_stops_naming_the_first(tmp_path, w
         assert main(["validate", str(path)]) == 0  # reading needs no lock
     with storage_lock(root, "sweep pretrain again"):  # released: free again
         pass
+
+
+def test_an_ood_metric_an_ood_dataset_does_not_have_is_named_as_such():
+    from sweep.config import metric_problem
+
+    assert metric_problem("ood_mixed_acc", ["mixed", "inv"]) is None
+    why = metric_problem("ood_mixed_balanced_acc", ["mixed", "inv"])  # read as a dataset 'mixed_balanced'
+    assert why.endswith("an OOD dataset has accuracy and macro F1 only: ood_mixed_acc or ood_mixed_macro_f1")
+    assert "accuracy and macro F1 only" not in metric_problem("ood_other_acc", ["mixed"])

@@ -207,6 +207,28 @@ def test_balanced_regime_caps_each_class(write_pipeline):
     assert unbalanced_classes(natural, build_table(natural)) == {}
 
 
+def test_balanced_regime_advice_keeps_val_and_test(tmp_path, write_pipeline):
+    """A class of 2 images under regime balanced: capping every class at 2 would leave no val or test image
+    (round(2 x 0.2) = 0), so the warning does not advise it (it did, and validate then failed with it)."""
+    import shutil
+
+    from sweep.data.table import _fewest_per_class
+
+    images = tmp_path / "images"
+    shutil.copytree(DEMO_IMAGES, images)
+    small = sorted(p for p in images.iterdir() if p.is_dir())[0]
+    for extra in sorted(small.iterdir())[2:]:
+        extra.unlink()
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "imagefolder", "path": str(images), "regime": "balanced", "per_class": 10,
+        "splits": {"val": 0.2, "test": 0.2}}}))
+    warning = unbalanced_warning(cfg, build_table(cfg))
+    assert f"({small.name} 2)" in warning and "lower data.train.per_class" not in warning
+    assert "equal classes of 2 would leave val or test empty: the split fractions need 3 per class" in warning
+    assert _fewest_per_class(cfg.data.train.splits) == 3  # round(3 x 0.2) = 1 val, 1 test, 1 train
+    assert [s for s in stratified_split(pd.Series(["c"] * 3), 0.2, 0.2, 0)].count("val") == 1
+
+
 def test_ood_unknown_classes_counted_and_excluded(tmp_path, write_pipeline):
     ood = tmp_path / "ood"
     for cls, n in [("Tripos", 3), ("Ciliophora", 2), ("Unheard_of", 4)]:
@@ -447,5 +469,5 @@ def test_classes_too_small_for_a_val_or_test_image_are_named(write_pipeline):
     assert unscored_classes(cfg, table) == {"val": small, "test": small}
     warning = unscored_warning(cfg, table)
     assert warning.startswith("data.train: no val image for ") and "; no test image for " in warning
-    assert all(f"{c} ({n} images)" in warning for c, n in small.items())
+    assert all(f"{c} ({n} image{'' if n == 1 else 's'})" in warning for c, n in small.items())
     assert unscored_warning(load_config(write_pipeline()), build_table(load_config(write_pipeline()))) is None

@@ -260,6 +260,19 @@ def _pipeline_file(config: PipelineConfig) -> Path:
     return path
 
 
+def test_the_table_of_several_settings_names_each_rows_config_hash():
+    from sweep.best import format_table
+
+    rec = {"encoder": "diffusion", "layer": "mid_block", "timestep": 0, "resolution": 4, "dim": 64, "lr": 0.1,
+           "weight_decay": 0.0, "val_macro_f1": 0.5, "config_hash": "aaaaaaaaaaaa"}
+    one = format_table([rec, {**rec, "timestep": 25}], "val_macro_f1").splitlines()
+    assert "config_hash" not in one[0]
+    # `--any-config`: the same trial under two settings read as a duplicated row
+    two = format_table([rec, {**rec, "config_hash": "bbbbbbbbbbbb"}], "val_macro_f1").splitlines()
+    assert two[0].split()[:2] == ["#", "config_hash"]
+    assert [row.split()[1] for row in two[1:]] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+
+
 def test_records_types_for_a_non_diffusion_encoder():
     import pandas as pd
 
@@ -334,6 +347,11 @@ def test_report_says_how_many_images_each_split_holds(swept):
     meta = pa.concat_tables([pq.read_table(f, columns=["label", "split", "domain"]) for f in files]).to_pylist()
     per_class = Counter((r["domain"], r["split"], r["label"]) for r in meta)
     md = Path(report.run(swept)).read_text()
+    # k-means' NMI beside what random clusters score on the same images (it was the demo's, in every report)
+    from sweep.probing.kmeans import chance_nmi
+
+    labels = np.array([r["label"] for r in meta])
+    assert f"random clusters score {chance_nmi(labels, len(set(labels)), swept.seed):.2f} on these images" in md
     table = pd.read_csv(Path(swept.storage_root, "report", "data.csv"))
     assert [(r.dataset, r.split) for r in table.itertuples()] == [("plankton", s) for s in ("train", "val", "test")]
     for r in table.itertuples():

@@ -368,3 +368,17 @@ def test_kmeans_scores():
     sampled = kmeans_scores(X, y, k=4, seed=0, max_rows=200)
     assert sampled == kmeans_scores(X, y, k=4, seed=0, max_rows=200) != good
     assert sampled["kmeans_nmi"] > 0.9
+
+
+def test_chance_nmi_is_what_clusters_without_class_information_score():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from sweep.probing.kmeans import chance_nmi
+
+    rng = np.random.default_rng(1)
+    few = rng.integers(0, 6, 22)  # the demo's test split: NMI far from 0 with no information at all
+    by_hand = np.mean([normalized_mutual_info_score(few, rng.integers(0, 6, 22)) for _ in range(400)])
+    assert abs(chance_nmi(few, 6, draws=50) - by_hand) < 0.03 and chance_nmi(few, 6) > 0.2
+    X, y = make_blobs(n_samples=600, centers=4, n_features=8, cluster_std=0.5, random_state=0)
+    blind = kmeans_scores(X, np.random.default_rng(0).permutation(y), k=4, seed=0)["kmeans_nmi"]
+    assert chance_nmi(y, 4) < 0.02 and abs(blind - chance_nmi(y, 4)) < 0.02

@@ -212,3 +212,27 @@ def test_metrics_a_lost_server_never_got_are_counted_at_the_end(tmp_path, capsys
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"[sweep] baselines supervised: 2 metric values since epoch 1 are not in MLflow (the server at {log.uri} "
         f"does not answer); the trained weights are saved")
+
+
+def test_a_probe_of_new_settings_says_where_the_earlier_runs_are(write_pipeline, capsys):
+    """An OOD set added (or any setting that changes results) makes a new config hash: the probe ran every
+    trial again with '0 already finished' and no word of why, or of the earlier runs."""
+    path = write_pipeline()
+    before = load_config(path)
+    config = load_config(path, ["probe.epochs=3"])
+    client = tracking.client_for(before)
+    experiment_id = tracking.ensure_experiment(before)
+    tags = {tracking.TAG_STAGE: "probe", tracking.TAG_PIPELINE: before.name, tracking.TAG_HASH: before.config_hash()}
+    parent = client.create_run(experiment_id, tags=tags).info.run_id
+    for t in (0, 100):
+        run_id = client.create_run(experiment_id, tags={**tags, tracking.TAG_TRIAL: f"diffusion/mid_block@t{t}",
+                                                        tracking.TAG_PARENT: parent}).info.run_id
+        client.set_terminated(run_id)
+    capsys.readouterr()
+    assert tracking.finished_trials(config) == (set(), [])
+    assert capsys.readouterr().err.splitlines() == [
+        f"[sweep] probe: no run of these settings yet (config hash {config.config_hash()}); 2 probe run(s) of other "
+        f"settings of {config.name!r} (hash {before.config_hash()}) stay in MLflow (`sweep best --any-config`); any "
+        f"setting that changes results (data.ood, the probe grid, ...) probes every trial again"]
+    assert tracking.finished_trials(before) == ({"diffusion/mid_block@t0", "diffusion/mid_block@t100"}, [])
+    assert capsys.readouterr().err == ""  # its own runs: nothing to explain

@@ -180,9 +180,26 @@ def unbalanced_warning(config: PipelineConfig, table: ImageTable) -> str | None:
     if not short:
         return None
     shown = ", ".join(f"{c} {n}" for c, n in list(short.items())[:5]) + (", ..." if len(short) > 5 else "")
+    smallest, fewest = min(short.values()), _fewest_per_class(config.data.train.splits)
+    advice = (f"lower data.train.per_class to {smallest} for equal classes" if smallest >= fewest else
+              f"equal classes of {smallest} would leave val or test empty: the split fractions need {fewest} per "
+              f"class; leave out the smallest classes, or use regime natural with probe.class_weights: balanced")
     return (f"data.train: regime balanced with per_class {config.data.train.per_class}, but {len(short)} class(es) "
-            f"have fewer images ({shown}): they keep all of theirs, so the classes are not balanced (lower "
-            f"data.train.per_class to {min(short.values())} for equal classes)")
+            f"have fewer images ({shown}): they keep all of theirs, so the classes are not balanced ({advice})")
+
+
+def _fewest_per_class(splits) -> int:
+    """The fewest images a class needs for one val and one test image under fraction splits (`stratified_split`'s
+    rounding); 1 where the splits come from files."""
+    val, test = splits.val, splits.test
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in (val, test)):
+        return 1
+    for n in range(1, 1000):
+        n_test = min(round(n * test), n - 1)
+        n_val = min(round(n * val), n - 1 - n_test)
+        if (n_test >= 1 or not test) and (n_val >= 1 or not val):
+            return n
+    return 1000
 
 
 def unscored_classes(config: PipelineConfig, table: ImageTable) -> dict[str, dict[str, int]]:
@@ -200,8 +217,12 @@ def unscored_classes(config: PipelineConfig, table: ImageTable) -> dict[str, dic
     return out
 
 
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
+
+
 def unscored_warning(config: PipelineConfig, table: ImageTable) -> str | None:
-    parts = [f"no {split} image for {', '.join(f'{c} ({n} images)' for c, n in list(missing.items())[:5])}"
+    parts = [f"no {split} image for {', '.join(f'{c} ({n} image{_s(n)})' for c, n in list(missing.items())[:5])}"
              f"{', ...' if len(missing) > 5 else ''}" for split, missing in unscored_classes(config, table).items()]
     if not parts:
         return None

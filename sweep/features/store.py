@@ -152,9 +152,10 @@ class FeatureStore:
         if changed:
             raise FeatureStoreError(
                 f"{self.root} holds features of other images for dataset(s) {', '.join(map(repr, changed))} "
-                f"(changed: image table: images, labels, splits or their order). Nothing was written: to keep "
-                f"both, extract into another storage (--set storage=PATH); to replace them, delete {self.root} "
-                f"and rerun.")
+                f"(changed: image table: images, labels, splits or their order). Nothing was written: for an "
+                f"OOD dataset, give the changed one a new name in data.ood (only its images are then extracted; "
+                f"the old stays, unread); to keep both, extract into another storage (--set storage=PATH); to "
+                f"replace them, delete {self.root} and rerun.")
         new = [d for d in datasets if d not in existing["datasets"]]
         if not new:
             return

@@ -37,3 +37,16 @@ def kmeans_scores(X, y, k: int, seed: int = 0, n_init: int = 3, max_rows: int = 
         "kmeans_nmi": float(normalized_mutual_info_score(y, clusters)),
         "kmeans_ari": float(adjusted_rand_score(y, clusters)),
     }
+
+
+def chance_nmi(y, k: int, seed: int = 0, draws: int = 5, max_rows: int = MAX_ROWS) -> float:
+    """The NMI of random clusters (each row in one of ``k`` at random) against labels ``y``, on the rows
+    `kmeans_scores` uses, averaged over ``draws``: what an NMI of no class information scores on this data
+    (about 0.33 on 22 rows in 6 classes, 0.08 on 105, under 0.01 on thousands)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    y = np.asarray(y).ravel()
+    if len(y) > max_rows:
+        y = y[np.sort(np.random.default_rng(seed).choice(len(y), max_rows, replace=False))]
+    rng = np.random.default_rng(seed + 1)
+    return float(np.mean([normalized_mutual_info_score(y, rng.integers(0, k, len(y))) for _ in range(draws)]))

@@ -356,8 +356,11 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     summary = _summary(store, total, shard_counts)
     store.mark_complete(summary)
     rate = len(pending) / timer.seconds if timer.seconds else float("nan")
-    say(f"extract {spec.name}: wrote {summary['rows']} rows x {len(columns)} columns in "
-        f"{timer.seconds:.1f}s ({rate:.1f} images/s); {summary['rejected']} image(s) rejected")
+    # a resume or an added dataset encodes part of the store: what this run did, and the store's total
+    done_now = f"{summary['rows']} rows" if len(pending) >= total else \
+        f"{len(pending)} images' rows (the store holds {summary['rows']})"
+    say(f"extract {spec.name}: wrote {done_now} x {len(columns)} columns in {timer.seconds:.1f}s "
+        f"({rate:.1f} images/s); {summary['rejected']} image(s) rejected")
     return summary
 
 

@@ -531,7 +531,7 @@ def plan_trials(config: PipelineConfig, stores: dict[str, FeatureStore] | None =
             raise ProbeError(f"probe: encoder {spec.name!r}: {e}; run `sweep extract`, which names what to "
                              f"do") from None
         num_classes[spec.name] = len(store.manifest()["classes"])
-        features = store.identity([config.data.train.name, *(d.name for d in config.data.ood)])
+        features = store.identity(config.dataset_names())
         for col in served:
             key = trial_key(spec.name, col["column"])
             columns[key] = {**col, "encoder": spec.name, "features": features}

@@ -12,6 +12,7 @@ from sweep.best import best, format_references, format_table, references
 from sweep.config import PROBE_REVISION, PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.probing.kmeans import MAX_ROWS as KMEANS_MAX_ROWS
+from sweep.probing.kmeans import chance_nmi
 from sweep.stages.common import say
 from sweep.storage import Storage, staged_dir
 
@@ -29,7 +30,8 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | N
     grid = grid.loc[order]
     side = frame.groupby("layer")["resolution"].first()
     labels = [f"{layer} ({side[layer]}x{side[layer]})" for layer in grid.index]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.45 * grid.shape[0]))
+    # at least 6 inches wide: with two or three timesteps the title, the values and the colour bar overlapped
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.9 * grid.shape[1]), 1.0 + 0.45 * grid.shape[0]))
     values = grid.to_numpy()
     im = ax.imshow(values, cmap="viridis", aspect="auto")
     middle = (im.norm.vmin + im.norm.vmax) / 2
@@ -129,7 +131,10 @@ def data_summary(config: PipelineConfig, table=None) -> pd.DataFrame | None:
     def order(row):  # the pipeline's datasets in its order, each train, val, test, then ood
         return datasets.index(row["dataset"]), {"train": 0, "val": 1, "test": 2}.get(row["split"], 3)
 
-    return pd.DataFrame(sorted(rows, key=order))
+    out = pd.DataFrame(sorted(rows, key=order))
+    main = meta.loc[meta["domain"] == config.data.train.name, "label"].to_numpy()
+    out.attrs["chance_nmi"] = chance_nmi(main, len(table.classes), config.seed) if len(main) else None
+    return out
 
 
 def per_class_results(config: PipelineConfig, best_rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -267,10 +272,12 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
                   images.to_string(index=False), "```", ""]
     compared = encoder_comparison(frame, config.probe.select, images, config.data.train.name)
     several = frame["encoder"].nunique() > 1
+    chance = images.attrs.get("chance_nmi") if images is not None else None
     kmeans_note = (f" `kmeans_*`: k-means (k = classes, no label used) on the {config.data.train.name} images of "
                    f"every split (a sample of {KMEANS_MAX_ROWS:,} where more), against their labels: NMI is not "
-                   f"corrected for chance (random clusters score about 0.08 on 105 images in 6 classes, 0.33 on 22), "
-                   f"ARI is (0 = chance).")
+                   f"corrected for chance"
+                   + (f" (random clusters score {chance:.2f} on these images)" if chance is not None else "")
+                   + ", ARI is (0 = chance).")
     lines += ["## Encoders compared" if several else "## Best column", "",
               f"{'Each encoder' if several else 'The encoder'}'s best column on validation "
               f"(`{config.probe.select}`) and that column's test and OOD numbers. `_95ci`: the 95 % Wilson interval "
@@ -300,7 +307,10 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
         frame_refs.to_csv(out / "supervised_reference.csv", index=False)
         lines += ["## Supervised reference (end to end)", "",
                   "Each supervised baseline's own classifier, chosen on validation and scored once on test: "
-                  "what a fully supervised network reaches on these images, for reading the probes against.",
+                  "what a fully supervised network reaches on these images, for reading the probes against."
+                  + (" It is trained with unweighted cross-entropy, while the probes here weigh classes "
+                     "(`probe.class_weights: balanced`): on long-tailed data its macro F1 and balanced accuracy "
+                     "are not the probes' like for like." if config.probe.class_weights == "balanced" else ""),
                   "", "```", format_references(refs), "```", ""]
     for encoder, group in frame.groupby("encoder", sort=True):
         lines += [f"## {encoder}", ""]
