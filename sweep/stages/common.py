@@ -232,7 +232,7 @@ def quiet_ray_data() -> None:
     dataset run ("Starting execution of Dataset ...", its plan, "✔️ Dataset ... execution finished") and not
     its warning that progress bars are off (sweep turns them off, `quiet_dataset`, and prints its own
     progress), nor its warning at each GPU extraction that naming both CPUs and GPUs for an actor is
-    "experimental" (allowed since Ray 2.38; the encoder actor asks for both, as
+    "experimental" (supported, Ray only warns; the encoder actor asks for both, as
     `extract.cpus_per_actor` / `gpus_per_actor` say). Ray Data's other warnings and errors still show, and its
     log files keep every line. Ray internals: if the loggers move, the lines come back."""
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
