@@ -131,6 +131,26 @@ def read_json(uri: str) -> dict | None:
         return json.loads(f.read().decode())
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def move_durably(fs: pafs.FileSystem, tmp: str, path: str) -> None:
+    """Rename the finished file `tmp` to `path`. On a local disk its data reach the disk first and the rename
+    after (fsync of the file, then of the folder): after a power cut or a crash of the machine, a file under
+    its final name is whole (the rename alone could leave it empty, and the manifest or marker naming it says
+    complete). An object store's upload is whole or absent by itself."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        _fsync(tmp)
+    fs.move(tmp, path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        _fsync(path.rsplit("/", 1)[0] or "/")
+
+
 def write_atomic(uri: str, data: bytes) -> None:
     """Write to a temporary sibling, then rename: readers see the old file or the whole new one."""
     fs, path = _split(uri)
@@ -139,7 +159,7 @@ def write_atomic(uri: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
-    fs.move(tmp, path)
+    move_durably(fs, tmp, path)
 
 
 def write_json(uri: str, obj: dict) -> None:
@@ -167,10 +187,13 @@ def publish_dir(local: str | os.PathLike, uri: str, marker: str) -> None:
     if not is_remote(uri):
         out = Path(uri.removeprefix("file://"))
         out.parent.mkdir(parents=True, exist_ok=True)
+        for f in (p for p in local.rglob("*") if p.is_file()):  # on the disk before the folder is published
+            _fsync(f)
         old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
         if out.exists():
             out.rename(old)
         shutil.move(str(local), out)
+        _fsync(out.parent)
         shutil.rmtree(old, ignore_errors=True)
         return
     fs, path = _split(uri)

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -275,3 +276,29 @@ def test_a_store_serves_a_subset_of_its_columns_made_otherwise_alike(tmp_path):
         assert store.wider_settings(asked) is None
         with pytest.raises(FeatureStoreError, match=f"other settings \\(changed: .*{re.escape(changed)}"):
             store.served_columns(asked)
+
+
+def test_files_reach_the_disk_before_their_final_name(tmp_path, monkeypatch):
+    """A shard, a manifest and a published folder are fsynced before they are renamed into place and their
+    folder after: a power cut could leave an empty file under the final name, with a manifest or marker
+    saying complete (killing processes cannot show this; the order of the calls can: each fsync is recorded
+    with whether the final name exists yet)."""
+    from pathlib import Path
+
+    from sweep import storage
+
+    real_fsync = storage._fsync
+    store = _open_datasets(tmp_path / "enc", {"main": "k1"}, {"main": 1})
+    shard = f"{store.base}/main/part-00000.parquet"
+    seen = []
+    monkeypatch.setattr(storage, "_fsync", lambda p: (seen.append((str(p), Path(shard).exists())), real_fsync(p)))
+    store.write_shard("main", 0, _rows(["a", "b"])[0])
+    assert seen[:2] == [(f"{shard}.tmp", False), (f"{store.base}/main", True)]  # the data, the rename, the folder
+    assert seen[2][0].startswith(f"{store.manifest_uri}.tmp-") and seen[3][0] == str(tmp_path / "enc")
+
+    seen.clear()
+    with storage.staged_dir(str(tmp_path / "final"), "done.json") as d:
+        (d / "weights.bin").write_bytes(b"w" * 100)
+        (d / "done.json").write_text("{}")
+    assert sorted(p for p, _ in seen[:2]) == [str(tmp_path / "final.tmp" / f) for f in ("done.json", "weights.bin")]
+    assert seen[2][0] == str(tmp_path) and (tmp_path / "final" / "weights.bin").read_bytes() == b"w" * 100

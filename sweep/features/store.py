@@ -300,7 +300,7 @@ class FeatureStore:
         # Dictionary encoding only for the repetitive meta columns: on float16 feature lists it saves
         # nothing and made reading one column 3x slower (a probe trial reads one column of every shard).
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", use_dictionary=["split", "domain"])
-        self.fs.move(tmp, path)
+        st.move_durably(self.fs, tmp, path)
         m = self.manifest()
         shards = [s for s in m["datasets"][dataset]["shards"] if s["index"] != index]
         shards.append({"index": index, "file": rel, "rows": table.num_rows, "rejected": len(rejected),
