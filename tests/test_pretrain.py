@@ -647,13 +647,18 @@ def test_ctrl_c_aborts_a_training_run_and_ends_as_interrupted(ray_local, tmp_pat
     trainer = TorchTrainer(loop, train_loop_config={"started": str(started)},
                            scaling_config=ray.train.ScalingConfig(num_workers=1),
                            run_config=ray.train.RunConfig(name="interrupted", storage_path=str(tmp_path / "runs")))
-    before = signal.getsignal(signal.SIGINT)
-    threading.Thread(target=ctrl_c_once_training, daemon=True).start()
-    t0 = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        fit_interruptibly(trainer, "test")
-    assert started.exists() and time.perf_counter() - t0 < 100
-    assert signal.getsignal(signal.SIGINT) is before
+    # Python's own handler, as a `sweep` started from a terminal has (a test run started in the background by a
+    # non-interactive shell ignores SIGINT, and a training stage then leaves it ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=ctrl_c_once_training, daemon=True).start()
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            fit_interruptibly(trainer, "test")
+        assert started.exists() and time.perf_counter() - t0 < 100
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.ray
