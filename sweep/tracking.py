@@ -171,9 +171,19 @@ def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool 
 
 
 def finish_run(config: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
-    """End a stage's run; TrackingServerUnreachable at once where its MLflow server is gone (MLflow's client
-    retried for ~4 minutes, after a training that had finished or failed)."""
-    check_server(tracking_uri(config))
+    """End a stage's run. Where its MLflow server is gone (MLflow's client retried for ~4 minutes): FINISHED
+    raises TrackingServerUnreachable at once; FAILED and KILLED, called while the stage's own error or Ctrl-C
+    is on its way, say that the run stays RUNNING and let that error through (it is the one to read, and
+    Ctrl-C keeps its exit 130)."""
+    try:
+        check_server(tracking_uri(config))
+    except TrackingServerUnreachable as e:
+        if status == "FINISHED":
+            raise
+        from sweep.stages.common import say
+
+        say(f"MLflow run {run_id} stays RUNNING, not {status}: {str(e).removeprefix('tracking.uri: ')}")
+        return
     client_for(config).set_terminated(run_id, status=status)
 
 

@@ -184,6 +184,7 @@ def test_a_training_workers_metrics_wait_for_a_lost_server_and_reach_it_when_it_
         t0 = time.monotonic()
         with pytest.raises(tracking.TrackingServerUnreachable, match=f"127.0.0.1:{port}"):
             tracking.finish_run(config, run_id)
+        tracking.finish_run(config, run_id, "KILLED")  # on a stage's error or Ctrl-C: said, that error goes on
         assert time.monotonic() - t0 < 10
         server = start_mlflow_server(db, port)
         assert log.log(window(10), "step 12") and log.held == []
@@ -195,9 +196,11 @@ def test_a_training_workers_metrics_wait_for_a_lost_server_and_reach_it_when_it_
     finally:
         stop_mlflow_server(server, hard=True)
     err = capsys.readouterr().err.splitlines()
-    assert err == [
-        f"[sweep] pretrain: the MLflow server at {uri} does not answer (step 6); training goes on, its metrics are "
-        f"held and logged once the server answers",
+    assert err[0] == (f"[sweep] pretrain: the MLflow server at {uri} does not answer (step 6); training goes on, "
+                      f"its metrics are held and logged once the server answers")
+    assert err[1].startswith(f"[sweep] MLflow run {run_id} stays RUNNING, not KILLED: no MLflow server answers at "
+                             f"{uri} (")
+    assert err[2:] == [
         "[sweep] pretrain: the MLflow server answers again (step 12); the metrics held since step 6 are logged"]
 
 
