@@ -87,6 +87,16 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
             f"127.0.0.1 --port 5000`, or the cluster head's) or fix the URI") from None
 
 
+def lost_server(uri: str) -> str | None:
+    """Why no MLflow server answers at an http(s) tracking URI (`check_server`'s reason, without the key's
+    name), or None where one answers or the URI is no server."""
+    try:
+        check_server(uri)
+    except TrackingServerUnreachable as e:
+        return str(e).removeprefix("tracking.uri: ")
+    return None
+
+
 def tracking_uri(config: PipelineConfig) -> str:
     if uri := configured_uri(config):
         return uri
@@ -175,14 +185,13 @@ def finish_run(config: PipelineConfig, run_id: str, status: str = "FINISHED") ->
     raises TrackingServerUnreachable at once; FAILED and KILLED, called while the stage's own error or Ctrl-C
     is on its way, say that the run stays RUNNING and let that error through (it is the one to read, and
     Ctrl-C keeps its exit 130)."""
-    try:
-        check_server(tracking_uri(config))
-    except TrackingServerUnreachable as e:
-        if status == "FINISHED":
-            raise
+    problem = lost_server(tracking_uri(config))
+    if problem and status == "FINISHED":
+        raise TrackingServerUnreachable(f"tracking.uri: {problem}")
+    if problem:
         from sweep.stages.common import say
 
-        say(f"MLflow run {run_id} stays RUNNING, not {status}: {str(e).removeprefix('tracking.uri: ')}")
+        say(f"MLflow run {run_id} stays RUNNING, not {status}: {problem}")
         return
     client_for(config).set_terminated(run_id, status=status)
 

@@ -189,15 +189,14 @@ def unbalanced_warning(config: PipelineConfig, table: ImageTable) -> str | None:
 
 
 def _fewest_per_class(splits) -> int:
-    """The fewest images a class needs for one val and one test image under fraction splits (`stratified_split`'s
-    rounding); 1 where the splits come from files."""
+    """The fewest images a class needs for one val and one test image under fraction splits (as
+    `stratified_split` splits a class of that many); 1 where the splits come from files."""
     val, test = splits.val, splits.test
     if not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in (val, test)):
         return 1
     for n in range(1, 1000):
-        n_test = min(round(n * test), n - 1)
-        n_val = min(round(n * val), n - 1 - n_test)
-        if (n_test >= 1 or not test) and (n_val >= 1 or not val):
+        got = set(stratified_split(pd.Series(["c"] * n), val, test, 0))
+        if ("test" in got or not test) and ("val" in got or not val):
             return n
     return 1000
 

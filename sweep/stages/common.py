@@ -499,11 +499,7 @@ class WorkerMetrics:
     def answers(self) -> bool:
         from sweep import tracking
 
-        try:
-            tracking.check_server(self.uri)
-            return True
-        except tracking.TrackingServerUnreachable:
-            return False
+        return tracking.lost_server(self.uri) is None
 
     def log(self, metrics: list, at: str) -> bool:
         """Log `metrics` (and any held ones); False where the server does not answer (they are held)."""

@@ -383,10 +383,7 @@ class ChildRunWriter:
         few ms): MLflow's client retries every request to a dead server for ~4 minutes, a sweep's worth of
         runs for hours. The sweep then stops (`StopWhenTrackingLost`) and a rerun does the rest."""
         if self.lost is None:
-            try:
-                self.tracking.check_server(self.uri)
-            except self.tracking.TrackingServerUnreachable as e:
-                self.lost = str(e).removeprefix("tracking.uri: ")
+            self.lost = self.tracking.lost_server(self.uri)
         return self.lost is None
 
     def write(self, batch: list[tuple[str, dict, float]]) -> list[str]:
