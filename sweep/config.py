@@ -488,6 +488,13 @@ NOT_RESULTS = {
 # training class); k-means runs on the main dataset's images of every split (not the test split alone).
 PROBE_REVISION = 2
 
+# The settings that reach a probe run's result only through its encoder's feature store: the U-Net's
+# training (pretrain), a baseline's (baselines) and how features are taken (extract). They are left out of
+# the config hash: the store's identity, on each run as tag `sweep.features`, covers them encoder by
+# encoder, so retraining, adding or removing one encoder probes that encoder's columns again, not every
+# encoder's (with them in, adding one baseline probed the whole U-Net grid again, to identical results).
+ENCODER_SETTINGS = ("pretrain", "baselines", "extract")
+
 
 class PipelineConfig(_Model):
     name: str
@@ -584,10 +591,17 @@ class PipelineConfig(_Model):
         return specs
 
     def config_hash(self) -> str:
-        """Hash of everything that changes results, the probe's revision (`PROBE_REVISION`) included: not
-        where they are stored or tracked, nor the settings of `NOT_RESULTS` (a study rerun with more workers
-        or trials at once finds its runs)."""
-        return self._hash(NOT_RESULTS, PROBE_REVISION)
+        """Hash of the settings that change every probe run's result (the pipeline's name, seed, data and
+        probe), the probe's revision (`PROBE_REVISION`) included: not where results are stored or tracked,
+        nor how fast they are made (`NOT_RESULTS`: a study rerun with more workers finds its runs), nor an
+        encoder's own settings (`ENCODER_SETTINGS`: its runs' `sweep.features` tag covers those)."""
+        return self._hash(NOT_RESULTS | {k: True for k in ENCODER_SETTINGS}, PROBE_REVISION)
+
+    def equivalent_config_hashes(self) -> dict[str, str]:
+        """The hashes these very settings had under earlier sweeps whose probe runs are today's results
+        (same probe revision): hash -> when. `tracking.adopt_equivalent_runs` re-tags such runs."""
+        return {self._hash(NOT_RESULTS, PROBE_REVISION): "sweep until 2026-11-24, whose hash covered the "
+                                                         "encoders' own settings"}
 
     def earlier_config_hashes(self) -> dict[str, str]:
         """The hashes these settings had under earlier sweeps, under which their probe runs were tagged:

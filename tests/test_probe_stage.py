@@ -543,6 +543,34 @@ def test_runs_made_on_a_feature_store_made_again_from_other_images_are_probed_ag
     assert probe.run(config)["ran"] == 0
 
 
+def test_adding_or_removing_an_encoder_probes_only_its_columns(swept, tmp_path, capfd):
+    """The config hash covers the data and the probe, not an encoder's own settings (its runs' feature tag
+    does): a study that adds an encoder probes that encoder's columns only (adding one baseline probed the
+    whole U-Net grid again, to identical results), and one that drops it again finds every trial done;
+    `sweep best` and its note on unfinished trials then count the pipeline's encoders only."""
+    shutil.copytree(swept.storage_root, tmp_path / "store")
+    root = Storage.of(str(tmp_path / "store"))
+    # the same checkpoint extracted under the same settings gives the same store: copied, not extracted again
+    shutil.copytree(root.features("diffusion"), root.features("unet-b"))
+    one = swept.model_copy(update={"storage": str(tmp_path / "store")})
+    spec = one.extract.encoders[0]
+    two = one.model_copy(update={"extract": one.extract.model_copy(update={
+        "encoders": [spec, spec.model_copy(update={"name": "unet-b"})]})})
+    assert two.config_hash() == one.config_hash() == swept.config_hash()
+    capfd.readouterr()
+    assert probe.run(two)["ran"] == N_TRIALS  # unet-b's only
+    assert f"{N_TRIALS} of {2 * N_TRIALS} trials to run ({N_TRIALS} already finished" in capfd.readouterr().err
+    assert probe.run(two)["ran"] == 0
+    runs = best(two, top=None)
+    assert len(runs) == 2 * N_TRIALS
+    assert tracking.last_probe_plan(two) == (2 * N_TRIALS, "FINISHED")
+    # dropped again: nothing to probe, and its runs are not this pipeline's results
+    assert probe.run(one)["ran"] == 0
+    assert {r["encoder"] for r in best(one, top=None)} == {"diffusion"} and len(best(one, top=None)) == N_TRIALS
+    assert tracking.last_probe_plan(one) == (N_TRIALS, "FINISHED")  # the last plan counted, per encoder
+    assert {r["encoder"] for r in best(one, top=None, any_config=True)} == {"diffusion", "unet-b"}
+
+
 def test_ctrl_c_ends_the_sweep_keeps_what_finished_and_a_rerun_does_the_rest(swept, tmp_path, monkeypatch, capfd):
     """Ctrl-C (SIGINT) during the sweep: the command exits 130 like every stage, the trials finished so far
     are in MLflow, the parent run is KILLED, and Tune's advice to use `Tuner.restore` is not shown; the same

@@ -26,9 +26,11 @@ on validation within a trial is `probe.patience`.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import functools
+import json
 import math
 import os
 import queue
@@ -702,7 +704,7 @@ def _pending_trials(config: PipelineConfig, trials: list[dict], columns: dict[st
     if other_features:
         tracking.delete_runs(config, other_features)
         say(f"probe: {len(other_features)} finished run(s) of this config were made on feature stores made again "
-            f"since from other images: moved to MLflow's deleted runs and probed again")
+            f"since (the encoder trained again, or other images): moved to MLflow's deleted runs and probed again")
     todo = [t for t in trials if t["key"] not in done]
     stale = tracking.delete_unfinished_trial_runs(config, {t["key"] for t in todo}) if todo else 0
     return done, todo, stale
@@ -738,6 +740,7 @@ def run(config: PipelineConfig) -> dict:
     tracking.log_batch(config, parent, params={
         "lrs": p.lrs, "weight_decays": p.weight_decays, "epochs": p.epochs, "batch_size": p.batch_size,
         "class_weights": p.class_weights, "select": p.select, "patience": p.patience, "trials": len(trials),
+        "trials_per_encoder": json.dumps(dict(collections.Counter(t["encoder"] for t in trials)), sort_keys=True),
         "cpus_per_trial": p.cpus_per_trial, "gpus_per_trial": p.gpus_per_trial,
         "max_concurrent_trials": p.max_concurrent_trials, **_asha_params(p)})
     writer = ChildRunWriter(config, parent, columns)
