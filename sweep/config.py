@@ -489,10 +489,9 @@ NOT_RESULTS = {
 PROBE_REVISION = 2
 
 # The settings that reach a probe run's result only through its encoder's feature store: the U-Net's
-# training (pretrain), a baseline's (baselines) and how features are taken (extract). They are left out of
-# the config hash: the store's identity, on each run as tag `sweep.features`, covers them encoder by
-# encoder, so retraining, adding or removing one encoder probes that encoder's columns again, not every
-# encoder's (with them in, adding one baseline probed the whole U-Net grid again, to identical results).
+# training (pretrain), a baseline's (baselines) and how features are taken (extract). Runs of two configs
+# that differ only in these, made on the same store (tag `sweep.features`), are the same results: the probe
+# copies them instead of probing again (`PipelineConfig.probe_hash`).
 ENCODER_SETTINGS = ("pretrain", "baselines", "extract")
 
 
@@ -591,17 +590,17 @@ class PipelineConfig(_Model):
         return specs
 
     def config_hash(self) -> str:
-        """Hash of the settings that change every probe run's result (the pipeline's name, seed, data and
-        probe), the probe's revision (`PROBE_REVISION`) included: not where results are stored or tracked,
-        nor how fast they are made (`NOT_RESULTS`: a study rerun with more workers finds its runs), nor an
-        encoder's own settings (`ENCODER_SETTINGS`: its runs' `sweep.features` tag covers those)."""
-        return self._hash(NOT_RESULTS | {k: True for k in ENCODER_SETTINGS}, PROBE_REVISION)
+        """Hash of everything that changes results, the probe's revision (`PROBE_REVISION`) included: not
+        where they are stored or tracked, nor the settings of `NOT_RESULTS` (a study rerun with more workers
+        or trials at once finds its runs)."""
+        return self._hash(NOT_RESULTS, PROBE_REVISION)
 
-    def equivalent_config_hashes(self) -> dict[str, str]:
-        """The hashes these very settings had under earlier sweeps whose probe runs are today's results
-        (same probe revision): hash -> when. `tracking.adopt_equivalent_runs` re-tags such runs."""
-        return {self._hash(NOT_RESULTS, PROBE_REVISION): "sweep until 2026-11-24, whose hash covered the "
-                                                         "encoders' own settings"}
+    def probe_hash(self) -> str:
+        """Hash of the settings every probe run of this config shares (name, seed, data, probe and its
+        revision), not an encoder's own (`ENCODER_SETTINGS`): a finished run of another config with the same
+        probe hash, made on the same feature store, is this config's result for its trial (adding, removing
+        or retraining one baseline then probes that baseline's columns, and copies the others' runs)."""
+        return self._hash(NOT_RESULTS | {k: True for k in ENCODER_SETTINGS}, PROBE_REVISION)
 
     def earlier_config_hashes(self) -> dict[str, str]:
         """The hashes these settings had under earlier sweeps, under which their probe runs were tagged:

@@ -7,7 +7,6 @@ child runs linked by `mlflow.parentRunId`.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -27,7 +26,8 @@ TAG_PIPELINE = "sweep.pipeline"
 TAG_HASH = "sweep.config_hash"
 TAG_TRIAL = "sweep.trial"
 TAG_FEATURES = "sweep.features"  # on a probe child run: the identity of the store it read (`FeatureStore.identity`)
-TAG_HASH_BEFORE = "sweep.config_hash_before"  # on a probe run re-tagged by `adopt_equivalent_runs`: its first hash
+TAG_PROBE_HASH = "sweep.probe_hash"  # on a probe child run: its config's `probe_hash` (what every run shares)
+TAG_COPIED_FROM = "sweep.copied_from"  # on a probe child run copied from another config's: that run's id
 TAG_PARENT = "mlflow.parentRunId"
 TAG_BASELINE = "sweep.baseline"  # a baseline's training run: its name...
 TAG_BASELINE_KEY = "sweep.baseline_key"  # ...and the fingerprint of what made its weights
@@ -243,60 +243,30 @@ def earlier_probe_runs(config: PipelineConfig, client: MlflowClient | None = Non
     return found
 
 
-def adopt_equivalent_runs(config: PipelineConfig, client: MlflowClient | None = None,
-                          experiment_id: str | None = None) -> int:
-    """Re-tag with today's config hash the probe runs (stage runs and trials) that these very settings made
-    under a hash of an earlier definition with the same results (`PipelineConfig.equivalent_config_hashes`):
-    they are today's results, and the probe's resume and `sweep best` find runs by today's hash. The old
-    hash stays on each as `sweep.config_hash_before`. Said once; how many were re-tagged."""
-    if client is None:
-        if not store_exists(config):
-            return 0
-        client = client_for(config)
-        exp = client.get_experiment_by_name(config.experiment_name)
-        if exp is None:
-            return 0
-        experiment_id = exp.experiment_id
-    adopted = 0
-    for old, what in config.equivalent_config_hashes().items():
-        if old == config.config_hash():
-            continue
-        runs = _all_runs(client, experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_PIPELINE}` = "
-                                                f"'{config.name}' and tags.`{TAG_HASH}` = '{old}'")
-        for r in runs:
-            client.log_batch(r.info.run_id, tags=[RunTag(TAG_HASH, config.config_hash()),
-                                                  RunTag(TAG_HASH_BEFORE, old)])
-        if runs:
-            from sweep.stages.common import say
-
-            say(f"probe: {len(runs)} run(s) of these settings tagged with config hash {old} (by {what}) now "
-                f"carry today's hash {config.config_hash()} (their first hash stays as tag {TAG_HASH_BEFORE})")
-            adopted += len(runs)
-    return adopted
-
-
 def finished_trials(config: PipelineConfig, features: dict[str, str | None] | None = None
                     ) -> tuple[set[str], list[str]]:
     """Trial keys (`encoder/column`) that already have a finished probe run for this config, and the ids of
     finished runs made on other features: their `TAG_FEATURES` is not the identity of their encoder's store
-    now (`features`: encoder -> identity): the store was made again since, from other weights (the encoder
-    trained again, under other settings) or images. Runs without the tag (made before sweep wrote it) count
-    as made on today's store. Runs under an equivalent earlier hash are adopted first."""
+    now (`features`: encoder -> identity), made again since from other images. Runs without the tag (made
+    before sweep wrote it) count as made on today's store."""
     client = client_for(config)
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is None:
         return set(), []
-    adopt_equivalent_runs(config, client, exp.experiment_id)
     runs = _all_runs(client, exp.experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = "
                                                 f"'{config.config_hash()}' and attributes.status = 'FINISHED'")
     features = features or {}
-    done, other_features = set(), []
+    done, other_features, untagged = set(), [], []
     for r in runs:
         made_on, now = r.data.tags.get(TAG_FEATURES), features.get(r.data.params.get("encoder"))
         if made_on and now and made_on != now:
             other_features.append(r.info.run_id)
         elif TAG_TRIAL in r.data.tags:
             done.add(r.data.tags[TAG_TRIAL])
+            if made_on and TAG_PROBE_HASH not in r.data.tags:
+                untagged.append(r.info.run_id)
+    for run_id in untagged:  # made before sweep tagged it: known from the config hash, and another config may copy
+        client.set_tag(run_id, TAG_PROBE_HASH, config.probe_hash())
     if not done and not other_features:
         from sweep.stages.common import say
 
@@ -314,9 +284,52 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
                 say(f"probe: no run of these settings yet (config hash {config.config_hash()}); "
                     f"{len(others)}{'+' if len(others) == 1000 else ''} probe run(s) of other settings of "
                     f"{config.name!r} (hash {', '.join(hashes[:3])}{', ...' if len(hashes) > 3 else ''}) stay in "
-                    f"MLflow (`sweep best --any-config`); a change to the data, the seed or the probe (data.ood, "
-                    f"the probe grid, ...) probes every trial again")
+                    f"MLflow (`sweep best --any-config`); a change to the data, the seed or the probe "
+                    f"(data.ood, the probe grid, ...) probes every trial again, one to an encoder's own settings "
+                    f"(pretrain, baselines, extract) that encoder's trials")
     return done, other_features
+
+
+def reusable_trial_runs(config: PipelineConfig, keys: set[str], features: dict[str, str | None]) -> dict:
+    """Finished trial runs of other configs of this pipeline that are this config's results for the trials
+    `keys`: the same probe hash (data, seed, probe; only encoders' own settings differ) and made on the
+    feature store the trial's encoder has now (`features`: encoder -> identity). Trial key -> run, the
+    newest where several."""
+    client = client_for(config)
+    exp = client.get_experiment_by_name(config.experiment_name) if keys else None
+    if exp is None:
+        return {}
+    runs = _all_runs(client, exp.experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_PIPELINE}` = "
+                                                f"'{config.name}' and tags.`{TAG_PROBE_HASH}` = "
+                                                f"'{config.probe_hash()}' and tags.`{TAG_HASH}` != "
+                                                f"'{config.config_hash()}' and tags.`{TAG_PARENT}` LIKE '%' and "
+                                                f"attributes.status = 'FINISHED'")
+    found = {}
+    for r in sorted(runs, key=lambda r: r.info.end_time or 0):  # the newest last, kept
+        key, made_on = r.data.tags.get(TAG_TRIAL), r.data.tags.get(TAG_FEATURES)
+        if key in keys and made_on and made_on == features.get(r.data.params.get("encoder")):
+            found[key] = r
+    return found
+
+
+def copy_trial_runs(config: PipelineConfig, parent_run_id: str, runs: dict) -> list[str]:
+    """Each run of `reusable_trial_runs` again as a child run of this config's probe run `parent_run_id`:
+    its params, metrics, validation curves, tags and times, under this config's hash, with
+    `sweep.copied_from` naming the original. Returns the new run ids."""
+    client = client_for(config)
+    experiment_id = client.get_experiment_by_name(config.experiment_name).experiment_id
+    copies = []
+    for r in runs.values():
+        curves = {name: [m.value for m in sorted(client.get_metric_history(r.info.run_id, name),
+                                                 key=lambda m: m.step)]
+                  for name in r.data.metrics if name.startswith("history_")}
+        tags = {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.runName"}
+        copies.append(FinishedRun(
+            tags={**tags, **stage_tags(config, "probe"), TAG_PARENT: parent_run_id, TAG_COPIED_FROM: r.info.run_id},
+            params=dict(r.data.params), curves=curves,
+            metrics={k: v for k, v in r.data.metrics.items() if not k.startswith("history_")},
+            start_time=r.info.start_time, end_time=r.info.end_time))
+    return log_finished_runs(client, experiment_id, copies)
 
 
 def delete_runs(config: PipelineConfig, run_ids: list[str]) -> None:
@@ -342,8 +355,7 @@ def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
             order_by=["metrics.`M` DESC"])
 
     (`and params.encoder = 'E'` for one encoder; the parent-run condition keeps the stage's parent run,
-    which carries the same stage tag, out.) Runs of encoders the pipeline no longer has are then left out
-    (the hash covers no encoder's settings: a removed baseline's runs keep it), unless `any_config`.
+    which carries the same stage tag, out.)
     """
     if not store_exists(config):
         return pd.DataFrame()
@@ -351,25 +363,19 @@ def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
     exp = mlflow.get_experiment_by_name(config.experiment_name)
     if exp is None:
         return pd.DataFrame()
-    adopt_equivalent_runs(config, MlflowClient(), exp.experiment_id)
     filters = [f"tags.`{TAG_STAGE}` = 'probe'", f"tags.`{TAG_PIPELINE}` = '{config.name}'",
                f"tags.`{TAG_PARENT}` LIKE '%'", "attributes.status = 'FINISHED'"]
     if not any_config:
         filters.append(f"tags.`{TAG_HASH}` = '{config.config_hash()}'")
     if encoder:
         filters.append(f"params.encoder = '{encoder}'")
-    runs = mlflow.search_runs(experiment_names=[config.experiment_name], filter_string=" and ".join(filters),
+    return mlflow.search_runs(experiment_names=[config.experiment_name], filter_string=" and ".join(filters),
                               order_by=[f"metrics.`{metric}` DESC"], max_results=max_results)
-    if any_config or runs.empty:
-        return runs
-    encoders = [spec.name for spec in config.encoder_specs()]
-    return runs[runs["params.encoder"].isin(encoders)].reset_index(drop=True)
 
 
 def last_probe_plan(config: PipelineConfig) -> tuple[int, str] | None:
-    """How many trials of this pipeline's encoders the latest probe stage of this config planned (its parent
-    run's `trials_per_encoder`; `trials` for a run from before it was logged) and how that run ended (its
-    status); None where no probe stage ran."""
+    """How many trials the latest probe stage of this config planned (its parent run's `trials`) and how that
+    run ended (its status); None where no probe stage ran."""
     client = client_for(config)
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is None:
@@ -379,11 +385,7 @@ def last_probe_plan(config: PipelineConfig) -> tuple[int, str] | None:
                                             f"'{config.config_hash()}' and tags.`{TAG_PARENT}` IS NULL")
     if not runs or "trials" not in runs[0].data.params:
         return None
-    params = runs[0].data.params
-    if "trials_per_encoder" in params:  # the encoders may have changed since: count today's only
-        per_encoder = json.loads(params["trials_per_encoder"])
-        return sum(per_encoder.get(spec.name, 0) for spec in config.encoder_specs()), runs[0].info.status
-    return int(params["trials"]), runs[0].info.status
+    return int(runs[0].data.params["trials"]), runs[0].info.status
 
 
 def search_baseline_runs(config: PipelineConfig, keys: dict[str, str]) -> pd.DataFrame:

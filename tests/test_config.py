@@ -307,21 +307,22 @@ def test_config_hash_tracks_results_not_locations(write_pipeline):
                  "extract.gpus_per_actor=1", "extract.timesteps_per_forward=2", "extract.max_bad_fraction=0.5",
                  "probe.cpus_per_trial=2", "probe.gpus_per_trial=1", "probe.max_concurrent_trials=8"):
         assert load_config(path, [same]).config_hash() == base.config_hash(), same
-    # an encoder's own settings reach its runs through its feature store (tag `sweep.features`), not the hash:
-    # changing, adding or removing one encoder must not make every encoder's runs look like other settings'
+    for other in ("probe.epochs=7", "probe.asha={grace_period: 2}", "extract.precision=bf16", "pretrain.steps=9",
+                  "baselines.0.epochs=2", "extract.shard_size=7", "data.ood=[{name: o, source: demo}]", "seed=1"):
+        assert load_config(path, [other]).config_hash() != base.config_hash(), other
+    # the probe hash: what every probe run shares; an encoder's own settings are not part of it (its runs'
+    # feature tag covers them), so another config's runs on the same stores are this one's results
     for own in ("extract.precision=bf16", "pretrain.steps=9", "baselines.0.epochs=2", "extract.shard_size=7",
                 "extract.timesteps=[0]", "baselines=[]", "extract.encoders=[diffusion]"):
-        assert load_config(path, [own]).config_hash() == base.config_hash(), own
+        assert load_config(path, [own]).probe_hash() == base.probe_hash(), own
     for other in ("probe.epochs=7", "probe.asha={grace_period: 2}", "data.ood=[{name: o, source: demo}]", "seed=1",
                   "data.train.splits={val: 0.3, test: 0.2}", "probe.class_weights=balanced"):
-        assert load_config(path, [other]).config_hash() != base.config_hash(), other
+        assert load_config(path, [other]).probe_hash() != base.probe_hash(), other
     # An optional key left unset must not change the hash of existing pipelines (MLflow finds their finished
-    # trials by it): the demo's hash now; the one it had while the hash covered the encoders' own settings
-    # (until 2026-11-24), whose runs are adopted; the ones under the earlier probe revision (until
-    # 2026-11-24; sweep 0.1.0 until 2026-11-23), whose runs are kept apart.
+    # trials by it): the demo's hash now, and the ones sweep computed for it under the earlier probe revision
+    # (until 2026-11-24; sweep 0.1.0 until 2026-11-23), whose runs are kept apart.
     demo = load_config("pipelines/demo.yaml")
-    assert demo.config_hash() == "3b160e487974"
-    assert list(demo.equivalent_config_hashes()) == ["2b6692cc91ea"]
+    assert demo.config_hash() == "2b6692cc91ea" and demo.probe_hash() == "3b160e487974"
     assert list(demo.earlier_config_hashes()) == ["6b2621e120d4", "edc90e18f19a"]
     assert load_config(path).storage_root == base.storage_root
 

@@ -543,11 +543,11 @@ def test_runs_made_on_a_feature_store_made_again_from_other_images_are_probed_ag
     assert probe.run(config)["ran"] == 0
 
 
-def test_adding_or_removing_an_encoder_probes_only_its_columns(swept, tmp_path, capfd):
-    """The config hash covers the data and the probe, not an encoder's own settings (its runs' feature tag
-    does): a study that adds an encoder probes that encoder's columns only (adding one baseline probed the
-    whole U-Net grid again, to identical results), and one that drops it again finds every trial done;
-    `sweep best` and its note on unfinished trials then count the pipeline's encoders only."""
+def test_a_config_that_adds_an_encoder_copies_the_others_runs_and_probes_its_own(swept, tmp_path, capfd):
+    """Adding a baseline (any encoder) makes a new config hash; the trials of the encoders it did not touch,
+    made on the same feature stores with the same data and probe settings, are the same results: copied
+    under the new hash (adding one baseline probed the whole U-Net grid again, to identical numbers), the
+    new encoder's probed; an encoder whose store changed since is probed again."""
     shutil.copytree(swept.storage_root, tmp_path / "store")
     root = Storage.of(str(tmp_path / "store"))
     # the same checkpoint extracted under the same settings gives the same store: copied, not extracted again
@@ -556,19 +556,36 @@ def test_adding_or_removing_an_encoder_probes_only_its_columns(swept, tmp_path, 
     spec = one.extract.encoders[0]
     two = one.model_copy(update={"extract": one.extract.model_copy(update={
         "encoders": [spec, spec.model_copy(update={"name": "unet-b"})]})})
-    assert two.config_hash() == one.config_hash() == swept.config_hash()
+    assert two.config_hash() != one.config_hash() and two.probe_hash() == one.probe_hash()
     capfd.readouterr()
-    assert probe.run(two)["ran"] == N_TRIALS  # unet-b's only
-    assert f"{N_TRIALS} of {2 * N_TRIALS} trials to run ({N_TRIALS} already finished" in capfd.readouterr().err
+    out = probe.run(two)
+    assert (out["ran"], out["copied"]) == (N_TRIALS, N_TRIALS)  # unet-b's probed, diffusion's copied
+    err = capfd.readouterr().err
+    assert f"{N_TRIALS} of {2 * N_TRIALS} trials to run (0 already finished, {N_TRIALS} to copy" in err
+    assert f"{N_TRIALS} trial(s) of diffusion copied from finished runs of config {one.config_hash()}" in err
+    ones = {r["column"]: r for r in best(one, top=None)}
+    twos = best(two, top=None)
+    assert len(twos) == 2 * N_TRIALS and {r["config_hash"] for r in twos} == {two.config_hash()}
+    client = _client(two)
+    for r in twos:
+        if r["encoder"] == "diffusion":  # the same numbers, the same curves, the original named
+            assert {k: v for k, v in r.items() if k not in ("run_id", "config_hash")} == \
+                {k: v for k, v in ones[r["column"]].items() if k not in ("run_id", "config_hash")}
+            copy = client.get_run(r["run_id"]).data.tags
+            assert copy[tracking.TAG_COPIED_FROM] == ones[r["column"]]["run_id"]
+            assert [m.value for m in client.get_metric_history(r["run_id"], "history_val_loss")] == \
+                [m.value for m in client.get_metric_history(ones[r["column"]]["run_id"], "history_val_loss")]
+        else:  # unet-b: the same features as diffusion's, probed here: the same numbers
+            assert r["val_macro_f1"] == ones[r["column"]]["val_macro_f1"]
     assert probe.run(two)["ran"] == 0
-    runs = best(two, top=None)
-    assert len(runs) == 2 * N_TRIALS
-    assert tracking.last_probe_plan(two) == (2 * N_TRIALS, "FINISHED")
-    # dropped again: nothing to probe, and its runs are not this pipeline's results
-    assert probe.run(one)["ran"] == 0
-    assert {r["encoder"] for r in best(one, top=None)} == {"diffusion"} and len(best(one, top=None)) == N_TRIALS
-    assert tracking.last_probe_plan(one) == (N_TRIALS, "FINISHED")  # the last plan counted, per encoder
-    assert {r["encoder"] for r in best(one, top=None, any_config=True)} == {"diffusion", "unet-b"}
+    # another config on unet-b alone: its runs of it are copied, unless its store was made again since
+    other = two.model_copy(update={"extract": two.extract.model_copy(update={
+        "encoders": [spec.model_copy(update={"name": "unet-b"})]})})
+    runs = tracking.reusable_trial_runs(other, {f"unet-b/{c}" for c in ones}, {"unet-b": "0123456789ab"})
+    assert runs == {}
+    runs = tracking.reusable_trial_runs(other, {f"unet-b/{c}" for c in ones},
+                                        {"unet-b": FeatureStore(root.features("unet-b")).identity()})
+    assert len(runs) == N_TRIALS
 
 
 def test_ctrl_c_ends_the_sweep_keeps_what_finished_and_a_rerun_does_the_rest(swept, tmp_path, monkeypatch, capfd):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from mlflow.entities import Metric, Param
 
 from conftest import free_port, small_pipeline
 from sweep import tracking
@@ -152,42 +151,29 @@ def test_runs_of_an_earlier_probe_revision_are_kept_apart(write_pipeline, tmp_pa
     assert capsys.readouterr().err == ""
 
 
-def test_runs_under_the_hash_these_settings_had_before_are_adopted(write_pipeline, capsys):
-    """Until 2026-11-24 the config hash covered the encoders' own settings too: the probe runs these very
-    settings made then are today's results (same probe revision). The probe's resume and `sweep best` re-tag
-    them with today's hash, once, keeping the old one; runs of other settings keep theirs."""
-    path = write_pipeline()
-    config = load_config(path)
-    (before,) = config.equivalent_config_hashes()
-    other = load_config(path, ["pretrain.steps=9"])
-    assert before != config.config_hash() and other.config_hash() == config.config_hash()
-    (other_before,) = other.equivalent_config_hashes()
-    assert other_before != before
+def test_runs_from_before_the_probe_hash_get_it_when_their_config_probes_again(write_pipeline):
+    """Runs made before sweep tagged `sweep.probe_hash` get it from their config's next probe planning (their
+    config hash says what it is), so that a config differing only in an encoder's settings can copy them."""
+    config = load_config(write_pipeline())
     experiment_id = tracking.ensure_experiment(config)
     client = tracking.client_for(config)
-
-    def run(config_hash: str, trial: str | None, parent: str | None = None) -> str:
-        tags = {tracking.TAG_STAGE: "probe", tracking.TAG_PIPELINE: config.name, tracking.TAG_HASH: config_hash}
-        if trial:
-            tags |= {tracking.TAG_TRIAL: trial, tracking.TAG_PARENT: parent}
-        run_id = client.create_run(experiment_id, tags=tags).info.run_id
-        client.log_batch(run_id, metrics=[Metric("val_macro_f1", 0.5, 0, 0)],
-                         params=[Param("encoder", "diffusion")] if trial else [])
+    tags = {tracking.TAG_STAGE: "probe", tracking.TAG_PIPELINE: config.name, tracking.TAG_HASH: config.config_hash()}
+    parent = client.create_run(experiment_id, tags=tags).info.run_id
+    ids = {}
+    for t, features in ((0, "aaaa"), (100, None)):  # without a feature tag it cannot be copied: left as is
+        run_id = client.create_run(experiment_id, tags={
+            **tags, tracking.TAG_TRIAL: f"diffusion/mid_block@t{t}", tracking.TAG_PARENT: parent,
+            **({tracking.TAG_FEATURES: features} if features else {})}).info.run_id
+        client.log_param(run_id, "encoder", "diffusion")
         client.set_terminated(run_id)
-        return run_id
-
-    parent = run(before, None)
-    ids = [run(before, f"diffusion/mid_block@t{t}", parent) for t in (0, 100)]
-    stranger = run(other_before, "diffusion/mid_block@t400", parent)
-    capsys.readouterr()
-    assert len(tracking.search_trial_runs(config)) == 2  # `sweep best` finds them
-    assert f"3 run(s) of these settings tagged with config hash {before}" in capsys.readouterr().err
-    for run_id in ids + [parent]:
-        tags = client.get_run(run_id).data.tags
-        assert tags[tracking.TAG_HASH] == config.config_hash() and tags[tracking.TAG_HASH_BEFORE] == before
-    assert client.get_run(stranger).data.tags[tracking.TAG_HASH] == other_before
-    assert tracking.finished_trials(config) == ({"diffusion/mid_block@t0", "diffusion/mid_block@t100"}, [])
-    assert capsys.readouterr().err == ""  # said once
+        ids[t] = run_id
+    assert tracking.finished_trials(config, {"diffusion": "aaaa"})[0] == {"diffusion/mid_block@t0",
+                                                                         "diffusion/mid_block@t100"}
+    assert client.get_run(ids[0]).data.tags[tracking.TAG_PROBE_HASH] == config.probe_hash()
+    assert tracking.TAG_PROBE_HASH not in client.get_run(ids[100]).data.tags
+    other = load_config(write_pipeline(), ["pretrain.steps=9"])
+    assert set(tracking.reusable_trial_runs(other, {"diffusion/mid_block@t0"}, {"diffusion": "aaaa"})) == \
+        {"diffusion/mid_block@t0"}
 
 
 def test_a_training_workers_metrics_wait_for_a_lost_server_and_reach_it_when_it_is_back(tmp_path, capsys):
@@ -275,6 +261,7 @@ def test_a_probe_of_new_settings_says_where_the_earlier_runs_are(write_pipeline,
     assert capsys.readouterr().err.splitlines() == [
         f"[sweep] probe: no run of these settings yet (config hash {config.config_hash()}); 2 probe run(s) of other "
         f"settings of {config.name!r} (hash {before.config_hash()}) stay in MLflow (`sweep best --any-config`); a "
-        f"change to the data, the seed or the probe (data.ood, the probe grid, ...) probes every trial again"]
+        f"change to the data, the seed or the probe (data.ood, the probe grid, ...) probes every trial again, one "
+        f"to an encoder's own settings (pretrain, baselines, extract) that encoder's trials"]
     assert tracking.finished_trials(before) == ({"diffusion/mid_block@t0", "diffusion/mid_block@t100"}, [])
     assert capsys.readouterr().err == ""  # its own runs: nothing to explain

@@ -26,11 +26,9 @@ on validation within a trial is `probe.patience`.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import functools
-import json
 import math
 import os
 import queue
@@ -337,7 +335,8 @@ class ChildRunWriter:
         self.tracking, self.batch_seconds = tracking, batch_seconds
         self.client = tracking.client_for(config)
         self.experiment_id = tracking.ensure_experiment(config)
-        self.tags = {**tracking.stage_tags(config, "probe"), tracking.TAG_PARENT: parent_run_id}
+        self.tags = {**tracking.stage_tags(config, "probe"), tracking.TAG_PARENT: parent_run_id,
+                     tracking.TAG_PROBE_HASH: config.probe_hash()}
         p = config.probe
         self.grid_params = {"lr_grid": p.lrs, "weight_decay_grid": p.weight_decays, "epochs": p.epochs,
                             "batch_size": p.batch_size, "class_weights": p.class_weights, "select": p.select,
@@ -691,9 +690,10 @@ def _asha_params(p) -> dict:
 
 
 def _pending_trials(config: PipelineConfig, trials: list[dict], columns: dict[str, dict]
-                    ) -> tuple[set[str], list[dict], int]:
+                    ) -> tuple[set[str], list[dict], int, dict]:
     """MLflow's side of planning: the keys of trials already finished for this config, the trials left,
-    and how many unfinished child runs of those were deleted (an interrupted sweep's). Finished runs made on
+    how many unfinished child runs of those were deleted (an interrupted sweep's), and the finished runs of
+    other configs that are results of some of those left (`tracking.reusable_trial_runs`: to be copied). Finished runs made on
     a feature store since made again from other images (the images changed and the store was deleted and
     extracted again) are deleted too, said, and their trials run again: kept, they were reported as results
     of today's features."""
@@ -704,10 +704,27 @@ def _pending_trials(config: PipelineConfig, trials: list[dict], columns: dict[st
     if other_features:
         tracking.delete_runs(config, other_features)
         say(f"probe: {len(other_features)} finished run(s) of this config were made on feature stores made again "
-            f"since (the encoder trained again, or other images): moved to MLflow's deleted runs and probed again")
+            f"since from other images: moved to MLflow's deleted runs and probed again")
     todo = [t for t in trials if t["key"] not in done]
     stale = tracking.delete_unfinished_trial_runs(config, {t["key"] for t in todo}) if todo else 0
-    return done, todo, stale
+    reusable = tracking.reusable_trial_runs(config, {t["key"] for t in todo}, features)
+    return done, todo, stale, reusable
+
+
+def _copy_runs(config: PipelineConfig, parent: str, reusable: dict) -> None:
+    """The runs of other configs that are this one's results, copied under `parent` (a few ms each)."""
+    from sweep import tracking
+
+    try:
+        tracking.copy_trial_runs(config, parent, reusable)
+    except BaseException:
+        tracking.finish_run(config, parent, "FAILED")
+        raise
+    hashes = sorted({r.data.tags.get(tracking.TAG_HASH) for r in reusable.values()})
+    encoders = sorted({r.data.params.get("encoder") for r in reusable.values()})
+    say(f"probe: {len(reusable)} trial(s) of {', '.join(encoders)} copied from finished runs of config "
+        f"{', '.join(hashes[:3])}{', ...' if len(hashes) > 3 else ''}: the same data and probe settings on the same "
+        f"feature stores (only other encoders' settings differ), tag {tracking.TAG_COPIED_FROM}")
 
 
 def run(config: PipelineConfig) -> dict:
@@ -728,11 +745,13 @@ def run(config: PipelineConfig) -> dict:
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="probe-plan") as pool:
         planned = pool.submit(plan)
         init_ray(config)
-        trials, columns, num_classes, done, todo, stale = planned.result()
+        trials, columns, num_classes, done, todo, stale, reusable = planned.result()
     if not todo:
         say(f"probe: all {len(trials)} trials already in MLflow for config {config.config_hash()}, nothing to do")
         return {"trials": len(trials), "ran": 0}
+    todo = [t for t in todo if t["key"] not in reusable]
     say(f"probe: {len(todo)} of {len(trials)} trials to run ({len(done)} already finished"
+        f"{f', {len(reusable)} to copy' if reusable else ''}"
         f"{f', {stale} unfinished run(s) discarded' if stale else ''}), "
         f"{len(config.probe.lrs) * len(config.probe.weight_decays)} heads each")
     parent = tracking.start_stage_run(config, "probe")
@@ -740,9 +759,14 @@ def run(config: PipelineConfig) -> dict:
     tracking.log_batch(config, parent, params={
         "lrs": p.lrs, "weight_decays": p.weight_decays, "epochs": p.epochs, "batch_size": p.batch_size,
         "class_weights": p.class_weights, "select": p.select, "patience": p.patience, "trials": len(trials),
-        "trials_per_encoder": json.dumps(dict(collections.Counter(t["encoder"] for t in trials)), sort_keys=True),
         "cpus_per_trial": p.cpus_per_trial, "gpus_per_trial": p.gpus_per_trial,
         "max_concurrent_trials": p.max_concurrent_trials, **_asha_params(p)})
+    if reusable:
+        _copy_runs(config, parent, reusable)
+        if not todo:
+            tracking.log_batch(config, parent, metrics={"trials_run": 0, "trials_copied": len(reusable)})
+            tracking.finish_run(config, parent)
+            return {"trials": len(trials), "ran": 0, "copied": len(reusable)}
     writer = ChildRunWriter(config, parent, columns)
     callback = MlflowChildRuns(writer, len(todo))
     storage = Storage.of(config.storage_root)
@@ -802,7 +826,7 @@ def run(config: PipelineConfig) -> dict:
                          f"rerun to do the {missing} left.")
     tracking.log_batch(config, parent, metrics={
         "sweep_seconds": wall, "tune_seconds": tune_seconds, "trials_run": writer.logged,
-        "trials_failed": missing, "logging_seconds": writer.seconds})
+        "trials_failed": missing, "logging_seconds": writer.seconds, "trials_copied": len(reusable)})
     if errors or missing:
         tracking.finish_run(config, parent, "FAILED")
         first = error_cause(errors[0]) if errors else (writer.errors[0] if writer.errors else "interrupted")
@@ -818,6 +842,7 @@ def run(config: PipelineConfig) -> dict:
     say(f"probe: {len(todo)} trials{stopped} in {wall:.1f}s on {len(callback.workers)} worker(s) "
         f"(Tune {tune_seconds:.1f}s; MLflow writes {writer.seconds:.1f}s in {batches} in the background, "
         f"{flush_seconds:.1f}s after the last trial); see `sweep best`")
-    return {"trials": len(trials), "ran": len(todo), "seconds": wall, "tune_seconds": tune_seconds,
+    return {"trials": len(trials), "ran": len(todo), "copied": len(reusable), "seconds": wall,
+            "tune_seconds": tune_seconds,
             "logging_seconds": writer.seconds, "flush_seconds": flush_seconds, "workers": len(callback.workers),
             "max_workers": workers, "stopped_early": callback.stopped, "recorded_early": len(callback.recorded_early)}
