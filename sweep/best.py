@@ -79,8 +79,11 @@ def format_references(refs: list[dict]) -> str:
     if not refs:
         return "(no supervised baseline trained)"
     header = ["encoder", "arch", "best_epoch", *REFERENCE_METRICS]
-    rows = [[str(r.get(h)) if h in ("encoder", "arch", "best_epoch") else
-             ("-" if r.get(h) is None else f"{r[h]:.4f}") for h in header] for r in refs]
+    if any("test_acc_95ci" in r for r in refs):  # the report's, beside the accuracy it bounds
+        header.insert(header.index("test_acc") + 1, "test_acc_95ci")
+    text = ("encoder", "arch", "best_epoch", "test_acc_95ci")
+    rows = [[str(r.get(h, "-")) if h in text else ("-" if r.get(h) is None else f"{r[h]:.4f}") for h in header]
+            for r in refs]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]

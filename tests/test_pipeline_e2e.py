@@ -9,11 +9,13 @@ import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from sweep.cli import main
 from sweep.config import load_config
+from sweep.data.table import build_table
 from sweep.tracking import tracking_uri
 
 pytestmark = pytest.mark.ray
@@ -78,10 +80,21 @@ def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys, monkeypatch
     assert "## Supervised reference (end to end)" in report
     # each encoder's best column on val (from `sweep best`'s own records), in the comparison section
     compared = report.split("## Encoders compared")[1].split("```")[1].strip().splitlines()
-    assert compared[0].split()[:6] == ["encoder", "column", "resolution", "val_macro_f1", "test_acc", "test_acc_95ci"]
+    assert compared[0].split()[:7] == ["encoder", "searched", "column", "resolution", "val_macro_f1", "test_acc",
+                                       "test_acc_95ci"]
     best_of = {e: max((r for r in recs if r["encoder"] == e), key=lambda r: r["val_macro_f1"]) for e in ("diffusion", "sup")}
-    assert sorted((row.split()[0], row.split()[1], float(row.split()[3])) for row in compared[1:]) == sorted(
+    assert sorted((row.split()[0], row.split()[2], float(row.split()[4])) for row in compared[1:]) == sorted(
         (e, r["column"], round(r["val_macro_f1"], 4)) for e, r in best_of.items())
+    # how many columns each best was chosen from: 5 blocks x 3 timesteps, 4 layers
+    assert {row.split()[0]: int(row.split()[1]) for row in compared[1:]} == {"diffusion": 15, "sup": 4}
+    # each encoder's training: 6 steps x 8 images x 2 workers; 2 epochs over the 61 training images
+    train_images = int((build_table(cfg).frame["split"] == "train").sum())
+    budgets = pd.read_csv(Path(store, "report", "training_budgets.csv")).set_index("encoder")
+    assert json.load(open(f"{store}/pretrain/final/sweep_pretrain.json"))["global_batch"] == 16
+    assert budgets.loc["diffusion", ["train_images", "steps", "images_seen"]].tolist() == [train_images, 6, 96]
+    assert budgets.loc["sup", ["train_images", "epochs", "images_seen"]].tolist() == [train_images, 2, 2 * train_images]
+    assert budgets.loc["sup", "steps"] == meta["history"][-1]["step"] >= 2  # the optimizer's steps, as recorded
+    assert "## Training budgets" in report and "budgets differ" not in report  # 122 vs 96 images: comparable
     assert f"{meta['metrics']['test_macro_f1']:.4f}" in report
     assert {"## diffusion", "## sup"} <= set(report.splitlines())
     assert Path(store, "report", "heatmap_diffusion_val_macro_f1.png").is_file()

@@ -13,7 +13,8 @@ from conftest import DEMO_IMAGES
 from sweep.config import load_config
 from sweep.data.table import build_table
 from sweep.features.store import FeatureStore, to_table
-from sweep.stages.report import accuracy_interval, data_summary, encoder_comparison, head_and_tail
+from sweep.stages.report import (accuracy_interval, budget_gap, data_summary, encoder_comparison,
+                                 head_and_tail)
 from sweep.storage import Storage
 
 
@@ -51,10 +52,11 @@ def test_encoder_comparison_puts_each_accuracys_interval_after_it():
                            {"dataset": "other_site", "split": "ood", "images": 10},
                            {"dataset": "main", "split": "val", "images": 999}])
     out = encoder_comparison(frame, "val_macro_f1", images, "main")
-    assert list(out.columns) == ["encoder", "column", "resolution", "val_macro_f1", "test_acc", "test_acc_95ci",
-                                 "test_macro_f1", "ood_other_site_acc", "ood_other_site_acc_95ci",
+    assert list(out.columns) == ["encoder", "searched", "column", "resolution", "val_macro_f1", "test_acc",
+                                 "test_acc_95ci", "test_macro_f1", "ood_other_site_acc", "ood_other_site_acc_95ci",
                                  "ood_other_site_macro_f1"]
     assert list(out["column"]) == ["mid_block@t100", "layer3"]  # each encoder's best on validation
+    assert list(out["searched"]) == [2, 1]  # ...of this many columns
     assert list(out["test_acc_95ci"]) == ["{:.2f}-{:.2f}".format(*_wilson(30, 40)),
                                           "{:.2f}-{:.2f}".format(*_wilson(20, 40))]
     assert list(out["ood_other_site_acc_95ci"]) == ["{:.2f}-{:.2f}".format(*_wilson(5, 10)), "-"]
@@ -118,3 +120,14 @@ def test_per_class_tables_show_the_head_and_tail_of_many_classes():
     # per encoder its test split first, then OOD; a few classes: all of them
     assert list(zip(shown["encoder"], shown["dataset"])) == [("a", "d")] * 5 + [("a", "blur")] * 5 + [("e", "d")] * 6
     assert list(shown["train_images"]) == [4, 3, 2, 1, 0] * 2 + [39, 38, 37, 2, 1, 0]
+
+
+def test_budget_gap_names_the_encoders_furthest_apart_beyond_twice():
+    budgets = pd.DataFrame([
+        {"encoder": "diffusion", "images_seen": 6400}, {"encoder": "sup", "images_seen": 610},
+        {"encoder": "simclr", "images_seen": 3300}, {"encoder": "imagenet", "images_seen": None},  # trained elsewhere
+    ]).astype({"images_seen": "Int64"})
+    gap = budget_gap(budgets)
+    assert gap.startswith("training budgets differ 10.5x: diffusion saw 6,400 training images, sup 610")
+    assert budget_gap(budgets[budgets["encoder"] != "sup"]) is None  # 6,400 vs 3,300: within 2x
+    assert budget_gap(budgets[budgets["encoder"].isin(["sup", "imagenet"])]) is None  # one trained here

@@ -327,7 +327,7 @@ def train_loop(cfg: dict) -> None:
         t_window = time.perf_counter()
 
     if rank == 0:
-        _save_final(trainer, scheduler, cfg, metrics_log)
+        _save_final(trainer, scheduler, {**cfg, "global_batch": cfg["batch_size"] * world}, metrics_log)
 
 
 def _save_final(trainer, scheduler, cfg: dict, metrics_log) -> None:
@@ -338,7 +338,8 @@ def _save_final(trainer, scheduler, cfg: dict, metrics_log) -> None:
         final.save_pretrained(tmp)
         scheduler.save_pretrained(tmp)
         marker = {"key": cfg["key"], "steps": cfg["steps"], "settings": cfg["settings"],
-                  "training_images": cfg.get("training_images")}
+                  "training_images": cfg.get("training_images"),
+                  "global_batch": cfg.get("global_batch")}  # the report's training budget: steps x this
         (tmp / PRETRAIN_MARKER).write_text(json.dumps(marker, indent=1))
     if metrics_log is None:
         return

@@ -194,6 +194,8 @@ def encoder_comparison(frame: pd.DataFrame, select: str, images: pd.DataFrame | 
     metrics += sorted(c for c in frame.columns if c.startswith("ood_") and c.endswith(("_acc", "_macro_f1")))
     metrics += ["kmeans_nmi", "kmeans_ari"]
     out = firsts[["encoder", "column", "resolution", *[m for m in metrics if m in frame.columns]]].copy()
+    # the validation figure is the best of this many: the more columns, the more it flatters
+    out.insert(1, "searched", out["encoder"].map(frame.groupby("encoder").size()).astype(int))
     if images is None:
         return out
     sizes = {(r.dataset, r.split): r.images for r in images.itertuples()}
@@ -203,6 +205,69 @@ def encoder_comparison(frame: pd.DataFrame, select: str, images: pd.DataFrame | 
         out.insert(out.columns.get_loc(metric) + 1, f"{metric}_95ci",
                    ["-" if lo != lo else f"{lo:.2f}-{hi:.2f}" for lo, hi in bounds])
     return out
+
+
+BUDGET_RATIO_NOTED = 2.0  # trained encoders whose images seen in training differ more than this are flagged
+
+
+def training_budgets(config: PipelineConfig) -> pd.DataFrame:
+    """One row per encoder of the pipeline: how it was trained, as its finished weights record it. `steps`:
+    optimizer steps; `images_seen`: training images drawn in all (steps x global batch for the U-Net, epochs
+    x training images for a baseline; SimCLR makes two views of each); `input_px`: the side of the images it
+    is given here. Weights trained elsewhere (a pretrained baseline, a given U-Net checkpoint) have no
+    budget here. Empty cells where an encoder is not trained yet."""
+    from sweep.stages.baselines import META_FILE
+    from sweep.storage import PRETRAIN_MARKER, read_json
+
+    storage = Storage.of(config.storage_root)
+    baselines = {b.name: b for b in config.baselines}
+    rows = []
+    for spec in config.encoder_specs():
+        row = {"encoder": spec.name, "trained": None, "train_images": None, "epochs": None, "steps": None,
+               "images_seen": None, "input_px": config.data.image_size}
+        b = baselines.get(spec.name)
+        if spec.kind == "diffusion" and spec.checkpoint:
+            row["trained"] = "given checkpoint (trained elsewhere)"
+        elif spec.kind == "diffusion":
+            marker = read_json(f"{storage.pretrain_final}/{PRETRAIN_MARKER}") or {}
+            row["trained"] = "DDPM denoising" + (f", from {config.pretrain.init_from}" if config.pretrain.init_from
+                                                 else "")
+            if marker:
+                n = (marker.get("training_images") or {}).get("images")
+                # the global batch of the run that made it (recorded since 2026-11-24; before: as configured)
+                batch = marker.get("global_batch") or config.pretrain.batch_size * config.pretrain.workers
+                seen = marker["steps"] * batch
+                row.update(train_images=n, steps=marker["steps"], images_seen=seen,
+                           epochs=round(seen / n, 1) if n else None)
+        elif b is not None and b.kind == "pretrained":
+            row["trained"] = "weights given (trained elsewhere)"
+        elif b is not None:
+            meta = read_json(f"{storage.baseline_final(b.name)}/{META_FILE}") or {}
+            row["trained"] = {"supervised": "supervised (labels)", "simclr": "SimCLR (two views per image)"}[b.kind]
+            if meta:
+                n = (meta.get("training_images") or {}).get("images")
+                history = meta.get("history") or []
+                row.update(train_images=n, epochs=meta.get("epochs"),
+                           steps=history[-1]["step"] if history else None,
+                           images_seen=meta["epochs"] * n if n and meta.get("epochs") else None)
+        rows.append(row)
+    return pd.DataFrame(rows).astype({c: "Int64" for c in ("train_images", "steps", "images_seen")})
+
+
+def budget_gap(budgets: pd.DataFrame) -> str | None:
+    """A sentence when the encoders trained here saw training images in amounts that differ by more than
+    `BUDGET_RATIO_NOTED`: the comparison is then not one at comparable budgets. None otherwise."""
+    seen = budgets.dropna(subset=["images_seen"])
+    seen = seen[seen["images_seen"] > 0]
+    if len(seen) < 2:
+        return None
+    most, least = seen.loc[seen["images_seen"].idxmax()], seen.loc[seen["images_seen"].idxmin()]
+    ratio = most["images_seen"] / least["images_seen"]
+    if ratio <= BUDGET_RATIO_NOTED:
+        return None
+    return (f"training budgets differ {ratio:.1f}x: {most['encoder']} saw {most['images_seen']:,} training images, "
+            f"{least['encoder']} {least['images_seen']:,}; differences between them mix the method with the "
+            f"training time (a baseline's `epochs` sets its budget: epochs x training images)")
 
 
 def run(config: PipelineConfig) -> str:
@@ -280,11 +345,27 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
                    + ", ARI is (0 = chance).")
     lines += ["## Encoders compared" if several else "## Best column", "",
               f"{'Each encoder' if several else 'The encoder'}'s best column on validation "
-              f"(`{config.probe.select}`) and that column's test and OOD numbers. `_95ci`: the 95 % Wilson interval "
-              f"of the accuracy before it over that split's images"
+              f"(`{config.probe.select}`) and that column's test and OOD numbers. `searched`: the columns that best "
+              f"was chosen from: its `{config.probe.select}` is the highest of that many on the same validation "
+              f"images, optimistic{', the more so the more columns an encoder has: compare encoders on test and OOD' if several else ''}"
+              f". `_95ci`: the 95 % Wilson interval of the accuracy before it over that split's images"
               f"{'; a difference between encoders well inside it is not resolved by this test set' if several else ''}"
               f".{kmeans_note if 'kmeans_nmi' in compared else ''}", "",
               "```", compared.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "```", ""]
+    budgets = training_budgets(config)
+    budgets = budgets[budgets["encoder"].isin(frame["encoder"])]
+    budgets.to_csv(out / "training_budgets.csv", index=False)
+    gap = budget_gap(budgets)
+    if gap:
+        say(f"report: note: the {gap}")
+    lines += ["## Training budgets", "",
+              "How each encoder was trained, from its finished weights: `steps` optimizer steps, `images_seen` "
+              "training images drawn in all (steps x global batch for the U-Net; epochs x training images for a "
+              "baseline, whose SimCLR views are two per image), and `input_px` the side of the images each is "
+              "given here. Weights trained elsewhere have no budget here; ImageNet-style weights, trained at "
+              "about 224 px, see these images at this size, their deeper layers at a few pixels."
+              + (f" **The {gap}.**" if gap else ""), "", "```",
+              budgets.to_string(index=False, na_rep="-"), "```", ""]
     if config.probe.asha is not None and "epochs_run" in frame:
         short = int((frame["epochs_run"] < config.probe.epochs).sum())
         lines[4:4] = [f"ASHA was on: {short} of {len(frame)} columns ran fewer than {config.probe.epochs} epochs "
@@ -303,11 +384,17 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
                   "```", "", *[f"- {n}" for n in notes], *([""] if notes else [])]
     refs = references(config)
     if refs:
+        n_test = 0 if images is None else int(images[(images["dataset"] == config.data.train.name)
+                                                     & (images["split"] == "test")]["images"].sum())
+        for r in refs:  # read against the probes' intervals: the same test images
+            lo, hi = accuracy_interval(r.get("test_acc"), n_test)
+            r["test_acc_95ci"] = "-" if lo != lo else f"{lo:.2f}-{hi:.2f}"
         frame_refs = pd.DataFrame(refs)
         frame_refs.to_csv(out / "supervised_reference.csv", index=False)
         lines += ["## Supervised reference (end to end)", "",
                   "Each supervised baseline's own classifier, chosen on validation and scored once on test: "
-                  "what a fully supervised network reaches on these images, for reading the probes against."
+                  "what a fully supervised network reaches on these images, for reading the probes against "
+                  f"(`test_acc_95ci` over the same {n_test} test images; its training under Training budgets)."
                   + (" It is trained with unweighted cross-entropy, while the probes here weigh classes "
                      "(`probe.class_weights: balanced`): on long-tailed data its macro F1 and balanced accuracy "
                      "are not the probes' like for like." if config.probe.class_weights == "balanced" else ""),
