@@ -554,48 +554,24 @@ def _normalisation(b: BaselineConfig, channels: int) -> tuple[list | None, list 
 
 
 def build_pretrained(config: PipelineConfig, b: BaselineConfig, out: str | Path, key: str) -> dict:
-    """Load `weights` into the architecture (conv1 adapted to the data's channels) and save it as final."""
+    """Load `weights` into the architecture (a built-in ResNet's conv1 adapted to the data's channels) and
+    save it as final."""
     from sweep.encoders.base import checkpoint_hash
-    from sweep.encoders.resnet import build_resnet, infer_layout, load_resnet_weights, read_state_dict
+    from sweep.encoders.resnet import read_state_dict
 
     state = read_state_dict(b.weights)
-    if not zoo.is_builtin(b.arch):
-        return _build_zoo_pretrained(config, b, out, key, state)
-    layout = infer_layout(state)
-    if layout["arch"] and layout["arch"] != b.arch:
-        raise BaselineError(f"baseline {b.name!r}: arch is {b.arch} but {b.weights} holds a {layout['arch']}")
-    small = b.small_input
-    small = layout["small_input"] if small is None else bool(small)
-    model = build_resnet(b.arch, num_classes=layout["num_classes"], in_channels=config.data.channels,
-                         small_input=small)
-    load_resnet_weights(model, state, source=str(b.weights))
-    mean, std = _normalisation(b, config.data.channels)
-    meta = {"name": b.name, "kind": "pretrained", "arch": b.arch, "in_channels": config.data.channels,
-            "small_input": small, "num_classes": layout["num_classes"], "image_size": config.data.image_size,
-            "input_mean": mean, "input_std": std, "weights": str(b.weights),
-            "weights_hash": checkpoint_hash(b.weights), "key": key}
-    write_final(out, model.state_dict(), meta)
-    return meta
-
-
-def _build_zoo_pretrained(config: PipelineConfig, b: BaselineConfig, out, key: str, state: dict) -> dict:
-    """A torchvision / timm / factory architecture (`sweep.encoders.zoo`) with every key of the file."""
-    from sweep.encoders.base import checkpoint_hash
-
-    try:
-        model = zoo.build(b.arch, b.arch_args)
-        zoo.load_state_strict(model, state, source=str(b.weights))
-        model_in = zoo.input_channels(model)
+    try:  # the checks `sweep validate` makes too (sweep.encoders.checks)
+        model, state, built = zoo.pretrained_model(b.arch, b.arch_args, state, config.data.channels,
+                                                   b.small_input, source=str(b.weights))
     except zoo.ArchError as e:
         raise BaselineError(f"baseline {b.name!r}: {e}") from e
-    channels = config.data.channels
-    if model_in != channels and channels != 1:
-        raise BaselineError(f"baseline {b.name!r}: {b.arch} takes {model_in}-channel images, the data has "
-                            f"{channels} (data.channels)")
-    mean, std = _normalisation(b, model_in)  # grey images are repeated to the model's channels first
-    meta = {"name": b.name, "kind": "pretrained", "arch": b.arch, "arch_args": b.arch_args, "in_channels": channels,
-            "model_in_channels": model_in, "small_input": None, "num_classes": None,
-            "image_size": config.data.image_size, "input_mean": mean, "input_std": std, "weights": str(b.weights),
+    model.load_state_dict(state, strict=True)
+    # grey images are repeated to a 3-channel model's channels first
+    mean, std = _normalisation(b, built.get("model_in_channels", config.data.channels))
+    meta = {"name": b.name, "kind": "pretrained", "arch": b.arch,
+            **({"arch_args": b.arch_args} if not zoo.is_builtin(b.arch) else {}),
+            "in_channels": config.data.channels, **built, "image_size": config.data.image_size,
+            "input_mean": mean, "input_std": std, "weights": str(b.weights),
             "weights_hash": checkpoint_hash(b.weights), "key": key}
     write_final(out, model.state_dict(), meta)
     return meta
