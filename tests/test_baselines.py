@@ -593,6 +593,25 @@ def test_validate_leaves_a_module_that_does_not_import_to_the_stage(write_pipeli
         baselines.run(load_config(path))
 
 
+def test_an_unknown_layer_at_extract_names_the_setting_not_the_weights(write_pipeline, tmp_path, monkeypatch):
+    """Where validate could not build the model, extract's error for a wrong layer points at
+    `baselines[].layers`, not at deleting and remaking the (fine) model."""
+    from sweep.data.table import build_table
+    from sweep.stages.extract import ExtractError, extract_encoder
+
+    weights = _tiny_net_weights(tmp_path, monkeypatch)
+    spec = {"name": "mine", "kind": "pretrained", "arch": "nets:tiny_rgb_net", "arch_args": {"classes": 7},
+            "weights": str(weights)}
+    baselines.run(load_config(write_pipeline(baselines=[spec])))
+    cfg = load_config(write_pipeline(baselines=[{"name": "sup", "kind": "supervised"},
+                                                {**spec, "layers": ["stem", "stage3"]}]))
+    enc = next(s for s in cfg.encoder_specs() if s.name == "mine")
+    with pytest.raises(ExtractError) as e:
+        extract_encoder(cfg, enc, build_table(cfg))
+    assert "unknown layer 'stage3'" in str(e.value) and "fix baselines.1.layers" in str(e.value)
+    assert "delete" not in str(e.value) and "cannot be loaded" not in str(e.value)
+
+
 def test_load_resnet_weights_shows_the_files_stem_shape():
     torch.manual_seed(0)
     state = build_resnet("resnet18").state_dict()  # 3 channels, 7x7 stem
