@@ -632,6 +632,21 @@ def test_pretrained_needs_weights(write_pipeline):
         baselines.run(load_config(path))
 
 
+def test_the_supervised_baseline_follows_pretrain_augment_and_keeps_its_key_when_on(write_pipeline):
+    """`pretrain.augment: false` reaches the supervised baseline (its training loop, its key); with the default
+    (true) the key is the one baselines trained before had, so they stay valid. SimCLR keeps its views."""
+    specs = [{"name": "sup", "kind": "supervised", "arch": "resnet18", "epochs": 3, "batch_size": 16, "lr": 2.0e-3},
+             {"name": "sim", "kind": "simclr"}]
+    on = load_config(write_pipeline(baselines=specs))
+    off = load_config(write_pipeline(baselines=specs, pretrain={"augment": False}))
+    # the keys of this pipeline's baselines as computed before augment reached them (sweep d7f509a)
+    assert [baselines.baseline_key(on, b) for b in on.baselines] == ["5f938dfac2760abd", "e27171f64856b816"]
+    assert "augment" not in baselines.resolved(on, on.baselines[0])
+    assert baselines.resolved(off, off.baselines[0])["augment"] is False  # what the training loop reads
+    assert baselines.baseline_key(off, off.baselines[0]) != baselines.baseline_key(on, on.baselines[0])
+    assert baselines.baseline_key(off, off.baselines[1]) == baselines.baseline_key(on, on.baselines[1])
+
+
 # ---------------------------------------------------------------------------------- training on Ray
 
 def _runs(cfg, name):
@@ -703,6 +718,8 @@ def test_supervised_trains_selects_on_val_and_reports_test_metrics(ray_local, wr
     with pytest.raises(baselines.BaselineError,
                        match=re.escape("(changed: seed: 0 -> 1; settings.epochs: 3 -> 4)")):
         baselines.run(longer)
+    with pytest.raises(baselines.BaselineError, match=re.escape("(changed: settings.augment: (not set) -> False)")):
+        baselines.run(load_config(path, ["pretrain.augment=false"]))  # trained with flips and rotations
 
 
 @pytest.mark.ray

@@ -3,10 +3,11 @@
 Each entry of `baselines:` is one of
 
 - `supervised`: a ResNet trained from scratch with cross-entropy on the train split (Ray Train, DDP, the same
-  workers / GPU / CPU settings as pretraining and the same flip + 90-degree-rotation augmentation). After each
-  epoch every worker scores its share of the val split; the epoch with the best `probe.select` metric
-  (val_macro_f1 or val_acc) is kept, and its end-to-end test accuracy / macro F1 / balanced accuracy are
-  logged to MLflow (`test_acc`, `test_macro_f1`, `test_balanced_acc`): the supervised reference.
+  workers / GPU / CPU settings as pretraining and, as `pretrain.augment` says, the same flip + 90-degree-
+  rotation augmentation). After each epoch every worker scores its share of the val split; the epoch with
+  the best `probe.select` metric (val_macro_f1 or val_acc) is kept, and its end-to-end test accuracy /
+  macro F1 / balanced accuracy are logged to MLflow (`test_acc`, `test_macro_f1`, `test_balanced_acc`): the
+  supervised reference.
 - `simclr`: the same backbone + a projection head trained with NT-Xent on two augmented views of each image
   (`sweep.train.simclr`). Labels never reach it: its Ray Data dataset has only the image and a row number.
 - Both recompute their BatchNorm statistics over a sample of the train split (every k-th row, about 1,024
@@ -75,7 +76,10 @@ def resolved(config: PipelineConfig, b: BaselineConfig) -> dict:
             "in_channels": config.data.channels, "image_size": config.data.image_size,
             **({"temperature": b.temperature, "projection_dim": b.projection_dim}
                if b.kind == "simclr" else {}),
-            **({"select": config.probe.select} if b.kind == "supervised" else {})}
+            **({"select": config.probe.select} if b.kind == "supervised" else {}),
+            # the supervised baseline augments as the U-Net does (pretrain.augment); recorded only when off, so
+            # that the key of a baseline trained before this setting reached it stays the same
+            **({"augment": False} if b.kind == "supervised" and not config.pretrain.augment else {})}
 
 
 def trained_settings(config: PipelineConfig, b: BaselineConfig) -> dict:
@@ -386,7 +390,8 @@ def train_loop(cfg: dict) -> None:
                 continue
             x = x.to(device)
             if supervised:
-                x = flips_and_rotations(x, generator)
+                if cfg.get("augment", True):
+                    x = flips_and_rotations(x, generator)
                 y = batch["label"].to(device).long()
                 if use_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
