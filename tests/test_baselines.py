@@ -647,6 +647,26 @@ def test_the_supervised_baseline_follows_pretrain_augment_and_keeps_its_key_when
     assert baselines.baseline_key(off, off.baselines[1]) == baselines.baseline_key(on, on.baselines[1])
 
 
+def test_a_baseline_trained_with_other_settings_names_its_feature_store_too(write_pipeline, tmp_path):
+    """The advice names the weights and the encoder's feature store (made from the old weights): deleting only
+    the weights, the next run stopped again at extract."""
+    cfg = load_config(write_pipeline(baselines=[{"name": "sup", "kind": "supervised", "epochs": 2}]))
+    final = tmp_path / "store" / "baselines" / "sup" / "final"
+    final.mkdir(parents=True)
+    trained = load_config(write_pipeline(baselines=[{"name": "sup", "kind": "supervised", "epochs": 1}]))
+    (final / "baseline.json").write_text(json.dumps({
+        "key": baselines.baseline_key(trained, trained.baselines[0]),
+        **baselines.trained_settings(trained, trained.baselines[0])}))
+    with pytest.raises(baselines.BaselineError) as e:
+        baselines.run(cfg)
+    assert "settings.epochs: 1 -> 2" in str(e.value) and f"to retrain here, delete {final}" in str(e.value)
+    assert "features" not in str(e.value)  # none extracted yet: nothing more to delete
+    (tmp_path / "store" / "features" / "sup").mkdir(parents=True)
+    with pytest.raises(baselines.BaselineError, match=re.escape(
+            f"to retrain here, delete {final} and its features, {tmp_path / 'store' / 'features' / 'sup'}")):
+        baselines.run(cfg)
+
+
 # ---------------------------------------------------------------------------------- training on Ray
 
 def _runs(cfg, name):

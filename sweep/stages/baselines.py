@@ -49,7 +49,7 @@ from sweep.stages.common import (WorkerMetrics, check_run_images, check_training
                                  fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
                                  quiet_train_reports, say, train_datasets, train_logging, train_shard,
                                  trained_on_other_images, trained_with_other_settings)
-from sweep.storage import Storage, read_json, staged_dir
+from sweep.storage import Storage, exists, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
 FAULT_ENV = "SWEEP_BASELINE_FAULT_AT_EPOCH"  # fault injection for resume tests: fail after this epoch
@@ -622,7 +622,8 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
     if marker is not None:
         wanted = trained_settings(config, b)
         raise BaselineError(trained_with_other_settings(
-            "a baseline", {k: marker[k] for k in wanted if k in marker}, wanted, str(final)))
+            "a baseline", {k: marker[k] for k in wanted if k in marker}, wanted, str(final),
+            features=storage.features(b.name) if exists(storage.features(b.name)) else None))
     table = get_table()
     settings = resolved(config, b)
     p = config.pretrain
