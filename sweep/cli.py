@@ -297,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             stages = args.stages if args.command == "run" else [args.command]
             # resources a local Ray never has, a cluster that does not answer: now, not later
             check_ray(config, stages)
-            if "extract" in stages:  # a wrong layer name fails now, not after pretraining
+            # a wrong layer name or a weights file that does not fit its arch: now, not after pretraining
+            if {"baselines", "extract"} & set(stages):
                 from sweep.encoders.checks import check_encoder_settings
 
-                check_encoder_settings(config)
+                check_encoder_settings(config, stages)
             check_local_storage(config, create=True)  # last: a config error leaves no storage behind
         if args.command == "run" or args.command in STAGES:
             from sweep.storage import storage_lock

@@ -246,6 +246,12 @@ class PretrainConfig(_Model):
 
 # ----------------------------------------------------------------------------------------- baselines
 
+_TRAINED = ("supervised", "simclr")
+# the baseline settings that only some kinds read (`weights`: pretrained, checked with its file)
+_KIND_ONLY = {**dict.fromkeys(("epochs", "batch_size", "lr", "weight_decay", "checkpoint_every"), _TRAINED),
+              "temperature": ("simclr",), "projection_dim": ("simclr",), "normalize": ("pretrained",)}
+
+
 class BaselineConfig(_Model):
     name: str
     kind: Literal["supervised", "simclr", "pretrained"]
@@ -285,6 +291,15 @@ class BaselineConfig(_Model):
                 raise ValueError(f"weights {self.weights}: {problem}")
         elif self.weights:
             raise ValueError(f"weights is only for kind pretrained (this baseline is {self.kind})")
+        # a setting the kind never reads is refused where given (the defaults are harmless): it was ignored
+        unused: dict[tuple, list[str]] = {}
+        for key, kinds in _KIND_ONLY.items():
+            if key in self.model_fields_set and self.kind not in kinds:
+                unused.setdefault(kinds, []).append(key)
+        if unused:
+            raise ValueError("; ".join(
+                f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} only for kind{'s' if len(kinds) > 1 else ''} "
+                f"{' and '.join(kinds)} (this baseline is {self.kind})" for kinds, keys in unused.items()))
         from sweep.encoders import zoo  # imports no torch: only the arch's form is checked here
 
         if self.kind != "pretrained" and not zoo.is_builtin(self.arch):

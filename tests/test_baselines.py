@@ -515,12 +515,156 @@ def test_an_arch_whose_package_is_missing_is_a_config_error_before_any_stage(wri
         check_encoder_settings(load_config(path))
 
 
+def _tiny_net_weights(tmp_path, monkeypatch) -> Path:
+    """tests/nets.py importable (as `nets`) and a weights file of its tiny_rgb_net (7 classes)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import nets
+
+    weights = tmp_path / "tiny.pth"
+    torch.save(nets.tiny_rgb_net(classes=7).state_dict(), weights)
+    return weights
+
+
+def test_validate_checks_a_factory_archs_layers(write_pipeline, tmp_path, monkeypatch, capsys):
+    """`baselines[].layers` of a `<module>:<callable>` arch are checked against the model (built on the meta
+    device) by validate and before `run` starts: they passed, and extract then failed advising to delete the
+    (fine) weights."""
+    weights = _tiny_net_weights(tmp_path, monkeypatch)
+    spec = {"name": "mine", "kind": "pretrained", "arch": "nets:tiny_rgb_net", "arch_args": {"classes": 7},
+            "weights": str(weights)}
+    path = write_pipeline(baselines=[{**spec, "layers": ["stem", "stage1"]}])
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    path = write_pipeline(baselines=[{**spec, "layers": ["stem", "stage3"]}])
+    for command in ("validate", "run"):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert (f"{path}: baselines.0.layers: unknown layer 'stage3': not a module path of Module; e.g. stage2, "
+                f"stage1") in err and "== pretrain ==" not in err, err
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_validate_checks_pretrained_weights_against_the_arch(write_pipeline, tmp_path, monkeypatch, capsys):
+    """What the baselines stage finds (ResNet layout against arch, a missing factory, keys of another
+    architecture, a stem of the other small_input) is a config error of validate and of `run` / `baselines`
+    before any stage, naming the setting; before, validate passed and `run` failed after pretraining."""
+    weights = _tiny_net_weights(tmp_path, monkeypatch)
+    with torch.device("meta"):
+        r34_keys = list(build_resnet("resnet34").state_dict())
+    r34 = tmp_path / "r34.pth"
+    # the layout is read from the keys (and conv1's shape)
+    torch.save({**{k: torch.zeros(1) for k in r34_keys}, "conv1.weight": torch.zeros(64, 3, 7, 7)}, r34)
+    torch.manual_seed(0)
+    r18 = tmp_path / "r18.pth"
+    torch.save(build_resnet("resnet18", num_classes=10).state_dict(), r18)  # 3 channels, ImageNet stem
+    cases = [
+        ({"arch": "resnet18", "weights": str(r34)}, f"baselines.0.arch: arch is resnet18 but {r34} holds a resnet34"),
+        ({"arch": "nets:nothere", "weights": str(weights)},
+         "baselines.0.arch: arch 'nets:nothere': module 'nets' has no callable 'nothere'"),
+        ({"arch": "nets:tiny_rgb_net", "weights": str(r18)},
+         f"baselines.0.weights: {r18}: state dict does not match Module: missing ['stem.weight'"),
+        # the file's shape, not the one adapted to the data's 1 channel (64, 1, 7, 7)
+        ({"arch": "resnet18", "weights": str(r18), "small_input": True},
+         f"baselines.0.weights: {r18}: conv1.weight has shape (64, 3, 7, 7), the model needs (64, 1, 3, 3)"),
+    ]
+    for spec, why in cases:
+        path = write_pipeline(baselines=[{"name": "p", "kind": "pretrained", **spec}],
+                              extract={"encoders": ["diffusion"]})  # the baselines stage builds it all the same
+        for command in ("validate", "run", "baselines"):
+            assert main([command, str(path)]) == 2, command
+            err = capsys.readouterr().err
+            assert why in err and "== " not in err, (command, err)
+    ok = write_pipeline(baselines=[{"name": "p", "kind": "pretrained", "arch": "resnet18", "weights": str(r18)}])
+    assert main(["validate", str(ok)]) == 0, capsys.readouterr().err
+
+
+def test_validate_leaves_a_module_that_does_not_import_to_the_stage(write_pipeline, tmp_path, monkeypatch, capsys):
+    """A factory's module that exists but fails to import here is not validate's to refuse (as before): the
+    stage that builds the model reports it."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "broken_nets_xyz.py").write_text("raise ImportError('needs a library this machine lacks')\n")
+    monkeypatch.syspath_prepend(str(mods))
+    weights = _tiny_net_weights(tmp_path, monkeypatch)
+    path = write_pipeline(baselines=[{"name": "p", "kind": "pretrained", "arch": "broken_nets_xyz:net",
+                                      "weights": str(weights), "layers": ["whatever"]}])
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    with pytest.raises(baselines.BaselineError, match="cannot be imported here: ImportError: needs a library"):
+        baselines.run(load_config(path))
+
+
+def test_an_unknown_layer_at_extract_names_the_setting_not_the_weights(write_pipeline, tmp_path, monkeypatch):
+    """Where validate could not build the model, extract's error for a wrong layer points at
+    `baselines[].layers`, not at deleting and remaking the (fine) model."""
+    from sweep.data.table import build_table
+    from sweep.stages.extract import ExtractError, extract_encoder
+
+    weights = _tiny_net_weights(tmp_path, monkeypatch)
+    spec = {"name": "mine", "kind": "pretrained", "arch": "nets:tiny_rgb_net", "arch_args": {"classes": 7},
+            "weights": str(weights)}
+    baselines.run(load_config(write_pipeline(baselines=[spec])))
+    cfg = load_config(write_pipeline(baselines=[{"name": "sup", "kind": "supervised"},
+                                                {**spec, "layers": ["stem", "stage3"]}]))
+    enc = next(s for s in cfg.encoder_specs() if s.name == "mine")
+    with pytest.raises(ExtractError) as e:
+        extract_encoder(cfg, enc, build_table(cfg))
+    assert "unknown layer 'stage3'" in str(e.value) and "fix baselines.1.layers" in str(e.value)
+    assert "delete" not in str(e.value) and "cannot be loaded" not in str(e.value)
+
+
+def test_load_resnet_weights_shows_the_files_stem_shape():
+    torch.manual_seed(0)
+    state = build_resnet("resnet18").state_dict()  # 3 channels, 7x7 stem
+    small = build_resnet("resnet18", num_classes=1000, in_channels=1, small_input=True)
+    with pytest.raises(ValueError, match=re.escape("conv1.weight has shape (64, 3, 7, 7), the model needs "
+                                                   "(64, 1, 3, 3)")):
+        load_resnet_weights(small, state, source="r18.pth")
+    ok = build_resnet("resnet18", num_classes=1000, in_channels=1)
+    load_resnet_weights(ok, state)  # adapted: the sum over RGB
+    assert torch.allclose(ok.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+
+
 def test_pretrained_needs_weights(write_pipeline):
     from sweep.config import ConfigError
 
     path = write_pipeline(baselines=[{"name": "p", "kind": "pretrained", "arch": "resnet18"}])
     with pytest.raises(ConfigError, match="weights"):  # from the config model or, failing that, the stage
         baselines.run(load_config(path))
+
+
+def test_the_supervised_baseline_follows_pretrain_augment_and_keeps_its_key_when_on(write_pipeline):
+    """`pretrain.augment: false` reaches the supervised baseline (its training loop, its key); with the default
+    (true) the key is the one baselines trained before had, so they stay valid. SimCLR keeps its views."""
+    specs = [{"name": "sup", "kind": "supervised", "arch": "resnet18", "epochs": 3, "batch_size": 16, "lr": 2.0e-3},
+             {"name": "sim", "kind": "simclr"}]
+    on = load_config(write_pipeline(baselines=specs))
+    off = load_config(write_pipeline(baselines=specs, pretrain={"augment": False}))
+    # the keys of this pipeline's baselines as computed before augment reached them (sweep d7f509a)
+    assert [baselines.baseline_key(on, b) for b in on.baselines] == ["5f938dfac2760abd", "e27171f64856b816"]
+    assert "augment" not in baselines.resolved(on, on.baselines[0])
+    assert baselines.resolved(off, off.baselines[0])["augment"] is False  # what the training loop reads
+    assert baselines.baseline_key(off, off.baselines[0]) != baselines.baseline_key(on, on.baselines[0])
+    assert baselines.baseline_key(off, off.baselines[1]) == baselines.baseline_key(on, on.baselines[1])
+
+
+def test_a_baseline_trained_with_other_settings_names_its_feature_store_too(write_pipeline, tmp_path):
+    """The advice names the weights and the encoder's feature store (made from the old weights): deleting only
+    the weights, the next run stopped again at extract."""
+    cfg = load_config(write_pipeline(baselines=[{"name": "sup", "kind": "supervised", "epochs": 2}]))
+    final = tmp_path / "store" / "baselines" / "sup" / "final"
+    final.mkdir(parents=True)
+    trained = load_config(write_pipeline(baselines=[{"name": "sup", "kind": "supervised", "epochs": 1}]))
+    (final / "baseline.json").write_text(json.dumps({
+        "key": baselines.baseline_key(trained, trained.baselines[0]),
+        **baselines.trained_settings(trained, trained.baselines[0])}))
+    with pytest.raises(baselines.BaselineError) as e:
+        baselines.run(cfg)
+    assert "settings.epochs: 1 -> 2" in str(e.value) and f"to retrain here, delete {final}" in str(e.value)
+    assert "features" not in str(e.value)  # none extracted yet: nothing more to delete
+    (tmp_path / "store" / "features" / "sup").mkdir(parents=True)
+    with pytest.raises(baselines.BaselineError, match=re.escape(
+            f"to retrain here, delete {final} and its features, {tmp_path / 'store' / 'features' / 'sup'}")):
+        baselines.run(cfg)
 
 
 # ---------------------------------------------------------------------------------- training on Ray
@@ -594,6 +738,8 @@ def test_supervised_trains_selects_on_val_and_reports_test_metrics(ray_local, wr
     with pytest.raises(baselines.BaselineError,
                        match=re.escape("(changed: seed: 0 -> 1; settings.epochs: 3 -> 4)")):
         baselines.run(longer)
+    with pytest.raises(baselines.BaselineError, match=re.escape("(changed: settings.augment: (not set) -> False)")):
+        baselines.run(load_config(path, ["pretrain.augment=false"]))  # trained with flips and rotations
 
 
 @pytest.mark.ray

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,11 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         ("data.train.name=.hidden", "data.train.name", "got '.hidden'"),
         ("name=-x", "name", "got '-x'"),
         ("baselines=[{name: ., kind: supervised}]", "baselines.0.name", "got '.'"),
+        # settings a kind never reads were silently ignored
+        ("baselines=[{name: s, kind: supervised, normalize: imagenet}]", "baselines.0",
+         "normalize is only for kind pretrained (this baseline is supervised)"),
+        ("baselines=[{name: s, kind: supervised, temperature: 0.1, projection_dim: 64}]", "baselines.0",
+         "temperature, projection_dim are only for kind simclr (this baseline is supervised)"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):
@@ -363,6 +369,27 @@ def test_pretrained_weights_may_be_a_file_uri(write_pipeline, tmp_path, capsys):
                                                    ".safetensors)")):
         assert main(["validate", str(write_pipeline(baselines=[{**spec, "weights": bad}]))]) == 2
         assert why in capsys.readouterr().err
+
+
+def test_training_settings_on_a_pretrained_baseline_are_refused_where_given(write_pipeline, tmp_path, capsys):
+    """epochs / batch_size / lr (and the other training settings) were silently unused by a pretrained
+    baseline; only settings given in the file are refused, not their defaults."""
+    import torch
+
+    weights = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, weights)
+    spec = {"name": "p", "kind": "pretrained", "arch": "resnet18", "weights": str(weights)}
+    config = load_config(write_pipeline(baselines=[{**spec, "normalize": "none"}]))
+    assert config.baselines[0].epochs == 5  # the default, unused and not refused
+    for extra, why in (({"epochs": 40, "lr": 0.5}, "epochs, lr are only for kinds supervised and simclr (this "
+                                                     "baseline is pretrained)"),
+                       ({"batch_size": 64}, "batch_size is only for kinds supervised and simclr"),
+                       ({"epochs": 5}, "epochs is only for kinds supervised and simclr")):  # given, if default
+        with pytest.raises(ConfigError, match=re.escape(f"baselines.0: {why}")):
+            load_config(write_pipeline(baselines=[{**spec, **extra}]))
+    simclr = load_config(write_pipeline(baselines=[{"name": "s", "kind": "simclr", "temperature": 0.2,
+                                                    "epochs": 2}]))
+    assert simclr.baselines[0].temperature == 0.2
 
 
 def test_best_before_any_run_creates_nothing(write_pipeline, capsys):

@@ -93,7 +93,11 @@ def _pool(t: torch.Tensor) -> torch.Tensor:
     return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t
 
 
-def unknown_module_error(model: nn.Module, bad: str) -> ValueError:
+class UnknownLayerError(ValueError):
+    """A requested layer that is no module path of the model: the config's layers are wrong, not the model."""
+
+
+def unknown_module_error(model: nn.Module, bad: str) -> UnknownLayerError:
     names = [n for n, _ in model.named_modules() if n]
     near = difflib.get_close_matches(bad, names, n=5, cutoff=0.5) or names[:8]
     hint = ""
@@ -101,7 +105,8 @@ def unknown_module_error(model: nn.Module, bad: str) -> ValueError:
         hint = ' ("blocks" stands alone: extract.layers: blocks, not in a list)'
     elif bad.startswith("layer") and type(model).__name__ == "UNet2DModel":
         hint = " (a ResNet baseline's layers go in baselines[].layers)"
-    return ValueError(f"unknown layer {bad!r}: not a module path of {type(model).__name__}; e.g. {', '.join(near)}"
+    return UnknownLayerError(f"unknown layer {bad!r}: not a module path of {type(model).__name__}; e.g. "
+                             f"{', '.join(near)}"
                       f"{hint}")
 
 

@@ -1,9 +1,11 @@
 """Checks of a pipeline's encoder settings that need the model's architecture: the module paths in
-`extract.layers` / `baselines[].layers` and the timesteps against a checkpoint's noise schedule.
+`extract.layers` / `baselines[].layers`, the timesteps against a checkpoint's noise schedule, and a pretrained
+baseline's weights file against its arch.
 
 They run before any stage starts work (and in `sweep validate`), so that a typo in a layer name is a config
 error naming its key at once, not a failure of the extract stage after minutes of pretraining. The models
-are built on PyTorch's meta device: names and structure only, no memory, no weights read.
+are built on PyTorch's meta device: names and structure only, no memory; of the weights, a pretrained
+baseline's file is read to compare its keys and shapes with the model (nothing is loaded into it).
 """
 
 from __future__ import annotations
@@ -73,40 +75,73 @@ def _check_diffusion(config: PipelineConfig, checkpoint: str | None, where: str)
                           f"timesteps of {where}'s noise schedule")
 
 
-def _check_baseline(config: PipelineConfig, index: int) -> None:
+def _baseline_architecture(config: PipelineConfig, index: int):
+    """Baseline `index`'s model as the baselines stage builds it, on the meta device; for a pretrained
+    baseline, its weights file checked against it by the stage's own checks (`zoo.pretrained_model`: the
+    ResNet layout against `arch`, the factory, every key and shape) and ConfigError naming the setting to fix.
+    None where the model is not known before the stage runs (its module does not import here)."""
     import torch
 
     from sweep.encoders import zoo
-    from sweep.encoders.base import unknown_module_error
-    from sweep.encoders.resnet import build_resnet
+    from sweep.encoders.resnet import build_resnet, read_state_dict
 
     b = config.baselines[index]
     if not zoo.is_builtin(b.arch):
-        # an external arch is built (imports and all) by the stages only; its package must be here at least
+        # an external arch is built (imports and all) by the stages; its package must be here at least
         module = b.arch.partition(":")[0]
         if importlib.util.find_spec(module.split(".")[0]) is None:
             raise ConfigError(f"baselines.{index}.arch: {b.arch!r} needs the Python module {module!r}, which is "
                               f"not installed in this environment ({sys.executable})")
-        return
-    if not b.layers:
-        return  # the default layers
-    with torch.device("meta"):
-        model = build_resnet(b.arch, num_classes=0, in_channels=config.data.channels)
+    if b.kind != "pretrained":
+        with torch.device("meta"):
+            return build_resnet(b.arch, num_classes=0, in_channels=config.data.channels)
+    if not Path(b.weights).is_file():
+        return None  # a cluster's file (`sweep submit`): checked there
+    try:
+        state = read_state_dict(b.weights)
+    except Exception as e:  # noqa: BLE001 - the stage would stop at the same read
+        raise ConfigError(f"baselines.{index}.weights: {b.weights} cannot be read: {type(e).__name__}: {e}") from None
+    try:
+        with torch.device("meta"):
+            model, _, _ = zoo.pretrained_model(b.arch, b.arch_args, state, config.data.channels, b.small_input,
+                                               source=b.weights)
+    except zoo.ArchImportError:
+        return None  # found but not importable here: the stage says why, where it builds the model
+    except zoo.ArchError as e:
+        raise ConfigError(f"baselines.{index}.{e.key}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        if not zoo.is_builtin(b.arch):
+            return None  # a factory that cannot build on the meta device: the stage builds it
+        raise ConfigError(f"baselines.{index}.weights: {b.weights}: {type(e).__name__}: {e}") from None
+    return model
+
+
+def _check_baseline(config: PipelineConfig, index: int, layers: bool = True) -> None:
+    from sweep.encoders.base import unknown_module_error
+
+    b = config.baselines[index]
+    model = _baseline_architecture(config, index)
+    if model is None or not layers or not b.layers:
+        return  # unknown here, or the default layers
     modules = dict(model.named_modules())
     for name in b.layers:
         if name not in modules:
             raise ConfigError(f"baselines.{index}.layers: {unknown_module_error(model, name)}")
 
 
-def check_encoder_settings(config: PipelineConfig) -> None:
+def check_encoder_settings(config: PipelineConfig, stages: tuple[str, ...] | list[str] = ("baselines", "extract")) \
+        -> None:
     """Raise ConfigError (naming the key) when an encoder the pipeline extracts cannot give the requested
-    layers or timesteps."""
-    names = {b.name: i for i, b in enumerate(config.baselines)}
-    for spec in config.encoder_specs():
-        if spec.kind == "diffusion":
-            where = f"the U-Net at {spec.checkpoint}" if spec.checkpoint else (
-                f"the U-Net of pretrain.init_from ({config.pretrain.init_from})" if config.pretrain.init_from
-                else "the U-Net of pretrain.model")
-            _check_diffusion(config, spec.checkpoint, where)
-        elif spec.name in names:
-            _check_baseline(config, names[spec.name])
+    layers or timesteps, or a pretrained baseline's weights do not fit its arch. `stages`: those about to
+    run: the baselines stage builds every baseline, extract needs the layers of those it extracts."""
+    if "extract" in stages:
+        for spec in config.encoder_specs():
+            if spec.kind == "diffusion":
+                where = f"the U-Net at {spec.checkpoint}" if spec.checkpoint else (
+                    f"the U-Net of pretrain.init_from ({config.pretrain.init_from})" if config.pretrain.init_from
+                    else "the U-Net of pretrain.model")
+                _check_diffusion(config, spec.checkpoint, where)
+    extracted = {s.name for s in config.encoder_specs()} if "extract" in stages else set()
+    for i, b in enumerate(config.baselines):
+        if "baselines" in stages or b.name in extracted:
+            _check_baseline(config, i, layers=b.name in extracted)

@@ -233,11 +233,13 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     raise ValueError(f"cannot adapt conv1 from {have} to {in_channels} input channels")
 
 
-def load_resnet_weights(model: ResNet, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
-    """Load a torchvision/timm-format state dict into ``model`` strictly (every key, every shape), adapting
-    ``conv1`` to the model's input channels. A classifier the model lacks (``num_classes=0``) is dropped;
-    a classifier the model has must be in the file."""
+def fitted_resnet_state(model: ResNet, state: Mapping[str, torch.Tensor], source: str = "weights") -> dict:
+    """``state`` (torchvision/timm format) as ``model`` loads it, or ValueError naming what does not fit:
+    ``conv1`` adapted to the model's input channels, a classifier the model lacks (``num_classes=0``)
+    dropped; a classifier the model has must be in the file. Loads nothing (``model`` may be on the meta
+    device)."""
     state = dict(state)
+    held = tuple(state["conv1.weight"].shape) if "conv1.weight" in state else None
     if "conv1.weight" in state:
         state["conv1.weight"] = adapt_input_conv(state["conv1.weight"], model.in_channels)
     if model.num_classes == 0:
@@ -253,9 +255,16 @@ def load_resnet_weights(model: ResNet, state: Mapping[str, torch.Tensor], source
         )
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            hint = ""
-            if k == "conv1.weight":
-                hint = " (a 7x7 stem is small_input: false, a 3x3 stem small_input: true)"
-            raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the model needs {tuple(v.shape)}"
-                             f"{hint}")
-    model.load_state_dict(state, strict=True)
+            hint, shape = "", tuple(state[k].shape)
+            if k == "conv1.weight":  # the file's shape, not the one adapted to the model's channels
+                shape = held
+                hint = (f" (its input channels are adapted to the model's {model.in_channels}; a 7x7 stem is "
+                        f"small_input: false, a 3x3 stem small_input: true)")
+            raise ValueError(f"{source}: {k} has shape {shape}, the model needs {tuple(v.shape)}{hint}")
+    return state
+
+
+def load_resnet_weights(model: ResNet, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
+    """Load a torchvision/timm-format state dict into ``model`` strictly (every key, every shape), adapting
+    ``conv1`` to the model's input channels (`fitted_resnet_state`)."""
+    model.load_state_dict(fitted_resnet_state(model, state, source), strict=True)

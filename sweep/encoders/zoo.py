@@ -28,7 +28,16 @@ _CLASSIFIER_NAMES = {"fc", "classifier", "head", "heads", "last_linear"}
 
 
 class ArchError(ValueError):
-    pass
+    """What does not fit; ``key``: the baseline setting to fix (``arch``, or ``weights`` for a file whose keys or
+    shapes are not the architecture's)."""
+
+    def __init__(self, message: str, key: str = "arch"):
+        super().__init__(message)
+        self.key = key
+
+
+class ArchImportError(ArchError):
+    """The arch's module does not import here (`sweep validate` leaves that to the stage that builds it)."""
 
 
 def is_builtin(arch: str) -> bool:
@@ -52,7 +61,7 @@ def _import(module: str, arch: str):
     except Exception as e:  # noqa: BLE001 - ImportError, or a binary that does not match this torch
         hint = (" (install the torchvision release built for your torch, e.g. torch 2.14.1 with torchvision "
                 "0.29.1)" if module.split(".")[0] in ("torchvision", "timm") else "")
-        raise ArchError(f"arch {arch!r} needs the Python module {module!r}, which cannot be imported here: "
+        raise ArchImportError(f"arch {arch!r} needs the Python module {module!r}, which cannot be imported here: "
                         f"{type(e).__name__}: {e}{hint}") from e
 
 
@@ -133,16 +142,54 @@ def default_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
-    """Every key and every shape of ``model`` from ``state`` (a classifier included), or a clear error."""
+def check_state(model: nn.Module, state: dict, source: str) -> None:
+    """ArchError (key ``weights``) unless ``state`` has every key and every shape of ``model`` (a classifier
+    included) and no other key. Loads nothing: ``model`` may be on the meta device."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ArchError(f"{source}: state dict does not match {type(model).__name__}: "
                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}", key="weights")
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise ArchError(f"{source}: {k} has shape {tuple(state[k].shape)}, the model needs {tuple(v.shape)}")
+            raise ArchError(f"{source}: {k} has shape {tuple(state[k].shape)}, the model needs {tuple(v.shape)}",
+                            key="weights")
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
+    """Every key and every shape of ``model`` from ``state`` (a classifier included), or a clear error."""
+    check_state(model, state, source)
     model.load_state_dict(state, strict=True)
+
+
+def pretrained_model(arch: str, arch_args: dict | None, state: dict, channels: int, small_input: bool | None,
+                     source: str) -> tuple[nn.Module, dict, dict]:
+    """A pretrained baseline's model for the state dict ``state`` (read from ``source``) and images of
+    ``channels`` channels: (model, the state to load into it, what baseline.json records: ``small_input``,
+    ``num_classes``, ``model_in_channels`` for a non-built-in arch). Every check of the weights against the
+    arch is made here, nothing is loaded: the baselines stage loads the state, `sweep validate` builds the
+    model on the meta device to find a mismatch before any stage runs. ArchError naming what does not fit."""
+    if not is_builtin(arch):
+        model = build(arch, arch_args)
+        check_state(model, state, source)
+        model_in = input_channels(model)
+        if model_in != channels and channels != 1:  # grey images are repeated to the model's channels
+            raise ArchError(f"{arch} takes {model_in}-channel images, the data has {channels} (data.channels)")
+        return model, state, {"small_input": None, "num_classes": None, "model_in_channels": model_in}
+    from sweep.encoders.resnet import build_resnet, fitted_resnet_state, infer_layout
+
+    try:
+        layout = infer_layout(state)
+    except ValueError as e:
+        raise ArchError(f"{source}: {e}", key="weights") from None
+    if layout["arch"] and layout["arch"] != arch:
+        raise ArchError(f"arch is {arch} but {source} holds a {layout['arch']}")
+    small = layout["small_input"] if small_input is None else bool(small_input)
+    model = build_resnet(arch, num_classes=layout["num_classes"], in_channels=channels, small_input=small)
+    try:
+        fitted = fitted_resnet_state(model, state, source)
+    except ValueError as e:
+        raise ArchError(str(e), key="weights") from None
+    return model, fitted, {"small_input": small, "num_classes": layout["num_classes"]}

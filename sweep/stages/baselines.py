@@ -3,10 +3,11 @@
 Each entry of `baselines:` is one of
 
 - `supervised`: a ResNet trained from scratch with cross-entropy on the train split (Ray Train, DDP, the same
-  workers / GPU / CPU settings as pretraining and the same flip + 90-degree-rotation augmentation). After each
-  epoch every worker scores its share of the val split; the epoch with the best `probe.select` metric
-  (val_macro_f1 or val_acc) is kept, and its end-to-end test accuracy / macro F1 / balanced accuracy are
-  logged to MLflow (`test_acc`, `test_macro_f1`, `test_balanced_acc`): the supervised reference.
+  workers / GPU / CPU settings as pretraining and, as `pretrain.augment` says, the same flip + 90-degree-
+  rotation augmentation). After each epoch every worker scores its share of the val split; the epoch with
+  the best `probe.select` metric (val_macro_f1 or val_acc) is kept, and its end-to-end test accuracy /
+  macro F1 / balanced accuracy are logged to MLflow (`test_acc`, `test_macro_f1`, `test_balanced_acc`): the
+  supervised reference.
 - `simclr`: the same backbone + a projection head trained with NT-Xent on two augmented views of each image
   (`sweep.train.simclr`). Labels never reach it: its Ray Data dataset has only the image and a row number.
 - Both recompute their BatchNorm statistics over a sample of the train split (every k-th row, about 1,024
@@ -48,7 +49,7 @@ from sweep.stages.common import (WorkerMetrics, check_run_images, check_training
                                  fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
                                  quiet_train_reports, say, train_datasets, train_logging, train_shard,
                                  trained_on_other_images, trained_with_other_settings)
-from sweep.storage import Storage, read_json, staged_dir
+from sweep.storage import Storage, exists, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
 FAULT_ENV = "SWEEP_BASELINE_FAULT_AT_EPOCH"  # fault injection for resume tests: fail after this epoch
@@ -75,7 +76,10 @@ def resolved(config: PipelineConfig, b: BaselineConfig) -> dict:
             "in_channels": config.data.channels, "image_size": config.data.image_size,
             **({"temperature": b.temperature, "projection_dim": b.projection_dim}
                if b.kind == "simclr" else {}),
-            **({"select": config.probe.select} if b.kind == "supervised" else {})}
+            **({"select": config.probe.select} if b.kind == "supervised" else {}),
+            # the supervised baseline augments as the U-Net does (pretrain.augment); recorded only when off, so
+            # that the key of a baseline trained before this setting reached it stays the same
+            **({"augment": False} if b.kind == "supervised" and not config.pretrain.augment else {})}
 
 
 def trained_settings(config: PipelineConfig, b: BaselineConfig) -> dict:
@@ -386,7 +390,8 @@ def train_loop(cfg: dict) -> None:
                 continue
             x = x.to(device)
             if supervised:
-                x = flips_and_rotations(x, generator)
+                if cfg.get("augment", True):
+                    x = flips_and_rotations(x, generator)
                 y = batch["label"].to(device).long()
                 if use_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -554,48 +559,24 @@ def _normalisation(b: BaselineConfig, channels: int) -> tuple[list | None, list 
 
 
 def build_pretrained(config: PipelineConfig, b: BaselineConfig, out: str | Path, key: str) -> dict:
-    """Load `weights` into the architecture (conv1 adapted to the data's channels) and save it as final."""
+    """Load `weights` into the architecture (a built-in ResNet's conv1 adapted to the data's channels) and
+    save it as final."""
     from sweep.encoders.base import checkpoint_hash
-    from sweep.encoders.resnet import build_resnet, infer_layout, load_resnet_weights, read_state_dict
+    from sweep.encoders.resnet import read_state_dict
 
     state = read_state_dict(b.weights)
-    if not zoo.is_builtin(b.arch):
-        return _build_zoo_pretrained(config, b, out, key, state)
-    layout = infer_layout(state)
-    if layout["arch"] and layout["arch"] != b.arch:
-        raise BaselineError(f"baseline {b.name!r}: arch is {b.arch} but {b.weights} holds a {layout['arch']}")
-    small = b.small_input
-    small = layout["small_input"] if small is None else bool(small)
-    model = build_resnet(b.arch, num_classes=layout["num_classes"], in_channels=config.data.channels,
-                         small_input=small)
-    load_resnet_weights(model, state, source=str(b.weights))
-    mean, std = _normalisation(b, config.data.channels)
-    meta = {"name": b.name, "kind": "pretrained", "arch": b.arch, "in_channels": config.data.channels,
-            "small_input": small, "num_classes": layout["num_classes"], "image_size": config.data.image_size,
-            "input_mean": mean, "input_std": std, "weights": str(b.weights),
-            "weights_hash": checkpoint_hash(b.weights), "key": key}
-    write_final(out, model.state_dict(), meta)
-    return meta
-
-
-def _build_zoo_pretrained(config: PipelineConfig, b: BaselineConfig, out, key: str, state: dict) -> dict:
-    """A torchvision / timm / factory architecture (`sweep.encoders.zoo`) with every key of the file."""
-    from sweep.encoders.base import checkpoint_hash
-
-    try:
-        model = zoo.build(b.arch, b.arch_args)
-        zoo.load_state_strict(model, state, source=str(b.weights))
-        model_in = zoo.input_channels(model)
+    try:  # the checks `sweep validate` makes too (sweep.encoders.checks)
+        model, state, built = zoo.pretrained_model(b.arch, b.arch_args, state, config.data.channels,
+                                                   b.small_input, source=str(b.weights))
     except zoo.ArchError as e:
         raise BaselineError(f"baseline {b.name!r}: {e}") from e
-    channels = config.data.channels
-    if model_in != channels and channels != 1:
-        raise BaselineError(f"baseline {b.name!r}: {b.arch} takes {model_in}-channel images, the data has "
-                            f"{channels} (data.channels)")
-    mean, std = _normalisation(b, model_in)  # grey images are repeated to the model's channels first
-    meta = {"name": b.name, "kind": "pretrained", "arch": b.arch, "arch_args": b.arch_args, "in_channels": channels,
-            "model_in_channels": model_in, "small_input": None, "num_classes": None,
-            "image_size": config.data.image_size, "input_mean": mean, "input_std": std, "weights": str(b.weights),
+    model.load_state_dict(state, strict=True)
+    # grey images are repeated to a 3-channel model's channels first
+    mean, std = _normalisation(b, built.get("model_in_channels", config.data.channels))
+    meta = {"name": b.name, "kind": "pretrained", "arch": b.arch,
+            **({"arch_args": b.arch_args} if not zoo.is_builtin(b.arch) else {}),
+            "in_channels": config.data.channels, **built, "image_size": config.data.image_size,
+            "input_mean": mean, "input_std": std, "weights": str(b.weights),
             "weights_hash": checkpoint_hash(b.weights), "key": key}
     write_final(out, model.state_dict(), meta)
     return meta
@@ -641,7 +622,8 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
     if marker is not None:
         wanted = trained_settings(config, b)
         raise BaselineError(trained_with_other_settings(
-            "a baseline", {k: marker[k] for k in wanted if k in marker}, wanted, str(final)))
+            "a baseline", {k: marker[k] for k in wanted if k in marker}, wanted, str(final),
+            features=storage.features(b.name) if exists(storage.features(b.name)) else None))
     table = get_table()
     settings = resolved(config, b)
     p = config.pretrain

@@ -271,6 +271,13 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     except ExtractError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. weights cut short while their marker says complete
+        from sweep.encoders.base import UnknownLayerError  # torch: not at module level (decode tasks import this)
+
+        if isinstance(e, UnknownLayerError):  # the model is fine (remaking it would not help), the layers asked are not
+            names = [b.name for b in config.baselines]
+            key = f"baselines.{names.index(spec.name)}.layers" if spec.name in names else "extract.layers"
+            raise ExtractError(f"encoder {spec.name!r}: {one_line(e)}: fix {key} (module paths of the model at "
+                               f"{kwargs['checkpoint']})") from e
         made_by = "sweep pretrain" if spec.kind == "diffusion" and not spec.checkpoint else (
             "sweep baselines" if spec.kind == "baseline" else None)
         remedy = (f"delete {kwargs['checkpoint']} and run `{made_by}` to make it again" if made_by
