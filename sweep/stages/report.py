@@ -365,7 +365,7 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
               "given here. Weights trained elsewhere have no budget here; ImageNet-style weights, trained at "
               "about 224 px, see these images at this size, their deeper layers at a few pixels."
               + (f" **The {gap}.**" if gap else ""), "", "```",
-              budgets.to_string(index=False, na_rep="-"), "```", ""]
+              budgets.astype(object).where(budgets.notna(), "-").to_string(index=False), "```", ""]
     if config.probe.asha is not None and "epochs_run" in frame:
         short = int((frame["epochs_run"] < config.probe.epochs).sum())
         lines[4:4] = [f"ASHA was on: {short} of {len(frame)} columns ran fewer than {config.probe.epochs} epochs "
