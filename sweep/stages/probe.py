@@ -693,10 +693,10 @@ def _pending_trials(config: PipelineConfig, trials: list[dict], columns: dict[st
                     ) -> tuple[set[str], list[dict], int, dict]:
     """MLflow's side of planning: the keys of trials already finished for this config, the trials left,
     how many unfinished child runs of those were deleted (an interrupted sweep's), and the finished runs of
-    other configs that are results of some of those left (`tracking.reusable_trial_runs`: to be copied). Finished runs made on
-    a feature store since made again from other images (the images changed and the store was deleted and
-    extracted again) are deleted too, said, and their trials run again: kept, they were reported as results
-    of today's features."""
+    other configs that are results of some of those left (`tracking.reusable_trial_runs`: to be copied).
+    Finished runs made on a feature store since made again from other images (the images changed and the
+    store was deleted and extracted again) are deleted too, said, and their trials run again: kept, they
+    were reported as results of today's features."""
     from sweep import tracking
 
     features = {col["encoder"]: col["features"] for col in columns.values()}

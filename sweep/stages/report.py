@@ -347,7 +347,8 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
               f"{'Each encoder' if several else 'The encoder'}'s best column on validation "
               f"(`{config.probe.select}`) and that column's test and OOD numbers. `searched`: the columns that best "
               f"was chosen from: its `{config.probe.select}` is the highest of that many on the same validation "
-              f"images, optimistic{', the more so the more columns an encoder has: compare encoders on test and OOD' if several else ''}"
+              f"images, optimistic"
+              f"{', the more so the more columns an encoder has: compare encoders on test and OOD' if several else ''}"
               f". `_95ci`: the 95 % Wilson interval of the accuracy before it over that split's images"
               f"{'; a difference between encoders well inside it is not resolved by this test set' if several else ''}"
               f".{kmeans_note if 'kmeans_nmi' in compared else ''}", "",
