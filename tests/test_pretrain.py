@@ -275,9 +275,16 @@ def test_a_unet_finished_under_the_old_key_is_kept_and_recorded_under_the_new(tm
     with_ood = PipelineConfig.model_validate(
         {**raw, "data": {**raw["data"], "ood": [{"name": "shifted", "source": "demo"}]}})
     assert pretrain.run(with_ood) == str(marker.parent)
-    # other weights are still refused
-    with pytest.raises(pretrain.PretrainError, match="trained with other settings"):
+    # other weights are still refused; the advice names the U-Net's feature store where there is one (deleting
+    # the U-Net alone, the next run stopped again at extract)
+    with pytest.raises(pretrain.PretrainError, match="trained with other settings") as refused:
         pretrain.run(PipelineConfig.model_validate({**raw, "seed": 3}))
+    assert "features" not in str(refused.value)
+    (Path(config.storage_root) / "features" / "diffusion").mkdir(parents=True)
+    with pytest.raises(pretrain.PretrainError, match="trained with other settings") as refused:
+        pretrain.run(PipelineConfig.model_validate({**raw, "seed": 3}))
+    assert str(refused.value).endswith(f"delete {marker.parent} and its features, "
+                                       f"{Path(config.storage_root) / 'features' / 'diffusion'}")
     # a U-Net trained again in its place (its marker under today's key) is not mistaken for the old one
     marker.write_text(json.dumps({"key": pretrain.pretrain_key(PipelineConfig.model_validate({**raw, "seed": 3})),
                                   "steps": 6}))
