@@ -275,6 +275,15 @@ class BaselineConfig(_Model):
 
     _name = field_validator("name")(lambda v: _safe_name(v, "baseline name"))
 
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[str] | None) -> list[str] | None:
+        # as extract.layers: a name given twice made two columns of one name, refused at extract
+        dupes = sorted({n for n in v if v.count(n) > 1}) if v else []
+        if dupes:
+            raise ValueError(f"module path(s) given twice: {dupes}")
+        return v
+
     @model_validator(mode="after")
     def _weights(self) -> "BaselineConfig":
         if self.kind == "pretrained":

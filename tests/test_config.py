@@ -88,6 +88,8 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         ("report.metric=ood_other_acc", "report.metric", "no OOD dataset 'other'"),
         ("extract.layers=[]", "extract.layers", "at least one module path"),
         ("extract.layers=[mid_block, mid_block]", "extract.layers", "given twice: ['mid_block']"),
+        ("baselines=[{name: s, kind: supervised, layers: [layer1, layer1]}]", "baselines.0.layers",
+         "given twice: ['layer1']"),
         # the test pipeline's U-Net has 2 levels: the image must halve once
         ("data.image_size=15", "data.image_size", "15 is not a multiple of 2"),
         ("extract.timesteps=[0,1000]", "extract.timesteps", "[1000] not below pretrain.scheduler.num_train_timesteps"),
