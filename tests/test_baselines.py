@@ -307,7 +307,7 @@ def _reference_features(model, x, layers):
     return out
 
 
-def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tmp_path):
+def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tmp_path, capsys):
     torch.manual_seed(0)
     src = build_resnet("resnet18", num_classes=10).eval()  # 3 channels, ImageNet stem, like a torchvision file
     with torch.no_grad():  # non-trivial BatchNorm statistics
@@ -373,6 +373,15 @@ def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tm
     baselines.run(cfg)
     assert open(f"{final}/model.safetensors", "rb").read() == before
     assert len(mlflow.search_runs(experiment_names=[cfg.experiment_name])) == 2
+
+    # other weights: rebuilt in place, and said that its feature store, if any, is now of the old model
+    torch.save(build_resnet("resnet18", num_classes=10).state_dict(), weights)
+    features = Path(cfg.storage_root, "features", "imagenet-r18")
+    features.mkdir(parents=True)
+    capsys.readouterr()
+    baselines.run(load_config(path))
+    assert open(f"{final}/model.safetensors", "rb").read() != before
+    assert f"rebuilding it (its features, {features}, are then of the old model" in capsys.readouterr().err
 
 
 def test_pretrained_any_architecture_from_a_factory(write_pipeline, tmp_path, monkeypatch):

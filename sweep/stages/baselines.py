@@ -601,7 +601,10 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
 
     if b.kind == "pretrained":
         if marker is not None:
-            say(f"baselines {b.name}: {final} was made from other weights or settings; rebuilding it")
+            features = storage.features(b.name)
+            stale = (f" (its features, {features}, are then of the old model: the extract stage stops there; "
+                     f"delete them to extract again)" if exists(features) else "")
+            say(f"baselines {b.name}: {final} was made from other weights or settings; rebuilding it{stale}")
         run_id = _start_run(config, b, key, get_parent())
         try:
             meta = build_pretrained(config, b, final, key)
