@@ -363,8 +363,10 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
               "How each encoder was trained, from its finished weights: `steps` optimizer steps, `images_seen` "
               "training images drawn in all (steps x global batch for the U-Net; epochs x training images for a "
               "baseline, whose SimCLR views are two per image), and `input_px` the side of the images each is "
-              "given here. Weights trained elsewhere have no budget here; ImageNet-style weights, trained at "
-              "about 224 px, see these images at this size, their deeper layers at a few pixels."
+              "given here."
+              + (" Weights trained elsewhere have no budget here; ImageNet-style weights, trained at about 224 px, "
+                 "see these images at this size, their deeper layers at a few pixels."
+                 if budgets["trained"].str.contains("elsewhere", na=False).any() else "")
               + (f" **The {gap}.**" if gap else ""), "", "```",
               budgets.astype(object).where(budgets.notna(), "-").to_string(index=False), "```", ""]
     if config.probe.asha is not None and "epochs_run" in frame:
