@@ -375,10 +375,15 @@ def test_report_says_how_many_images_each_split_holds(swept):
     assert data[0].split() == list(table.columns) and len(data) == 4
     # one encoder: its best column on val, with the test accuracy's interval over the test images
     head, row = md.split("## Best column")[1].split("```")[1].strip().splitlines()
-    assert head.split()[3:6] == ["val_macro_f1", "test_acc", "test_acc_95ci"]
+    assert head.split()[:7] == ["encoder", "searched", "column", "resolution", "val_macro_f1", "test_acc",
+                                "test_acc_95ci"]
+    assert int(row.split()[1]) == N_TRIALS  # chosen from every column
     n_test = int(table.loc[table["split"] == "test", "images"].iloc[0])
-    acc = float(row.split()[4])
-    assert row.split()[5] == "{:.2f}-{:.2f}".format(*report.accuracy_interval(round(acc * n_test) / n_test, n_test))
+    acc = float(row.split()[5])
+    assert row.split()[6] == "{:.2f}-{:.2f}".format(*report.accuracy_interval(round(acc * n_test) / n_test, n_test))
+    # the training budgets: a given checkpoint, trained elsewhere
+    budgets = md.split("## Training budgets")[1].split("```")[1].strip().splitlines()
+    assert budgets[1].split()[:2] == ["diffusion", "given"] and budgets[1].split()[-1] == str(swept.data.image_size)
 
 
 def _report_env_trainable():
