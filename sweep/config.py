@@ -249,7 +249,8 @@ class PretrainConfig(_Model):
 _TRAINED = ("supervised", "simclr")
 # the baseline settings that only some kinds read (`weights`: pretrained, checked with its file)
 _KIND_ONLY = {**dict.fromkeys(("epochs", "batch_size", "lr", "weight_decay", "checkpoint_every"), _TRAINED),
-              "temperature": ("simclr",), "projection_dim": ("simclr",), "normalize": ("pretrained",)}
+              "temperature": ("simclr",), "projection_dim": ("simclr",), "normalize": ("pretrained",),
+              "input_size": ("pretrained",)}
 
 
 class BaselineConfig(_Model):
@@ -272,6 +273,9 @@ class BaselineConfig(_Model):
     arch_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a torchvision: / "
                                       "timm: / <module>:<callable> arch (e.g. {img_size: 32} for a timm ViT)")
     layers: list[str] | None = None
+    input_size: int | None = Field(None, ge=8, description="pretrained: the side images are resized to before "
+                                                          "the network (e.g. 224 for ImageNet weights); default: "
+                                                          "data.image_size")
 
     _name = field_validator("name")(lambda v: _safe_name(v, "baseline name"))
 
@@ -637,6 +641,9 @@ class PipelineConfig(_Model):
                                                         "report": True, **settings_left_out})
         if payload["probe"]["asha"] is None:  # the hash of a pipeline without it, as before it existed
             del payload["probe"]["asha"]
+        for b in payload.get("baselines", []):  # likewise (added 2026-11-24)
+            if b.get("input_size", 0) is None:
+                del b["input_size"]
         if probe_revision > 1:  # revision 1's hashes had no such key
             payload["probe"]["revision"] = probe_revision
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

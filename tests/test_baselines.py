@@ -383,6 +383,23 @@ def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tm
     assert open(f"{final}/model.safetensors", "rb").read() != before
     assert f"rebuilding it (its features, {features}, are then of the old model" in capsys.readouterr().err
 
+    # input_size: the images resized before the network (ImageNet weights at the scale they learned): the
+    # layers' maps grow with it, and the features are those of the resized image
+    big = write_pipeline(baselines=[{"name": "imagenet-r18-32", "kind": "pretrained", "arch": "resnet18",
+                                     "weights": str(weights), "input_size": 32}])
+    big_cfg = load_config(big)
+    assert baselines.baseline_key(big_cfg, big_cfg.baselines[0]) != baselines.baseline_key(cfg, cfg.baselines[0])
+    enc32 = CNNEncoder(baselines.run(big_cfg)["imagenet-r18-32"])
+    assert [c.resolution for c in enc32.columns] == [8, 4, 2, 1]  # 32 px through the ImageNet stem
+    sd = torch.load(weights)  # the file as it is now (the weights above were replaced)
+    sd["conv1.weight"] = sd["conv1.weight"].sum(1, keepdim=True)
+    ref_model.load_state_dict(sd)
+    up = torch.nn.functional.interpolate(xin.float(), size=(32, 32), mode="bilinear", align_corners=False)
+    ref32 = _reference_features(ref_model, up, DEFAULT_LAYERS)
+    feats32 = enc32.encode(x, [f"i{k}" for k in range(4)])
+    for layer in DEFAULT_LAYERS:
+        np.testing.assert_allclose(feats32[layer].astype(np.float32), ref32[layer].numpy(), rtol=2e-3, atol=2e-3)
+
 
 def test_pretrained_any_architecture_from_a_factory(write_pipeline, tmp_path, monkeypatch):
     # `<module>:<callable>` builds the architecture (here tests/nets.py), the weights come from the file

@@ -130,6 +130,8 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
          "normalize is only for kind pretrained (this baseline is supervised)"),
         ("baselines=[{name: s, kind: supervised, temperature: 0.1, projection_dim: 64}]", "baselines.0",
          "temperature, projection_dim are only for kind simclr (this baseline is supervised)"),
+        ("baselines=[{name: s, kind: simclr, input_size: 224}]", "baselines.0",
+         "input_size is only for kind pretrained (this baseline is simclr)"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):

@@ -57,10 +57,13 @@ def load_baseline(folder: str | Path) -> tuple[torch.nn.Module, dict]:
 def input_transform(meta: dict):
     """Images in [-1, 1] -> what the network was trained on. Trained baselines see [-1, 1] as is; a
     pretrained one may carry per-channel ``input_mean``/``input_std`` for [0, 1] intensities (ImageNet's),
-    and grey images are repeated to the channels of a model that expects more (``model_in_channels``)."""
+    an ``input_size`` the images are resized to (bilinear, antialiased when shrinking: weights trained at
+    224 px see the image at about the scale they learned), and grey images are repeated to the channels of a
+    model that expects more (``model_in_channels``)."""
     mean, std = meta.get("input_mean"), meta.get("input_std")
     repeat = int(meta.get("model_in_channels") or meta["in_channels"]) // int(meta["in_channels"])
-    if (mean is None or std is None) and repeat == 1:
+    size = meta.get("input_size")
+    if (mean is None or std is None) and repeat == 1 and not size:
         return lambda x: x
     m = s = None
     if mean is not None and std is not None:
@@ -68,6 +71,9 @@ def input_transform(meta: dict):
         s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
+        if size and tuple(x.shape[-2:]) != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                                antialias=size < x.shape[-1])
         if repeat > 1:
             x = x.repeat(1, repeat, 1, 1)
         return x if m is None else ((x + 1) / 2 - m.to(x.device)) / s.to(x.device)
@@ -108,7 +114,7 @@ class CNNEncoder(Encoder):
             layers = [layers]
         self.layers = list(layers)
         self.in_channels = int(meta["in_channels"])
-        size = int(meta.get("image_size") or 32)
+        size = int(meta.get("input_size") or meta.get("image_size") or 32)  # what the network is given
         model_in = int(meta.get("model_in_channels") or self.in_channels)
         example = torch.zeros((1, model_in, size, size), device=self.device)
         self._hooks = PooledFeatureHooks(self.model, self.layers, example)

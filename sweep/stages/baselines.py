@@ -96,7 +96,9 @@ def baseline_key(config: PipelineConfig, b: BaselineConfig) -> str:
 
         return fingerprint("pretrained", b.arch, checkpoint_hash(b.weights), b.small_input,
                            b.normalize, config.data.channels, config.data.image_size,
-                           *([b.arch_args] if b.arch_args else []))
+                           *([b.arch_args] if b.arch_args else []),
+                           # only where given: the key of a baseline built before the setting existed stays
+                           *([{"input_size": b.input_size}] if b.input_size else []))
     s = trained_settings(config, b)
     return fingerprint(s["settings"], s["data"], s["seed"])
 
@@ -577,6 +579,7 @@ def build_pretrained(config: PipelineConfig, b: BaselineConfig, out: str | Path,
             **({"arch_args": b.arch_args} if not zoo.is_builtin(b.arch) else {}),
             "in_channels": config.data.channels, **built, "image_size": config.data.image_size,
             "input_mean": mean, "input_std": std, "weights": str(b.weights),
+            **({"input_size": b.input_size} if b.input_size else {}),
             "weights_hash": checkpoint_hash(b.weights), "key": key}
     write_final(out, model.state_dict(), meta)
     return meta

@@ -240,7 +240,7 @@ def training_budgets(config: PipelineConfig) -> pd.DataFrame:
                 row.update(train_images=n, steps=marker["steps"], images_seen=seen,
                            epochs=round(seen / n, 1) if n else None)
         elif b is not None and b.kind == "pretrained":
-            row["trained"] = "weights given (trained elsewhere)"
+            row.update(trained="weights given (trained elsewhere)", input_px=b.input_size or config.data.image_size)
         elif b is not None:
             meta = read_json(f"{storage.baseline_final(b.name)}/{META_FILE}") or {}
             row["trained"] = {"supervised": "supervised (labels)", "simclr": "SimCLR (two views per image)"}[b.kind]
@@ -365,7 +365,8 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
               "baseline, whose SimCLR views are two per image), and `input_px` the side of the images each is "
               "given here."
               + (" Weights trained elsewhere have no budget here; ImageNet-style weights, trained at about 224 px, "
-                 "see these images at this size, their deeper layers at a few pixels."
+                 "see these images at `input_px` (`baselines[].input_size`: e.g. 224 resizes them to the "
+                 "scale such weights learned)."
                  if budgets["trained"].str.contains("elsewhere", na=False).any() else "")
               + (f" **The {gap}.**" if gap else ""), "", "```",
               budgets.astype(object).where(budgets.notna(), "-").to_string(index=False), "```", ""]
