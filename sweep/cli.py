@@ -248,6 +248,15 @@ def cmd_validate(config: PipelineConfig) -> None:
     print(f"  classes: {', '.join(table.classes)}")
     print(f"  encoders: {', '.join(s.name for s in config.encoder_specs())}; "
           f"timesteps {config.extract.timesteps}; layers {config.extract.layers}")
+    from sweep.stages.report import budget_gap, planned_budgets
+
+    budgets = planned_budgets(config, int((table.frame["split"] == "train").sum()))
+    if len(budgets) > 1:  # what "comparable budgets" asks, before hours of training
+        print("  budgets: " + "; ".join(f"{r.encoder} {r.plan} = {r.images_seen:,} training images"
+                                        for r in budgets.itertuples()))
+        gap = budget_gap(budgets, saw="would see")
+        if gap:
+            print(f"  budgets: warning: {gap}")
     try:  # a warning: a cluster's storage path may exist only on the cluster
         check_local_storage(config, create=False)
         print(f"  storage: {config.storage_root}")

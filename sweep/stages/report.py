@@ -254,7 +254,24 @@ def training_budgets(config: PipelineConfig) -> pd.DataFrame:
     return pd.DataFrame(rows).astype({c: "Int64" for c in ("train_images", "steps", "images_seen")})
 
 
-def budget_gap(budgets: pd.DataFrame) -> str | None:
+def planned_budgets(config: PipelineConfig, train_images: int) -> pd.DataFrame:
+    """`training_budgets`' `images_seen` as the pipeline's settings plan them, before anything is trained
+    (`train_images`: the train split's size): what `sweep validate` compares."""
+    baselines = {b.name: b for b in config.baselines}
+    rows = []
+    for spec in config.encoder_specs():
+        b = baselines.get(spec.name)
+        if spec.kind == "diffusion" and not spec.checkpoint:
+            p = config.pretrain
+            rows.append({"encoder": spec.name, "plan": f"{p.steps} steps x {p.batch_size * p.workers}",
+                         "images_seen": p.steps * p.batch_size * p.workers})
+        elif b is not None and b.kind != "pretrained":
+            rows.append({"encoder": spec.name, "plan": f"{b.epochs} epochs x {train_images}",
+                         "images_seen": b.epochs * train_images})
+    return pd.DataFrame(rows, columns=["encoder", "plan", "images_seen"])
+
+
+def budget_gap(budgets: pd.DataFrame, saw: str = "saw") -> str | None:
     """A sentence when the encoders trained here saw training images in amounts that differ by more than
     `BUDGET_RATIO_NOTED`: the comparison is then not one at comparable budgets. None otherwise."""
     seen = budgets.dropna(subset=["images_seen"])
@@ -265,7 +282,7 @@ def budget_gap(budgets: pd.DataFrame) -> str | None:
     ratio = most["images_seen"] / least["images_seen"]
     if ratio <= BUDGET_RATIO_NOTED:
         return None
-    return (f"training budgets differ {ratio:.1f}x: {most['encoder']} saw {most['images_seen']:,} training images, "
+    return (f"training budgets differ {ratio:.1f}x: {most['encoder']} {saw} {most['images_seen']:,} training images, "
             f"{least['encoder']} {least['images_seen']:,}; differences between them mix the method with the "
             f"training time (a baseline's `epochs` sets its budget: epochs x training images)")
 
