@@ -629,7 +629,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
         wanted = trained_settings(config, b)
         raise BaselineError(trained_with_other_settings(
             "a baseline", {k: marker[k] for k in wanted if k in marker}, wanted, str(final),
-            features=storage.features(b.name) if exists(storage.features(b.name)) else None))
+            features=storage.features(b.name)))
     table = get_table()
     settings = resolved(config, b)
     p = config.pretrain

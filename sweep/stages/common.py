@@ -363,16 +363,17 @@ def trained_with_other_settings(what: str, recorded: dict | None, wanted: dict, 
                                 features: str | None = None) -> str:
     """The error for a finished model (`what` in `folder`) whose recorded settings are not the pipeline's:
     which settings changed, and the ways on. `recorded` is None for models finished before sweep recorded
-    their settings; only the parts recorded are compared. `features`: the model's feature store, which a
-    retrained model makes stale (the extract stage would stop at it next)."""
+    their settings; only the parts recorded are compared. `features`: the model's feature store, named too
+    where it exists: a retrained model makes it stale (the extract stage would stop at it next)."""
     from sweep.config import changed_settings
+    from sweep.storage import exists
 
     recorded = recorded or {}
     changed = changed_settings(recorded, {k: v for k, v in wanted.items() if k in recorded})
     why = ("changed: " + "; ".join(changed)) if changed else "its settings were not recorded by the sweep that made it"
     return (f"{folder} holds {what} trained with other settings ({why}). To keep it, restore those settings or "
             f"train into another storage (--set storage=PATH); to retrain here, delete {folder}"
-            + (f" and its features, {features}" if features else ""))
+            + (f" and its features, {features}" if features and exists(features) else ""))
 
 
 def trained_on_other_images(what: str, recorded: dict | None, get_table, folder: str,

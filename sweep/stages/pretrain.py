@@ -465,10 +465,9 @@ def run(config: PipelineConfig) -> str:
                 raise PretrainError(f"pretrain: {problem}")
             say(f"pretrain: {storage.pretrain_final} is complete for this config, nothing to do")
             return storage.pretrain_final
-        features = storage.features("diffusion")
         raise PretrainError(trained_with_other_settings("a U-Net", marker.get("settings"),
                                                         pretrain_settings(config), storage.pretrain_final,
-                                                        features=features if exists(features) else None))
+                                                        features=storage.features("diffusion")))
     p = config.pretrain
     if p.init_from:
         _check_init_from(config)

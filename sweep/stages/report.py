@@ -92,6 +92,12 @@ def probe_settings(config: PipelineConfig) -> str:
             f"{'on' if p.kmeans else 'off'}")
 
 
+def interval_text(accuracy: float, n: int) -> str:
+    """`accuracy_interval` as the report's tables show it: `0.43-0.80`, or `-` where there is none."""
+    lo, hi = accuracy_interval(accuracy, n)
+    return "-" if lo != lo else f"{lo:.2f}-{hi:.2f}"
+
+
 def data_summary(config: PipelineConfig, table=None) -> pd.DataFrame | None:
     """Images per dataset and split as the probes saw them (the feature store's rows), with how many classes
     each holds and its largest and smallest class: what every number of the report is measured on; and the
@@ -201,9 +207,7 @@ def encoder_comparison(frame: pd.DataFrame, select: str, images: pd.DataFrame | 
     sizes = {(r.dataset, r.split): r.images for r in images.itertuples()}
     for metric in [m for m in out.columns if m == "test_acc" or (m.startswith("ood_") and m.endswith("_acc"))]:
         n = sizes.get((main, "test") if metric == "test_acc" else (metric[len("ood_"):-len("_acc")], "ood"), 0)
-        bounds = [accuracy_interval(v, n) for v in out[metric]]
-        out.insert(out.columns.get_loc(metric) + 1, f"{metric}_95ci",
-                   ["-" if lo != lo else f"{lo:.2f}-{hi:.2f}" for lo, hi in bounds])
+        out.insert(out.columns.get_loc(metric) + 1, f"{metric}_95ci", [interval_text(v, n) for v in out[metric]])
     return out
 
 
@@ -408,8 +412,7 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
         n_test = 0 if images is None else int(images[(images["dataset"] == config.data.train.name)
                                                      & (images["split"] == "test")]["images"].sum())
         for r in refs:  # read against the probes' intervals: the same test images
-            lo, hi = accuracy_interval(r.get("test_acc"), n_test)
-            r["test_acc_95ci"] = "-" if lo != lo else f"{lo:.2f}-{hi:.2f}"
+            r["test_acc_95ci"] = interval_text(r.get("test_acc"), n_test)
         frame_refs = pd.DataFrame(refs)
         frame_refs.to_csv(out / "supervised_reference.csv", index=False)
         lines += ["## Supervised reference (end to end)", "",
