@@ -267,27 +267,38 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
                 untagged.append(r.info.run_id)
     for run_id in untagged:  # made before sweep tagged it: known from the config hash, and another config may copy
         client.set_tag(run_id, TAG_PROBE_HASH, config.probe_hash())
-    if not done and not other_features:
-        from sweep.stages.common import say
-
-        earlier = earlier_probe_runs(config, client, exp.experiment_id)
-        for what, n in earlier.items():
-            say(f"probe: {n} run(s) of these settings made by {what} are kept apart from this probe's "
-                f"results and probed again (`sweep best --any-config` shows them)")
-        if not earlier:  # a setting that changes results (data.ood, the probe grid, ...) makes a new config hash
-            others = client.search_runs([exp.experiment_id], max_results=1000, filter_string=(
-                f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_PIPELINE}` = '{config.name}' and "
-                f"tags.`{TAG_HASH}` != '{config.config_hash()}' and tags.`{TAG_PARENT}` LIKE '%' and "
-                f"attributes.status = 'FINISHED'"))
-            if others:
-                hashes = sorted({r.data.tags.get(TAG_HASH) for r in others})
-                say(f"probe: no run of these settings yet (config hash {config.config_hash()}); "
-                    f"{len(others)}{'+' if len(others) == 1000 else ''} probe run(s) of other settings of "
-                    f"{config.name!r} (hash {', '.join(hashes[:3])}{', ...' if len(hashes) > 3 else ''}) stay in "
-                    f"MLflow (`sweep best --any-config`); a change to the data, the seed or the probe "
-                    f"(data.ood, the probe grid, ...) probes every trial again, one to an encoder's own settings "
-                    f"(pretrain, baselines, extract) that encoder's trials")
     return done, other_features
+
+
+def explain_new_settings(config: PipelineConfig, copying: bool) -> None:
+    """Say, on a config's first probe, why every trial is to run and where the runs of earlier settings are
+    (`sweep best --any-config`). Where `copying` (runs of another config are this one's results: only encoders'
+    own settings differ), the copy's own line says it instead of 'probes every trial again'."""
+    from sweep.stages.common import say
+
+    client = client_for(config)
+    exp = client.get_experiment_by_name(config.experiment_name)
+    if exp is None:
+        return
+    earlier = earlier_probe_runs(config, client, exp.experiment_id)
+    for what, n in earlier.items():
+        say(f"probe: {n} run(s) of these settings made by {what} are kept apart from this probe's "
+            f"results and probed again (`sweep best --any-config` shows them)")
+    if earlier or copying:
+        return
+    # a setting that changes results (data.ood, the probe grid, ...) makes a new config hash
+    others = client.search_runs([exp.experiment_id], max_results=1000, filter_string=(
+        f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_PIPELINE}` = '{config.name}' and "
+        f"tags.`{TAG_HASH}` != '{config.config_hash()}' and tags.`{TAG_PARENT}` LIKE '%' and "
+        f"attributes.status = 'FINISHED'"))
+    if others:
+        hashes = sorted({r.data.tags.get(TAG_HASH) for r in others})
+        say(f"probe: no run of these settings yet (config hash {config.config_hash()}); "
+            f"{len(others)}{'+' if len(others) == 1000 else ''} probe run(s) of other settings of "
+            f"{config.name!r} (hash {', '.join(hashes[:3])}{', ...' if len(hashes) > 3 else ''}) stay in "
+            f"MLflow (`sweep best --any-config`); a change to the data, the seed or the probe "
+            f"(data.ood, the probe grid, ...) probes every trial again, one to an encoder's own settings "
+            f"(pretrain, baselines, extract) that encoder's trials")
 
 
 def reusable_trial_runs(config: PipelineConfig, keys: set[str], features: dict[str, str | None]) -> dict:

@@ -568,6 +568,7 @@ def test_a_config_that_adds_an_encoder_copies_the_others_runs_and_probes_its_own
     err = capfd.readouterr().err
     assert f"{N_TRIALS} of {2 * N_TRIALS} trials to run (0 already finished, {N_TRIALS} to copy" in err
     assert f"{N_TRIALS} trial(s) of diffusion copied from finished runs of config {one.config_hash()}" in err
+    assert "probes every trial again" not in err  # it did not: said before the copy until 2026-11-24
     ones = {r["column"]: r for r in best(one, top=None)}
     twos = best(two, top=None)
     assert len(twos) == 2 * N_TRIALS and {r["config_hash"] for r in twos} == {two.config_hash()}

@@ -132,6 +132,7 @@ def test_runs_of_an_earlier_probe_revision_are_kept_apart(write_pipeline, tmp_pa
     assert tracking.earlier_probe_runs(config) == {"probe revision 1 (sweep until 2026-11-24)": 2,
                                                    "probe revision 1 (sweep 0.1.0 until 2026-11-23)": 2}
     assert tracking.finished_trials(config) == (set(), [])  # probed again
+    tracking.explain_new_settings(config, copying=False)
     err = capsys.readouterr().err
     assert "probe: 2 run(s) of these settings made by probe revision 1 (sweep until 2026-11-24) are kept apart" \
         in err
@@ -258,10 +259,15 @@ def test_a_probe_of_new_settings_says_where_the_earlier_runs_are(write_pipeline,
         client.set_terminated(run_id)
     capsys.readouterr()
     assert tracking.finished_trials(config) == (set(), [])
+    tracking.explain_new_settings(config, copying=False)
     assert capsys.readouterr().err.splitlines() == [
         f"[sweep] probe: no run of these settings yet (config hash {config.config_hash()}); 2 probe run(s) of other "
         f"settings of {config.name!r} (hash {before.config_hash()}) stay in MLflow (`sweep best --any-config`); a "
         f"change to the data, the seed or the probe (data.ood, the probe grid, ...) probes every trial again, one "
         f"to an encoder's own settings (pretrain, baselines, extract) that encoder's trials"]
+    # copying runs of the other config (only encoders' own settings differ): the copy's line says so, not
+    # 'probes every trial again'
+    tracking.explain_new_settings(config, copying=True)
+    assert capsys.readouterr().err == ""
     assert tracking.finished_trials(before) == ({"diffusion/mid_block@t0", "diffusion/mid_block@t100"}, [])
     assert capsys.readouterr().err == ""  # its own runs: nothing to explain

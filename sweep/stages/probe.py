@@ -708,6 +708,8 @@ def _pending_trials(config: PipelineConfig, trials: list[dict], columns: dict[st
     todo = [t for t in trials if t["key"] not in done]
     stale = tracking.delete_unfinished_trial_runs(config, {t["key"] for t in todo}) if todo else 0
     reusable = tracking.reusable_trial_runs(config, {t["key"] for t in todo}, features)
+    if not done and not other_features:
+        tracking.explain_new_settings(config, copying=bool(reusable))
     return done, todo, stale, reusable
 
 
