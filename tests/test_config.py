@@ -133,6 +133,8 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         ("data.train.name=.hidden", "data.train.name", "got '.hidden'"),
         ("name=-x", "name", "got '-x'"),
         ("baselines=[{name: ., kind: supervised}]", "baselines.0.name", "got '.'"),
+        # a value that is part of an allowed one ('balance' in 'balanced') was taken as already shown
+        ("probe.class_weights=balance", "probe.class_weights", "Input should be 'none' or 'balanced' (got 'balance')"),
         # settings a kind never reads were silently ignored
         ("baselines=[{name: s, kind: supervised, normalize: imagenet}]", "baselines.0",
          "normalize is only for kind pretrained (this baseline is supervised)"),
