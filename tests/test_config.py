@@ -66,7 +66,19 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"images: 1 of 13 sampled unreadable (e.g. {broken}: UnidentifiedImageError" in out
     # 1 of 13 is more than extract.max_bad_fraction (0.01 by default) allows: extract would stop on it
-    assert "images: warning: 8% of the sample is unreadable, more than extract.max_bad_fraction=0.01" in out
+    assert "images: warning: 8% of the sample is unreadable, more than extract.max_bad_fraction=0.01 allows: " \
+           "extract would stop" in out
+    # 1 unreadable file sampled of 101 images: 3 % of the sample, 1 % of the images, which extract allows
+    many = []
+    for i in range(100):
+        c = ("Tripos", "Ciliophora")[i % 2]
+        copy = tmp_path / f"{c}-{i}.jpg"
+        copy.write_bytes(sorted((demo / c).iterdir())[i // 2 % 6].read_bytes())
+        many.append((copy, c))
+    assert validate(many + [(broken, "Tripos")]) == 0
+    out = capsys.readouterr().out
+    assert "images: 1 of 32 sampled unreadable" in out, out
+    assert "extract may stop (it allows 1 of the 101 images; the sample cannot tell)" in out, out
     assert validate([(tmp_path / f"gone-{i}.png", c) for i, c in enumerate("ABABAB")]) == 2
     err = capsys.readouterr().err
     assert ("sweep: invalid config: pipelines/demo.yaml: data.train: none of 6 sampled images could be read, e.g. "
