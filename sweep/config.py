@@ -10,6 +10,7 @@ import contextvars
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -686,7 +687,9 @@ def _names_value(msg: str, value) -> bool:
     """Whether a message already shows the value: quoted, in parentheses or after "got" (a bare digit in
     "greater than 1" is the bound, not the value)."""
     if isinstance(value, str):
-        return repr(value) in msg or f'"{value}"' in msg or (len(value) > 3 and value in msg)
+        # unquoted only as a whole word: 'balance' is not shown by "'none' or 'balanced'"
+        return repr(value) in msg or f'"{value}"' in msg or (
+            len(value) > 3 and re.search(rf"(?<![\w'\"]){re.escape(value)}(?![\w'\"])", msg) is not None)
     return any(form in msg for form in (f"({value})", f"got {value}", f"{value!r} "))
 
 

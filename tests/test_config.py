@@ -66,7 +66,19 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"images: 1 of 13 sampled unreadable (e.g. {broken}: UnidentifiedImageError" in out
     # 1 of 13 is more than extract.max_bad_fraction (0.01 by default) allows: extract would stop on it
-    assert "images: warning: 8% of the sample is unreadable, more than extract.max_bad_fraction=0.01" in out
+    assert "images: warning: 8% of the sample is unreadable, more than extract.max_bad_fraction=0.01 allows: " \
+           "extract would stop" in out
+    # 1 unreadable file sampled of 101 images: 3 % of the sample, 1 % of the images, which extract allows
+    many = []
+    for i in range(100):
+        c = ("Tripos", "Ciliophora")[i % 2]
+        copy = tmp_path / f"{c}-{i}.jpg"
+        copy.write_bytes(sorted((demo / c).iterdir())[i // 2 % 6].read_bytes())
+        many.append((copy, c))
+    assert validate(many + [(broken, "Tripos")]) == 0
+    out = capsys.readouterr().out
+    assert "images: 1 of 32 sampled unreadable" in out, out
+    assert "extract may stop (it allows 1 of the 101 images; the sample cannot tell)" in out, out
     assert validate([(tmp_path / f"gone-{i}.png", c) for i, c in enumerate("ABABAB")]) == 2
     err = capsys.readouterr().err
     assert ("sweep: invalid config: pipelines/demo.yaml: data.train: none of 6 sampled images could be read, e.g. "
@@ -133,6 +145,8 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
         ("data.train.name=.hidden", "data.train.name", "got '.hidden'"),
         ("name=-x", "name", "got '-x'"),
         ("baselines=[{name: ., kind: supervised}]", "baselines.0.name", "got '.'"),
+        # a value that is part of an allowed one ('balance' in 'balanced') was taken as already shown
+        ("probe.class_weights=balance", "probe.class_weights", "Input should be 'none' or 'balanced' (got 'balance')"),
         # settings a kind never reads were silently ignored
         ("baselines=[{name: s, kind: supervised, normalize: imagenet}]", "baselines.0",
          "normalize is only for kind pretrained (this baseline is supervised)"),

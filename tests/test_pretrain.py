@@ -430,6 +430,35 @@ def test_rerun_resumes_and_trains_every_step_exactly_once(pretrained):
 
 
 @pytest.mark.ray
+def test_a_checkpoint_stored_but_not_registered_is_resumed_from(tmp_path, ray_local):
+    """Ctrl-C between a worker storing a checkpoint and Ray Train's controller registering it left the run
+    folder with checkpoints and no `checkpoint_manager_snapshot.json` (an audit's `sweep run`, stopped as
+    step 20 of 60 was reported, kept checkpoint_000000020 and 40): Ray Train then hands no checkpoint and the
+    rerun trained from step 0 again, writing over them. It now resumes from the newest stored one."""
+    raw = small_pipeline(tmp_path / "store", pretrain={
+        "steps": 20, "checkpoint_every": EVERY, "lr": 2.0e-3, "warmup_steps": 2, "batch_size": 8,
+        "workers": 2, "sample_grid": 0})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(pretrain.FAULT_ENV, str(EVERY))
+        with pytest.raises(pretrain.PretrainError, match="injected fault"):
+            pretrain.run(config)
+    (run_dir,) = (Path(config.storage_root) / "pretrain").glob("run-*")
+    (run_dir / "checkpoint_manager_snapshot.json").unlink()  # as the interrupted run leaves it: not registered
+    stored = _checkpoints(run_dir)[EVERY] / pretrain.STATE_FILE
+    before = (stored.stat().st_mtime_ns, stored.read_bytes())
+
+    pretrain.run(config)
+    # resumed: the step-10 checkpoint is the one stored before, not trained and stored again
+    assert sorted(_checkpoints(run_dir)) == [EVERY, 20]
+    assert (stored.stat().st_mtime_ns, stored.read_bytes()) == before
+    state = torch.load(_checkpoints(run_dir)[20] / pretrain.STATE_FILE, map_location="cpu", weights_only=False)
+    assert state["step"] == 20 and {int(s["step"]) for s in state["optimizer"]["state"].values()} == {20}
+
+
+@pytest.mark.ray
 def test_loss_falls(pretrained):
     run = pretrained["runs"][0]
     history = sorted(pretrained["client"].get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)

@@ -131,3 +131,40 @@ def test_budget_gap_names_the_encoders_furthest_apart_beyond_twice():
     assert gap.startswith("training budgets differ 10.5x: diffusion saw 6,400 training images, sup 610")
     assert budget_gap(budgets[budgets["encoder"] != "sup"]) is None  # 6,400 vs 3,300: within 2x
     assert budget_gap(budgets[budgets["encoder"].isin(["sup", "imagenet"])]) is None  # one trained here
+
+
+def test_training_budgets_count_the_training_images_trained_on(tmp_path, write_pipeline):
+    """The weights' record counts the train split's listed files; an unreadable one (skipped by training,
+    rejected by extraction) is not a training image: the budget's `train_images` and `epochs` agree with the
+    Data section's train row (an audit's 1 corrupt file of 241: train_images 241, the Data section 240)."""
+    import json
+    from pathlib import Path
+
+    from sweep.stages.report import training_budgets
+    from sweep.storage import PRETRAIN_MARKER
+
+    config = load_config(write_pipeline(data={"image_size": 16, "channels": 1,
+                                              "train": {"name": "plankton", "source": "demo"}}))
+    table = build_table(config)
+    frame = table.frame
+    listed = int((frame["split"] == "train").sum())
+    bad = frame[frame["split"] == "train"].index[0]
+    columns = [{"column": "mid_block@t0", "layer": "mid_block", "timestep": 0, "dim": 2, "resolution": 4}]
+    storage = Storage.of(config.storage_root)
+    store = FeatureStore(storage.features("diffusion"))
+    store.open({"encoder": "diffusion", "columns": columns}, "k", {"plankton": 1})
+    kept = frame.drop(index=[bad])
+    store.write_shard("plankton", 0, to_table(kept.to_dict("list"), {"mid_block@t0": np.zeros((len(kept), 2))},
+                                              columns),
+                      rejected=[{"image_id": frame.at[bad, "image_id"], "reason": "broken"}])
+    store.mark_complete({})
+    # the finished U-Net's record as the pretrain stage writes it: the listed files' fingerprint and count
+    Path(storage.pretrain_final).mkdir(parents=True)
+    Path(storage.pretrain_final, PRETRAIN_MARKER).write_text(json.dumps(
+        {"key": "k", "steps": 10, "global_batch": 8, "training_images": {"images": listed, "ids": "i", "labels": "l"}}))
+
+    images = data_summary(config, table)
+    assert images.set_index(["dataset", "split"]).loc[("plankton", "train"), "images"] == listed - 1
+    row = training_budgets(config, images).set_index("encoder").loc["diffusion"]
+    assert row["train_images"] == listed - 1
+    assert row["images_seen"] == 80 and row["epochs"] == round(80 / (listed - 1), 1)

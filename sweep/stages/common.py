@@ -410,8 +410,22 @@ def load_checkpoint_state(checkpoint, file_name: str, what: str, speak: bool):
     import ray.train
     import torch
 
+    unregistered = None
     if checkpoint is None:
-        return None
+        # Ray Train hands none when its run snapshot lists none: a run stopped (Ctrl-C, a killed driver) between
+        # a worker storing a checkpoint and the controller registering it leaves the checkpoints without the
+        # snapshot, and the rerun trained from step 0 beside them. The newest readable one in the run folder.
+        try:
+            storage = ray.train.get_context().get_storage()
+            fs, folder = storage.storage_filesystem, storage.experiment_fs_path.rstrip("/")
+            stored = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(folder))
+                             if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+                            reverse=True)
+        except Exception:  # noqa: BLE001 - no context or storage to look in: start over, as before
+            stored = []
+        if not stored:
+            return None
+        checkpoint = unregistered = ray.train.Checkpoint(path=stored[0], filesystem=fs)
     fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
     try:
         kept = fs.get_file_info(pafs.FileSelector(latest.rsplit("/", 1)[0]))
@@ -429,6 +443,9 @@ def load_checkpoint_state(checkpoint, file_name: str, what: str, speak: bool):
             continue
         if i and speak:
             say(f"{what}: the latest checkpoint cannot be read ({problem}); resuming from the one before, {path}")
+        if unregistered is not None and speak:
+            say(f"{what}: {path} was stored but not registered by Ray Train (the run stopped in between): "
+                f"resuming from it")
         return state
     if speak:
         say(f"{what}: no checkpoint of this run can be read ({problem}); starting over")

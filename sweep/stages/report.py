@@ -214,17 +214,23 @@ def encoder_comparison(frame: pd.DataFrame, select: str, images: pd.DataFrame | 
 BUDGET_RATIO_NOTED = 2.0  # trained encoders whose images seen in training differ more than this are flagged
 
 
-def training_budgets(config: PipelineConfig) -> pd.DataFrame:
+def training_budgets(config: PipelineConfig, images: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per encoder of the pipeline: how it was trained, as its finished weights record it. `steps`:
     optimizer steps; `images_seen`: training images drawn in all (steps x global batch for the U-Net, epochs
     x training images for a baseline; SimCLR makes two views of each); `input_px`: the side of the images it
     is given here. Weights trained elsewhere (a pretrained baseline, a given U-Net checkpoint) have no
-    budget here. Empty cells where an encoder is not trained yet."""
+    budget here. Empty cells where an encoder is not trained yet. `images` (`data_summary`): the train
+    split's unreadable images, which the weights' record counts (it fingerprints the listed files) but
+    training skipped, are taken off `train_images`, as the Data section and the training stages count."""
     from sweep.stages.baselines import META_FILE
     from sweep.storage import PRETRAIN_MARKER, read_json
 
     storage = Storage.of(config.storage_root)
     baselines = {b.name: b for b in config.baselines}
+    skipped = 0
+    if images is not None:
+        train = images[(images["dataset"] == config.data.train.name) & (images["split"] == "train")]
+        skipped = int(train["unreadable"].sum())
     rows = []
     for spec in config.encoder_specs():
         row = {"encoder": spec.name, "trained": None, "train_images": None, "epochs": None, "steps": None,
@@ -238,6 +244,7 @@ def training_budgets(config: PipelineConfig) -> pd.DataFrame:
                                                  else "")
             if marker:
                 n = (marker.get("training_images") or {}).get("images")
+                n = n - skipped if n else n
                 # the global batch of the run that made it (recorded since 2026-11-24; before: as configured)
                 batch = marker.get("global_batch") or config.pretrain.batch_size * config.pretrain.workers
                 seen = marker["steps"] * batch
@@ -250,6 +257,7 @@ def training_budgets(config: PipelineConfig) -> pd.DataFrame:
             row["trained"] = {"supervised": "supervised (labels)", "simclr": "SimCLR (two views per image)"}[b.kind]
             if meta:
                 n = (meta.get("training_images") or {}).get("images")
+                n = n - skipped if n else n
                 history = meta.get("history") or []
                 row.update(train_images=n, epochs=meta.get("epochs"),
                            steps=history[-1]["step"] if history else None,
@@ -374,7 +382,7 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
               f"{'; a difference between encoders well inside it is not resolved by this test set' if several else ''}"
               f".{kmeans_note if 'kmeans_nmi' in compared else ''}", "",
               "```", compared.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "```", ""]
-    budgets = training_budgets(config)
+    budgets = training_budgets(config, images)
     budgets = budgets[budgets["encoder"].isin(frame["encoder"])]
     budgets.to_csv(out / "training_budgets.csv", index=False)
     gap = budget_gap(budgets)
