@@ -301,6 +301,7 @@ def check_local_storage(config: PipelineConfig, create: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config = None
     try:
         # a job's data and checkpoints need exist only on the cluster; the job checks them there
         config = load_config(args.pipeline, args.overrides, check_local_paths=args.command != "submit")
@@ -367,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         # Ray's authentication error is its fix: the token's places and RAY_AUTH_MODE, on its later lines
         shown = f"{type(e).__name__}: {' '.join(str(e).split())}" if type(e).__name__ == "AuthenticationError" \
             else one_line(e)
+        if config is not None and type(e).__module__.startswith("sqlalchemy"):
+            # "database disk image is malformed" named no database: the MLflow store it came from
+            from sweep.tracking import tracking_uri
+
+            shown = f"{shown.split(' [SQL:')[0]} (MLflow tracking store {tracking_uri(config)})"
         print(f"sweep: {shown}", file=sys.stderr)
         return 1
 

@@ -123,12 +123,21 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+class DamagedFileError(ValueError):
+    """A file sweep wrote (a manifest, a marker) that no longer reads as JSON; the message names it."""
+
+
 def read_json(uri: str) -> dict | None:
     fs, path = _split(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+        data = f.read()
+    try:
+        return json.loads(data.decode())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: the bare error named no file
+        raise DamagedFileError(f"{uri} is damaged (not valid JSON: {e}); restore it, or delete it and "
+                               f"what it describes to have that made again") from None
 
 
 def _fsync(path: str | os.PathLike) -> None:

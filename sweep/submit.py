@@ -83,7 +83,8 @@ def check_job_storage(config) -> None:
                           f"(--set storage=/shared/sweep/{config.name}) or a bucket (--set storage=s3://...)")
     uri = configured_uri(config) or ""
     if uri.startswith("sqlite:///") and not os.path.isabs(uri.removeprefix("sqlite:///")):
-        raise ConfigError(f"tracking.uri: {uri!r} is a relative SQLite path: in a Ray job it lands in a temporary "
+        key = "tracking.uri" if config.tracking.uri else "tracking.uri (unset; $MLFLOW_TRACKING_URI)"
+        raise ConfigError(f"{key}: {uri!r} is a relative SQLite path: in a Ray job it lands in a temporary "
                           f"copy of this folder; give an absolute path or the cluster's MLflow server")
 
 

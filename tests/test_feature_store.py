@@ -302,3 +302,28 @@ def test_files_reach_the_disk_before_their_final_name(tmp_path, monkeypatch):
         (d / "done.json").write_text("{}")
     assert sorted(p for p, _ in seen[:2]) == [str(tmp_path / "final.tmp" / f) for f in ("done.json", "weights.bin")]
     assert seen[2][0] == str(tmp_path) and (tmp_path / "final" / "weights.bin").read_bytes() == b"w" * 100
+
+
+def test_a_damaged_manifest_is_named_in_the_error(tmp_path):
+    """A manifest that no longer reads as JSON: the error names the file (a bare JSONDecodeError, all that
+    `sweep probe` printed, said where in some file, not which file)."""
+    store = _open(tmp_path / "enc")
+    store.write_shard("main", 0, _rows(["a"])[0])
+    (tmp_path / "enc" / "_manifest.json").write_text("{bad json")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "enc" / "_manifest.json")) + " is damaged"):
+        FeatureStore(str(tmp_path / "enc")).manifest()
+
+
+def test_damaged_lists_lost_and_cut_shards_and_changes_nothing(tmp_path):
+    store = _open(tmp_path / "enc")
+    store.write_shard("main", 0, _rows(["a", "b"])[0])
+    store.write_shard("main", 1, _rows(["c"])[0])
+    assert store.damaged() == []
+    part0 = tmp_path / "enc" / "main" / "part-00000.parquet"
+    part0.write_bytes(part0.read_bytes()[:100])
+    (tmp_path / "enc" / "main" / "part-00001.parquet").unlink()
+    before = (tmp_path / "enc" / "_manifest.json").read_text()
+    reader = FeatureStore(str(tmp_path / "enc"))
+    assert [f for f, _ in reader.damaged()] == ["main/part-00000.parquet", "main/part-00001.parquet"]
+    assert reader.damaged(["other"]) == []
+    assert (tmp_path / "enc" / "_manifest.json").read_text() == before and reader.completed_shards("main") == {0, 1}

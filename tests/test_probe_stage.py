@@ -787,3 +787,24 @@ def test_rendezvous_releases_everyone_at_the_last_arrival_and_times_out_alone(ra
     rendezvous.clear("test-meet")
     assert listed("test-meet") == [] and len(listed("test-alone")) == 1
     rendezvous.clear("test-alone")
+
+
+def test_a_damaged_shard_stops_the_sweep_before_any_trial_naming_it(swept, tmp_path, capfd):
+    """Every trial reads every shard: a damaged one failed each trial with Tune's traceback (hundreds of
+    lines on stderr) before the one-line cause. Now the stage checks the shards it will read first."""
+    shutil.copytree(Path(swept.storage_root) / "features", tmp_path / "store" / "features")
+    config = swept.model_copy(update={
+        "storage": str(tmp_path / "store"),
+        "tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
+    shard = tmp_path / "store" / "features" / "diffusion" / "plankton" / "part-00001.parquet"
+    whole = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: whole // 2])
+    capfd.readouterr()
+    with pytest.raises(probe.ProbeError, match=re.escape(
+            f"feature shard {tmp_path / 'store' / 'features' / 'diffusion'}/plankton/part-00001.parquet of encoder "
+            f"'diffusion': its file is damaged ({whole // 2} bytes, {whole} written)") + ".*run `sweep extract`"):
+        probe.run(config)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Trial task failed" not in err, err[:2000]
+    exp = _client(config).get_experiment_by_name(config.experiment_name)
+    assert exp is None or _children(config) == []  # no trial ran

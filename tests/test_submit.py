@@ -75,6 +75,19 @@ def test_submit_refuses_a_study_that_would_land_in_the_jobs_temporary_folder(wri
     assert key in capsys.readouterr().err
 
 
+def test_a_relative_sqlite_uri_from_the_environment_is_named_as_such(write_pipeline, tmp_path):
+    """The relative SQLite URI came from $MLFLOW_TRACKING_URI (read when sweep starts): the message named
+    `tracking.uri`, a key the pipeline and the --set overrides leave unset."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///rel.db"}
+    done = subprocess.run([sys.executable, "-m", "sweep.cli", "submit", str(write_pipeline()), "--address",
+                           "http://127.0.0.1:9", "--no-wait"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "tracking.uri (unset; $MLFLOW_TRACKING_URI): 'sqlite:///rel.db' is a relative SQLite path" in done.stderr
+
+
 def test_a_cluster_asking_for_a_token_gets_rays_whole_advice(write_pipeline, tmp_path, monkeypatch, capsys):
     """Ray's AuthenticationError says where the token goes on its later lines, which the one-line error
     policy cut off: it is shown whole (on one line)."""

@@ -271,3 +271,14 @@ def test_a_probe_of_new_settings_says_where_the_earlier_runs_are(write_pipeline,
     assert capsys.readouterr().err == ""
     assert tracking.finished_trials(before) == ({"diffusion/mid_block@t0", "diffusion/mid_block@t100"}, [])
     assert capsys.readouterr().err == ""  # its own runs: nothing to explain
+
+
+def test_a_damaged_mlflow_database_is_named(write_pipeline, tmp_path, capsys):
+    """A damaged SQLite store: the one-line cause said 'file is not a database', not which file."""
+    pipeline = write_pipeline()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "mlflow.db").write_text("not a database\n")
+    assert main(["best", str(pipeline)]) == 1
+    err = capsys.readouterr().err
+    assert f"(MLflow tracking store sqlite:///{tmp_path / 'store' / 'mlflow.db'})" in err, err
+    assert len(err.strip().splitlines()) == 1, err

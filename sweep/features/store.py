@@ -252,27 +252,38 @@ class FeatureStore:
         (file, why) for each."""
         m = self._manifest
         changed = False
-        for dataset, info in m["datasets"].items():
-            if not info["shards"]:
+        for dataset, info, s, size, why in self._shard_states():
+            if why is None:
+                if "bytes" not in s:
+                    s["bytes"], changed = size, True
                 continue
-            selector = pafs.FileSelector(f"{self.base}/{dataset}", allow_not_found=True)
-            sizes = {f.base_name: f.size for f in self.fs.get_file_info(selector) if f.type == pafs.FileType.File}
-            for s in list(info["shards"]):
-                size = sizes.get(s["file"].rsplit("/", 1)[-1])
-                why = "its file is gone" if size is None else self._damage(s, size)
-                if why is None:
-                    if "bytes" not in s:
-                        s["bytes"], changed = size, True
-                    continue
-                self.dropped.append((s["file"], why))
-                info["shards"].remove(s)
-                m["rejected"] = [r for r in m["rejected"]
-                                 if not (r.get("domain") == dataset and r.get("shard") == s["index"])]
+            self.dropped.append((s["file"], why))
+            info["shards"].remove(s)
+            m["rejected"] = [r for r in m["rejected"]
+                             if not (r.get("domain") == dataset and r.get("shard") == s["index"])]
         if self.dropped:
             m["complete"] = False
             m.pop("summary", None)
         if self.dropped or changed:
             st.write_json(self.manifest_uri, m)
+
+    def _shard_states(self, datasets: Iterable[str] | None = None):
+        """(dataset, its manifest entry, shard entry, file size or None, why the file cannot be what was
+        written or None) of each shard the manifest lists as complete (of `datasets` only, where given)."""
+        wanted = None if datasets is None else set(datasets)
+        for dataset, info in (self.manifest() or {}).get("datasets", {}).items():
+            if not info["shards"] or (wanted is not None and dataset not in wanted):
+                continue
+            selector = pafs.FileSelector(f"{self.base}/{dataset}", allow_not_found=True)
+            sizes = {f.base_name: f.size for f in self.fs.get_file_info(selector) if f.type == pafs.FileType.File}
+            for s in list(info["shards"]):
+                size = sizes.get(s["file"].rsplit("/", 1)[-1])
+                yield dataset, info, s, size, "its file is gone" if size is None else self._damage(s, size)
+
+    def damaged(self, datasets: Iterable[str] | None = None) -> list[tuple[str, str]]:
+        """(file, why) of each shard listed as complete whose file is gone or damaged, without changing the
+        manifest (`open` drops them, for extraction to make them again): a reader checks before it starts."""
+        return [(s["file"], why) for _, _, s, _, why in self._shard_states(datasets) if why]
 
     def _damage(self, shard: dict, size: int) -> str | None:
         """Why a listed shard's file of `size` bytes cannot be what was written, or None."""

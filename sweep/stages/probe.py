@@ -511,6 +511,19 @@ def complete_stores(config: PipelineConfig) -> dict[str, FeatureStore]:
     return stores
 
 
+def check_shards(config: PipelineConfig, stores: dict[str, FeatureStore], encoders: set[str]) -> None:
+    """Raise ProbeError naming a shard of the stores of `encoders` that is gone or damaged, before any trial
+    starts: every trial reads every shard, so each one failed with Tune's traceback (hundreds of lines on
+    stderr) before the one-line cause."""
+    for name in sorted(encoders):
+        damaged = stores[name].damaged(config.dataset_names())
+        if damaged:
+            file, why = damaged[0]
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            raise ProbeError(f"probe: feature shard {stores[name].root}/{file} of encoder {name!r}: {why}{more}; "
+                             f"run `sweep extract`, which extracts a damaged or missing shard again")
+
+
 def plan_trials(config: PipelineConfig, stores: dict[str, FeatureStore] | None = None
                 ) -> tuple[list[dict], dict[str, dict], dict[str, int]]:
     """Every (encoder, column) the pipeline asks for, from the complete feature stores (`complete_stores`):
@@ -752,6 +765,7 @@ def run(config: PipelineConfig) -> dict:
         say(f"probe: all {len(trials)} trials already in MLflow for config {config.config_hash()}, nothing to do")
         return {"trials": len(trials), "ran": 0}
     todo = [t for t in todo if t["key"] not in reusable]
+    check_shards(config, stores, {t["encoder"] for t in todo})
     say(f"probe: {len(todo)} of {len(trials)} trials to run ({len(done)} already finished"
         f"{f', {len(reusable)} to copy' if reusable else ''}"
         f"{f', {stale} unfinished run(s) discarded' if stale else ''}), "
