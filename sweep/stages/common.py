@@ -410,40 +410,38 @@ def load_checkpoint_state(checkpoint, file_name: str, what: str, speak: bool):
     import ray.train
     import torch
 
-    unregistered = None
-    if checkpoint is None:
+    if checkpoint is not None:
+        fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+        folder = latest.rsplit("/", 1)[0]
+    else:
         # Ray Train hands none when its run snapshot lists none: a run stopped (Ctrl-C, a killed driver) between
         # a worker storing a checkpoint and the controller registering it leaves the checkpoints without the
         # snapshot, and the rerun trained from step 0 beside them. The newest readable one in the run folder.
         try:
             storage = ray.train.get_context().get_storage()
-            fs, folder = storage.storage_filesystem, storage.experiment_fs_path.rstrip("/")
-            stored = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(folder))
-                             if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-                            reverse=True)
         except Exception:  # noqa: BLE001 - no context or storage to look in: start over, as before
-            stored = []
-        if not stored:
             return None
-        checkpoint = unregistered = ray.train.Checkpoint(path=stored[0], filesystem=fs)
-    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+        fs, folder, latest = storage.storage_filesystem, storage.experiment_fs_path.rstrip("/"), None
     try:
-        kept = fs.get_file_info(pafs.FileSelector(latest.rsplit("/", 1)[0]))
+        kept = fs.get_file_info(pafs.FileSelector(folder))
     except OSError:
         kept = []
-    earlier = sorted((i.path for i in kept if i.type == pafs.FileType.Directory and
-                      i.base_name.startswith("checkpoint_") and i.path < latest), reverse=True)
+    stored = sorted((i.path for i in kept if i.type == pafs.FileType.Directory and
+                     i.base_name.startswith("checkpoint_") and (latest is None or i.path < latest)), reverse=True)
+    candidates = [latest, *stored] if latest else stored
+    if not candidates:  # a first start
+        return None
     problem = None
-    for i, path in enumerate([latest, *earlier]):
+    for i, path in enumerate(candidates):
         try:
             with ray.train.Checkpoint(path=path, filesystem=fs).as_directory() as d:
                 state = torch.load(Path(d) / file_name, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the one before
-            problem = problem or f"{latest}/{file_name}: {one_line(e)}"
+            problem = problem or f"{path}/{file_name}: {one_line(e)}"
             continue
         if i and speak:
             say(f"{what}: the latest checkpoint cannot be read ({problem}); resuming from the one before, {path}")
-        if unregistered is not None and speak:
+        if latest is None and speak:
             say(f"{what}: {path} was stored but not registered by Ray Train (the run stopped in between): "
                 f"resuming from it")
         return state
