@@ -158,6 +158,7 @@ def cmd_best(config: PipelineConfig, args) -> None:
         print(f"[sweep] no MLflow store for {config.name!r} yet ({where}): run the pipeline first", file=sys.stderr)
     every = best(config, metric=metric, top=None, encoder=args.encoder, any_config=args.any_config)
     recs = every[:args.top] if args.top else every
+    plan = None
     if have_store and not args.any_config and args.encoder is None:
         from sweep.tracking import last_probe_plan
 
@@ -175,7 +176,8 @@ def cmd_best(config: PipelineConfig, args) -> None:
             print(f"[sweep] no probe runs for this config (hash {config.config_hash()}) by this sweep's probe; "
                   f"{n} run(s) of the same settings were made by {what}, whose results differ: `sweep probe` "
                   f"probes again (`--any-config` shows the earlier runs)", file=sys.stderr)
-        if others and not earlier:
+        # a probe stage of these very settings ran (and ended before any trial finished): the overrides were given
+        if others and not earlier and plan is None:
             print(f"[sweep] no probe runs for this config (hash {config.config_hash()}); runs exist for other "
                   f"settings of {config.name!r}: pass the same --set overrides, or --any-config", file=sys.stderr)
     if args.format == "json":

@@ -228,9 +228,21 @@ def staged_dir(uri: str, marker: str):
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        if not remote:
+            _default_permissions(tmp)
         publish_dir(tmp, uri, marker)
     finally:
         shutil.rmtree(tmp.parent if remote else tmp, ignore_errors=True)
+
+
+def _default_permissions(folder: Path) -> None:
+    """Give the files written into `folder` the mode an ordinary file gets under this umask (read from the
+    folder's own, made by mkdir): safetensors writes 0600, which hid the weights from everyone else on a
+    shared storage folder."""
+    mode = folder.stat().st_mode & 0o666
+    for f in folder.rglob("*"):
+        if f.is_file() and f.stat().st_mode & 0o777 != mode:
+            f.chmod(mode)
 
 
 def cache_root() -> Path:

@@ -186,7 +186,7 @@ def test_pipeline_file_mistakes_name_the_file_and_line(tmp_path, write_pipeline,
     twice = tmp_path / "twice.yaml"
     twice.write_text(text + "extract:\n  timesteps: [0, 50]\n")
     line = len(text.splitlines()) + 1
-    cases = [([str(twice)], f"key 'extract' given twice (lines "),
+    cases = [([str(twice)], "key 'extract' given twice (lines "),
              ([str(tmp_path)], "is a folder: give the pipeline's YAML file")]
     (tmp_path / "empty.yaml").write_text("")
     cases.append(([str(tmp_path / "empty.yaml")], "the file is empty"))

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -302,6 +301,28 @@ def test_files_reach_the_disk_before_their_final_name(tmp_path, monkeypatch):
         (d / "done.json").write_text("{}")
     assert sorted(p for p, _ in seen[:2]) == [str(tmp_path / "final.tmp" / f) for f in ("done.json", "weights.bin")]
     assert seen[2][0] == str(tmp_path) and (tmp_path / "final" / "weights.bin").read_bytes() == b"w" * 100
+
+
+def test_published_weights_are_readable_as_any_file_the_user_writes(tmp_path):
+    """safetensors writes its files 0600: a baseline's (or the U-Net's) weights on a shared storage folder
+    were unreadable to everyone else, beside a 0644 baseline.json. The published files get the mode the
+    user's umask gives an ordinary file."""
+    import os
+
+    import torch
+
+    from sweep.stages.baselines import write_final
+
+    old = os.umask(0o022)
+    try:
+        write_final(tmp_path / "final", {"w": torch.ones(2)}, {"kind": "test"})
+        ordinary = tmp_path / "ordinary"
+        ordinary.write_text("")
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "final").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "baseline.json": 0o644} == {
+        k: ordinary.stat().st_mode & 0o777 for k in modes}
 
 
 def test_a_damaged_manifest_is_named_in_the_error(tmp_path):

@@ -305,16 +305,21 @@ def test_an_interrupted_report_leaves_the_last_one_whole(swept, monkeypatch):
     assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("report")) == ["report"]
 
 
-def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
-    """A report made while some planned trials have no run (an interrupted or failed sweep) looked complete:
-    '17 probe runs', another best table. It now says how many are missing, in report.md and on the console;
-    the complete one says nothing of the kind."""
+def _copy_of_the_sweep(swept, tmp_path):
+    """The swept config on a copy of its storage and MLflow store, to change without touching the module's."""
     store = tmp_path / "store"
     shutil.copytree(swept.storage_root, store)
     db = tmp_path / "mlflow.db"
     shutil.copyfile(tracking.local_mlflow_db(swept), db)
-    config = swept.model_copy(update={"storage": str(store),
-                                      "tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{db}"})})
+    return swept.model_copy(update={"storage": str(store),
+                                    "tracking": swept.tracking.model_copy(update={"uri": f"sqlite:///{db}"})})
+
+
+def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
+    """A report made while some planned trials have no run (an interrupted or failed sweep) looked complete:
+    '17 probe runs', another best table. It now says how many are missing, in report.md and on the console;
+    the complete one says nothing of the kind."""
+    config = _copy_of_the_sweep(swept, tmp_path)
     assert report.missing_trials(config, best(config, top=None)) == []
     assert "Incomplete" not in Path(report.run(config)).read_text()
     best_args = Namespace(metric="val_macro_f1", top=3, encoder=None, format="table", any_config=False)
@@ -336,6 +341,30 @@ def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
         f"[sweep] 2 of the {N_TRIALS} trials planned by the last probe stage have no finished run (that stage's "
         f"run is FINISHED): the ranking leaves them out; `sweep probe` runs them"]
     assert len(out.out.splitlines()) == 4  # the header and the top 3
+
+
+def test_best_after_a_probe_that_finished_no_trial_does_not_ask_for_the_overrides(swept, tmp_path, capsys):
+    """A probe stage of these settings that ended before any trial finished, beside runs of other settings:
+    `sweep best` said both that the trials have no run yet and that the user should "pass the same --set
+    overrides", which they had. Only the first is said; without that stage's run, the second is."""
+    config = _copy_of_the_sweep(swept, tmp_path)
+    client = _client(config)
+    for r in _children(config):  # every trial run now belongs to other settings of this pipeline
+        client.set_tag(r.info.run_id, tracking.TAG_HASH, "0" * 12)
+    best_args = Namespace(metric="val_macro_f1", top=3, encoder=None, format="table", any_config=False)
+    capsys.readouterr()
+    cli.cmd_best(config, best_args)
+    assert capsys.readouterr().err.splitlines() == [
+        f"[sweep] {N_TRIALS} of the {N_TRIALS} trials planned by the last probe stage have no finished run (that "
+        f"stage's run is FINISHED): the ranking leaves them out; `sweep probe` runs them"]
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name(config.experiment_name).experiment_id],
+                                               f"tags.`{tracking.TAG_STAGE}` = 'probe'")
+                 if tracking.TAG_PARENT not in r.data.tags]
+    client.delete_run(parent.info.run_id)  # no probe stage of these settings: the runs are of other settings only
+    cli.cmd_best(config, best_args)
+    assert capsys.readouterr().err.splitlines() == [
+        f"[sweep] no probe runs for this config (hash {config.config_hash()}); runs exist for other settings of "
+        f"{config.name!r}: pass the same --set overrides, or --any-config"]
 
 
 def test_report_says_how_many_images_each_split_holds(swept):

@@ -446,6 +446,8 @@ def make_trainer(config: PipelineConfig, run_id: str | None, datasets: dict, dat
 
 def run(config: PipelineConfig) -> str:
     """Train (or resume) and return the final checkpoint folder."""
+    from sweep.data.table import build_table, training_images
+
     storage = Storage.of(config.storage_root)
     key, legacy = pretrain_key(config), legacy_pretrain_key(config)
     marker = read_json(f"{storage.pretrain_final}/{PRETRAIN_MARKER}")
@@ -457,8 +459,6 @@ def run(config: PipelineConfig) -> str:
             write_json(storage.uri("pretrain", KEY_ALIAS), {"marker_key": done, "key": key})
             done = key
         if done == key:
-            from sweep.data.table import build_table
-
             problem = trained_on_other_images("a U-Net", marker.get("training_images"),
                                               lambda: build_table(config), storage.pretrain_final)
             if problem:
@@ -485,8 +485,6 @@ def run(config: PipelineConfig) -> str:
         "beta_schedule": p.scheduler.beta_schedule, "image_size": config.data.image_size,
         "channels": config.data.channels, "init_from": p.init_from, "seed": config.seed,
         "compile": p.compile if p.use_gpu else "none"})
-    from sweep.data.table import build_table, training_images
-
     table = build_table(config)
     dataset, listed = train_dataset(config, table)
     try:

@@ -739,7 +739,7 @@ def _copy_runs(config: PipelineConfig, parent: str, reusable: dict) -> None:
     encoders = sorted({r.data.params.get("encoder") for r in reusable.values()})
     say(f"probe: {len(reusable)} trial(s) of {', '.join(encoders)} copied from finished runs of config "
         f"{', '.join(hashes[:3])}{', ...' if len(hashes) > 3 else ''}: the same data and probe settings on the same "
-        f"feature stores (only other encoders' settings differ), tag {tracking.TAG_COPIED_FROM}")
+        f"feature stores (the configs differ only in settings these trials do not read), tag {tracking.TAG_COPIED_FROM}")
 
 
 def run(config: PipelineConfig) -> dict:
