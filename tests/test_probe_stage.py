@@ -103,6 +103,19 @@ def _sklearn_choice(train: Split, val: Split, test: Split, wds: list[float], sel
 
 
 def test_probe_matches_sklearn_on_real_features(swept):
+    import torch
+
+    # 15,000 steps on 61 rows: one intra-op thread is 2-10x faster than two (which fight each other and
+    # Ray's processes for the 2 cores), as in the probe stage's trials
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _probe_against_sklearn(swept)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe_against_sklearn(swept):
     # Converged heads (full batch, many averaged steps) and sklearn at tight tolerance reach the same
     # minimiser, so with the same standardisation and the same choice rule they predict the same labels:
     # the test split has ~21 images, so a single different prediction would be a ~5 point gap.
