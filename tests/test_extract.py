@@ -349,7 +349,7 @@ def corrupt_folder(tmp_path) -> tuple[Path, dict[str, str]]:
 
 
 def test_corrupt_images_are_skipped_listed_and_counted(ray_local, corrupt_folder, tiny_unet_checkpoint,
-                                                       tmp_path, capsys):
+                                                       extracted, tmp_path, capsys):
     root, bad = corrupt_folder
     config = _config(tmp_path / "store", tiny_unet_checkpoint, max_bad_fraction=0.05,
                      train={"source": "imagefolder", "path": str(root)})
@@ -365,6 +365,12 @@ def test_corrupt_images_are_skipped_listed_and_counted(ray_local, corrupt_folder
     ids = _rows(config).column("image_id").to_pylist()
     assert len(ids) == N_IMAGES and not set(bad) & set(ids)
     assert set(ids) == {p.relative_to(DEMO_IMAGES).as_posix() for p in DEMO_IMAGES.glob("*/*.jpg")}
+    # an OOD set added later: its images are encoded alone, and the earlier run's rejections are not its own
+    with_ood = _config(tmp_path / "store", tiny_unet_checkpoint, max_bad_fraction=0.05,
+                       train={"source": "imagefolder", "path": str(root)}, ood=Path(extracted.data.ood[0].path))
+    assert _extract(with_ood) == {"images": N_ALL + 2, "rows": N_ALL, "rejected": 2}
+    assert f"wrote {N_OOD} images' rows (the store holds {N_ALL}) x " in (err := capsys.readouterr().err)
+    assert "; 0 image(s) rejected (the store lists 2)" in err, err
 
 
 def test_too_many_corrupt_images_fail_the_stage(ray_local, corrupt_folder, tiny_unet_checkpoint, write_pipeline,

@@ -332,6 +332,7 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     arrived: dict[tuple[str, int], int] = defaultdict(int)
     # rejected images of complete shards (entries of unfinished shards are redone with their shard)
     bad = sum(1 for r in store.manifest().get("rejected", []) if r.get("shard") in done.get(r.get("domain"), ()))
+    bad_before = bad
     allowed = config.extract.max_bad_fraction * total
     progress = Progress(f"extract {spec.name}", len(pending), "images", final=False)
     written, received = 0, 0
@@ -364,10 +365,13 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     store.mark_complete(summary)
     rate = len(pending) / timer.seconds if timer.seconds else float("nan")
     # a resume or an added dataset encodes part of the store: what this run did, and the store's total
-    done_now = f"{summary['rows']} rows" if len(pending) >= total else \
-        f"{len(pending)} images' rows (the store holds {summary['rows']})"
+    if len(pending) >= total:
+        done_now, rejected = f"{summary['rows']} rows", f"{summary['rejected']} image(s) rejected"
+    else:  # an earlier run's rejected images are not this run's
+        done_now = f"{len(pending)} images' rows (the store holds {summary['rows']})"
+        rejected = f"{bad - bad_before} image(s) rejected (the store lists {summary['rejected']})"
     say(f"extract {spec.name}: wrote {done_now} x {len(columns)} columns in {timer.seconds:.1f}s "
-        f"({rate:.1f} images/s); {summary['rejected']} image(s) rejected")
+        f"({rate:.1f} images/s); {rejected}")
     return summary
 
 
