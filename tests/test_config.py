@@ -25,6 +25,9 @@ def test_demo_pipeline_is_valid(capsys):
                  "--set", "baselines.1.epochs=100"]) == 0
     out = capsys.readouterr().out
     assert "6,100 training images" in out and "budgets: warning" not in out
+    assert "probe: warning" not in out
+    assert main(["validate", "pipelines/demo.yaml", "--set", "probe.weight_decays=[0]"]) == 0
+    assert "probe: warning: probe.weight_decays are all 0 (no penalty)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bits", [8, 12, 16])
