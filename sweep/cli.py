@@ -258,11 +258,11 @@ def cmd_validate(config: PipelineConfig) -> None:
     print(f"  encoders: {', '.join(s.name for s in config.encoder_specs())}; "
           f"timesteps {config.extract.timesteps}; layers {config.extract.layers}")
     if not any(config.probe.weight_decays):
-        # measured: 256-dim columns of 240 training images, heads at weight decay 0 near chance (val loss 234)
-        # where scikit-learn's nearly unpenalised C=1e4 scored 0.85
+        # measured on 196-dim Fashion-MNIST pixels of 240 training images: heads at weight decay 0 alone, test
+        # accuracy 0.27; with the default grid (weight decay 1e-2 chosen) 0.74, scikit-learn at C=1e4 0.73
         print("  probe: warning: probe.weight_decays are all 0 (no penalty): on a column with more dimensions "
               "than training images the classes separate exactly, unpenalised heads grow without bound and can "
-              "score near chance; add a weight decay (the default grid is [0, 1e-4, 1e-2])")
+              "score far below penalised ones; add a weight decay (the default grid is [0, 1e-4, 1e-2])")
     from sweep.stages.report import budget_gap, planned_budgets
 
     budgets = planned_budgets(config, int((table.frame["split"] == "train").sum()))
