@@ -133,6 +133,12 @@ def test_budget_gap_names_the_encoders_furthest_apart_beyond_twice():
     assert budget_gap(budgets[budgets["encoder"].isin(["sup", "imagenet"])]) is None  # one trained here
 
 
+def test_budget_gap_just_over_twice_does_not_read_as_twice():
+    """960 vs 471 images (2.04x, an audit's study) is flagged as over 2x: it must not read "differ 2.0x"."""
+    budgets = pd.DataFrame([{"encoder": "diffusion", "images_seen": 960}, {"encoder": "simclr", "images_seen": 471}])
+    assert budget_gap(budgets.astype({"images_seen": "Int64"})).startswith("training budgets differ 2.04x:")
+
+
 def test_training_budgets_count_the_training_images_trained_on(tmp_path, write_pipeline):
     """The weights' record counts the train split's listed files; an unreadable one (skipped by training,
     rejected by extraction) is not a training image: the budget's `train_images` and `epochs` agree with the
