@@ -14,7 +14,7 @@ from sweep.config import load_config
 from sweep.data.table import build_table
 from sweep.features.store import FeatureStore, to_table
 from sweep.stages.report import (accuracy_interval, budget_gap, data_summary, encoder_comparison,
-                                 head_and_tail)
+                                 head_and_tail, network_order)
 from sweep.storage import Storage
 
 
@@ -174,3 +174,15 @@ def test_training_budgets_count_the_training_images_trained_on(tmp_path, write_p
     row = training_budgets(config, images).set_index("encoder").loc["diffusion"]
     assert row["train_images"] == listed - 1
     assert row["images_seen"] == 80 and row["epochs"] == round(80 / (listed - 1), 1)
+
+
+def test_heatmap_rows_follow_the_network_not_the_alphabet():
+    """`extract.layers` may name any module: the heat map's rows (its depth axis) run in execution order.
+    Sorted by name, conv_in sat between mid_block and the up blocks and attentions.0 above resnets.0."""
+    layers = ["up_blocks.0", "conv_out", "mid_block", "down_blocks.1", "down_blocks.1.downsamplers.0",
+              "down_blocks.1.attentions.0", "down_blocks.1.resnets.1", "down_blocks.1.resnets.0", "down_blocks.0",
+              "conv_in", "down_blocks.10", "down_blocks.2", "mid_block.attentions.0", "mid_block.resnets.0"]
+    assert sorted(layers, key=network_order) == [
+        "conv_in", "down_blocks.0", "down_blocks.1.resnets.0", "down_blocks.1.attentions.0", "down_blocks.1.resnets.1",
+        "down_blocks.1.downsamplers.0", "down_blocks.1", "down_blocks.2", "down_blocks.10", "mid_block.resnets.0",
+        "mid_block.attentions.0", "mid_block", "up_blocks.0", "conv_out"]
