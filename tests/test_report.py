@@ -186,3 +186,19 @@ def test_heatmap_rows_follow_the_network_not_the_alphabet():
         "conv_in", "down_blocks.0", "down_blocks.1.resnets.0", "down_blocks.1.attentions.0", "down_blocks.1.resnets.1",
         "down_blocks.1.downsamplers.0", "down_blocks.1", "down_blocks.2", "down_blocks.10", "mid_block.resnets.0",
         "mid_block.attentions.0", "mid_block", "up_blocks.0", "conv_out"]
+
+
+def test_heatmap_keeps_every_label_inside_the_image(tmp_path):
+    """Ten blocks with a long sub-module name and three timesteps: tight_layout cut the colour bar's label
+    (the metric's name) off at the right edge. Nothing may touch the image's border."""
+    import matplotlib.image as mpimg
+
+    from sweep.stages.report import _heatmap
+
+    layers = ["conv_in", *(f"down_blocks.{i}" for i in range(3)), "mid_block", *(f"up_blocks.{i}" for i in range(3)),
+              "down_blocks.1.attentions.0", "down_blocks.1.resnets.0"]
+    frame = pd.DataFrame([{"layer": layer, "timestep": t, "resolution": 16, "test_macro_f1": v}
+                          for layer in layers for t, v in [(0, 0.2), (50, 0.5), (200, 0.9)]])
+    _heatmap(frame, "test_macro_f1", "diffusion: test_macro_f1 by block and timestep", tmp_path / "h.png")
+    ink = mpimg.imread(tmp_path / "h.png")[..., :3].min(axis=2) < 0.9
+    assert not (ink[:, :2].any() or ink[:, -2:].any() or ink[:2].any() or ink[-2:].any())

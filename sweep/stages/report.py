@@ -79,7 +79,9 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | N
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # tight_layout alone left the colour bar's label (the metric's name) cut off at the right edge when long
+    # layer names and few timesteps squeezed the axes: the saved image is grown to hold every label
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
