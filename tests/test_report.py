@@ -14,7 +14,7 @@ from sweep.config import load_config
 from sweep.data.table import build_table
 from sweep.features.store import FeatureStore, to_table
 from sweep.stages.report import (accuracy_interval, budget_gap, data_summary, encoder_comparison,
-                                 head_and_tail)
+                                 head_and_tail, network_order)
 from sweep.storage import Storage
 
 
@@ -133,6 +133,12 @@ def test_budget_gap_names_the_encoders_furthest_apart_beyond_twice():
     assert budget_gap(budgets[budgets["encoder"].isin(["sup", "imagenet"])]) is None  # one trained here
 
 
+def test_budget_gap_just_over_twice_does_not_read_as_twice():
+    """960 vs 471 images (2.04x, an audit's study) is flagged as over 2x: it must not read "differ 2.0x"."""
+    budgets = pd.DataFrame([{"encoder": "diffusion", "images_seen": 960}, {"encoder": "simclr", "images_seen": 471}])
+    assert budget_gap(budgets.astype({"images_seen": "Int64"})).startswith("training budgets differ 2.04x:")
+
+
 def test_training_budgets_count_the_training_images_trained_on(tmp_path, write_pipeline):
     """The weights' record counts the train split's listed files; an unreadable one (skipped by training,
     rejected by extraction) is not a training image: the budget's `train_images` and `epochs` agree with the
@@ -168,3 +174,31 @@ def test_training_budgets_count_the_training_images_trained_on(tmp_path, write_p
     row = training_budgets(config, images).set_index("encoder").loc["diffusion"]
     assert row["train_images"] == listed - 1
     assert row["images_seen"] == 80 and row["epochs"] == round(80 / (listed - 1), 1)
+
+
+def test_heatmap_rows_follow_the_network_not_the_alphabet():
+    """`extract.layers` may name any module: the heat map's rows (its depth axis) run in execution order.
+    Sorted by name, conv_in sat between mid_block and the up blocks and attentions.0 above resnets.0."""
+    layers = ["up_blocks.0", "conv_out", "mid_block", "down_blocks.1", "down_blocks.1.downsamplers.0",
+              "down_blocks.1.attentions.0", "down_blocks.1.resnets.1", "down_blocks.1.resnets.0", "down_blocks.0",
+              "conv_in", "down_blocks.10", "down_blocks.2", "mid_block.attentions.0", "mid_block.resnets.0"]
+    assert sorted(layers, key=network_order) == [
+        "conv_in", "down_blocks.0", "down_blocks.1.resnets.0", "down_blocks.1.attentions.0", "down_blocks.1.resnets.1",
+        "down_blocks.1.downsamplers.0", "down_blocks.1", "down_blocks.2", "down_blocks.10", "mid_block.resnets.0",
+        "mid_block.attentions.0", "mid_block", "up_blocks.0", "conv_out"]
+
+
+def test_heatmap_keeps_every_label_inside_the_image(tmp_path):
+    """Ten blocks with a long sub-module name and three timesteps: tight_layout cut the colour bar's label
+    (the metric's name) off at the right edge. Nothing may touch the image's border."""
+    import matplotlib.image as mpimg
+
+    from sweep.stages.report import _heatmap
+
+    layers = ["conv_in", *(f"down_blocks.{i}" for i in range(3)), "mid_block", *(f"up_blocks.{i}" for i in range(3)),
+              "down_blocks.1.attentions.0", "down_blocks.1.resnets.0"]
+    frame = pd.DataFrame([{"layer": layer, "timestep": t, "resolution": 16, "test_macro_f1": v}
+                          for layer in layers for t, v in [(0, 0.2), (50, 0.5), (200, 0.9)]])
+    _heatmap(frame, "test_macro_f1", "diffusion: test_macro_f1 by block and timestep", tmp_path / "h.png")
+    ink = mpimg.imread(tmp_path / "h.png")[..., :3].min(axis=2) < 0.9
+    assert not (ink[:, :2].any() or ink[:, -2:].any() or ink[:2].any() or ink[-2:].any())

@@ -17,6 +17,31 @@ from sweep.stages.common import say
 from sweep.storage import Storage, staged_dir
 
 
+_TOP = {"conv_in": 0, "time_proj": 0, "time_embedding": 0, "class_embedding": 0, "down_blocks": 1, "mid_block": 2,
+        "up_blocks": 3}  # anything else (conv_norm_out, conv_out) comes after the up blocks
+_PART = {"resnets": 0, "attentions": 1}  # a diffusers block runs resnets[i], attentions[i], ..., then its samplers
+
+
+def network_order(layer: str) -> tuple:
+    """Sort key of a U-Net module path in execution order: the heat map's rows are the network's depth.
+    Sorting the names (within down/mid/up) put conv_in after mid_block, attentions.0 before resnets.0,
+    down_blocks.10 before down_blocks.2, and a block before its own sub-modules."""
+    parts = layer.split(".")
+    key = [(_TOP.get(parts[0], 4), parts[0])]
+    i = 1
+    while i < len(parts):
+        p, nxt = parts[i], parts[i + 1] if i + 1 < len(parts) else None
+        if p.isdigit():
+            key.append((0, int(p), 0, ""))
+        elif nxt is not None and nxt.isdigit() and p in _PART:  # resnets.1 / attentions.1: interleaved
+            key.append((0, int(nxt), _PART[p], ""))
+            i += 1
+        else:
+            key.append((1, 0, 0, p))
+        i += 1
+    return (*key, (2, 0, 0, ""))  # a module's output comes after its sub-modules'
+
+
 def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | None = None) -> None:
     """``epochs``: the planned epochs of a sweep with ASHA; a cell that ran fewer shows how many."""
     import matplotlib
@@ -26,7 +51,7 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | N
 
     grid = frame.pivot_table(index="layer", columns="timestep", values=metric, aggfunc="max")
     # network order (down, mid, up), each row labelled with its feature-map side
-    order = sorted(grid.index, key=lambda n: (n.split(".")[0] != "down_blocks", n.split(".")[0] != "mid_block", n))
+    order = sorted(grid.index, key=network_order)
     grid = grid.loc[order]
     side = frame.groupby("layer")["resolution"].first()
     labels = [f"{layer} ({side[layer]}x{side[layer]})" for layer in grid.index]
@@ -54,7 +79,9 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | N
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # tight_layout alone left the colour bar's label (the metric's name) cut off at the right edge when long
+    # layer names and few timesteps squeezed the axes: the saved image is grown to hold every label
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -294,7 +321,9 @@ def budget_gap(budgets: pd.DataFrame, saw: str = "saw") -> str | None:
     ratio = most["images_seen"] / least["images_seen"]
     if ratio <= BUDGET_RATIO_NOTED:
         return None
-    return (f"training budgets differ {ratio:.1f}x: {most['encoder']} {saw} {most['images_seen']:,} training images, "
+    # as many decimals as show it over the threshold: 960 vs 471 (2.04) read "differ 2.0x", flagged as over 2x
+    shown = next(f"{ratio:.{d}f}" for d in (1, 2, 3, 4, 6, 9, 12) if float(f"{ratio:.{d}f}") > BUDGET_RATIO_NOTED)
+    return (f"training budgets differ {shown}x: {most['encoder']} {saw} {most['images_seen']:,} training images, "
             f"{least['encoder']} {least['images_seen']:,}; differences between them mix the method with the "
             f"training time (a baseline's `epochs` sets its budget: epochs x training images)")
 
