@@ -157,9 +157,19 @@ def stage_tags(config: PipelineConfig, stage: str) -> dict[str, str]:
     return {TAG_STAGE: stage, TAG_PIPELINE: config.name, TAG_HASH: config.config_hash()}
 
 
-def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool = True) -> str:
-    """The parent run of a stage: an unfinished one of the same config is reused (a resumed stage keeps
-    one parent), else a new one. Returns its run id."""
+def params_agree(run, params: dict | None) -> bool:
+    """Whether `run` holds no other value for any of `params` (as `log_batch` writes them): MLflow refuses
+    to change a logged param, so a resumed run must agree with the settings it is resumed with."""
+    logged = run.data.params
+    return all(logged.get(k, str(v)) == str(v) for k, v in (params or {}).items())
+
+
+def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool = True,
+                    params: dict | None = None) -> str:
+    """The parent run of a stage, with `params` logged: an unfinished one of the same config is reused (a
+    resumed stage keeps one parent), else a new one. Returns its run id. One logged with other values of
+    `params` (a setting outside the config hash, say `pretrain.workers`, changed before the rerun) is not
+    reused: logging them failed the stage with MLflow's "Changing param values is not allowed"."""
     client = client_for(config)
     exp_id = ensure_experiment(config)
     tags = stage_tags(config, stage)
@@ -174,12 +184,15 @@ def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool 
             max_results=50,
         )
         # a stage's own runs: not its children, nor (from before baselines had a parent) a baseline's run
-        runs = [r for r in runs if TAG_PARENT not in r.data.tags and TAG_BASELINE not in r.data.tags]
+        runs = [r for r in runs if TAG_PARENT not in r.data.tags and TAG_BASELINE not in r.data.tags
+                and params_agree(r, params)]
         if runs:
             client.update_run(runs[0].info.run_id, status="RUNNING")
+            log_batch(config, runs[0].info.run_id, params=params)
             return runs[0].info.run_id
-    run = client.create_run(exp_id, tags={**tags, "mlflow.runName": f"{stage}"})
-    return run.info.run_id
+    run_id = client.create_run(exp_id, tags={**tags, "mlflow.runName": f"{stage}"}).info.run_id
+    log_batch(config, run_id, params=params)
+    return run_id
 
 
 def finish_run(config: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:

@@ -769,3 +769,21 @@ def test_an_unreadable_latest_checkpoint_resumes_from_the_one_before(tmp_path, c
                                  speak=True) is None
     assert "no checkpoint of this run can be read" in capsys.readouterr().err
     assert load_checkpoint_state(None, pretrain.STATE_FILE, "pretrain", speak=True) is None
+
+
+def test_a_checkpoint_stored_after_the_registered_latest_is_resumed_from(tmp_path, capsys):
+    """Ctrl-C lets the workers store checkpoints the controller never registers: an s3 demo stopped at step
+    20 of 40 had 10 registered and 20 and 30 stored, and the rerun trained from step 10 again."""
+    import ray.train
+
+    from sweep.stages.common import load_checkpoint_state
+
+    run = tmp_path / "run-abc"
+    for step in (10, 20, 30):
+        (run / pretrain.checkpoint_name(step)).mkdir(parents=True)
+        torch.save({"step": step}, run / pretrain.checkpoint_name(step) / pretrain.STATE_FILE)
+    registered = ray.train.Checkpoint(str(run / pretrain.checkpoint_name(10)))
+    assert load_checkpoint_state(registered, pretrain.STATE_FILE, "pretrain", speak=True) == {"step": 30}
+    assert f"{run / pretrain.checkpoint_name(30)} was stored but not registered" in capsys.readouterr().err
+    (run / pretrain.checkpoint_name(30) / pretrain.STATE_FILE).write_bytes(b"")  # cut short: the one before
+    assert load_checkpoint_state(registered, pretrain.STATE_FILE, "pretrain", speak=True) == {"step": 20}

@@ -282,3 +282,19 @@ def test_a_damaged_mlflow_database_is_named(write_pipeline, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"(MLflow tracking store sqlite:///{tmp_path / 'store' / 'mlflow.db'})" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_stage_resumed_with_other_workers_does_not_fail_on_its_logged_params(write_pipeline):
+    """An interrupted pretrain (its run KILLED) rerun with `--set pretrain.workers=1` (outside the config
+    hash: same config) reused that run and logged `workers` again: MLflow's "Changing param values is not
+    allowed" failed the stage (seen with a second storage of the same config, whose RUNNING run it took)."""
+    path = write_pipeline()
+    before, after = load_config(path), load_config(path, ["pretrain.workers=1"])
+    assert before.config_hash() == after.config_hash()
+    first = tracking.start_stage_run(before, "pretrain", params={"workers": 2, "steps": 6})
+    tracking.finish_run(before, first, "KILLED")
+    assert tracking.start_stage_run(before, "pretrain", params={"workers": 2, "steps": 6}) == first  # resumed
+    tracking.finish_run(before, first, "KILLED")
+    second = tracking.start_stage_run(after, "pretrain", params={"workers": 1, "steps": 6})
+    assert second != first
+    assert tracking.client_for(after).get_run(second).data.params == {"workers": "1", "steps": "6"}

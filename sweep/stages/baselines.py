@@ -531,9 +531,10 @@ def _split_rows(table, split: str) -> dict:
             "label": rows["label"].astype(int).tolist()}
 
 
-def _start_run(config: PipelineConfig, b: BaselineConfig, key: str, parent: str) -> str:
+def _start_run(config: PipelineConfig, b: BaselineConfig, key: str, parent: str, params: dict | None = None) -> str:
     """The baseline's MLflow run, a child of the stage's parent run: an unfinished one with the same key is
-    reused (a resumed baseline keeps one run), else a new one."""
+    reused (a resumed baseline keeps one run), else a new one; not one that logged other values of `params`
+    (`pretrain.workers` is outside the key: MLflow refuses to change a logged param)."""
     client = tracking.client_for(config)
     exp_id = tracking.ensure_experiment(config)
     runs = client.search_runs(
@@ -541,7 +542,8 @@ def _start_run(config: PipelineConfig, b: BaselineConfig, key: str, parent: str)
         filter_string=(f"tags.`{tracking.TAG_STAGE}` = 'baselines' and tags.`{tracking.TAG_BASELINE}` = "
                        f"'{b.name}' and tags.`{tracking.TAG_BASELINE_KEY}` = '{key}' "
                        f"and attributes.status != 'FINISHED'"),
-        order_by=["attributes.start_time DESC"], max_results=1)
+        order_by=["attributes.start_time DESC"], max_results=50)
+    runs = [r for r in runs if tracking.params_agree(r, params)]
     if runs:
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
@@ -634,7 +636,8 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
     settings = resolved(config, b)
     p = config.pretrain
     init_ray(config, dashboard=True)  # Ray Train
-    run_id = _start_run(config, b, key, get_parent())
+    run_id = _start_run(config, b, key, get_parent(), {**settings, "workers": p.workers, "use_gpu": p.use_gpu,
+                                                        "seed": config.seed})
     dataset, listed = train_dataset(config, b.kind, table)
     try:
         datasets, dataset_config, usable = train_datasets(dataset, config, listed)

@@ -401,7 +401,8 @@ def other_images_problem(what: str, recorded: dict, now: dict, folder: str, labe
 
 
 def load_checkpoint_state(checkpoint, file_name: str, what: str, speak: bool):
-    """The training state (`file_name`, a torch file) of Ray Train's latest checkpoint of this run; where that
+    """The training state (`file_name`, a torch file) of Ray Train's latest checkpoint of this run (or of a
+    newer one stored in its folder that Ray Train did not register, as Ctrl-C leaves them); where that
     one cannot be read (cut short by a crash while it was stored, a full disk), of the newest earlier one kept
     beside it (checkpoint folder names sort by time); None when the run has none, or none readable (it then
     starts over). Said (`speak`: one worker) when the latest is passed over. Before, a damaged latest
@@ -426,9 +427,11 @@ def load_checkpoint_state(checkpoint, file_name: str, what: str, speak: bool):
         kept = fs.get_file_info(pafs.FileSelector(folder))
     except OSError:
         kept = []
-    stored = sorted((i.path for i in kept if i.type == pafs.FileType.Directory and
-                     i.base_name.startswith("checkpoint_") and (latest is None or i.path < latest)), reverse=True)
-    candidates = [latest, *stored] if latest else stored
+    # Newer ones than the registered latest too: Ctrl-C lets the workers store a checkpoint or two that the
+    # controller never registers (an s3 demo stopped at step 20 of 40 had 10 registered, 20 and 30 stored,
+    # and the rerun trained from step 10 again)
+    stored = {i.path for i in kept if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
+    candidates = sorted(stored | {latest} if latest else stored, reverse=True)
     if not candidates:  # a first start
         return None
     problem = None
@@ -441,7 +444,7 @@ def load_checkpoint_state(checkpoint, file_name: str, what: str, speak: bool):
             continue
         if i and speak:
             say(f"{what}: the latest checkpoint cannot be read ({problem}); resuming from the one before, {path}")
-        if latest is None and speak:
+        if (latest is None or path > latest) and speak:
             say(f"{what}: {path} was stored but not registered by Ray Train (the run stopped in between): "
                 f"resuming from it")
         return state

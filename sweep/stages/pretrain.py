@@ -475,8 +475,7 @@ def run(config: PipelineConfig) -> str:
     from sweep import tracking  # MLflow: only once there is something to train
 
     init_ray(config, dashboard=True)  # Ray Train
-    run_id = tracking.start_stage_run(config, "pretrain")
-    tracking.log_batch(config, run_id, params={
+    run_id = tracking.start_stage_run(config, "pretrain", params={
         "steps": p.steps, "batch_size": p.batch_size, "workers": p.workers, "lr": p.lr,
         "warmup_steps": p.warmup_steps, "weight_decay": p.weight_decay, "ema_decay": p.ema_decay,
         "grad_clip": p.grad_clip, "augment": p.augment, "checkpoint_every": p.checkpoint_every,

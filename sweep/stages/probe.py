@@ -770,9 +770,8 @@ def run(config: PipelineConfig) -> dict:
         f"{f', {len(reusable)} to copy' if reusable else ''}"
         f"{f', {stale} unfinished run(s) discarded' if stale else ''}), "
         f"{len(config.probe.lrs) * len(config.probe.weight_decays)} heads each")
-    parent = tracking.start_stage_run(config, "probe")
     p = config.probe
-    tracking.log_batch(config, parent, params={
+    parent = tracking.start_stage_run(config, "probe", params={
         "lrs": p.lrs, "weight_decays": p.weight_decays, "epochs": p.epochs, "batch_size": p.batch_size,
         "class_weights": p.class_weights, "select": p.select, "patience": p.patience, "trials": len(trials),
         "cpus_per_trial": p.cpus_per_trial, "gpus_per_trial": p.gpus_per_trial,
