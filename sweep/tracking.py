@@ -28,6 +28,7 @@ TAG_TRIAL = "sweep.trial"
 TAG_FEATURES = "sweep.features"  # on a probe child run: the identity of the store it read (`FeatureStore.identity`)
 TAG_PROBE_HASH = "sweep.probe_hash"  # on a probe child run: its config's `probe_hash` (what every run shares)
 TAG_COPIED_FROM = "sweep.copied_from"  # on a probe child run copied from another config's: that run's id
+TAG_STORAGE = "sweep.storage"  # on every stage run: the storage root (absolute) it worked in
 TAG_PARENT = "mlflow.parentRunId"
 TAG_BASELINE = "sweep.baseline"  # a baseline's training run: its name...
 TAG_BASELINE_KEY = "sweep.baseline_key"  # ...and the fingerprint of what made its weights
@@ -154,7 +155,8 @@ def ensure_experiment(config: PipelineConfig) -> str:
 
 
 def stage_tags(config: PipelineConfig, stage: str) -> dict[str, str]:
-    return {TAG_STAGE: stage, TAG_PIPELINE: config.name, TAG_HASH: config.config_hash()}
+    return {TAG_STAGE: stage, TAG_PIPELINE: config.name, TAG_HASH: config.config_hash(),
+            TAG_STORAGE: Storage.of(config.storage_root).root}
 
 
 def params_agree(run, params: dict | None) -> bool:
@@ -256,12 +258,18 @@ def earlier_probe_runs(config: PipelineConfig, client: MlflowClient | None = Non
     return found
 
 
+class OtherStorageRuns(RuntimeError):
+    """Finished probe runs of this config made on other feature stores in another storage: two storages of
+    one config share the MLflow experiment, and probing one would delete the other's results."""
+
+
 def finished_trials(config: PipelineConfig, features: dict[str, str | None] | None = None
                     ) -> tuple[set[str], list[str]]:
     """Trial keys (`encoder/column`) that already have a finished probe run for this config, and the ids of
     finished runs made on other features: their `TAG_FEATURES` is not the identity of their encoder's store
     now (`features`: encoder -> identity), made again since from other images. Runs without the tag (made
-    before sweep wrote it) count as made on today's store."""
+    before sweep wrote it) count as made on today's store. Raises OtherStorageRuns where runs made on other
+    features were made in another storage (`TAG_STORAGE`): those are not stale, they are another study's."""
     client = client_for(config)
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is None:
@@ -269,15 +277,26 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
     runs = _all_runs(client, exp.experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = "
                                                 f"'{config.config_hash()}' and attributes.status = 'FINISHED'")
     features = features or {}
-    done, other_features, untagged = set(), [], []
+    done, other_features, untagged, elsewhere = set(), [], [], {}
+    here = Storage.of(config.storage_root).root
     for r in runs:
         made_on, now = r.data.tags.get(TAG_FEATURES), features.get(r.data.params.get("encoder"))
         if made_on and now and made_on != now:
+            where = r.data.tags.get(TAG_STORAGE, here)  # untagged: made before sweep wrote it, taken as here
+            if where != here:
+                elsewhere[where] = elsewhere.get(where, 0) + 1
             other_features.append(r.info.run_id)
         elif TAG_TRIAL in r.data.tags:
             done.add(r.data.tags[TAG_TRIAL])
             if made_on and TAG_PROBE_HASH not in r.data.tags:
                 untagged.append(r.info.run_id)
+    if elsewhere:
+        where, n = next(iter(elsewhere.items()))
+        raise OtherStorageRuns(
+            f"probe: {sum(elsewhere.values())} finished run(s) of this config in MLflow experiment "
+            f"{config.experiment_name!r} were made on other feature stores in another storage ({n} in {where}; this "
+            f"one is {here}): both storages share this experiment, and probing here would delete their results. "
+            f"Give this storage its own experiment (--set tracking.experiment=NAME), or delete those runs")
     for run_id in untagged:  # made before sweep tagged it: known from the config hash, and another config may copy
         client.set_tag(run_id, TAG_PROBE_HASH, config.probe_hash())
     return done, other_features

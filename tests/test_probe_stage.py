@@ -577,8 +577,19 @@ def test_runs_made_on_a_feature_store_made_again_from_other_images_are_probed_ag
     identity = FeatureStore(Storage.of(swept.storage_root).features("diffusion")).identity()
     runs = sorted(_children(config), key=lambda r: r.data.tags[tracking.TAG_TRIAL])
     assert identity and {r.data.tags.get(tracking.TAG_FEATURES) for r in runs} == {identity}
+    here = Storage.of(swept.storage_root).root
+    assert {r.data.tags.get(tracking.TAG_STORAGE) for r in runs} == {here}
     for r in runs[:3]:
         client.set_tag(r.info.run_id, tracking.TAG_FEATURES, "0123456789ab")  # made on an earlier store
+    # ...of another storage sharing this MLflow store: another study's results, not stale ones. Refused, and
+    # nothing deleted (they were deleted, and that storage's `sweep best` then showed this one's runs)
+    client.set_tag(runs[0].info.run_id, tracking.TAG_STORAGE, "s3://elsewhere/demo")
+    with pytest.raises(tracking.OtherStorageRuns, match=re.escape(
+            f"1 finished run(s) of this config in MLflow experiment {config.experiment_name!r} were made on other "
+            f"feature stores in another storage (1 in s3://elsewhere/demo; this one is {here})")):
+        probe.run(config)
+    assert len(_children(config)) == N_TRIALS
+    client.set_tag(runs[0].info.run_id, tracking.TAG_STORAGE, here)
     capfd.readouterr()
     assert probe.run(config)["ran"] == 3
     assert "3 finished run(s) of this config were made on feature stores made again since" in capfd.readouterr().err
