@@ -166,6 +166,12 @@ def params_agree(run, params: dict | None) -> bool:
     return all(logged.get(k, str(v)) == str(v) for k, v in (params or {}).items())
 
 
+def same_storage(run, config: PipelineConfig) -> bool:
+    """Whether `run` was made in this config's storage (a run from before sweep tagged it: taken as so)."""
+    here = Storage.of(config.storage_root).root
+    return run.data.tags.get(TAG_STORAGE, here) == here
+
+
 def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool = True,
                     params: dict | None = None) -> str:
     """The parent run of a stage, with `params` logged: an unfinished one of the same config is reused (a
@@ -185,12 +191,13 @@ def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool 
             order_by=["attributes.start_time DESC"],
             max_results=50,
         )
-        # a stage's own runs: not its children, nor (from before baselines had a parent) a baseline's run
+        # a stage's own runs: not its children, nor (from before baselines had a parent) a baseline's run,
+        # nor one of another storage sharing this MLflow store (its own command may be running it)
         runs = [r for r in runs if TAG_PARENT not in r.data.tags and TAG_BASELINE not in r.data.tags
-                and params_agree(r, params)]
+                and params_agree(r, params) and same_storage(r, config)]
         if runs:
             client.update_run(runs[0].info.run_id, status="RUNNING")
-            log_batch(config, runs[0].info.run_id, params=params)
+            log_batch(config, runs[0].info.run_id, params=params, tags={TAG_STORAGE: tags[TAG_STORAGE]})
             return runs[0].info.run_id
     run_id = client.create_run(exp_id, tags={**tags, "mlflow.runName": f"{stage}"}).info.run_id
     log_batch(config, run_id, params=params)

@@ -9,6 +9,7 @@ from conftest import free_port, small_pipeline
 from sweep import tracking
 from sweep.cli import main
 from sweep.config import load_config
+from sweep.storage import Storage
 
 
 @pytest.fixture(autouse=True)
@@ -298,3 +299,13 @@ def test_a_stage_resumed_with_other_workers_does_not_fail_on_its_logged_params(w
     second = tracking.start_stage_run(after, "pretrain", params={"workers": 1, "steps": 6})
     assert second != first
     assert tracking.client_for(after).get_run(second).data.params == {"workers": "1", "steps": "6"}
+    # another storage of the same config writing to the same MLflow store: it does not take this one's
+    # unfinished run (its own command may be running it), it makes its own
+    db = tracking.tracking_uri(after)
+    elsewhere = after.model_copy(update={"storage": f"{after.storage_root}-elsewhere",
+                                         "tracking": after.tracking.model_copy(update={"uri": db})})
+    assert tracking.client_for(elsewhere).get_run(second).info.status == "RUNNING"
+    third = tracking.start_stage_run(elsewhere, "pretrain", params={"workers": 1, "steps": 6})
+    assert third not in (first, second)
+    assert tracking.client_for(elsewhere).get_run(third).data.tags[tracking.TAG_STORAGE] == \
+        Storage.of(f"{after.storage_root}-elsewhere").root != Storage.of(after.storage_root).root

@@ -543,7 +543,7 @@ def _start_run(config: PipelineConfig, b: BaselineConfig, key: str, parent: str,
                        f"'{b.name}' and tags.`{tracking.TAG_BASELINE_KEY}` = '{key}' "
                        f"and attributes.status != 'FINISHED'"),
         order_by=["attributes.start_time DESC"], max_results=50)
-    runs = [r for r in runs if tracking.params_agree(r, params)]
+    runs = [r for r in runs if tracking.params_agree(r, params) and tracking.same_storage(r, config)]
     if runs:
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
