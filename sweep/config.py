@@ -824,6 +824,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
     key, _, text = assignment.partition("=")
+    dotted = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+    if dotted != key.strip():  # `baselines[0].epochs` made an unknown key `baselines[0]`
+        raise ConfigError(f"--set {key}: list items are indexed with a dot: --set {dotted}=...")
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {assignment!r}: empty key segment")

@@ -157,6 +157,8 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
          "temperature, projection_dim are only for kind simclr (this baseline is supervised)"),
         ("baselines=[{name: s, kind: simclr, input_size: 224}]", "baselines.0",
          "input_size is only for kind pretrained (this baseline is simclr)"),
+        # Python's index form made an unknown key `data.ood[0]`
+        ("data.ood[0].limit=5", "--set data.ood[0].limit", "list items are indexed with a dot: --set data.ood.0.limit="),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key, why):
