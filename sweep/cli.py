@@ -272,9 +272,15 @@ def cmd_validate(config: PipelineConfig) -> None:
         gap = budget_gap(budgets, saw="would see")
         if gap:
             print(f"  budgets: warning: {gap}")
-    try:  # a warning: a cluster's storage path may exist only on the cluster
+    from sweep.storage import bucket_problem, is_remote
+
+    try:  # a warning: a cluster's storage path (or its bucket's credentials) may exist only on the cluster
         check_local_storage(config, create=False)
-        print(f"  storage: {config.storage_root}")
+        problem = bucket_problem(config.storage_root) if is_remote(config.storage_root) else None
+        if problem:
+            print(f"  storage: warning: {config.storage_root}: {problem} (from here; the stages would fail)")
+        else:
+            print(f"  storage: {config.storage_root}")
     except ConfigError as e:
         print(f"  storage: warning: {str(e).removeprefix('storage: ')} (here; the stages would stop at once)")
     uri = configured_uri(config)

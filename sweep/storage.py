@@ -123,6 +123,20 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def bucket_problem(uri: str) -> str | None:
+    """Why the bucket of a remote `uri` cannot be used from here (missing, no access, no answer), or None.
+    A stage found out only when it first wrote, after seconds of retries, with pyarrow's advice to "enable
+    the allow_bucket_creation option", which a pipeline cannot."""
+    try:
+        fs, path = _split(uri)
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            return f"bucket {bucket!r} does not exist (or these credentials cannot see it)"
+    except (OSError, ValueError) as e:
+        return str(e).strip().splitlines()[0]
+    return None
+
+
 class DamagedFileError(ValueError):
     """A file sweep wrote (a manifest, a marker) that no longer reads as JSON; the message names it."""
 

@@ -140,3 +140,20 @@ def test_remote_storage_needs_a_tracking_uri(tmp_path, capsys, monkeypatch):
         assert main([command[0], str(path), *command[1:]]) == 2
         err = capsys.readouterr().err
         assert "tracking.uri: needed when storage is remote" in err and "s3://sweep-test/x" in err, err
+
+
+def test_validate_warns_of_a_bucket_it_cannot_use(s3_env, tmp_path, capsys):
+    """A missing bucket passed `validate`; `run` then failed on its first write, after seconds of retries,
+    advising pyarrow's `allow_bucket_creation`. `validate` now says so (a warning: the cluster's
+    credentials may differ from this shell's)."""
+    from sweep.cli import main
+
+    for bucket, said in ((BUCKET, f"  storage: s3://{BUCKET}/x\n"),
+                         ("no-such-bucket", "  storage: warning: s3://no-such-bucket/x: bucket 'no-such-bucket' does "
+                                            "not exist (or these credentials cannot see it) (from here; the stages "
+                                            "would fail)\n")):
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(yaml.safe_dump({**small_pipeline(tmp_path), "storage": f"s3://{bucket}/x",
+                                        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
+        assert main(["validate", str(path)]) == 0
+        assert said in capsys.readouterr().out
