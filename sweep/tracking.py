@@ -6,6 +6,7 @@ child runs linked by `mlflow.parentRunId`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -202,6 +203,20 @@ def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool 
     run_id = client.create_run(exp_id, tags={**tags, "mlflow.runName": f"{stage}"}).info.run_id
     log_batch(config, run_id, params=params)
     return run_id
+
+
+@contextlib.contextmanager
+def ended_on_error(config: PipelineConfig, run_id: str):
+    """Around a stage's set-up once its run is open: an error ends the run FAILED (Ctrl-C: KILLED), so that
+    MLflow does not show a stage that stopped (a missing bucket, a bad image table) as still running."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        finish_run(config, run_id, "KILLED")
+        raise
+    except Exception:
+        finish_run(config, run_id, "FAILED")
+        raise
 
 
 def finish_run(config: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:

@@ -655,6 +655,28 @@ def test_pretrain_with_no_readable_training_image_fails_at_once(ray_local, tmp_p
     assert run.info.status == "FAILED"
 
 
+def test_an_error_while_a_training_stage_sets_up_ends_its_run_as_failed(ray_local, tmp_path, monkeypatch):
+    """An OSError between opening the stage's MLflow run and training (reading the images from a bucket that
+    is gone) left the run RUNNING, in MLflow's UI a stage still at work; the U-Net's run and a baseline's."""
+    from sweep import tracking
+    from sweep.stages import baselines
+
+    def gone(*args, **kwargs):
+        raise OSError("Bucket 'gone' not found")
+
+    config = PipelineConfig.model_validate(small_pipeline(
+        tmp_path / "store", baselines=[{"name": "sup", "kind": "supervised", "epochs": 1}]))
+    for stage in (pretrain, baselines):
+        monkeypatch.setattr(stage, "train_dataset", gone)
+        with pytest.raises(OSError, match="Bucket 'gone' not found"):
+            stage.run(config)
+    client = tracking.client_for(config)
+    runs = client.search_runs([client.get_experiment_by_name(config.experiment_name).experiment_id])
+    statuses = {r.data.tags.get(tracking.TAG_BASELINE) or r.data.tags[tracking.TAG_STAGE]: r.info.status
+                for r in runs}
+    assert statuses["pretrain"] == "FAILED" and statuses["sup"] == "FAILED", statuses
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_ctrl_c_aborts_a_training_run_and_ends_as_interrupted(ray_local, tmp_path):

@@ -638,54 +638,50 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
     init_ray(config, dashboard=True)  # Ray Train
     run_id = _start_run(config, b, key, get_parent(), {**settings, "workers": p.workers, "use_gpu": p.use_gpu,
                                                         "seed": config.seed})
-    dataset, listed = train_dataset(config, b.kind, table)
-    try:
+    with tracking.ended_on_error(config, run_id):
+        dataset, listed = train_dataset(config, b.kind, table)
         datasets, dataset_config, usable = train_datasets(dataset, config, listed)
         n_train = check_training_images(config, f"baselines {b.name}", listed, usable)
-    except Exception:
-        tracking.finish_run(config, run_id, "FAILED")
-        raise
-    tracking.log_batch(config, run_id, params={**settings, "workers": p.workers, "use_gpu": p.use_gpu,
-                                               "n_train": n_train, "seed": config.seed})
-    meta = {"name": b.name, "kind": b.kind, "arch": b.arch, "in_channels": config.data.channels,
-            "small_input": settings["small_input"],
-            "num_classes": len(table.classes) if b.kind == "supervised" else 0,
-            "image_size": config.data.image_size, "input_mean": None, "input_std": None, "key": key,
-            "epochs": b.epochs, **trained_settings(config, b), "training_images": training_images(table),
-            **({"classes": list(table.classes)} if b.kind == "supervised" else {})}
-    loop_config = {
-        **settings, "name": b.name, "seed": config.seed, "cpus_per_worker": p.cpus_per_worker,
-        "checkpoint_every": b.checkpoint_every, "n_train": n_train,
-        "final_dir": str(final), "meta": meta, "tracking_uri": tracking.tracking_uri(config), "run_id": run_id,
-        "cache_limit_bytes": 2 << 30, "fault_at_epoch": int(os.environ.get(FAULT_ENV, "0") or 0),
-    }
-    if b.kind == "supervised":  # SimCLR gets no labels, no classes, no val/test rows
-        loop_config.update(classes=list(table.classes), val_rows=_split_rows(table, "val"),
-                           test_rows=_split_rows(table, "test"))
-    try:
-        check_run_images(f"{b.name} baseline", f"{storage.uri('baselines', b.name)}/run-{key}", meta["training_images"],
-                         labels=b.kind == "supervised")
-    except RuntimeError as e:
-        tracking.finish_run(config, run_id, "FAILED")
-        raise BaselineError(f"baselines {b.name}: {e}") from None
-    say(f"baselines {b.name}: {b.kind} {b.arch}, {n_train} training images, {b.epochs} epoch(s) x "
-        f"{b.batch_size} per worker x {p.workers} worker(s){' on GPU' if p.use_gpu else ''}")
-    loop_config["ordered_split"] = dataset_config is not None
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
-                                               resources_per_worker={"CPU": p.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"run-{key}",  # same settings -> same run folder -> Ray Train resumes its latest checkpoint
-            storage_path=storage.uri("baselines", b.name),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
-            logging_config=train_logging(),
-        ),
-        datasets=datasets,
-        dataset_config=dataset_config,
-    )
+        tracking.log_batch(config, run_id, params={**settings, "workers": p.workers, "use_gpu": p.use_gpu,
+                                                   "n_train": n_train, "seed": config.seed})
+        meta = {"name": b.name, "kind": b.kind, "arch": b.arch, "in_channels": config.data.channels,
+                "small_input": settings["small_input"],
+                "num_classes": len(table.classes) if b.kind == "supervised" else 0,
+                "image_size": config.data.image_size, "input_mean": None, "input_std": None, "key": key,
+                "epochs": b.epochs, **trained_settings(config, b), "training_images": training_images(table),
+                **({"classes": list(table.classes)} if b.kind == "supervised" else {})}
+        loop_config = {
+            **settings, "name": b.name, "seed": config.seed, "cpus_per_worker": p.cpus_per_worker,
+            "checkpoint_every": b.checkpoint_every, "n_train": n_train,
+            "final_dir": str(final), "meta": meta, "tracking_uri": tracking.tracking_uri(config), "run_id": run_id,
+            "cache_limit_bytes": 2 << 30, "fault_at_epoch": int(os.environ.get(FAULT_ENV, "0") or 0),
+        }
+        if b.kind == "supervised":  # SimCLR gets no labels, no classes, no val/test rows
+            loop_config.update(classes=list(table.classes), val_rows=_split_rows(table, "val"),
+                               test_rows=_split_rows(table, "test"))
+        try:
+            check_run_images(f"{b.name} baseline", f"{storage.uri('baselines', b.name)}/run-{key}",
+                             meta["training_images"], labels=b.kind == "supervised")
+        except RuntimeError as e:
+            raise BaselineError(f"baselines {b.name}: {e}") from None
+        say(f"baselines {b.name}: {b.kind} {b.arch}, {n_train} training images, {b.epochs} epoch(s) x "
+            f"{b.batch_size} per worker x {p.workers} worker(s){' on GPU' if p.use_gpu else ''}")
+        loop_config["ordered_split"] = dataset_config is not None
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
+                                                   resources_per_worker={"CPU": p.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=f"run-{key}",  # same settings -> same run folder -> Ray Train resumes its latest checkpoint
+                storage_path=storage.uri("baselines", b.name),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+                logging_config=train_logging(),
+            ),
+            datasets=datasets,
+            dataset_config=dataset_config,
+        )
     try:
         fit_interruptibly(trainer, f"baselines {b.name}")
     except KeyboardInterrupt:

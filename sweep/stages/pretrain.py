@@ -484,28 +484,24 @@ def run(config: PipelineConfig) -> str:
         "beta_schedule": p.scheduler.beta_schedule, "image_size": config.data.image_size,
         "channels": config.data.channels, "init_from": p.init_from, "seed": config.seed,
         "compile": p.compile if p.use_gpu else "none"})
-    table = build_table(config)
-    dataset, listed = train_dataset(config, table)
-    try:
+    with tracking.ended_on_error(config, run_id):
+        table = build_table(config)
+        dataset, listed = train_dataset(config, table)
         datasets, dataset_config, usable = train_datasets(dataset, config, listed)
         n_images = check_training_images(config, "pretrain", listed, usable)
-    except Exception:
-        tracking.finish_run(config, run_id, "FAILED")
-        raise
-    say(f"pretrain: {n_images} training images, {p.steps} steps x {p.batch_size} per worker x {p.workers} "
-        f"worker(s){' on GPU' if p.use_gpu else ''}")
-    if p.compile != "none":
-        say(f"pretrain: torch.compile mode {p.compile} (the first steps wait for the compilation)" if p.use_gpu
-            else f"pretrain: compile {p.compile} applies on GPU workers only (use_gpu is false): running eager")
-    if key != legacy and exists(f"{storage.pretrain_runs}/run-{legacy}") \
-            and not exists(f"{storage.pretrain_runs}/run-{key}"):
-        key = legacy  # a run interrupted under an older sweep's key: resume it, in its folder
-    try:
-        check_run_images("U-Net", f"{storage.pretrain_runs}/run-{key}", training_images(table))
-    except RuntimeError as e:
-        tracking.finish_run(config, run_id, "FAILED")
-        raise PretrainError(f"pretrain: {e}") from None
-    trainer = make_trainer(config, run_id, datasets, dataset_config, key, training_images(table))
+        say(f"pretrain: {n_images} training images, {p.steps} steps x {p.batch_size} per worker x {p.workers} "
+            f"worker(s){' on GPU' if p.use_gpu else ''}")
+        if p.compile != "none":
+            say(f"pretrain: torch.compile mode {p.compile} (the first steps wait for the compilation)" if p.use_gpu
+                else f"pretrain: compile {p.compile} applies on GPU workers only (use_gpu is false): running eager")
+        if key != legacy and exists(f"{storage.pretrain_runs}/run-{legacy}") \
+                and not exists(f"{storage.pretrain_runs}/run-{key}"):
+            key = legacy  # a run interrupted under an older sweep's key: resume it, in its folder
+        try:
+            check_run_images("U-Net", f"{storage.pretrain_runs}/run-{key}", training_images(table))
+        except RuntimeError as e:
+            raise PretrainError(f"pretrain: {e}") from None
+        trainer = make_trainer(config, run_id, datasets, dataset_config, key, training_images(table))
     try:
         result = fit_interruptibly(trainer, "pretrain")
     except KeyboardInterrupt:
