@@ -207,8 +207,9 @@ def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool 
 
 @contextlib.contextmanager
 def ended_on_error(config: PipelineConfig, run_id: str):
-    """Around a stage's set-up once its run is open: an error ends the run FAILED (Ctrl-C: KILLED), so that
-    MLflow does not show a stage that stopped (a missing bucket, a bad image table) as still running."""
+    """Around a stage's work once its run is open (set-up and training): an error ends the run FAILED
+    (Ctrl-C: KILLED), so that MLflow does not show a stage that stopped (a missing bucket, a bad image table,
+    a failed fit) as still running."""
     try:
         yield
     except KeyboardInterrupt:
@@ -304,9 +305,8 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
     for r in runs:
         made_on, now = r.data.tags.get(TAG_FEATURES), features.get(r.data.params.get("encoder"))
         if made_on and now and made_on != now:
-            where = r.data.tags.get(TAG_STORAGE, here)  # untagged: made before sweep wrote it, taken as here
-            if where != here:
-                elsewhere[where] = elsewhere.get(where, 0) + 1
+            if not same_storage(r, config):
+                elsewhere[r.data.tags[TAG_STORAGE]] = elsewhere.get(r.data.tags[TAG_STORAGE], 0) + 1
             other_features.append(r.info.run_id)
         elif TAG_TRIAL in r.data.tags:
             done.add(r.data.tags[TAG_TRIAL])

@@ -636,14 +636,13 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
     settings = resolved(config, b)
     p = config.pretrain
     init_ray(config, dashboard=True)  # Ray Train
-    run_id = _start_run(config, b, key, get_parent(), {**settings, "workers": p.workers, "use_gpu": p.use_gpu,
-                                                        "seed": config.seed})
+    params = {**settings, "workers": p.workers, "use_gpu": p.use_gpu, "seed": config.seed}
+    run_id = _start_run(config, b, key, get_parent(), params)
     with tracking.ended_on_error(config, run_id):
         dataset, listed = train_dataset(config, b.kind, table)
         datasets, dataset_config, usable = train_datasets(dataset, config, listed)
         n_train = check_training_images(config, f"baselines {b.name}", listed, usable)
-        tracking.log_batch(config, run_id, params={**settings, "workers": p.workers, "use_gpu": p.use_gpu,
-                                                   "n_train": n_train, "seed": config.seed})
+        tracking.log_batch(config, run_id, params={**params, "n_train": n_train})
         meta = {"name": b.name, "kind": b.kind, "arch": b.arch, "in_channels": config.data.channels,
                 "small_input": settings["small_input"],
                 "num_classes": len(table.classes) if b.kind == "supervised" else 0,
@@ -682,19 +681,14 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
             datasets=datasets,
             dataset_config=dataset_config,
         )
-    try:
-        fit_interruptibly(trainer, f"baselines {b.name}")
-    except KeyboardInterrupt:
-        tracking.finish_run(config, run_id, "KILLED")
-        raise
-    except Exception as e:
-        tracking.finish_run(config, run_id, "FAILED")
-        raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): "
-                            f"{error_cause(e)}") from e
-    done = read_json(f"{final}/{META_FILE}")
-    if done is None or done.get("key") != key:
-        tracking.finish_run(config, run_id, "FAILED")
-        raise BaselineError(f"baseline {b.name!r} ended without writing {final}")
+        try:
+            fit_interruptibly(trainer, f"baselines {b.name}")
+        except Exception as e:
+            raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): "
+                                f"{error_cause(e)}") from e
+        done = read_json(f"{final}/{META_FILE}")
+        if done is None or done.get("key") != key:
+            raise BaselineError(f"baseline {b.name!r} ended without writing {final}")
     tracking.finish_run(config, run_id)
     m = done.get("metrics", {})
     if b.kind == "supervised":

@@ -502,17 +502,13 @@ def run(config: PipelineConfig) -> str:
         except RuntimeError as e:
             raise PretrainError(f"pretrain: {e}") from None
         trainer = make_trainer(config, run_id, datasets, dataset_config, key, training_images(table))
-    try:
-        result = fit_interruptibly(trainer, "pretrain")
-    except KeyboardInterrupt:
-        tracking.finish_run(config, run_id, "KILLED")
-        raise
-    except Exception as e:
-        tracking.finish_run(config, run_id, "FAILED")
-        raise PretrainError(f"pretrain failed (rerun to resume from the last checkpoint): {error_cause(e)}") from e
-    if not exists(f"{storage.pretrain_final}/{PRETRAIN_MARKER}"):
-        tracking.finish_run(config, run_id, "FAILED")
-        raise PretrainError(f"pretrain ended without writing {storage.pretrain_final}")
+        try:
+            result = fit_interruptibly(trainer, "pretrain")
+        except Exception as e:
+            raise PretrainError(f"pretrain failed (rerun to resume from the last checkpoint): "
+                                f"{error_cause(e)}") from e
+        if not exists(f"{storage.pretrain_final}/{PRETRAIN_MARKER}"):
+            raise PretrainError(f"pretrain ended without writing {storage.pretrain_final}")
     metrics = result.metrics or {}
     tracking.finish_run(config, run_id)
     say(f"pretrain: done at step {metrics.get('step', p.steps)} (last loss {metrics.get('loss', float('nan')):.4f}, "
