@@ -42,7 +42,11 @@ equal or better test accuracy.
 
 Figures (2-core VMs without GPU; their speed drifts by 20-50 % over minutes, so read pooled figures over
 rounds; per-round overheads range over 30 points):
-  Latest (a faster CPU than the earlier runs: the bare run 0.24-0.29 s per trial, scikit-learn 3.5 s per
+  Latest (2026-11-24, probe revision 2, the bare run 0.22-0.23 s per trial), 2 trials on 2 cores, `--repeats 3`:
+  overhead 18.2 / 18.7 / 22.3 %, pooled 19.8 % = idle slots 13.6 % (workers' start-up 9.7 %, between trials
+  2.9 %, end 0.9 %) + trials 6.2 % slower than bare; speed-up 12.0 / 11.8 / 10.9x, compute vs compute 12.8x;
+  accuracy -0.036 points on 12 trials (95 % interval -0.124 to +0.053; the same weight decay in 9 of 12).
+  Before (a faster CPU than the earlier runs: the bare run 0.24-0.29 s per trial, scikit-learn 3.5 s per
   trial, compute vs compute 11.4-11.6x):
   - 2 trials on 2 cores (the default `--slots`), `--repeats 3`, the MLflow store made before (a) as the
     extract stage would have: overhead 20.9 / 22.9 / 22.1 %, pooled 22.0 % = idle slots 12.3 % (the trials'
