@@ -156,6 +156,26 @@ def test_batches_stream_a_large_shard_every_epoch():
     assert shard.reads == 2
 
 
+@pytest.mark.parametrize("n,workers,batch,steps", [(61, 2, 16, 200), (61, 2, 64, 200), (61, 1, 32, 30),
+                                                    (10, 2, 4, 7), (12, 3, 4, 5), (9, 2, 3, 1)])
+def test_images_drawn_counts_the_short_last_batch_of_each_epoch(n, workers, batch, steps):
+    """The training budget of a U-Net (the report's and validate's `images_seen`): the images `_batches` hands
+    the workers in `steps` steps, each worker's equal part (`train_datasets`) ending its epochs in a short batch.
+    steps x global batch counted that batch as a full one: the demo's 200 steps x 16 x 2 read 6,400 images for
+    the 6,200 drawn, and at 64 per worker (more than a worker's 31 images) 25,600 for 12,400."""
+    part = -(-n // workers)
+    drawn = 0
+    for rank in range(workers):
+        stream = pretrain._batches(_FakeShard(part), batch, 1 << 20, seed=0, rank=rank)
+        drawn += sum(len(next(stream)[1]) for _ in range(steps))
+    assert pretrain.images_drawn(steps, batch, workers, n) == drawn
+    assert drawn <= steps * batch * workers
+    if (n, workers, batch, steps) == (61, 2, 16, 200):
+        assert drawn == 6_200
+    if (n, workers, batch, steps) == (61, 2, 64, 200):
+        assert drawn == 12_400
+
+
 def test_batches_of_an_empty_shard_fail_instead_of_looping_forever():
     stream = pretrain._batches(_FakeShard(0), batch_size=4, cache_limit_bytes=8, seed=0, rank=1)
     with pytest.raises(RuntimeError, match="no training image reached worker 1"):
@@ -479,6 +499,13 @@ def test_final_is_the_ema_unet_and_loads_with_diffusers(pretrained):
     marker = json.loads((final / pretrain.PRETRAIN_MARKER).read_text())
     assert marker["steps"] == STEPS and marker["key"] == pretrain.pretrain_key(pretrained["config"])
     assert marker["settings"] == pretrain.pretrain_settings(pretrained["config"])
+    # the training budget: the images the workers drew (the run resumed half-way), as MLflow logged them
+    run_id = pretrained["client"].search_runs(
+        [pretrained["client"].get_experiment_by_name(pretrained["config"].experiment_name).experiment_id],
+        filter_string="tags.`sweep.stage` = 'pretrain'")[0].info.run_id
+    logged = pretrained["client"].get_metric_history(run_id, "images_seen")
+    assert marker["images_seen"] == max(logged, key=lambda m: m.step).value
+    assert marker["images_seen"] == pretrain.images_drawn(STEPS, 8, 2, marker["training_images"]["images"])
 
     state = torch.load(_checkpoints(pretrained["run_dir"])[STEPS] / pretrain.STATE_FILE, map_location="cpu",
                        weights_only=False)
