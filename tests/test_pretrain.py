@@ -79,6 +79,26 @@ def test_warmup_then_cosine_and_ema_lags():
     assert diff > 0
 
 
+def test_ema_decay_warms_up_and_is_only_a_cap():
+    """README's `ema_decay` row: the EMA of step s decays by min(ema_decay, 1 - s^(-2/3)) (diffusers' EMA warm-up,
+    s counted from 1, the first step copies the weights), so below the step where the warm-up passes the cap
+    (31,623 for 0.999) `ema_decay` changes nothing: 0.999 and 0.99 give the same EMA over 10 steps."""
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    emas = []
+    for decay in (0.999, 0.99):
+        t = _trainer(ema_decay=decay)
+        shadow = [p.detach().clone() for p in t.raw.parameters()]
+        for s in range(1, 11):
+            t.train_step(x)
+            d = min(decay, 1 - s ** (-2 / 3))
+            shadow = [d * e + (1 - d) * p.detach() for e, p in zip(shadow, t.raw.parameters())]
+        for e, p in zip(shadow, t.ema_model().parameters()):
+            torch.testing.assert_close(p.detach(), e)
+        emas.append(shadow)
+    assert all(torch.equal(a, b) for a, b in zip(*emas))
+    assert 1 - 200 ** (-2 / 3) == pytest.approx(0.9708, abs=1e-4) and round(1000 ** 1.5) == 31_623
+
+
 class _FakeShard:
     """Images 0..n-1 (the value is the row), streamed in the order `order_seed` draws (Ray Data's order
     varies from run to run), or in row order."""
