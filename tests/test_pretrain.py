@@ -99,6 +99,32 @@ def test_ema_decay_warms_up_and_is_only_a_cap():
     assert 1 - 200 ** (-2 / 3) == pytest.approx(0.9708, abs=1e-4) and round(1000 ** 1.5) == 31_623
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_loss_targets_what_the_schedule_says_the_unet_predicts(kind):
+    """An `init_from` checkpoint's scheduler may say v_prediction: its training target is then v, not the
+    noise (the folder saved with it says v_prediction, and its samples read it so)."""
+    from diffusers import DDPMScheduler
+
+    from sweep.encoders.diffusion import build_unet
+    from sweep.train.ddpm import ddpm_loss
+
+    torch.manual_seed(0)
+    unet = build_unet(16, 1, [16, 32], 1, [False, False])
+    scheduler = DDPMScheduler(prediction_type=kind)
+    x0 = torch.rand(3, 1, 16, 16) * 2 - 1
+    loss = ddpm_loss(unet, scheduler, x0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the draws of ddpm_loss, by hand
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].view(-1, 1, 1, 1)
+    x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps).float()
+    target = {"epsilon": eps, "v_prediction": (abar.sqrt() * eps - (1 - abar).sqrt() * x0).float(),
+              "sample": x0}[kind]
+    with torch.no_grad():
+        expected = ((unet(x_t, t).sample - target) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
 class _FakeShard:
     """Images 0..n-1 (the value is the row), streamed in the order `order_seed` draws (Ray Data's order
     varies from run to run), or in row order."""
