@@ -90,8 +90,11 @@ def test_run_then_best_then_rerun(ray_local, write_pipeline, capsys, monkeypatch
     # each encoder's training: 6 steps x 8 images x 2 workers; 2 epochs over the 61 training images
     train_images = int((build_table(cfg).frame["split"] == "train").sum())
     budgets = pd.read_csv(Path(store, "report", "training_budgets.csv")).set_index("encoder")
-    assert json.load(open(f"{store}/pretrain/final/sweep_pretrain.json"))["global_batch"] == 16
-    assert budgets.loc["diffusion", ["train_images", "steps", "images_seen"]].tolist() == [train_images, 6, 96]
+    marker = json.load(open(f"{store}/pretrain/final/sweep_pretrain.json"))
+    assert marker["global_batch"] == 16
+    # 31 images a worker: epochs of 8 + 8 + 8 + 7, so 6 steps draw 2 x (31 + 16) = 94 (not 6 x 16 = 96)
+    assert budgets.loc["diffusion", ["train_images", "steps", "images_seen"]].tolist() == [train_images, 6, 94]
+    assert marker["images_seen"] == 94
     assert budgets.loc["sup", ["train_images", "epochs", "images_seen"]].tolist() == [train_images, 2, 2 * train_images]
     assert budgets.loc["sup", "steps"] == meta["history"][-1]["step"] >= 2  # the optimizer's steps, as recorded
     assert "## Training budgets" in report and "budgets differ" not in report  # 122 vs 96 images: comparable

@@ -79,6 +79,52 @@ def test_warmup_then_cosine_and_ema_lags():
     assert diff > 0
 
 
+def test_ema_decay_warms_up_and_is_only_a_cap():
+    """README's `ema_decay` row: the EMA of step s decays by min(ema_decay, 1 - s^(-2/3)) (diffusers' EMA warm-up,
+    s counted from 1, the first step copies the weights), so below the step where the warm-up passes the cap
+    (31,623 for 0.999) `ema_decay` changes nothing: 0.999 and 0.99 give the same EMA over 10 steps."""
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    emas = []
+    for decay in (0.999, 0.99):
+        t = _trainer(ema_decay=decay)
+        shadow = [p.detach().clone() for p in t.raw.parameters()]
+        for s in range(1, 11):
+            t.train_step(x)
+            d = min(decay, 1 - s ** (-2 / 3))
+            shadow = [d * e + (1 - d) * p.detach() for e, p in zip(shadow, t.raw.parameters())]
+        for e, p in zip(shadow, t.ema_model().parameters()):
+            torch.testing.assert_close(p.detach(), e)
+        emas.append(shadow)
+    assert all(torch.equal(a, b) for a, b in zip(*emas))
+    assert 1 - 200 ** (-2 / 3) == pytest.approx(0.9708, abs=1e-4) and round(1000 ** 1.5) == 31_623
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_loss_targets_what_the_schedule_says_the_unet_predicts(kind):
+    """An `init_from` checkpoint's scheduler may say v_prediction: its training target is then v, not the
+    noise (the folder saved with it says v_prediction, and its samples read it so)."""
+    from diffusers import DDPMScheduler
+
+    from sweep.encoders.diffusion import build_unet
+    from sweep.train.ddpm import ddpm_loss
+
+    torch.manual_seed(0)
+    unet = build_unet(16, 1, [16, 32], 1, [False, False])
+    scheduler = DDPMScheduler(prediction_type=kind)
+    x0 = torch.rand(3, 1, 16, 16) * 2 - 1
+    loss = ddpm_loss(unet, scheduler, x0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the draws of ddpm_loss, by hand
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].view(-1, 1, 1, 1)
+    x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps).float()
+    target = {"epsilon": eps, "v_prediction": (abar.sqrt() * eps - (1 - abar).sqrt() * x0).float(),
+              "sample": x0}[kind]
+    with torch.no_grad():
+        expected = ((unet(x_t, t).sample - target) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
 class _FakeShard:
     """Images 0..n-1 (the value is the row), streamed in the order `order_seed` draws (Ray Data's order
     varies from run to run), or in row order."""
@@ -154,6 +200,26 @@ def test_batches_stream_a_large_shard_every_epoch():
     for _ in range(6):
         next(stream)
     assert shard.reads == 2
+
+
+@pytest.mark.parametrize("n,workers,batch,steps", [(61, 2, 16, 200), (61, 2, 64, 200), (61, 1, 32, 30),
+                                                    (10, 2, 4, 7), (12, 3, 4, 5), (9, 2, 3, 1)])
+def test_images_drawn_counts_the_short_last_batch_of_each_epoch(n, workers, batch, steps):
+    """The training budget of a U-Net (the report's and validate's `images_seen`): the images `_batches` hands
+    the workers in `steps` steps, each worker's equal part (`train_datasets`) ending its epochs in a short batch.
+    steps x global batch counted that batch as a full one: the demo's 200 steps x 16 x 2 read 6,400 images for
+    the 6,200 drawn, and at 64 per worker (more than a worker's 31 images) 25,600 for 12,400."""
+    part = -(-n // workers)
+    drawn = 0
+    for rank in range(workers):
+        stream = pretrain._batches(_FakeShard(part), batch, 1 << 20, seed=0, rank=rank)
+        drawn += sum(len(next(stream)[1]) for _ in range(steps))
+    assert pretrain.images_drawn(steps, batch, workers, n) == drawn
+    assert drawn <= steps * batch * workers
+    if (n, workers, batch, steps) == (61, 2, 16, 200):
+        assert drawn == 6_200
+    if (n, workers, batch, steps) == (61, 2, 64, 200):
+        assert drawn == 12_400
 
 
 def test_batches_of_an_empty_shard_fail_instead_of_looping_forever():
@@ -479,6 +545,13 @@ def test_final_is_the_ema_unet_and_loads_with_diffusers(pretrained):
     marker = json.loads((final / pretrain.PRETRAIN_MARKER).read_text())
     assert marker["steps"] == STEPS and marker["key"] == pretrain.pretrain_key(pretrained["config"])
     assert marker["settings"] == pretrain.pretrain_settings(pretrained["config"])
+    # the training budget: the images the workers drew (the run resumed half-way), as MLflow logged them
+    run_id = pretrained["client"].search_runs(
+        [pretrained["client"].get_experiment_by_name(pretrained["config"].experiment_name).experiment_id],
+        filter_string="tags.`sweep.stage` = 'pretrain'")[0].info.run_id
+    logged = pretrained["client"].get_metric_history(run_id, "images_seen")
+    assert marker["images_seen"] == max(logged, key=lambda m: m.step).value
+    assert marker["images_seen"] == pretrain.images_drawn(STEPS, 8, 2, marker["training_images"]["images"])
 
     state = torch.load(_checkpoints(pretrained["run_dir"])[STEPS] / pretrain.STATE_FILE, map_location="cpu",
                        weights_only=False)

@@ -167,13 +167,43 @@ def test_training_budgets_count_the_training_images_trained_on(tmp_path, write_p
     # the finished U-Net's record as the pretrain stage writes it: the listed files' fingerprint and count
     Path(storage.pretrain_final).mkdir(parents=True)
     Path(storage.pretrain_final, PRETRAIN_MARKER).write_text(json.dumps(
-        {"key": "k", "steps": 10, "global_batch": 8, "training_images": {"images": listed, "ids": "i", "labels": "l"}}))
+        {"key": "k", "steps": 10, "global_batch": 16, "training_images": {"images": listed, "ids": "i", "labels": "l"}}))
 
     images = data_summary(config, table)
     assert images.set_index(["dataset", "split"]).loc[("plankton", "train"), "images"] == listed - 1
     row = training_budgets(config, images).set_index("encoder").loc["diffusion"]
     assert row["train_images"] == listed - 1
-    assert row["images_seen"] == 80 and row["epochs"] == round(80 / (listed - 1), 1)
+    # a U-Net finished before its marker counted its images: the images its 2 workers of 8 drew from the 74
+    # trained on (37 each, epochs of 8 + 8 + 8 + 8 + 5), not 10 steps x 16 = 160
+    assert listed - 1 == 74 and row["images_seen"] == 2 * (37 + 37) == 148
+    assert row["epochs"] == round(148 / 74, 1)
+
+
+def test_training_budgets_give_the_images_a_unet_drew_not_steps_times_the_batch(tmp_path, write_pipeline):
+    """The U-Net's `images_seen` is what its workers counted (the marker's `images_seen`): each worker's pass
+    over its images ends in a short batch, so steps x global batch overstated it (the demo: 6,400 for 6,200;
+    with a batch over a worker's images, 25,600 for 12,400 at 64 per worker), and the budget gap with it."""
+    import json
+    from pathlib import Path
+
+    from sweep.stages.report import planned_budgets, training_budgets
+    from sweep.storage import PRETRAIN_MARKER
+
+    config = load_config(write_pipeline(pretrain={"steps": 200, "batch_size": 64, "workers": 2},
+                                        baselines=[{"name": "sup", "kind": "supervised", "epochs": 200}]))
+    listed = int((build_table(config).frame["split"] == "train").sum())
+    assert listed == 61
+    storage = Storage.of(config.storage_root)
+    Path(storage.pretrain_final).mkdir(parents=True)
+    Path(storage.pretrain_final, PRETRAIN_MARKER).write_text(json.dumps(
+        {"key": "k", "steps": 200, "global_batch": 128, "images_seen": 12_400,
+         "training_images": {"images": listed, "ids": "i", "labels": "l"}}))
+    row = training_budgets(config).set_index("encoder").loc["diffusion"]
+    assert row["images_seen"] == 12_400 and row["epochs"] == round(12_400 / 61, 1)
+    planned = planned_budgets(config, listed).set_index("encoder")
+    assert planned.loc["diffusion", "images_seen"] == 12_400  # 31 images a worker and step, not 64
+    assert planned.loc["diffusion", "plan"] == "200 steps x at most 128"
+    assert planned.loc["sup", "images_seen"] == 200 * 61
 
 
 def test_heatmap_rows_follow_the_network_not_the_alphabet():

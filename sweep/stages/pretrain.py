@@ -91,6 +91,21 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:09d}"
 
 
+def images_drawn(steps: int, batch_size: int, workers: int, n_images: int) -> int:
+    """Training images the workers draw in `steps` steps from `n_images` split into equal parts
+    (`train_datasets`: ceil(n / workers) each): every epoch of a worker's part is ceil(part / batch_size)
+    batches, the last one short where the batch does not divide the part (`_batches`), so a step draws
+    fewer than `batch_size` x `workers` images then (61 images on 2 workers at 16: 31 per worker, batches of
+    16 and 15; 200 steps draw 6,200, not 6,400; at 64 a step draws 62). A set too big for that split is
+    split by Ray Data while streaming: about this many."""
+    if n_images <= 0 or steps <= 0:
+        return 0
+    part = -(-n_images // workers)
+    per_epoch = -(-part // batch_size)
+    epochs, batches = divmod(steps, per_epoch)
+    return workers * (epochs * part + batches * batch_size)
+
+
 # ------------------------------------------------------------------------------------ worker side
 
 def _batches(shard, batch_size: int, cache_limit_bytes: int, seed: int, rank: int,
@@ -338,8 +353,10 @@ def _save_final(trainer, scheduler, cfg: dict, metrics_log) -> None:
         final.save_pretrained(tmp)
         scheduler.save_pretrained(tmp)
         marker = {"key": cfg["key"], "steps": cfg["steps"], "settings": cfg["settings"],
-                  "training_images": cfg.get("training_images"),
-                  "global_batch": cfg.get("global_batch")}  # the report's training budget: steps x this
+                  "training_images": cfg.get("training_images"), "global_batch": cfg.get("global_batch"),
+                  # the report's training budget: the images the workers drew, counted (a step draws fewer
+                  # than the global batch at the short last batch of each worker's epoch: `images_drawn`)
+                  "images_seen": trainer.extra.get("images_seen")}
         (tmp / PRETRAIN_MARKER).write_text(json.dumps(marker, indent=1))
     if metrics_log is None:
         return

@@ -243,13 +243,15 @@ BUDGET_RATIO_NOTED = 2.0  # trained encoders whose images seen in training diffe
 
 def training_budgets(config: PipelineConfig, images: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per encoder of the pipeline: how it was trained, as its finished weights record it. `steps`:
-    optimizer steps; `images_seen`: training images drawn in all (steps x global batch for the U-Net, epochs
+    optimizer steps; `images_seen`: training images drawn in all (for the U-Net as its workers counted them,
+    at most steps x global batch: each worker's epoch ends in a short batch, `pretrain.images_drawn`; epochs
     x training images for a baseline; SimCLR makes two views of each); `input_px`: the side of the images it
     is given here. Weights trained elsewhere (a pretrained baseline, a given U-Net checkpoint) have no
     budget here. Empty cells where an encoder is not trained yet. `images` (`data_summary`): the train
     split's unreadable images, which the weights' record counts (it fingerprints the listed files) but
     training skipped, are taken off `train_images`, as the Data section and the training stages count."""
     from sweep.stages.baselines import META_FILE
+    from sweep.stages.pretrain import images_drawn
     from sweep.storage import PRETRAIN_MARKER, read_json
 
     storage = Storage.of(config.storage_root)
@@ -272,9 +274,16 @@ def training_budgets(config: PipelineConfig, images: pd.DataFrame | None = None)
             if marker:
                 n = (marker.get("training_images") or {}).get("images")
                 n = n - skipped if n else n
-                # the global batch of the run that made it (recorded since 2026-11-24; before: as configured)
+                # the images its workers drew, counted (recorded since 2026-11-25); before: worked out from the
+                # global batch of the run that made it (recorded since 2026-11-24; before: as configured).
+                # Not steps x global batch: that counted the short last batch of each epoch as a full one
+                # (the demo's U-Net: 6,400 for the 6,200 it drew; at a batch over a worker's images, 2x and more)
                 batch = marker.get("global_batch") or config.pretrain.batch_size * config.pretrain.workers
-                seen = marker["steps"] * batch
+                seen = marker.get("images_seen")
+                if seen is None:  # pretrain.batch_size is one of its settings: the workers are batch / it
+                    workers = max(1, batch // config.pretrain.batch_size)
+                    seen = images_drawn(marker["steps"], batch // workers, workers, n) if n else \
+                        marker["steps"] * batch
                 row.update(train_images=n, steps=marker["steps"], images_seen=seen,
                            epochs=round(seen / n, 1) if n else None)
         elif b is not None and b.kind == "pretrained":
@@ -296,14 +305,19 @@ def training_budgets(config: PipelineConfig, images: pd.DataFrame | None = None)
 def planned_budgets(config: PipelineConfig, train_images: int) -> pd.DataFrame:
     """`training_budgets`' `images_seen` as the pipeline's settings plan them, before anything is trained
     (`train_images`: the train split's size): what `sweep validate` compares."""
+    from sweep.stages.pretrain import images_drawn
+
     baselines = {b.name: b for b in config.baselines}
     rows = []
     for spec in config.encoder_specs():
         b = baselines.get(spec.name)
         if spec.kind == "diffusion" and not spec.checkpoint:
             p = config.pretrain
-            rows.append({"encoder": spec.name, "plan": f"{p.steps} steps x {p.batch_size * p.workers}",
-                         "images_seen": p.steps * p.batch_size * p.workers})
+            seen = images_drawn(p.steps, p.batch_size, p.workers, train_images)
+            short = seen < p.steps * p.batch_size * p.workers  # each worker's epoch ends in a short batch
+            rows.append({"encoder": spec.name,
+                         "plan": f"{p.steps} steps x {'at most ' if short else ''}{p.batch_size * p.workers}",
+                         "images_seen": seen})
         elif b is not None and b.kind != "pretrained":
             rows.append({"encoder": spec.name, "plan": f"{b.epochs} epochs x {train_images}",
                          "images_seen": b.epochs * train_images})
@@ -419,7 +433,8 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
         say(f"report: note: the {gap}")
     lines += ["## Training budgets", "",
               "How each encoder was trained, from its finished weights: `steps` optimizer steps, `images_seen` "
-              "training images drawn in all (steps x global batch for the U-Net; epochs x training images for a "
+              "training images drawn in all (as the U-Net's workers counted them, at most steps x global batch: "
+              "each worker's pass over its images ends in a short batch; epochs x training images for a "
               "baseline, whose SimCLR views are two per image), and `input_px` the side of the images each is "
               "given here."
               + (" Weights trained elsewhere have no budget here; ImageNet-style weights, trained at about 224 px, "

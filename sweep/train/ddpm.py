@@ -7,12 +7,25 @@ import torch.nn.functional as F
 
 
 def ddpm_loss(unet, scheduler, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn timesteps (Ho et al. 2020, simple loss)."""
+    """MSE at uniformly drawn timesteps (Ho et al. 2020, simple loss) against what the scheduler's
+    `prediction_type` says the U-Net predicts: the noise (`epsilon`, what `pretrain` builds), or, for a
+    `pretrain.init_from` checkpoint whose scheduler says so, `v_prediction` or `sample`. Always eps before,
+    so such a checkpoint was trained on eps and saved with a scheduler that says otherwise."""
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
     x_t = scheduler.add_noise(x0, noise, t)
     pred = unet(x_t, t).sample
-    return F.mse_loss(pred.float(), noise.float())
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, t)
+    elif kind == "sample":
+        target = x0
+    else:
+        raise ValueError(f"the noise schedule's prediction_type {kind!r} is not one sweep trains "
+                         "(epsilon, v_prediction, sample)")
+    return F.mse_loss(pred.float(), target.float())
 
 
 @torch.no_grad()
