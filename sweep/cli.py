@@ -313,6 +313,29 @@ def check_local_storage(config: PipelineConfig, create: bool) -> None:
         raise ConfigError(f"storage: cannot create or write {root}: {e.strerror or e}") from None
 
 
+def _chain(e: BaseException | None):
+    """`e` and the exceptions it was raised from."""
+    while e is not None:
+        yield e
+        e = e.__cause__
+
+
+def failure_line(e: BaseException, config: PipelineConfig | None) -> str:
+    """The one line `main` prints for an unexpected failure `e` (exit 1)."""
+    from sweep.stages.common import one_line
+
+    # Ray's authentication error is its fix: the token's places and RAY_AUTH_MODE, on its later lines
+    shown = f"{type(e).__name__}: {' '.join(str(e).split())}" if type(e).__name__ == "AuthenticationError" \
+        else one_line(e)
+    if config is not None and any(type(c).__module__.startswith("sqlalchemy") for c in _chain(e)):
+        # "database disk image is malformed" named no database: the MLflow store it came from. MLflow's
+        # client wraps the SQL error; its first line was "(raised as a result of Query-invoked autoflush"
+        from sweep.tracking import database_cause, tracking_uri
+
+        shown = f"{database_cause(e)} (MLflow tracking store {tracking_uri(config)})"
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = None
@@ -377,17 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user; SWEEP_DEBUG=1 for the traceback
         if os.environ.get("SWEEP_DEBUG", "0") not in ("", "0"):
             raise
-        from sweep.stages.common import one_line
-
-        # Ray's authentication error is its fix: the token's places and RAY_AUTH_MODE, on its later lines
-        shown = f"{type(e).__name__}: {' '.join(str(e).split())}" if type(e).__name__ == "AuthenticationError" \
-            else one_line(e)
-        if config is not None and type(e).__module__.startswith("sqlalchemy"):
-            # "database disk image is malformed" named no database: the MLflow store it came from
-            from sweep.tracking import tracking_uri
-
-            shown = f"{shown.split(' [SQL:')[0]} (MLflow tracking store {tracking_uri(config)})"
-        print(f"sweep: {shown}", file=sys.stderr)
+        print(f"sweep: {failure_line(e, config)}", file=sys.stderr)
         return 1
 
 

@@ -174,15 +174,39 @@ def move_durably(fs: pafs.FileSystem, tmp: str, path: str) -> None:
         _fsync(path.rsplit("/", 1)[0] or "/")
 
 
+class WriteError(OSError):
+    """A file of the storage could not be written; the message names it and the cause."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+@contextlib.contextmanager
+def writing(fs: pafs.FileSystem, path: str, tmp: str | None = None):
+    """Around the writing of `path` (through `tmp`): an OSError becomes a WriteError naming the file and the
+    cause (pyarrow's 'Error writing bytes to file. Detail: [errno 28] No space left on device' named neither
+    the file nor the storage), and the unfinished `tmp` is removed (a full disk needs its space back)."""
+    try:
+        yield
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                fs.delete_file(tmp)
+        cause = os.strerror(e.errno) if e.errno else str(e).strip().splitlines()[0]
+        where = path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
+        raise WriteError(e.errno, f"cannot write {where}: {cause}") from e
+
+
 def write_atomic(uri: str, data: bytes) -> None:
     """Write to a temporary sibling, then rename: readers see the old file or the whole new one."""
     fs, path = _split(uri)
     parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    move_durably(fs, tmp, path)
+    with writing(fs, path, tmp):
+        fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        move_durably(fs, tmp, path)
 
 
 def write_json(uri: str, obj: dict) -> None:

@@ -34,8 +34,9 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_BASELINE = "sweep.baseline"  # a baseline's training run: its name...
 TAG_BASELINE_KEY = "sweep.baseline_key"  # ...and the fingerprint of what made its weights
 
-# "Creating initial MLflow database tables..." and "Updating database tables" on every new store: routine
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# "Creating initial MLflow database tables..." and "Updating database tables" on every new store: routine. Its
+# ERROR lines are a traceback of an SQL error it then raises (as MlflowException): sweep says that in one line
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # read once: mlflow.set_tracking_uri() writes this variable, which must not leak one pipeline's store into the next
 _ENV_URI = os.environ.get("MLFLOW_TRACKING_URI")
@@ -225,15 +226,35 @@ def finish_run(config: PipelineConfig, run_id: str, status: str = "FINISHED") ->
     raises TrackingServerUnreachable at once; FAILED and KILLED, called while the stage's own error or Ctrl-C
     is on its way, say that the run stays RUNNING and let that error through (it is the one to read, and
     Ctrl-C keeps its exit 130)."""
+    from sweep.stages.common import one_line, say
+
     problem = lost_server(tracking_uri(config))
     if problem and status == "FINISHED":
         raise TrackingServerUnreachable(f"tracking.uri: {problem}")
     if problem:
-        from sweep.stages.common import say
-
         say(f"MLflow run {run_id} stays RUNNING, not {status}: {problem}")
         return
-    client_for(config).set_terminated(run_id, status=status)
+    try:
+        client_for(config).set_terminated(run_id, status=status)
+    except Exception as e:  # noqa: BLE001
+        if status == "FINISHED":
+            raise
+        # a store on the storage that just filled up (or went read-only) fails here too: its error replaced
+        # the stage's, which named what failed ('database or disk is full' in a 100-line traceback instead)
+        say(f"MLflow run {run_id} stays RUNNING, not {status}: {database_cause(e) or one_line(e)} "
+            f"(MLflow tracking store {tracking_uri(config)})")
+
+
+def database_cause(e: BaseException) -> str | None:
+    """'OperationalError: (sqlite3.OperationalError) database or disk is full' for an SQL error under `e`
+    (MLflow's client wraps it in an MlflowException whose first line can be SQLAlchemy's '(raised as a result
+    of Query-invoked autoflush; ...)'), without the statement; None when `e` is no database error."""
+    while e is not None and not type(e).__module__.startswith("sqlalchemy"):
+        e = e.__cause__
+    if e is None:
+        return None
+    lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith("(raised as a result of")]
+    return f"{type(e).__name__}: {lines[0].split(' [SQL:')[0] if lines else ''}"
 
 
 def log_batch(config: PipelineConfig, run_id: str, metrics: dict[str, float] | None = None,

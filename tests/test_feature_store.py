@@ -348,3 +348,47 @@ def test_damaged_lists_lost_and_cut_shards_and_changes_nothing(tmp_path):
     assert [f for f, _ in reader.damaged()] == ["main/part-00000.parquet", "main/part-00001.parquet"]
     assert reader.damaged(["other"]) == []
     assert (tmp_path / "enc" / "_manifest.json").read_text() == before and reader.completed_shards("main") == {0, 1}
+
+
+_FULL_DISK = """
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from test_feature_store import _open, _rows
+from sweep import storage
+
+store = _open(sys.argv[1])  # the store exists: its manifest is read, not written
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))  # a file past 16 KiB: EFBIG
+for write in (lambda: store.write_shard("main", 0, _rows([f"i{k}" for k in range(3000)])[0]),
+              lambda: storage.write_json(store.manifest_uri, {"big": "x" * 40000})):
+    try:
+        write()
+    except OSError as e:
+        print(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path):
+    """A storage that filled up mid-extraction said 'OSError: [Errno 28] Error writing bytes to file. Detail:
+    [errno 28] No space left on device' (pyarrow's), naming no file; a manifest cut short by it stayed beside
+    the old one as `_manifest.json.tmp-XXXX`, holding space, one more on every rerun. Writes fail here for real:
+    a file size limit (RLIMIT_FSIZE) makes every write past 16 KiB fail (EFBIG) as a full disk does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "enc"
+    _open(root)
+    before = (root / "_manifest.json").read_text()
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK, str(root), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    shard, manifest = done.stdout.strip().splitlines()
+    assert shard == f"WriteError: cannot write {root}/main/part-00000.parquet: File too large", shard
+    assert manifest == f"WriteError: cannot write {root}/_manifest.json: File too large", manifest
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == ["_manifest.json"]  # no partial file
+    assert (root / "_manifest.json").read_text() == before  # nothing listed: the shard is extracted again
+    store = _open(root)  # space back: the rerun writes it
+    table, _ = _rows([f"i{k}" for k in range(3000)])
+    store.write_shard("main", 0, table)
+    assert pq.read_table(root / "main" / "part-00000.parquet").equals(table)

@@ -882,3 +882,18 @@ def test_a_checkpoint_stored_after_the_registered_latest_is_resumed_from(tmp_pat
     assert f"{run / pretrain.checkpoint_name(30)} was stored but not registered" in capsys.readouterr().err
     (run / pretrain.checkpoint_name(30) / pretrain.STATE_FILE).write_bytes(b"")  # cut short: the one before
     assert load_checkpoint_state(registered, pretrain.STATE_FILE, "pretrain", speak=True) == {"step": 20}
+
+
+def test_a_training_stage_stopped_by_a_full_storage_names_the_folder():
+    """Seen on a demo whose storage filled up: Ray Train's checkpoint copy failed with 'OSError: [Errno 28] Error
+    writing bytes to file. Detail: [errno 28] No space left on device', the U-Net's save with safetensors' 'I/O
+    error: No space left on device (os error 28)': neither said where. Other causes are left as they are."""
+    from sweep.stages.common import storage_cause
+
+    seen = ["OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device",
+            "safetensors._safetensors_rust.SafetensorError: Error while serializing: I/O error: No space left on "
+            "device (os error 28)",
+            "OSError: [Errno 30] Read-only file system: '/data/study/pretrain/run-1/checkpoint_000000010'"]
+    for cause in seen:
+        assert storage_cause(cause, "/data/study/pretrain") == f"{cause} (writing under /data/study/pretrain)"
+    assert storage_cause("ValueError: loss is nan at step 28", "/s") == "ValueError: loss is nan at step 28"

@@ -309,3 +309,48 @@ def test_a_stage_resumed_with_other_workers_does_not_fail_on_its_logged_params(w
     assert third not in (first, second)
     assert tracking.client_for(elsewhere).get_run(third).data.tags[tracking.TAG_STORAGE] == \
         Storage.of(f"{after.storage_root}-elsewhere").root != Storage.of(after.storage_root).root
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from sweep import tracking
+from sweep.cli import failure_line
+from sweep.config import load_config
+
+config = load_config(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))  # every write fails, as on a full disk
+try:
+    with tracking.ended_on_error(config, sys.argv[2]):
+        raise OSError(28, "No space left on device", "store/features/x/part-00000.parquet.tmp")
+except OSError as e:
+    print("stage error:", e)
+try:
+    tracking.finish_run(config, sys.argv[2])
+except Exception as e:
+    print("finished:", failure_line(e, config))
+"""
+
+
+def test_a_full_disk_under_the_mlflow_store_leaves_the_stage_error_to_read(write_pipeline, tmp_path):
+    """Storage that filled up (the default SQLite store is on it): the stage's error, naming its file, was
+    replaced by the FAILED status's own, and the one line left read 'MlflowException: (raised as a result of
+    Query-invoked autoflush; ...', naming neither the database nor the cause (after a 100-line traceback)."""
+    import subprocess
+    import sys
+
+    path = write_pipeline()
+    config = load_config(path)
+    run_id = tracking.start_stage_run(config, "extract")
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK, str(path), run_id], capture_output=True, text=True,
+                          timeout=120)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 0, err
+    assert "stage error: [Errno 28] No space left on device: 'store/features/x/part-00000.parquet.tmp'" in out, out
+    db = f"(MLflow tracking store sqlite:///{tmp_path / 'store' / 'mlflow.db'})"
+    assert f"MLflow run {run_id} stays RUNNING, not FAILED: OperationalError: (sqlite3.OperationalError) " in err
+    assert db in err, err
+    finished = out.split("finished: ", 1)[1].strip()
+    assert finished.startswith("OperationalError: (sqlite3.OperationalError) ") and finished.endswith(db), out
+    assert "Traceback" not in err and "autoflush" not in out + err, err
+    assert tracking.client_for(config).get_run(run_id).info.status == "RUNNING"  # a rerun takes it over

@@ -306,12 +306,13 @@ class FeatureStore:
         """Write one shard atomically, then record it (and the images it rejected) in the manifest."""
         rel = self.shard_relpath(dataset, index)
         path = f"{self.base}/{rel}"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         tmp = f"{path}.tmp"
-        # Dictionary encoding only for the repetitive meta columns: on float16 feature lists it saves
-        # nothing and made reading one column 3x slower (a probe trial reads one column of every shard).
-        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", use_dictionary=["split", "domain"])
-        st.move_durably(self.fs, tmp, path)
+        with st.writing(self.fs, path, tmp):
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            # Dictionary encoding only for the repetitive meta columns: on float16 feature lists it saves
+            # nothing and made reading one column 3x slower (a probe trial reads one column of every shard).
+            pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", use_dictionary=["split", "domain"])
+            st.move_durably(self.fs, tmp, path)
         m = self.manifest()
         shards = [s for s in m["datasets"][dataset]["shards"] if s["index"] != index]
         shards.append({"index": index, "file": rel, "rows": table.num_rows, "rejected": len(rejected),

@@ -47,8 +47,8 @@ from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
 from sweep.stages.common import (WorkerMetrics, check_run_images, check_training_images, error_cause,
                                  fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
-                                 quiet_train_reports, say, train_datasets, train_logging, train_shard,
-                                 trained_on_other_images, trained_with_other_settings)
+                                 quiet_train_reports, say, storage_cause, train_datasets, train_logging,
+                                 train_shard, trained_on_other_images, trained_with_other_settings)
 from sweep.storage import Storage, exists, read_json, staged_dir
 from sweep.train.precise_bn import bn_sample_every, recalibrate_batchnorm
 
@@ -685,7 +685,7 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
             fit_interruptibly(trainer, f"baselines {b.name}")
         except Exception as e:
             raise BaselineError(f"baseline {b.name!r} failed (rerun to resume from the last checkpoint): "
-                                f"{error_cause(e)}") from e
+                                f"{storage_cause(error_cause(e), storage.uri('baselines', b.name))}") from e
         done = read_json(f"{final}/{META_FILE}")
         if done is None or done.get("key") != key:
             raise BaselineError(f"baseline {b.name!r} ended without writing {final}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -558,6 +559,19 @@ def error_cause(e: BaseException | str) -> str:
     header (`ray::Actor.method() (pid=..., ...)`, in colour codes); their last line is the cause."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+# a write the storage refused (full, read-only, over quota or a file size limit), in the words of Python,
+# pyarrow ('[errno 28]') and safetensors ('os error 28')
+_STORAGE_REFUSED = re.compile(r"No space left on device|Read-only file system|Disk quota exceeded|File too large"
+                              r"|(errno|os error) (27|28|30|122)\b", re.IGNORECASE)
+
+
+def storage_cause(cause: str, folder: str) -> str:
+    """A training stage's failure `cause`, naming `folder` (where its checkpoints and weights go) when the
+    storage refused a write: Ray Train's checkpoint copy and safetensors name no file ('OSError: [Errno 28]
+    Error writing bytes to file. Detail: [errno 28] No space left on device')."""
+    return f"{cause} (writing under {folder})" if _STORAGE_REFUSED.search(cause) else cause
 
 
 def fit_interruptibly(trainer, stage: str):

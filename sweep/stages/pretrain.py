@@ -34,8 +34,8 @@ from pathlib import Path
 from sweep.config import NOT_RESULTS, PipelineConfig
 from sweep.stages.common import (WorkerMetrics, check_run_images, check_training_images, error_cause,
                                  fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
-                                 quiet_train_reports, say, train_datasets, train_logging, train_shard,
-                                 trained_on_other_images, trained_with_other_settings)
+                                 quiet_train_reports, say, storage_cause, train_datasets, train_logging,
+                                 train_shard, trained_on_other_images, trained_with_other_settings)
 from sweep.storage import PRETRAIN_MARKER, Storage, exists, read_json, staged_dir, write_json
 
 # Every Ray Train worker imports this module to run `train_loop`: MLflow (rank 0 only), the data table and
@@ -523,7 +523,7 @@ def run(config: PipelineConfig) -> str:
             result = fit_interruptibly(trainer, "pretrain")
         except Exception as e:
             raise PretrainError(f"pretrain failed (rerun to resume from the last checkpoint): "
-                                f"{error_cause(e)}") from e
+                                f"{storage_cause(error_cause(e), storage.pretrain_runs)}") from e
         if not exists(f"{storage.pretrain_final}/{PRETRAIN_MARKER}"):
             raise PretrainError(f"pretrain ended without writing {storage.pretrain_final}")
     metrics = result.metrics or {}
