@@ -7,6 +7,7 @@ must never be seen half-done goes to a temporary name first and is renamed when 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -174,6 +175,10 @@ def move_durably(fs: pafs.FileSystem, tmp: str, path: str) -> None:
         _fsync(path.rsplit("/", 1)[0] or "/")
 
 
+# the errno of a write the storage refused: full, read-only, over quota, past a file size limit
+REFUSED_WRITE = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
 class WriteError(OSError):
     """A file of the storage could not be written; the message names it and the cause."""
 
@@ -265,10 +270,17 @@ def staged_dir(uri: str, marker: str):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
-        if not remote:
-            _default_permissions(tmp)
-        publish_dir(tmp, uri, marker)
+        try:
+            yield tmp
+            if not remote:
+                _default_permissions(tmp)
+            publish_dir(tmp, uri, marker)
+        except OSError as e:
+            # matplotlib's or torch's "[Errno 28] No space left on device" named neither file nor folder
+            if e.errno not in REFUSED_WRITE or isinstance(e, WriteError):
+                raise
+            where = f"{tmp} (staging {uri})" if remote else uri
+            raise WriteError(e.errno, f"cannot write {where}: {os.strerror(e.errno)}") from e
     finally:
         shutil.rmtree(tmp.parent if remote else tmp, ignore_errors=True)
 

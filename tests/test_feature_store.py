@@ -303,6 +303,37 @@ def test_files_reach_the_disk_before_their_final_name(tmp_path, monkeypatch):
     assert seen[2][0] == str(tmp_path) and (tmp_path / "final" / "weights.bin").read_bytes() == b"w" * 100
 
 
+_FULL_DISK_STAGED = """
+import resource, signal, sys
+from sweep import storage
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))  # a file past 16 KiB: EFBIG
+try:
+    with storage.staged_dir(sys.argv[1], "report.md") as out:
+        (out / "small.csv").write_text("a,b")
+        with open(out / "heatmap.png", "wb") as f:  # as matplotlib's savefig writes
+            f.write(b"x" * 40000)
+except OSError as e:
+    print(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_a_full_disk_under_a_staged_folder_names_the_folder_and_publishes_nothing(tmp_path):
+    """The report (and the final weights) are written into a staged folder: a disk that filled up there
+    said 'OSError: [Errno 28] No space left on device' (matplotlib's, saving a heat map), naming nothing.
+    Writes fail here for real (RLIMIT_FSIZE, as in the test above)."""
+    import subprocess
+    import sys
+
+    dest = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK_STAGED, str(dest)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"WriteError: cannot write {dest}: File too large"
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging copy: the space is back
+
+
 def test_published_weights_are_readable_as_any_file_the_user_writes(tmp_path):
     """safetensors writes its files 0600: a baseline's (or the U-Net's) weights on a shared storage folder
     were unreadable to everyone else, beside a 0644 baseline.json. The published files get the mode the

@@ -571,7 +571,8 @@ def storage_cause(cause: str, folder: str) -> str:
     """A training stage's failure `cause`, naming `folder` (where its checkpoints and weights go) when the
     storage refused a write: Ray Train's checkpoint copy and safetensors name no file ('OSError: [Errno 28]
     Error writing bytes to file. Detail: [errno 28] No space left on device')."""
-    return f"{cause} (writing under {folder})" if _STORAGE_REFUSED.search(cause) else cause
+    named = "cannot write " in cause  # a WriteError (`storage.writing`, `staged_dir`) names its file already
+    return f"{cause} (writing under {folder})" if _STORAGE_REFUSED.search(cause) and not named else cause
 
 
 def fit_interruptibly(trainer, stage: str):
