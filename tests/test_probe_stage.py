@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import free_port, small_pipeline, start_mlflow_server, stop_mlflow_server
 from mlflow.tracking import MlflowClient
 from sklearn.linear_model import LogisticRegression
@@ -271,6 +272,26 @@ def _pipeline_file(config: PipelineConfig) -> Path:
     if not path.exists():
         path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     return path
+
+
+def test_a_trial_the_tracking_database_refuses_names_the_store(write_pipeline):
+    """A probe whose MLflow database stopped taking writes (a full disk) said 'first: KEY: MlflowException:
+    (sqlite3.OperationalError) database or disk is full', naming no store (the disk audit). Here the SQLite
+    file is overwritten in place: every later transaction fails."""
+    config = PipelineConfig.model_validate(yaml.safe_load(write_pipeline().read_text()))
+    parent = tracking.start_stage_run(config, "probe")
+    writer = probe.ChildRunWriter(config, parent, {"k": {"encoder": "e", "layer": "l", "column": "l@t0",
+                                                        "timestep": 0, "resolution": 4, "dim": 8}})
+    outcome = {"lr": 0.1, "weight_decay": 0.0, "best_epoch": 1, "metrics": {"val_acc": 0.5}, "epochs_run": 1,
+               "seconds": 0.1, "history": [dict.fromkeys(probe.CURVE_KEYS, 0.5)]}
+    db = Path(config.storage_root) / "mlflow.db"
+    assert writer.write([("k", outcome, time.time())]) == []  # the store takes it
+    with open(db, "r+b") as f:
+        f.write(b"not a database" * 512)
+    errors = writer.write([("k", outcome, time.time())])
+    writer.close()
+    assert len(errors) == 1 and errors[0].startswith("k: DatabaseError: (sqlite3.DatabaseError)"), errors
+    assert errors[0].endswith(f"(MLflow tracking store sqlite:///{db})") and "[SQL:" not in errors[0], errors
 
 
 def test_the_table_of_several_settings_names_each_rows_config_hash():

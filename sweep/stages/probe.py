@@ -401,7 +401,10 @@ class ChildRunWriter:
             try:
                 self.tracking.log_finished_runs(self.client, self.experiment_id, [self.finished_run(*item)])
             except Exception as e:  # noqa: BLE001
-                errors.append(f"{item[0]}: {type(e).__name__}: {e}")
+                # an SQL error ('database or disk is full') named no store, and could carry its statement
+                cause = self.tracking.database_cause(e)
+                errors.append(f"{item[0]}: {cause} (MLflow tracking store {self.uri})" if cause
+                              else f"{item[0]}: {type(e).__name__}: {e}")
         return errors
 
     def finished_run(self, key: str, outcome: dict, finished: float):
