@@ -210,3 +210,29 @@ def test_a_local_ray_beside_one_that_ray_start_left_running(tmp_path, monkeypatc
     assert out.returncode == 0, out.stderr[-3000:]
     assert "a Ray cluster runs on this machine" in out.stderr and "ray.address: auto" in out.stderr
     assert "ACTORS ['Probe']" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_pretraining_says_how_far_it_is_between_checkpoints(clock, capsys):
+    """fashion-mnist.yaml's 250 steps between checkpoints took over 10 minutes on 2 CPU cores with no line at
+    all: rank 0 now prints one at most every 10 s, with its loss, the images per second and the time left."""
+    import torch
+
+    from sweep.stages.pretrain import between_checkpoints
+
+    progress = common.Progress("pretrain", 300, "steps", final=False)
+    losses = []
+    for step in range(1, 40):  # 1 s a step, 64 images a step on each of 2 workers
+        clock[0] += 1.0
+        losses.append(torch.tensor(0.5 if step < 30 else 0.25))
+        progress.update(step, lambda: between_checkpoints(step, losses, 64 * len(losses) * 2, float(len(losses))))
+    assert capsys.readouterr().err.splitlines() == [
+        "[sweep] pretrain: 10/300 steps (worker 0's loss 0.5000 over steps 1-10, ~128 images/s), 10s, ~290s left",
+        "[sweep] pretrain: 20/300 steps (worker 0's loss 0.5000 over steps 1-20, ~128 images/s), 20s, ~280s left",
+        "[sweep] pretrain: 30/300 steps (worker 0's loss 0.4917 over steps 1-30, ~128 images/s), 30s, ~270s left"]
+    # a checkpoint's own line (sweep.stages.pretrain.train_loop) carries the estimate, and the next line is
+    # due 10 s after it
+    assert progress.eta(39) == ", ~261s left"
+    progress.said()
+    clock[0] += 9.0
+    progress.update(44)
+    assert capsys.readouterr().err == ""

@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
-from sweep.stages.common import (WorkerMetrics, check_run_images, check_training_images, error_cause,
+from sweep.stages.common import (Progress, WorkerMetrics, check_run_images, check_training_images, error_cause,
                                  fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
                                  quiet_train_reports, say, train_datasets, train_logging, train_shard,
                                  trained_on_other_images, trained_with_other_settings)
@@ -296,6 +296,8 @@ def train_loop(cfg: dict) -> None:
 
     losses, lrs, times, images = [], [], [], 0
     t_window = time.perf_counter()
+    # between checkpoints (250 steps can be minutes on CPU cores), a line at most every PROGRESS_SECONDS
+    progress = Progress("pretrain", steps, "steps", final=False) if rank == 0 else None
     while trainer.step < steps:
         trainer.epoch, x = next(stream)
         lrs.append(trainer.lr)  # the rate this step trains with
@@ -303,6 +305,9 @@ def train_loop(cfg: dict) -> None:
         times.append(int(time.time() * 1000))
         images += x.shape[0]
         if trainer.step % every and trainer.step != steps:
+            if progress is not None:
+                progress.update(trainer.step, lambda: between_checkpoints(
+                    trainer.step, losses, images * world, time.perf_counter() - t_window))
             continue
 
         # One collective per report: the exact mean loss over all workers for every step of the window,
@@ -329,9 +334,11 @@ def train_loop(cfg: dict) -> None:
                 torch.save({**trainer.state_dict(), "window": window}, Path(d) / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(trainer.step))
-        if rank == 0:  # the stage's progress (Ray forwards a worker's lines to the driver)
+        if progress is not None:  # the stage's progress (Ray forwards a worker's lines to the driver)
+            progress.update(trainer.step)  # the rate so far, for the estimate
             say(f"pretrain: step {trainer.step}/{steps}, loss {metrics['loss']:.4f}, "
-                f"{metrics['images_per_s']:.0f} images/s")
+                f"{metrics['images_per_s']:.0f} images/s{progress.eta(trainer.step)}")
+            progress.said()
         # logged only once the checkpoint that covers these steps is persisted: a resumed run never
         # logs a step twice (steps after the last checkpoint are trained again, and logged then)
         if metrics_log is not None:
@@ -343,6 +350,16 @@ def train_loop(cfg: dict) -> None:
 
     if rank == 0:
         _save_final(trainer, scheduler, {**cfg, "global_batch": cfg["batch_size"] * world}, metrics_log)
+
+
+def between_checkpoints(step: int, losses: list, images: int, seconds: float) -> str:
+    """The detail of a progress line between checkpoints, from rank 0's own steps since the last one: their
+    mean loss (the checkpoint's line gives the mean over all workers) and the images per second of all
+    workers, estimated as rank 0's times the workers (their shares are equal)."""
+    first = step - len(losses) + 1
+    loss = float(sum(losses)) / len(losses)  # one device sync (a line every PROGRESS_SECONDS at most)
+    return (f"worker 0's loss {loss:.4f} over steps {first}-{step}, "
+            f"~{images / seconds if seconds > 0 else 0.0:.0f} images/s")
 
 
 def _save_final(trainer, scheduler, cfg: dict, metrics_log) -> None:
