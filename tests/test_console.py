@@ -236,3 +236,14 @@ def test_pretraining_says_how_far_it_is_between_checkpoints(clock, capsys):
     clock[0] += 9.0
     progress.update(44)
     assert capsys.readouterr().err == ""
+
+
+def test_pretraining_ends_with_its_time_and_what_its_last_figures_cover():
+    # fashion-mnist.yaml at 300 steps said "done at step 300 (last loss 0.0663, 62.6 images/s)": the mean over
+    # steps 251-300 and their rate, not the last step's loss nor the run's rate; and not how long it took
+    from sweep.stages.pretrain import done_line
+
+    metrics = {"step": 300, "epoch": 8, "loss": 0.06634, "images_per_s": 62.59}
+    assert done_line(metrics, 300, 250, 587.9) == \
+        "pretrain: done at step 300 in 588s (steps 251-300: mean loss 0.0663, 62.6 images/s)"
+    assert done_line({**metrics, "step": 250}, 250, 250, 10.0).startswith("pretrain: done at step 250 in 10s (steps 1-250:")

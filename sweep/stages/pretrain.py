@@ -536,6 +536,7 @@ def run(config: PipelineConfig) -> str:
         except RuntimeError as e:
             raise PretrainError(f"pretrain: {e}") from None
         trainer = make_trainer(config, run_id, datasets, dataset_config, key, training_images(table))
+        t0 = time.perf_counter()
         try:
             result = fit_interruptibly(trainer, "pretrain")
         except Exception as e:
@@ -543,8 +544,18 @@ def run(config: PipelineConfig) -> str:
                                 f"{error_cause(e)}") from e
         if not exists(f"{storage.pretrain_final}/{PRETRAIN_MARKER}"):
             raise PretrainError(f"pretrain ended without writing {storage.pretrain_final}")
-    metrics = result.metrics or {}
+    seconds = time.perf_counter() - t0
     tracking.finish_run(config, run_id)
-    say(f"pretrain: done at step {metrics.get('step', p.steps)} (last loss {metrics.get('loss', float('nan')):.4f}, "
-        f"{metrics.get('images_per_s', float('nan')):.1f} images/s); U-Net saved to {storage.pretrain_final}")
+    say(f"{done_line(result.metrics or {}, p.steps, p.checkpoint_every, seconds)}; U-Net saved to "
+        f"{storage.pretrain_final}")
     return storage.pretrain_final
+
+
+def done_line(metrics: dict, steps: int, every: int, seconds: float) -> str:
+    """The stage's summary from the last report's `metrics`: the loss and images/s it gives are those of the
+    steps since the checkpoint before it ("last loss 0.0663, 62.6 images/s" read as the last step's loss
+    and the run's rate)."""
+    step = int(metrics.get("step", steps))
+    first = (step - 1) // every * every + 1
+    return (f"pretrain: done at step {step} in {seconds:.0f}s (steps {first}-{step}: mean loss "
+            f"{metrics.get('loss', float('nan')):.4f}, {metrics.get('images_per_s', float('nan')):.1f} images/s)")
