@@ -18,9 +18,9 @@ def test_demo_pipeline_is_valid(capsys):
     out = capsys.readouterr().out
     assert "105 images, 6 classes" in out
     # the demo's baselines draw a tenth of the U-Net's training images: said before anything trains
-    assert ("  budgets: diffusion 200 steps x 32 = 6,400 training images; supervised-resnet18 10 epochs x 61 = 610 "
-            "training images; simclr-resnet18 10 epochs x 61 = 610 training images") in out
-    assert "budgets: warning: training budgets differ 10.5x: diffusion would see 6,400" in out
+    assert ("  budgets: diffusion 200 steps x at most 32 = 6,200 training images; supervised-resnet18 10 epochs x 61 "
+            "= 610 training images; simclr-resnet18 10 epochs x 61 = 610 training images") in out
+    assert "budgets: warning: training budgets differ 10.2x: diffusion would see 6,200" in out
     assert main(["validate", "pipelines/demo.yaml", "--set", "baselines.0.epochs=100",
                  "--set", "baselines.1.epochs=100"]) == 0
     out = capsys.readouterr().out
