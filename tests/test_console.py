@@ -246,4 +246,5 @@ def test_pretraining_ends_with_its_time_and_what_its_last_figures_cover():
     metrics = {"step": 300, "epoch": 8, "loss": 0.06634, "images_per_s": 62.59}
     assert done_line(metrics, 300, 250, 587.9) == \
         "pretrain: done at step 300 in 588s (steps 251-300: mean loss 0.0663, 62.6 images/s)"
-    assert done_line({**metrics, "step": 250}, 250, 250, 10.0).startswith("pretrain: done at step 250 in 10s (steps 1-250:")
+    assert done_line({**metrics, "step": 250}, 250, 250, 10.0).startswith(
+        "pretrain: done at step 250 in 10s (steps 1-250:")
