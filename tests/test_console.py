@@ -236,6 +236,12 @@ def test_pretraining_says_how_far_it_is_between_checkpoints(clock, capsys):
     clock[0] += 9.0
     progress.update(44)
     assert capsys.readouterr().err == ""
+    # checkpoint_every=1: each step is a checkpoint, counted for its line's estimate without a line of its own
+    every_step = common.Progress("pretrain", 300, "steps", final=False)
+    for step in (1, 2):
+        clock[0] += 20.0
+        every_step.seen(step)
+    assert every_step.eta(2) == ", ~5960s left" and capsys.readouterr().err == ""
 
 
 def test_pretraining_ends_with_its_time_and_what_its_last_figures_cover():
@@ -248,3 +254,4 @@ def test_pretraining_ends_with_its_time_and_what_its_last_figures_cover():
         "pretrain: done at step 300 in 588s (steps 251-300: mean loss 0.0663, 62.6 images/s)"
     assert done_line({**metrics, "step": 250}, 250, 250, 10.0).startswith(
         "pretrain: done at step 250 in 10s (steps 1-250:")
+

@@ -273,14 +273,18 @@ class Progress:
     def update(self, done: int, detail: str | Callable[[], str] = "") -> None:
         """A line if one is due; `detail` may be a function, called only then (cheap to call every step)."""
         now = time.perf_counter()
-        if self.first is None and done > 0:
-            self.first = (now, done)
+        self.seen(done)
         if (done >= self.total and not self.final) or (done < self.total and now - self.last < PROGRESS_SECONDS):
             return
         self.last, elapsed = now, now - self.start
         detail = detail() if callable(detail) else detail
         say(f"{self.label}: {done}/{self.total} {self.unit}{f' ({detail})' if detail else ''}, {elapsed:.0f}s"
             f"{self.eta(done)}")
+
+    def seen(self, done: int) -> None:
+        """`done` units so far, for the estimate, without a line."""
+        if self.first is None and done > 0:
+            self.first = (time.perf_counter(), done)
 
     def eta(self, done: int) -> str:
         """", ~38s left" once the rate can be told (see the class), else ""."""

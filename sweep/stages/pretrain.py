@@ -335,7 +335,7 @@ def train_loop(cfg: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(trainer.step))
         if progress is not None:  # the stage's progress (Ray forwards a worker's lines to the driver)
-            progress.update(trainer.step)  # the rate so far, for the estimate
+            progress.seen(trainer.step)  # counted for the estimate, without a line of its own
             say(f"pretrain: step {trainer.step}/{steps}, loss {metrics['loss']:.4f}, "
                 f"{metrics['images_per_s']:.0f} images/s{progress.eta(trainer.step)}")
             progress.said()
