@@ -255,3 +255,21 @@ def test_pretraining_ends_with_its_time_and_what_its_last_figures_cover():
     assert done_line({**metrics, "step": 250}, 250, 250, 10.0).startswith(
         "pretrain: done at step 250 in 10s (steps 1-250:")
 
+
+def test_a_baseline_says_how_far_it_is_inside_an_epoch(clock, capsys):
+    """A supervised ResNet-18 on fashion-mnist.yaml's 4,619 training images (data.train.limit=6000) printed
+    nothing between its start and the end of its first epoch on 2 CPU cores: rank 0 now prints a line at most
+    every 10 s with the epoch, its loss so far, the images per second and the time left."""
+    from sweep.stages.baselines import within_epoch
+
+    progress = common.Progress("baselines sup", 2 * 37, "steps", final=False)
+    t0, total = clock[0], [0.0, 0.0]
+    for step in range(1, 13):  # 2 s a step of 64 images on each of 2 workers
+        clock[0] += 2.0
+        total = [total[0] + 2.0 * 64, total[1] + 64]
+        progress.update(step, lambda: within_epoch(1, 2, total, 2, clock[0] - t0))
+    assert capsys.readouterr().err.splitlines() == [
+        "[sweep] baselines sup: 5/74 steps (epoch 1/2, worker 0's train_loss 2.0000 so far, ~64 images/s), 10s, "
+        "~138s left",
+        "[sweep] baselines sup: 10/74 steps (epoch 1/2, worker 0's train_loss 2.0000 so far, ~64 images/s), 20s, "
+        "~128s left"]
