@@ -257,6 +257,13 @@ def cmd_validate(config: PipelineConfig) -> None:
     print(f"  classes: {', '.join(table.classes)}")
     print(f"  encoders: {', '.join(s.name for s in config.encoder_specs())}; "
           f"timesteps {config.extract.timesteps}; layers {config.extract.layers}")
+    from sweep.encoders.checks import planned_columns
+
+    columns, q = planned_columns(config), config.probe
+    known = sum(n for n in columns.values() if n is not None)
+    print(f"  probe: {'at least ' if None in columns.values() else ''}{known} trials, one per feature column ("
+          + ", ".join(f"{name} {n if n is not None else 'not known before extraction'}" for name, n in columns.items())
+          + f"), {len(q.lrs) * len(q.weight_decays)} heads each, {q.epochs} epochs")
     if not any(config.probe.weight_decays):
         # measured on 196-dim Fashion-MNIST pixels of 240 training images: heads at weight decay 0 alone, test
         # accuracy 0.27; with the default grid (weight decay 1e-2 chosen) 0.74, scikit-learn at C=1e4 0.73
@@ -266,7 +273,7 @@ def cmd_validate(config: PipelineConfig) -> None:
     from sweep.stages.report import budget_gap, planned_budgets
 
     budgets = planned_budgets(config, int((table.frame["split"] == "train").sum()))
-    if len(budgets) > 1:  # what "comparable budgets" asks, before hours of training
+    if len(budgets):  # what "comparable budgets" asks, before hours of training
         print("  budgets: " + "; ".join(f"{r.encoder} {r.plan} = {r.images_seen:,} training images"
                                         for r in budgets.itertuples()))
         gap = budget_gap(budgets, saw="would see")

@@ -18,9 +18,12 @@ def test_demo_pipeline_is_valid(capsys):
     out = capsys.readouterr().out
     assert "105 images, 6 classes" in out
     # the demo's baselines draw a tenth of the U-Net's training images: said before anything trains
-    assert ("  budgets: diffusion 200 steps x 32 = 6,400 training images; supervised-resnet18 10 epochs x 61 = 610 "
-            "training images; simclr-resnet18 10 epochs x 61 = 610 training images") in out
-    assert "budgets: warning: training budgets differ 10.5x: diffusion would see 6,400" in out
+    assert ("  budgets: diffusion 200 steps x at most 32 = 6,200 training images; supervised-resnet18 10 epochs x 61 "
+            "= 610 training images; simclr-resnet18 10 epochs x 61 = 610 training images") in out
+    assert "budgets: warning: training budgets differ 10.2x: diffusion would see 6,200" in out
+    # the trials the probe stage will run (README: 50), before anything is extracted
+    assert ("  probe: 50 trials, one per feature column (diffusion 42, supervised-resnet18 4, simclr-resnet18 4), "
+            "9 heads each, 30 epochs") in out
     assert main(["validate", "pipelines/demo.yaml", "--set", "baselines.0.epochs=100",
                  "--set", "baselines.1.epochs=100"]) == 0
     out = capsys.readouterr().out
@@ -28,6 +31,16 @@ def test_demo_pipeline_is_valid(capsys):
     assert "probe: warning" not in out
     assert main(["validate", "pipelines/demo.yaml", "--set", "probe.weight_decays=[0]"]) == 0
     assert "probe: warning: probe.weight_decays are all 0 (no penalty)" in capsys.readouterr().out
+
+
+def test_validate_plans_a_single_encoders_budget_and_trials(capsys):
+    """fashion-mnist.yaml has no baselines: validate said nothing of the U-Net's training budget nor of the
+    trials the probe would run (budgets were printed only to compare two encoders)."""
+    assert main(["validate", "pipelines/demo.yaml", "--set", "baselines=[]", "--set", "extract.timesteps=[0,100]",
+                 "--set", "extract.layers=[mid_block,up_blocks.1]"]) == 0
+    out = capsys.readouterr().out
+    assert "  probe: 4 trials, one per feature column (diffusion 4), 9 heads each, 30 epochs" in out
+    assert "  budgets: diffusion 200 steps x at most 32 = 6,200 training images\n" in out
 
 
 @pytest.mark.parametrize("bits", [8, 12, 16])

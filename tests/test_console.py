@@ -210,3 +210,66 @@ def test_a_local_ray_beside_one_that_ray_start_left_running(tmp_path, monkeypatc
     assert out.returncode == 0, out.stderr[-3000:]
     assert "a Ray cluster runs on this machine" in out.stderr and "ray.address: auto" in out.stderr
     assert "ACTORS ['Probe']" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_pretraining_says_how_far_it_is_between_checkpoints(clock, capsys):
+    """fashion-mnist.yaml's 250 steps between checkpoints took over 10 minutes on 2 CPU cores with no line at
+    all: rank 0 now prints one at most every 10 s, with its loss, the images per second and the time left."""
+    import torch
+
+    from sweep.stages.pretrain import between_checkpoints
+
+    progress = common.Progress("pretrain", 300, "steps", final=False)
+    losses = []
+    for step in range(1, 40):  # 1 s a step, 64 images a step on each of 2 workers
+        clock[0] += 1.0
+        losses.append(torch.tensor(0.5 if step < 30 else 0.25))
+        progress.update(step, lambda: between_checkpoints(step, losses, 64 * len(losses) * 2, float(len(losses))))
+    assert capsys.readouterr().err.splitlines() == [
+        "[sweep] pretrain: 10/300 steps (worker 0's loss 0.5000 over steps 1-10, ~128 images/s), 10s, ~290s left",
+        "[sweep] pretrain: 20/300 steps (worker 0's loss 0.5000 over steps 1-20, ~128 images/s), 20s, ~280s left",
+        "[sweep] pretrain: 30/300 steps (worker 0's loss 0.4917 over steps 1-30, ~128 images/s), 30s, ~270s left"]
+    # a checkpoint's own line (sweep.stages.pretrain.train_loop) carries the estimate, and the next line is
+    # due 10 s after it
+    assert progress.eta(39) == ", ~261s left"
+    progress.said()
+    clock[0] += 9.0
+    progress.update(44)
+    assert capsys.readouterr().err == ""
+    # checkpoint_every=1: each step is a checkpoint, counted for its line's estimate without a line of its own
+    every_step = common.Progress("pretrain", 300, "steps", final=False)
+    for step in (1, 2):
+        clock[0] += 20.0
+        every_step.seen(step)
+    assert every_step.eta(2) == ", ~5960s left" and capsys.readouterr().err == ""
+
+
+def test_pretraining_ends_with_its_time_and_what_its_last_figures_cover():
+    # fashion-mnist.yaml at 300 steps said "done at step 300 (last loss 0.0663, 62.6 images/s)": the mean over
+    # steps 251-300 and their rate, not the last step's loss nor the run's rate; and not how long it took
+    from sweep.stages.pretrain import done_line
+
+    metrics = {"step": 300, "epoch": 8, "loss": 0.06634, "images_per_s": 62.59}
+    assert done_line(metrics, 300, 250, 587.9) == \
+        "pretrain: done at step 300 in 588s (steps 251-300: mean loss 0.0663, 62.6 images/s)"
+    assert done_line({**metrics, "step": 250}, 250, 250, 10.0).startswith(
+        "pretrain: done at step 250 in 10s (steps 1-250:")
+
+
+def test_a_baseline_says_how_far_it_is_inside_an_epoch(clock, capsys):
+    """A supervised ResNet-18 on fashion-mnist.yaml's 4,619 training images (data.train.limit=6000) printed
+    nothing between its start and the end of its first epoch on 2 CPU cores: rank 0 now prints a line at most
+    every 10 s with the epoch, its loss so far, the images per second and the time left."""
+    from sweep.stages.baselines import within_epoch
+
+    progress = common.Progress("baselines sup", 2 * 37, "steps", final=False)
+    t0, total = clock[0], [0.0, 0.0]
+    for step in range(1, 13):  # 2 s a step of 64 images on each of 2 workers
+        clock[0] += 2.0
+        total = [total[0] + 2.0 * 64, total[1] + 64]
+        progress.update(step, lambda: within_epoch(1, 2, total, 2, clock[0] - t0))
+    assert capsys.readouterr().err.splitlines() == [
+        "[sweep] baselines sup: 5/74 steps (epoch 1/2, worker 0's train_loss 2.0000 so far, ~64 images/s), 10s, "
+        "~138s left",
+        "[sweep] baselines sup: 10/74 steps (epoch 1/2, worker 0's train_loss 2.0000 so far, ~64 images/s), 20s, "
+        "~128s left"]

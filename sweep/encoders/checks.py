@@ -145,3 +145,33 @@ def check_encoder_settings(config: PipelineConfig, stages: tuple[str, ...] | lis
     for i, b in enumerate(config.baselines):
         if "baselines" in stages or b.name in extracted:
             _check_baseline(config, i, layers=b.name in extracted)
+
+
+def planned_columns(config: PipelineConfig) -> dict[str, int | None]:
+    """The feature columns each encoder the pipeline extracts will have (one probe trial each), from its
+    architecture as `check_encoder_settings` builds it; None where that is not known before the stages run
+    (a checkpoint folder elsewhere, a model whose module does not import here)."""
+    from sweep.encoders import zoo
+    from sweep.encoders.cnn import DEFAULT_LAYERS
+    from sweep.encoders.diffusion import resolve_layers
+
+    index = {b.name: i for i, b in enumerate(config.baselines)}
+    planned: dict[str, int | None] = {}
+    for spec in config.encoder_specs():
+        if spec.kind == "diffusion":
+            built = _diffusion_architecture(config, spec.checkpoint)
+            planned[spec.name] = None if built is None else \
+                len(resolve_layers(built[0], config.extract.layers)) * len(config.extract.timesteps)
+            continue
+        i = index.get(spec.name)
+        b = config.baselines[i] if i is not None else None
+        if b is None:
+            planned[spec.name] = None  # a baseline folder named by extract.encoders[].checkpoint only
+        elif b.layers:
+            planned[spec.name] = len(b.layers)
+        elif zoo.is_builtin(b.arch):
+            planned[spec.name] = len(DEFAULT_LAYERS)
+        else:
+            model = _baseline_architecture(config, i)
+            planned[spec.name] = None if model is None else len(zoo.default_layers(model))
+    return planned

@@ -45,7 +45,7 @@ from sweep.data.table import training_images
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import (WorkerMetrics, check_run_images, check_training_images, error_cause,
+from sweep.stages.common import (Progress, WorkerMetrics, check_run_images, check_training_images, error_cause,
                                  fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
                                  quiet_train_reports, say, storage_cause, train_datasets, train_logging,
                                  train_shard, trained_on_other_images, trained_with_other_settings)
@@ -268,6 +268,15 @@ def _all_reduce(t, world: int):
     return t
 
 
+def within_epoch(epoch: int, epochs: int, total: list[float], world: int, seconds: float) -> str:
+    """The detail of a progress line inside an epoch, from rank 0's `total` (loss sum, images) so far: its mean
+    loss (the epoch's line gives the mean over all workers) and the images per second of all workers,
+    estimated as rank 0's times the workers (their shares are equal)."""
+    loss = total[0] / total[1] if total[1] else float("nan")
+    return (f"epoch {epoch}/{epochs}, worker 0's train_loss {loss:.4f} so far, "
+            f"~{total[1] * world / seconds if seconds > 0 else 0.0:.0f} images/s")
+
+
 def _evaluate(model, rows: _EvalRows, num_classes: int, device, world: int, use_cuda: bool, prefix: str) -> dict:
     """Cross-entropy and confusion over every worker's rows (summed across workers)."""
     import torch
@@ -379,6 +388,10 @@ def train_loop(cfg: dict) -> None:
     aug = ViewAugment()
     generator = torch.Generator()
     select = cfg.get("select", "val_macro_f1")
+    # inside an epoch (minutes on CPU cores for tens of thousands of images), a line at most every
+    # PROGRESS_SECONDS; the steps are those the lr schedule counts
+    progress = Progress(f"baselines {cfg['name']}", cfg["epochs"] * steps_per_epoch, "steps", final=False) \
+        if rank == 0 else None
 
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
@@ -414,6 +427,9 @@ def train_loop(cfg: dict) -> None:
             schedule.step()
             step += 1
             total += torch.tensor([loss.item() * x.shape[0], x.shape[0]], dtype=torch.float64, device=device)
+            if progress is not None:
+                progress.update(step, lambda: within_epoch(epoch + 1, cfg["epochs"], total.tolist(), world,
+                                                           time.perf_counter() - t0))
             if metrics_log is not None:
                 pending.append(Metric("train_loss", loss.item(), int(time.time() * 1000), step))
         _all_reduce(total, world)
@@ -443,9 +459,12 @@ def train_loop(cfg: dict) -> None:
                             "history": history, "best": best}, Path(d) / "state.pt")
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(record, checkpoint=ckpt)
-        if rank == 0:  # the stage's progress (Ray forwards a worker's lines to the driver)
+        if progress is not None:  # the stage's progress (Ray forwards a worker's lines to the driver)
+            progress.seen(step)  # counted for the estimate, without a line of its own
             say(f"baselines {cfg['name']}: epoch {epoch + 1}/{cfg['epochs']}, "
-                + ", ".join(f"{k} {record[k]:.4f}" for k in ("train_loss", "val_macro_f1") if k in record))
+                + ", ".join(f"{k} {record[k]:.4f}" for k in ("train_loss", "val_macro_f1") if k in record)
+                + progress.eta(step))
+            progress.said()
         if cfg["fault_at_epoch"] and epoch + 1 == cfg["fault_at_epoch"]:
             raise RuntimeError(f"injected fault after epoch {epoch + 1} ({FAULT_ENV})")
 

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from sweep.config import PipelineConfig
 
@@ -270,18 +271,32 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.first: tuple[float, int] | None = None  # (when, how many) at the first units' arrival
 
-    def update(self, done: int, detail: str = "") -> None:
+    def update(self, done: int, detail: str | Callable[[], str] = "") -> None:
+        """A line if one is due; `detail` may be a function, called only then (cheap to call every step)."""
         now = time.perf_counter()
-        if self.first is None and done > 0:
-            self.first = (now, done)
+        self.seen(done)
         if (done >= self.total and not self.final) or (done < self.total and now - self.last < PROGRESS_SECONDS):
             return
         self.last, elapsed = now, now - self.start
-        eta = ""
-        if self.first is not None and done - self.first[1] >= max(self.eta_after, 1) and done < self.total:
-            rate = (done - self.first[1]) / max(now - self.first[0], 1e-9)
-            eta = f", ~{(self.total - done) / rate:.0f}s left"
-        say(f"{self.label}: {done}/{self.total} {self.unit}{f' ({detail})' if detail else ''}, {elapsed:.0f}s{eta}")
+        detail = detail() if callable(detail) else detail
+        say(f"{self.label}: {done}/{self.total} {self.unit}{f' ({detail})' if detail else ''}, {elapsed:.0f}s"
+            f"{self.eta(done)}")
+
+    def seen(self, done: int) -> None:
+        """`done` units so far, for the estimate, without a line."""
+        if self.first is None and done > 0:
+            self.first = (time.perf_counter(), done)
+
+    def eta(self, done: int) -> str:
+        """", ~38s left" once the rate can be told (see the class), else ""."""
+        if self.first is None or done - self.first[1] < max(self.eta_after, 1) or done >= self.total:
+            return ""
+        rate = (done - self.first[1]) / max(time.perf_counter() - self.first[0], 1e-9)
+        return f", ~{(self.total - done) / rate:.0f}s left"
+
+    def said(self) -> None:
+        """The caller printed a line of its own: the next one is due PROGRESS_SECONDS from now."""
+        self.last = time.perf_counter()
 
 
 # decoded training images up to this size are split among the workers by sweep, in a fixed order

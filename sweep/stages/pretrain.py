@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 from sweep.config import NOT_RESULTS, PipelineConfig
-from sweep.stages.common import (WorkerMetrics, check_run_images, check_training_images, error_cause,
+from sweep.stages.common import (Progress, WorkerMetrics, check_run_images, check_training_images, error_cause,
                                  fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
                                  quiet_train_reports, say, storage_cause, train_datasets, train_logging,
                                  train_shard, trained_on_other_images, trained_with_other_settings)
@@ -296,6 +296,8 @@ def train_loop(cfg: dict) -> None:
 
     losses, lrs, times, images = [], [], [], 0
     t_window = time.perf_counter()
+    # between checkpoints (250 steps can be minutes on CPU cores), a line at most every PROGRESS_SECONDS
+    progress = Progress("pretrain", steps, "steps", final=False) if rank == 0 else None
     while trainer.step < steps:
         trainer.epoch, x = next(stream)
         lrs.append(trainer.lr)  # the rate this step trains with
@@ -303,6 +305,9 @@ def train_loop(cfg: dict) -> None:
         times.append(int(time.time() * 1000))
         images += x.shape[0]
         if trainer.step % every and trainer.step != steps:
+            if progress is not None:
+                progress.update(trainer.step, lambda: between_checkpoints(
+                    trainer.step, losses, images * world, time.perf_counter() - t_window))
             continue
 
         # One collective per report: the exact mean loss over all workers for every step of the window,
@@ -329,9 +334,11 @@ def train_loop(cfg: dict) -> None:
                 torch.save({**trainer.state_dict(), "window": window}, Path(d) / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(trainer.step))
-        if rank == 0:  # the stage's progress (Ray forwards a worker's lines to the driver)
+        if progress is not None:  # the stage's progress (Ray forwards a worker's lines to the driver)
+            progress.seen(trainer.step)  # counted for the estimate, without a line of its own
             say(f"pretrain: step {trainer.step}/{steps}, loss {metrics['loss']:.4f}, "
-                f"{metrics['images_per_s']:.0f} images/s")
+                f"{metrics['images_per_s']:.0f} images/s{progress.eta(trainer.step)}")
+            progress.said()
         # logged only once the checkpoint that covers these steps is persisted: a resumed run never
         # logs a step twice (steps after the last checkpoint are trained again, and logged then)
         if metrics_log is not None:
@@ -343,6 +350,16 @@ def train_loop(cfg: dict) -> None:
 
     if rank == 0:
         _save_final(trainer, scheduler, {**cfg, "global_batch": cfg["batch_size"] * world}, metrics_log)
+
+
+def between_checkpoints(step: int, losses: list, images: int, seconds: float) -> str:
+    """The detail of a progress line between checkpoints, from rank 0's own steps since the last one: their
+    mean loss (the checkpoint's line gives the mean over all workers) and the images per second of all
+    workers, estimated as rank 0's times the workers (their shares are equal)."""
+    first = step - len(losses) + 1
+    loss = float(sum(losses)) / len(losses)  # one device sync (a line every PROGRESS_SECONDS at most)
+    return (f"worker 0's loss {loss:.4f} over steps {first}-{step}, "
+            f"~{images / seconds if seconds > 0 else 0.0:.0f} images/s")
 
 
 def _save_final(trainer, scheduler, cfg: dict, metrics_log) -> None:
@@ -519,6 +536,7 @@ def run(config: PipelineConfig) -> str:
         except RuntimeError as e:
             raise PretrainError(f"pretrain: {e}") from None
         trainer = make_trainer(config, run_id, datasets, dataset_config, key, training_images(table))
+        t0 = time.perf_counter()
         try:
             result = fit_interruptibly(trainer, "pretrain")
         except Exception as e:
@@ -526,8 +544,18 @@ def run(config: PipelineConfig) -> str:
                                 f"{storage_cause(error_cause(e), storage.pretrain_runs)}") from e
         if not exists(f"{storage.pretrain_final}/{PRETRAIN_MARKER}"):
             raise PretrainError(f"pretrain ended without writing {storage.pretrain_final}")
-    metrics = result.metrics or {}
+    seconds = time.perf_counter() - t0
     tracking.finish_run(config, run_id)
-    say(f"pretrain: done at step {metrics.get('step', p.steps)} (last loss {metrics.get('loss', float('nan')):.4f}, "
-        f"{metrics.get('images_per_s', float('nan')):.1f} images/s); U-Net saved to {storage.pretrain_final}")
+    say(f"{done_line(result.metrics or {}, p.steps, p.checkpoint_every, seconds)}; U-Net saved to "
+        f"{storage.pretrain_final}")
     return storage.pretrain_final
+
+
+def done_line(metrics: dict, steps: int, every: int, seconds: float) -> str:
+    """The stage's summary from the last report's `metrics`: the loss and images/s it gives are those of the
+    steps since the checkpoint before it ("last loss 0.0663, 62.6 images/s" read as the last step's loss
+    and the run's rate)."""
+    step = int(metrics.get("step", steps))
+    first = (step - 1) // every * every + 1
+    return (f"pretrain: done at step {step} in {seconds:.0f}s (steps {first}-{step}: mean loss "
+            f"{metrics.get('loss', float('nan')):.4f}, {metrics.get('images_per_s', float('nan')):.1f} images/s)")
