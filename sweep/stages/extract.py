@@ -437,9 +437,9 @@ def run(config: PipelineConfig) -> dict[str, dict]:
     try:
         for spec in config.encoder_specs():
             results[spec.name] = extract_encoder(config, spec, table, on_work)
-    except BaseException:
-        if run:
-            tracking.finish_run(config, run[0], "FAILED")
+    except BaseException as e:
+        if run:  # as `tracking.ended_on_error` ends the other stages' runs
+            tracking.finish_run(config, run[0], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     if run:
         tracking.log_batch(config, run[0], metrics={
