@@ -364,16 +364,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 check_encoder_settings(config, stages)
             check_local_storage(config, create=True)  # last: a config error leaves no storage behind
-        if args.command == "run" or args.command in STAGES:
             from sweep.storage import storage_lock
 
             with storage_lock(config.storage_root, " ".join(["sweep", *(argv or sys.argv[1:])])), \
                     _CtrlC.remembered():
                 ray_was_up = _ray_up()
-                if args.command == "run":
-                    cmd_run(config, args.stages)
+                if args.command == "baselines":  # not through cmd_run, which leaves it out when none are configured
+                    run_stage(config, "baselines")
                 else:
-                    cmd_run(config, [args.command]) if args.command != "baselines" else run_stage(config, "baselines")
+                    cmd_run(config, stages)
                 if not ray_was_up and _ray_up():
                     # here rather than at exit: a Ctrl-C during it ended in a 20-line atexit traceback and status 0
                     sys.modules["ray"].shutdown()

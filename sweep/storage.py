@@ -83,7 +83,8 @@ class Storage:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def local(self, *parts: str) -> Path:
-        """A local path; only for stages that must have one (e.g. `save_pretrained`)."""
+        """A local path; only where one is needed (the default SQLite MLflow store): ValueError for remote
+        storage."""
         if not self.is_local:
             raise ValueError(f"{self.root} is not a local folder")
         return Path(self.root.removeprefix("file://"), *parts)

@@ -44,8 +44,6 @@ _ENV_URI = os.environ.get("MLFLOW_TRACKING_URI")
 # a 14-trial sweep, and text in `sweep best --format json`'s stdout. The user's own setting stands.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "1")
 
-PROBE_PARAMS = ("encoder", "layer", "timestep", "resolution", "dim", "lr", "weight_decay")
-
 
 def check_tracking(config: PipelineConfig, reach_server: bool = False) -> None:
     """Raise ConfigError when the pipeline has no tracking URI it can use (remote storage needs one); with
@@ -321,7 +319,7 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
     runs = _all_runs(client, exp.experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = "
                                                 f"'{config.config_hash()}' and attributes.status = 'FINISHED'")
     features = features or {}
-    done, other_features, untagged, elsewhere = set(), [], [], {}
+    done, other_features, without_probe_hash, elsewhere = set(), [], [], {}
     here = Storage.of(config.storage_root).root
     for r in runs:
         made_on, now = r.data.tags.get(TAG_FEATURES), features.get(r.data.params.get("encoder"))
@@ -332,7 +330,7 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
         elif TAG_TRIAL in r.data.tags:
             done.add(r.data.tags[TAG_TRIAL])
             if made_on and TAG_PROBE_HASH not in r.data.tags:
-                untagged.append(r.info.run_id)
+                without_probe_hash.append(r.info.run_id)
     if elsewhere:
         where, n = next(iter(elsewhere.items()))
         raise OtherStorageRuns(
@@ -340,7 +338,8 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
             f"{config.experiment_name!r} were made on other feature stores in another storage ({n} in {where}; this "
             f"one is {here}): both storages share this experiment, and probing here would delete their results. "
             f"Give this storage its own experiment (--set tracking.experiment=NAME), or delete those runs")
-    for run_id in untagged:  # made before sweep tagged it: known from the config hash, and another config may copy
+    # made before sweep tagged it: known from the config hash, and another config may copy
+    for run_id in without_probe_hash:
         client.set_tag(run_id, TAG_PROBE_HASH, config.probe_hash())
     return done, other_features
 
@@ -494,10 +493,10 @@ def search_baseline_runs(config: PipelineConfig, keys: dict[str, str]) -> pd.Dat
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def delete_unfinished_trial_runs(config: PipelineConfig, keys: set[str] | None = None) -> int:
-    """Delete the probe child runs of this config that never finished (a sweep interrupted while it wrote
-    them), so that rerunning their trials leaves exactly one run per trial. `keys`: only these trials.
-    Returns how many were deleted."""
+def delete_unfinished_trial_runs(config: PipelineConfig, keys: set[str]) -> int:
+    """Delete the probe child runs of this config's trials `keys` that never finished (a sweep interrupted
+    while it wrote them), so that rerunning those trials leaves exactly one run per trial. Returns how many
+    were deleted."""
     client = client_for(config)
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is None:
@@ -505,7 +504,7 @@ def delete_unfinished_trial_runs(config: PipelineConfig, keys: set[str] | None =
     runs = _all_runs(client, exp.experiment_id, f"tags.`{TAG_STAGE}` = 'probe' and tags.`{TAG_HASH}` = "
                                                 f"'{config.config_hash()}' and tags.`{TAG_TRIAL}` LIKE '%' "
                                                 f"and attributes.status != 'FINISHED'")
-    stale = [r.info.run_id for r in runs if keys is None or r.data.tags.get(TAG_TRIAL) in keys]
+    stale = [r.info.run_id for r in runs if r.data.tags.get(TAG_TRIAL) in keys]
     delete_runs(config, stale)
     return len(stale)
 

@@ -819,3 +819,24 @@ def test_simclr_reads_no_label_and_resumes_exactly(ray_local, write_pipeline, tm
     for k in weights:
         assert torch.equal(weights[k], weights2[k]), k
     assert len(_runs(cfg2, "ssl")) == 1  # the resumed training kept its MLflow run
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
+def test_an_interrupted_baselines_stage_ends_its_parent_run_killed(write_pipeline, monkeypatch, error, status):
+    """Ctrl-C during the baselines ends the stage's parent run KILLED, as a baseline's own run and every other
+    stage's (the parent ended FAILED: an interruption shown in MLflow as a failure); an error ends it FAILED."""
+    from sweep import tracking
+
+    config = load_config(write_pipeline(baselines=[{"name": "sup", "kind": "supervised", "arch": "resnet18",
+                                                     "epochs": 1}]))
+
+    def stopped(config, b, get_table, get_parent):
+        get_parent()  # the stage's parent run is opened: a baseline with work to do
+        raise error("stopped")
+
+    monkeypatch.setattr(baselines, "run_baseline", stopped)
+    with pytest.raises(error):
+        baselines.run(config)
+    runs = tracking.client_for(config).search_runs([tracking.ensure_experiment(config)],
+                                                   f"tags.`{tracking.TAG_STAGE}` = 'baselines'")
+    assert [r.info.status for r in runs] == [status]

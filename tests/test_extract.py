@@ -447,3 +447,24 @@ def test_a_model_whose_weights_cannot_be_read_is_named_with_what_to_do(tmp_path,
                                                    r"cannot be loaded \(.*\): replace that checkpoint"):
         _extract(config)
     assert not (tmp_path / "store" / "features").exists()
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
+def test_an_interrupted_extraction_ends_its_run_killed_and_a_failed_one_failed(tmp_path, monkeypatch, error, status):
+    """Ctrl-C while an encoder's images are encoded ends the stage's MLflow run KILLED, as pretrain's, the
+    baselines' and the probe's (it ended FAILED: an interruption shown in MLflow as a failure); an error
+    ends it FAILED."""
+    from sweep import tracking
+
+    config = PipelineConfig.model_validate(small_pipeline(tmp_path / "store"))
+
+    def stopped(config, spec, table, on_work=None):
+        on_work()  # the stage's run is opened: images to encode
+        raise error("stopped")
+
+    monkeypatch.setattr(extract, "extract_encoder", stopped)
+    with pytest.raises(error):
+        extract.run(config)
+    runs = tracking.client_for(config).search_runs([tracking.ensure_experiment(config)],
+                                                   f"tags.`{tracking.TAG_STAGE}` = 'extract'")
+    assert [r.info.status for r in runs] == [status]

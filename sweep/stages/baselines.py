@@ -741,9 +741,9 @@ def run(config: PipelineConfig) -> dict[str, str]:
 
     try:
         finals = {b.name: run_baseline(config, b, get_table, get_parent) for b in config.baselines}
-    except BaseException:
-        if "parent" in cache:
-            tracking.finish_run(config, cache["parent"], "FAILED")
+    except BaseException as e:
+        if "parent" in cache:  # as `tracking.ended_on_error` ends each baseline's own run
+            tracking.finish_run(config, cache["parent"], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     if "parent" in cache:
         tracking.finish_run(config, cache["parent"])

@@ -1,4 +1,6 @@
-"""What every stage needs: a Ray connection, the storage root, stage logging."""
+"""What the stages share: the Ray connection (and the checks before a local Ray starts), progress lines and
+quieter Ray logging, the training stages' Ray Train helpers (data split, checkpoints, MLflow metrics, Ctrl-C),
+and one-line error causes."""
 
 from __future__ import annotations
 
@@ -15,8 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 from sweep.config import PipelineConfig
-
-log = logging.getLogger("sweep")
 
 
 def say(message: str) -> None:

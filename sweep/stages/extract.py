@@ -395,7 +395,7 @@ def _too_many_bad(store: FeatureStore, name: str, buffers: dict, bad: int, total
     )
 
 
-def _write_shard(store: FeatureStore, domain: str, shard: int, parts: list[pa.Table]) -> int:
+def _write_shard(store: FeatureStore, domain: str, shard: int, parts: list[pa.Table]) -> None:
     table = pa.concat_tables(parts)
     errors = table.column("error").to_pylist()
     ids = table.column("image_id").to_pylist()
@@ -404,7 +404,6 @@ def _write_shard(store: FeatureStore, domain: str, shard: int, parts: list[pa.Ta
     store.write_shard(domain, shard, good, rejected)
     for r in rejected:
         say(f"  skipped {domain}/{r['image_id']}: {r['reason']}")
-    return len(rejected)
 
 
 def _summary(store: FeatureStore, total: int, datasets: dict[str, int]) -> dict:
@@ -417,8 +416,8 @@ def _summary(store: FeatureStore, total: int, datasets: dict[str, int]) -> dict:
 
 
 def run(config: PipelineConfig) -> dict[str, dict]:
-    # imported here, not at module level: Ray workers import this module to run decode_batch / EncodeBatch,
-    # and MLflow costs seconds of start-up in every one of them
+    # imported here, not at module level: Ray workers import this module to run decode_chunk / EncodeBatch
+    # (and the training stages' decode_batch), and MLflow costs seconds of start-up in every one of them
     from sweep import tracking
 
     table = build_table(config)
@@ -437,9 +436,9 @@ def run(config: PipelineConfig) -> dict[str, dict]:
     try:
         for spec in config.encoder_specs():
             results[spec.name] = extract_encoder(config, spec, table, on_work)
-    except BaseException:
-        if run:
-            tracking.finish_run(config, run[0], "FAILED")
+    except BaseException as e:
+        if run:  # as `tracking.ended_on_error` ends the other stages' runs
+            tracking.finish_run(config, run[0], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     if run:
         tracking.log_batch(config, run[0], metrics={

@@ -104,7 +104,7 @@ def read_probe_data(store_uri: str, column: str, datasets: list[str] | None = No
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(features float16 (n, dim), labels, split, domain) of one column over every completed shard of
     `datasets` (default: all the store holds): only this column's data is read (Parquet column projection)."""
-    from sweep.features.store import FeatureStoreError, column_to_numpy
+    from sweep.features.store import column_to_numpy
 
     store = FeatureStore(store_uri)
     spec = next((c for c in store.columns() if c["column"] == column), None)
@@ -290,8 +290,6 @@ class ProbeTrial(Trainable):
         # sends it SIGTERM at once, and Ray's handler raises SystemExit in whatever runs at that moment: in a
         # garbage-collection callback that printed "Exception ignored ... SystemExit: 1" on the user's terminal
         # at the end of about one sweep in twenty. Nothing is left to save here: SIGTERM just ends the process.
-        import signal
-
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         except ValueError:  # not the main thread: Ray's handler stays
@@ -301,12 +299,10 @@ class ProbeTrial(Trainable):
 
 def concurrent_workers(config: PipelineConfig, trials: int) -> int:
     """How many trials can run at once: `max_concurrent_trials`, the cluster's CPUs and GPUs (at the time
-    of asking) and the number of trials, whichever is smallest; on a local Ray started by sweep, also the
-    machine's cores. (That Ray declares at least 4 logical CPUs so Ray Train and Ray Data fit side by side
+    of asking) and the number of trials, whichever is smallest; on a local Ray started by sweep where
+    `max_concurrent_trials` is not set, also the machine's cores. (That Ray declares at least 4 logical CPUs so Ray Train and Ray Data fit side by side
     on a small machine; a probe trial is one busy thread, so more trials than cores only add workers to
     start: on 2 cores, 4 workers importing torch at once held the demo's first trial back 18 s.)"""
-    import math
-
     import ray
 
     p = config.probe
@@ -338,10 +334,7 @@ class ChildRunWriter:
         self.tags = {**tracking.stage_tags(config, "probe"), tracking.TAG_PARENT: parent_run_id,
                      tracking.TAG_PROBE_HASH: config.probe_hash()}
         p = config.probe
-        self.grid_params = {"lr_grid": p.lrs, "weight_decay_grid": p.weight_decays, "epochs": p.epochs,
-                            "batch_size": p.batch_size, "class_weights": p.class_weights, "select": p.select,
-                            "patience": p.patience}
-        self.grid_params.update(_asha_params(p))
+        self.grid_params = {"lr_grid": p.lrs, "weight_decay_grid": p.weight_decays, **_shared_params(p)}
         self.logged, self.batches, self.seconds, self.errors = 0, 0, 0.0, []
         self.uri = tracking.tracking_uri(config)
         self.lost: str | None = None  # why the tracking server stopped answering, once it has
@@ -699,10 +692,13 @@ def _asha_rungs(scheduler) -> list[int] | None:
         return None
 
 
-def _asha_params(p) -> dict:
-    """ASHA's settings as MLflow params (of the parent run and of every child run), when it is on."""
-    return {} if p.asha is None else {"asha_grace_period": p.asha.grace_period,
+def _shared_params(p) -> dict:
+    """The probe settings logged as MLflow params of the parent run and of every child run alike (the grid
+    itself is named differently in each): training, selection, and ASHA's settings when it is on."""
+    asha = {} if p.asha is None else {"asha_grace_period": p.asha.grace_period,
                                       "asha_reduction_factor": p.asha.reduction_factor}
+    return {"epochs": p.epochs, "batch_size": p.batch_size, "class_weights": p.class_weights, "select": p.select,
+            "patience": p.patience, **asha}
 
 
 def _pending_trials(config: PipelineConfig, trials: list[dict], columns: dict[str, dict]
@@ -775,10 +771,9 @@ def run(config: PipelineConfig) -> dict:
         f"{len(config.probe.lrs) * len(config.probe.weight_decays)} heads each")
     p = config.probe
     parent = tracking.start_stage_run(config, "probe", params={
-        "lrs": p.lrs, "weight_decays": p.weight_decays, "epochs": p.epochs, "batch_size": p.batch_size,
-        "class_weights": p.class_weights, "select": p.select, "patience": p.patience, "trials": len(trials),
+        "lrs": p.lrs, "weight_decays": p.weight_decays, **_shared_params(p), "trials": len(trials),
         "cpus_per_trial": p.cpus_per_trial, "gpus_per_trial": p.gpus_per_trial,
-        "max_concurrent_trials": p.max_concurrent_trials, **_asha_params(p)})
+        "max_concurrent_trials": p.max_concurrent_trials})
     if reusable:
         _copy_runs(config, parent, reusable)
         if not todo:
