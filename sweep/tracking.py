@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import pandas as pd
@@ -205,17 +206,17 @@ def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool 
 
 
 @contextlib.contextmanager
-def ended_on_error(config: PipelineConfig, run_id: str):
+def ended_on_error(config: PipelineConfig, run_id: str | Callable[[], str | None]):
     """Around a stage's work once its run is open (set-up and training): an error ends the run FAILED
     (Ctrl-C: KILLED), so that MLflow does not show a stage that stopped (a missing bucket, a bad image table,
-    a failed fit) as still running."""
+    a failed fit) as still running. `run_id` may be a function that gives the run once the work has opened
+    it (None until then: nothing to end)."""
     try:
         yield
-    except KeyboardInterrupt:
-        finish_run(config, run_id, "KILLED")
-        raise
-    except Exception:
-        finish_run(config, run_id, "FAILED")
+    except (KeyboardInterrupt, Exception) as e:
+        opened = run_id() if callable(run_id) else run_id
+        if opened is not None:
+            finish_run(config, opened, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
 
 

@@ -377,6 +377,30 @@ def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
     assert len(out.out.splitlines()) == 4  # the header and the top 3
 
 
+def test_a_report_that_fails_after_its_run_opened_ends_it_failed(swept, tmp_path, monkeypatch):
+    """The report's run opens once its files are written; an error after (the artifacts' upload to a store
+    that is full: raised here by the client as a full disk raises it) left that run RUNNING in MLflow, and
+    report/ is not published."""
+    import errno
+
+    config = _copy_of_the_sweep(swept, tmp_path)
+
+    def full(self, run_id, local_path, artifact_path=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        report.run(config)
+    runs = _client(config).search_runs([_client(config).get_experiment_by_name(config.experiment_name).experiment_id],
+                                       f"tags.`{tracking.TAG_STAGE}` = 'report'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not Path(Storage.of(config.storage_root).report).exists()
+    monkeypatch.undo()
+    assert Path(report.run(config)).is_file()  # the rerun: a new run, FINISHED
+    runs = _client(config).search_runs([runs[0].info.experiment_id], f"tags.`{tracking.TAG_STAGE}` = 'report'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+
+
 def test_best_after_a_probe_that_finished_no_trial_does_not_ask_for_the_overrides(swept, tmp_path, capsys):
     """A probe stage of these settings that ended before any trial finished, beside runs of other settings:
     `sweep best` said both that the trials have no run yet and that the user should "pass the same --set

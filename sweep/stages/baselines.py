@@ -739,12 +739,8 @@ def run(config: PipelineConfig) -> dict[str, str]:
             cache["parent"] = tracking.start_stage_run(config, "baselines")
         return cache["parent"]
 
-    try:
+    with tracking.ended_on_error(config, lambda: cache.get("parent")):  # as each baseline's own run
         finals = {b.name: run_baseline(config, b, get_table, get_parent) for b in config.baselines}
-    except BaseException as e:
-        if "parent" in cache:  # as `tracking.ended_on_error` ends each baseline's own run
-            tracking.finish_run(config, cache["parent"], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
     if "parent" in cache:
         tracking.finish_run(config, cache["parent"])
     return finals

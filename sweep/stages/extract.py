@@ -433,13 +433,9 @@ def run(config: PipelineConfig) -> dict[str, dict]:
             run.append(tracking.start_stage_run(config, "extract"))
 
     results = {}
-    try:
+    with tracking.ended_on_error(config, lambda: run[0] if run else None):
         for spec in config.encoder_specs():
             results[spec.name] = extract_encoder(config, spec, table, on_work)
-    except BaseException as e:
-        if run:  # as `tracking.ended_on_error` ends the other stages' runs
-            tracking.finish_run(config, run[0], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
     if run:
         tracking.log_batch(config, run[0], metrics={
             f"{name}_{k}": summary[k] for name, summary in results.items() for k in ("rows", "rejected")})

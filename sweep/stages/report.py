@@ -355,13 +355,17 @@ def run(config: PipelineConfig) -> str:
             f"leaves them out; `sweep probe` runs them")
     # Written into a staging folder that replaces report/ whole when done: a report interrupted half-way left
     # some of the new settings' tables beside the old settings' report.md and heat maps, nothing saying so.
-    with staged_dir(storage.report, "report.md") as out:
-        _write(config, recs, out, missing)
-        run_id = tracking.start_stage_run(config, "report", resume_unfinished=False)
-        client = tracking.client_for(config)
-        for f in out.iterdir():
-            client.log_artifact(run_id, str(f))
-    tracking.finish_run(config, run_id)
+    # The run opens once the files are written; an error after (its artifacts' upload, the folder's
+    # publishing on a full disk) ends it FAILED, not RUNNING.
+    opened = []
+    with tracking.ended_on_error(config, lambda: opened[0] if opened else None):
+        with staged_dir(storage.report, "report.md") as out:
+            _write(config, recs, out, missing)
+            opened.append(tracking.start_stage_run(config, "report", resume_unfinished=False))
+            client = tracking.client_for(config)
+            for f in out.iterdir():
+                client.log_artifact(opened[0], str(f))
+    tracking.finish_run(config, opened[0])
     say(f"report: {storage.report}/report.md")
     return f"{storage.report}/report.md"
 
