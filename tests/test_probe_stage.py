@@ -379,8 +379,8 @@ def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
 
 def test_a_report_that_fails_after_its_run_opened_ends_it_failed(swept, tmp_path, monkeypatch):
     """The report's run opens once its files are written; an error after (the artifacts' upload to a store
-    that is full: raised here by the client as a full disk raises it) left that run RUNNING in MLflow, and
-    report/ is not published."""
+    that is full: raised here by the client as a full disk raises it) left that run RUNNING in MLflow; report/
+    stays as it was."""
     import errno
 
     config = _copy_of_the_sweep(swept, tmp_path)
@@ -388,17 +388,22 @@ def test_a_report_that_fails_after_its_run_opened_ends_it_failed(swept, tmp_path
     def full(self, run_id, local_path, artifact_path=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def new_report_runs(before=()):  # the module's store may hold report runs of earlier tests
+        runs = _client(config).search_runs([tracking.ensure_experiment(config)],
+                                           f"tags.`{tracking.TAG_STAGE}` = 'report'")
+        return {r.info.run_id: r.info.status for r in runs if r.info.run_id not in before}
+
+    earlier = new_report_runs()
+    folder = Path(Storage.of(config.storage_root).report)
+    old = {f.name: f.read_bytes() for f in folder.iterdir()} if folder.exists() else None  # an earlier test's
     monkeypatch.setattr(MlflowClient, "log_artifact", full)
     with pytest.raises(OSError, match="No space left on device"):
         report.run(config)
-    runs = _client(config).search_runs([_client(config).get_experiment_by_name(config.experiment_name).experiment_id],
-                                       f"tags.`{tracking.TAG_STAGE}` = 'report'")
-    assert [r.info.status for r in runs] == ["FAILED"]
-    assert not Path(Storage.of(config.storage_root).report).exists()
+    assert list(new_report_runs(earlier).values()) == ["FAILED"]
+    assert ({f.name: f.read_bytes() for f in folder.iterdir()} if folder.exists() else None) == old  # as it was
     monkeypatch.undo()
     assert Path(report.run(config)).is_file()  # the rerun: a new run, FINISHED
-    runs = _client(config).search_runs([runs[0].info.experiment_id], f"tags.`{tracking.TAG_STAGE}` = 'report'")
-    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    assert sorted(new_report_runs(earlier).values()) == ["FAILED", "FINISHED"]
 
 
 def test_best_after_a_probe_that_finished_no_trial_does_not_ask_for_the_overrides(swept, tmp_path, capsys):
