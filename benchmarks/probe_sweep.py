@@ -46,6 +46,8 @@ rounds; per-round overheads range over 30 points):
   overhead 18.2 / 18.7 / 22.3 %, pooled 19.8 % = idle slots 13.6 % (workers' start-up 9.7 %, between trials
   2.9 %, end 0.9 %) + trials 6.2 % slower than bare; speed-up 12.0 / 11.8 / 10.9x, compute vs compute 12.8x;
   accuracy -0.036 points on 12 trials (95 % interval -0.124 to +0.053; the same weight decay in 9 of 12).
+  Again on 2026-11-25 (the same VM a day later): overhead 19.1 / 23.1 / 24.1 %, pooled 22.2 % = idle slots 13.7 %
+  (start-up 9.8 %) + trials 8.4 % slower; speed-up 10.7 / 10.3 / 10.0x, compute vs compute 12.7x; accuracy the same.
   Before (a faster CPU than the earlier runs: the bare run 0.24-0.29 s per trial, scikit-learn 3.5 s per
   trial, compute vs compute 11.4-11.6x):
   - 2 trials on 2 cores (the default `--slots`), `--repeats 3`, the MLflow store made before (a) as the
