@@ -320,13 +320,6 @@ def check_local_storage(config: PipelineConfig, create: bool) -> None:
         raise ConfigError(f"storage: cannot create or write {root}: {e.strerror or e}") from None
 
 
-def _chain(e: BaseException | None):
-    """`e` and the exceptions it was raised from."""
-    while e is not None:
-        yield e
-        e = e.__cause__
-
-
 def failure_line(e: BaseException, config: PipelineConfig | None) -> str:
     """The one line `main` prints for an unexpected failure `e` (exit 1)."""
     from sweep.stages.common import one_line
@@ -334,12 +327,14 @@ def failure_line(e: BaseException, config: PipelineConfig | None) -> str:
     # Ray's authentication error is its fix: the token's places and RAY_AUTH_MODE, on its later lines
     shown = f"{type(e).__name__}: {' '.join(str(e).split())}" if type(e).__name__ == "AuthenticationError" \
         else one_line(e)
-    if config is not None and any(type(c).__module__.startswith("sqlalchemy") for c in _chain(e)):
+    if config is not None:
         # "database disk image is malformed" named no database: the MLflow store it came from. MLflow's
         # client wraps the SQL error; its first line was "(raised as a result of Query-invoked autoflush"
         from sweep.tracking import database_cause, tracking_uri
 
-        shown = f"{database_cause(e)} (MLflow tracking store {tracking_uri(config)})"
+        cause = database_cause(e)
+        if cause:
+            shown = f"{cause} (MLflow tracking store {tracking_uri(config)})"
     return shown
 
 

@@ -186,6 +186,11 @@ class WriteError(OSError):
     def __str__(self) -> str:
         return self.strerror
 
+    @classmethod
+    def of(cls, e: OSError, where: str) -> "WriteError":
+        cause = os.strerror(e.errno) if e.errno else str(e).strip().splitlines()[0]
+        return cls(e.errno, f"cannot write {where}: {cause}")
+
 
 @contextlib.contextmanager
 def writing(fs: pafs.FileSystem, path: str, tmp: str | None = None):
@@ -198,9 +203,7 @@ def writing(fs: pafs.FileSystem, path: str, tmp: str | None = None):
         if tmp is not None:
             with contextlib.suppress(OSError):
                 fs.delete_file(tmp)
-        cause = os.strerror(e.errno) if e.errno else str(e).strip().splitlines()[0]
-        where = path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
-        raise WriteError(e.errno, f"cannot write {where}: {cause}") from e
+        raise WriteError.of(e, path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}") from e
 
 
 def write_atomic(uri: str, data: bytes) -> None:
@@ -280,8 +283,7 @@ def staged_dir(uri: str, marker: str):
             # matplotlib's or torch's "[Errno 28] No space left on device" named neither file nor folder
             if e.errno not in REFUSED_WRITE or isinstance(e, WriteError):
                 raise
-            where = f"{tmp} (staging {uri})" if remote else uri
-            raise WriteError(e.errno, f"cannot write {where}: {os.strerror(e.errno)}") from e
+            raise WriteError.of(e, f"{tmp} (staging {uri})" if remote else uri) from e
     finally:
         shutil.rmtree(tmp.parent if remote else tmp, ignore_errors=True)
 

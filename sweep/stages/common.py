@@ -576,10 +576,13 @@ def error_cause(e: BaseException | str) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-# a write the storage refused (full, read-only, over quota or a file size limit), in the words of Python,
-# pyarrow ('[errno 28]') and safetensors ('os error 28')
-_STORAGE_REFUSED = re.compile(r"No space left on device|Read-only file system|Disk quota exceeded|File too large"
-                              r"|(errno|os error) (27|28|30|122)\b", re.IGNORECASE)
+def _storage_refused() -> re.Pattern:
+    """A write the storage refused (`storage.REFUSED_WRITE`) in an error's text, in the words of Python,
+    pyarrow ('[errno 28]') and safetensors ('os error 28')."""
+    from sweep.storage import REFUSED_WRITE
+
+    words = "|".join(re.escape(os.strerror(n)) for n in sorted(REFUSED_WRITE))
+    return re.compile(rf"{words}|(errno|os error) ({'|'.join(map(str, sorted(REFUSED_WRITE)))})\b", re.IGNORECASE)
 
 
 def storage_cause(cause: str, folder: str) -> str:
@@ -587,7 +590,7 @@ def storage_cause(cause: str, folder: str) -> str:
     storage refused a write: Ray Train's checkpoint copy and safetensors name no file ('OSError: [Errno 28]
     Error writing bytes to file. Detail: [errno 28] No space left on device')."""
     named = "cannot write " in cause  # a WriteError (`storage.writing`, `staged_dir`) names its file already
-    return f"{cause} (writing under {folder})" if _STORAGE_REFUSED.search(cause) and not named else cause
+    return f"{cause} (writing under {folder})" if _storage_refused().search(cause) and not named else cause
 
 
 def fit_interruptibly(trainer, stage: str):

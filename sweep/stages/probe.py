@@ -300,9 +300,10 @@ class ProbeTrial(Trainable):
 def concurrent_workers(config: PipelineConfig, trials: int) -> int:
     """How many trials can run at once: `max_concurrent_trials`, the cluster's CPUs and GPUs (at the time
     of asking) and the number of trials, whichever is smallest; on a local Ray started by sweep where
-    `max_concurrent_trials` is not set, also the machine's cores. (That Ray declares at least 4 logical CPUs so Ray Train and Ray Data fit side by side
-    on a small machine; a probe trial is one busy thread, so more trials than cores only add workers to
-    start: on 2 cores, 4 workers importing torch at once held the demo's first trial back 18 s.)"""
+    `max_concurrent_trials` is not set, also the machine's cores. (That Ray declares at least 4 logical
+    CPUs so Ray Train and Ray Data fit side by side on a small machine; a probe trial is one busy thread, so
+    more trials than cores only add workers to start: on 2 cores, 4 workers importing torch at once held
+    the demo's first trial back 18 s.)"""
     import ray
 
     p = config.probe
