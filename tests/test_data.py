@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -265,6 +266,21 @@ def test_manifest_source(tmp_path, write_pipeline):
                                            "train": {"source": "manifest", "path": str(tmp_path / "m.csv")}}))
     t = build_table(cfg)
     assert len(t.frame) == 105 and len(t.classes) == 6
+
+
+def test_parquet_manifest_with_a_pandas_index_keeps_each_path_with_its_label(tmp_path, write_pipeline):
+    """A Parquet manifest written by pandas from a shuffled or filtered frame stores its index, which
+    read_parquet restores: the scan paired the paths, in file order, with the ids and labels by index
+    label, so every image was read under another image's id and label (filtered: a ValueError)."""
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    frame = pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files]})
+    for name, manifest in (("shuffled", frame.sample(frac=1, random_state=0)), ("filtered", frame.iloc[5:])):
+        manifest.to_parquet(tmp_path / f"{name}.parquet")  # index stored with the rows
+        t = build_table(load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+            "source": "manifest", "path": str(tmp_path / f"{name}.parquet")}})))
+        assert len(t.frame) == len(manifest)
+        assert (t.frame["path"] == t.frame["image_id"]).all()  # absolute paths: the id is the path itself
+        assert [t.classes[label] for label in t.frame["label"]] == [Path(p).parent.name for p in t.frame["path"]]
 
 
 def test_manifest_split_column(tmp_path, write_pipeline):
