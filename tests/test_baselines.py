@@ -858,3 +858,27 @@ def test_an_interrupted_baselines_stage_ends_its_parent_run_killed(write_pipelin
     runs = tracking.client_for(config).search_runs([tracking.ensure_experiment(config)],
                                                    f"tags.`{tracking.TAG_STAGE}` = 'baselines'")
     assert [r.info.status for r in runs] == [status]
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
+def test_a_pretrained_baseline_stopped_while_saved_ends_its_run(write_pipeline, tmp_path, monkeypatch, error,
+                                                                 status):
+    """A pretrained baseline's own run ends KILLED on Ctrl-C while its weights are loaded and saved (seconds
+    for a large file: hashed, read, written), FAILED on an error, as a trained baseline's run: Ctrl-C left it
+    RUNNING (its error handling caught Exception only)."""
+    from sweep import tracking
+
+    weights = tmp_path / "r18.pth"
+    torch.save(build_resnet("resnet18", num_classes=0).state_dict(), weights)
+    config = load_config(write_pipeline(baselines=[{"name": "pre", "kind": "pretrained", "arch": "resnet18",
+                                                     "weights": str(weights)}]))
+
+    def stopped(*args, **kwargs):
+        raise error("stopped")
+
+    monkeypatch.setattr(baselines, "write_final", stopped)
+    with pytest.raises((error, baselines.BaselineError)):
+        baselines.run(config)
+    runs = tracking.client_for(config).search_runs([tracking.ensure_experiment(config)],
+                                                   f"tags.`{tracking.TAG_BASELINE}` = 'pre'")
+    assert [r.info.status for r in runs] == [status]

@@ -639,18 +639,19 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
                      f"delete them to extract again)" if exists(features) else "")
             say(f"baselines {b.name}: {final} was made from other weights or settings; rebuilding it{stale}")
         run_id = _start_run(config, b, key, get_parent())
-        try:
-            meta = build_pretrained(config, b, final, key)
-        except BaselineError:
-            tracking.finish_run(config, run_id, "FAILED")
-            raise
-        except Exception as e:  # the weights do not fit the arch: say which baseline and file
-            tracking.finish_run(config, run_id, "FAILED")
-            raise BaselineError(f"baselines {b.name}: {b.arch} from {b.weights}: {type(e).__name__}: {e}") from e
-        tracking.log_batch(config, run_id, params={"kind": b.kind, "arch": b.arch, "weights": b.weights,
-                                                   "weights_hash": meta["weights_hash"],
-                                                   "small_input": meta["small_input"],
-                                                   "input_mean": meta["input_mean"], "input_std": meta["input_std"]})
+        with tracking.ended_on_error(config, run_id):  # FAILED on an error, KILLED on Ctrl-C
+            try:
+                meta = build_pretrained(config, b, final, key)
+            except BaselineError:
+                raise
+            except Exception as e:  # the weights do not fit the arch: say which baseline and file
+                raise BaselineError(f"baselines {b.name}: {b.arch} from {b.weights}: {type(e).__name__}: "
+                                    f"{e}") from e
+            tracking.log_batch(config, run_id, params={"kind": b.kind, "arch": b.arch, "weights": b.weights,
+                                                       "weights_hash": meta["weights_hash"],
+                                                       "small_input": meta["small_input"],
+                                                       "input_mean": meta["input_mean"],
+                                                       "input_std": meta["input_std"]})
         tracking.finish_run(config, run_id)
         say(f"baselines {b.name}: {b.arch} weights from {b.weights} saved to {final}")
         return str(final)
