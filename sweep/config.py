@@ -845,8 +845,9 @@ def apply_override(raw: dict, assignment: str) -> None:
             if node.get(part) is None:
                 node[part] = {}
             node = node[part]
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"--set {key}: {where} is a value, not a section")
+        # a list item too (`extract.encoders.0` is a name): setting a key in it failed with a TypeError
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {key}: {where} is a value, not a section")
     last = parts[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):

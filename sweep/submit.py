@@ -72,7 +72,6 @@ def check_job_storage(config) -> None:
     """A job runs in Ray's temporary copy of the working directory: a relative storage (the default
     `runs/<name>` included) or SQLite tracking path would put the study there, lost at the next submit (a new
     copy) or head restart, and out of `sweep best`'s reach. ConfigError naming the key."""
-    from sweep.config import ConfigError
     from sweep.storage import is_remote
     from sweep.tracking import configured_uri
 

@@ -821,6 +821,24 @@ def test_simclr_reads_no_label_and_resumes_exactly(ray_local, write_pipeline, tm
     assert len(_runs(cfg2, "ssl")) == 1  # the resumed training kept its MLflow run
 
 
+@pytest.mark.ray
+def test_the_lr_schedule_counts_the_steps_an_epoch_trains(ray_local, write_pipeline):
+    """The warm-up + cosine schedule ends at lr 0 after the last step. Its length was counted from
+    floor(images / workers) in batches of any size, but a worker trains ceil(images / workers) images (the
+    equal parts of `train_datasets`) and skips a last batch of one: 61 images on one worker at 30 a batch
+    train 2 steps an epoch (30, 30, a skipped 1) where 3 were counted, and the run ended at lr 0.25 x peak."""
+    spec = {"name": "ssl", "kind": "simclr", "arch": "resnet18", "epochs": 1, "batch_size": 30, "lr": 2.0e-3}
+    cfg = load_config(write_pipeline(baselines=[spec], pretrain={"workers": 1}))
+    meta = json.loads(open(f"{baselines.run(cfg)['ssl']}/baseline.json").read())
+    assert meta["history"][-1]["step"] == 2
+    assert meta["history"][-1]["lr"] == 0.0
+    for n, world, batch in [(61, 1, 30), (61, 1, 60), (61, 2, 16), (65, 2, 32), (66, 2, 32), (67, 2, 32),
+                            (2, 1, 64), (1, 1, 64), (100, 3, 8)]:
+        part = -(-n // world)  # `train_datasets`: equal parts, the first images repeated
+        trained = sum(1 for i in range(0, part, batch) if min(batch, part - i) >= 2)
+        assert baselines.steps_per_epoch(n, world, batch, ordered=True) == max(1, trained), (n, world, batch)
+
+
 @pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
 def test_an_interrupted_baselines_stage_ends_its_parent_run_killed(write_pipeline, monkeypatch, error, status):
     """Ctrl-C during the baselines ends the stage's parent run KILLED, as a baseline's own run and every other
@@ -839,4 +857,28 @@ def test_an_interrupted_baselines_stage_ends_its_parent_run_killed(write_pipelin
         baselines.run(config)
     runs = tracking.client_for(config).search_runs([tracking.ensure_experiment(config)],
                                                    f"tags.`{tracking.TAG_STAGE}` = 'baselines'")
+    assert [r.info.status for r in runs] == [status]
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
+def test_a_pretrained_baseline_stopped_while_saved_ends_its_run(write_pipeline, tmp_path, monkeypatch, error,
+                                                                 status):
+    """A pretrained baseline's own run ends KILLED on Ctrl-C while its weights are loaded and saved (seconds
+    for a large file: hashed, read, written), FAILED on an error, as a trained baseline's run: Ctrl-C left it
+    RUNNING (its error handling caught Exception only)."""
+    from sweep import tracking
+
+    weights = tmp_path / "r18.pth"
+    torch.save(build_resnet("resnet18", num_classes=0).state_dict(), weights)
+    config = load_config(write_pipeline(baselines=[{"name": "pre", "kind": "pretrained", "arch": "resnet18",
+                                                     "weights": str(weights)}]))
+
+    def stopped(*args, **kwargs):
+        raise error("stopped")
+
+    monkeypatch.setattr(baselines, "write_final", stopped)
+    with pytest.raises((error, baselines.BaselineError)):
+        baselines.run(config)
+    runs = tracking.client_for(config).search_runs([tracking.ensure_experiment(config)],
+                                                   f"tags.`{tracking.TAG_BASELINE}` = 'pre'")
     assert [r.info.status for r in runs] == [status]

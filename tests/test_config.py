@@ -344,6 +344,14 @@ def test_overrides_parse_yaml_values_and_index_lists():
         apply_override(raw, "lst.7.x=1")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_override(raw, "novalue")
+    # a list item that is a value, not a section: a TypeError or AttributeError (exit 1, naming no key)
+    raw = {"extract": {"encoders": ["diffusion"]}, "n": [[1]]}
+    for assignment, where in [("extract.encoders.0.name=x", "extract.encoders.0"),
+                              ("extract.encoders.0.name.y=x", "extract.encoders.0"), ("n.0.0.z=1", "n.0.0")]:
+        with pytest.raises(ConfigError, match=re.escape(f"{where} is a value, not a section")):
+            apply_override(raw, assignment)
+    apply_override(raw, "n.0.0=2")
+    assert raw["n"] == [[2]]
 
 
 def test_config_hash_tracks_results_not_locations(write_pipeline):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -96,11 +97,12 @@ def test_preprocess_reads_images_of_more_bits_on_their_type_range(tmp_path, mode
         assert (x - ref).abs().max() < 0.03 and (x - ref).abs().mean() < 0.005
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "I;16"])
 def test_transparent_pixels_are_white(tmp_path, mode):
     """A real demo image cut out on a transparent background whose pixels are black underneath (as
     segmentation exports write them), saved as PNG: it preprocesses as the cut-out on white. Dropping
-    the alpha, the background was black."""
+    the alpha, the background was black. A 16-bit grey PNG with one transparent value (a tRNS chunk)
+    was composited through Pillow's RGBA conversion, which clips 16-bit values: nearly all white."""
     path = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
     gray = np.asarray(Image.open(path).convert("L"))
     keep = gray < np.median(gray)  # the darker half: the organism, roughly
@@ -110,13 +112,19 @@ def test_transparent_pixels_are_white(tmp_path, mode):
         img = Image.fromarray(np.where(keep, gray // 2 * 2, 1).astype(np.uint8), mode="L").convert("P")
         img.info["transparency"] = 1
         white = Image.fromarray(np.where(keep, gray // 2 * 2, 255).astype(np.uint8))
+    elif mode == "I;16":  # the 8-bit values v as 257 v; 1 (no 8-bit value's) is the transparent one
+        img = Image.fromarray(np.where(keep, gray.astype(np.uint16) * 257, 1).astype(np.uint16))
+        img.info["transparency"] = 1
+        white = Image.fromarray(np.where(keep, gray, 255).astype(np.uint8))
     else:
         img = Image.merge(mode, [Image.fromarray(cut)] * (3 if mode == "RGBA" else 1) + [Image.fromarray(alpha)])
         white = Image.fromarray(np.where(keep, gray, 255).astype(np.uint8))
     img.save(tmp_path / "cut.png")
     for channels in (1, 3):
         x = preprocess(Image.open(tmp_path / "cut.png"), 32, channels)
-        np.testing.assert_allclose(x.numpy(), preprocess(white, 32, channels).numpy(), atol=1e-6)
+        # a 16-bit image is resized unrounded, the 8-bit one in whole values (as in the test above)
+        np.testing.assert_allclose(x.numpy(), preprocess(white, 32, channels).numpy(),
+                                   atol=0.03 if mode == "I;16" else 1e-6)
         assert x[:, 0, 0].min() == 1.0  # the corner: background, white
 
 
@@ -265,6 +273,21 @@ def test_manifest_source(tmp_path, write_pipeline):
                                            "train": {"source": "manifest", "path": str(tmp_path / "m.csv")}}))
     t = build_table(cfg)
     assert len(t.frame) == 105 and len(t.classes) == 6
+
+
+def test_parquet_manifest_with_a_pandas_index_keeps_each_path_with_its_label(tmp_path, write_pipeline):
+    """A Parquet manifest written by pandas from a shuffled or filtered frame stores its index, which
+    read_parquet restores: the scan paired the paths, in file order, with the ids and labels by index
+    label, so every image was read under another image's id and label (filtered: a ValueError)."""
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    frame = pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files]})
+    for name, manifest in (("shuffled", frame.sample(frac=1, random_state=0)), ("filtered", frame.iloc[5:])):
+        manifest.to_parquet(tmp_path / f"{name}.parquet")  # index stored with the rows
+        t = build_table(load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+            "source": "manifest", "path": str(tmp_path / f"{name}.parquet")}})))
+        assert len(t.frame) == len(manifest)
+        assert (t.frame["path"] == t.frame["image_id"]).all()  # absolute paths: the id is the path itself
+        assert [t.classes[label] for label in t.frame["label"]] == [Path(p).parent.name for p in t.frame["path"]]
 
 
 def test_manifest_split_column(tmp_path, write_pipeline):

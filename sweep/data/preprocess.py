@@ -31,9 +31,13 @@ WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I"
 
 
 def _wide_to_float(image: Image.Image) -> Image.Image:
-    """A single-channel image of more than 8 bits as a float ("F") image on the 8-bit scale [0, 255]."""
-    a = np.asarray(image).astype(np.float32)
-    a = np.clip(a * np.float32(255.0 / WIDE_MODES[image.mode]), np.float32(0.0), np.float32(255.0))
+    """A single-channel image of more than 8 bits as a float ("F") image on the 8-bit scale [0, 255]; the
+    pixels of its transparent value (a 16-bit PNG's tRNS chunk), if any, white."""
+    raw = np.asarray(image)
+    a = np.clip(raw.astype(np.float32) * np.float32(255.0 / WIDE_MODES[image.mode]), np.float32(0.0),
+                np.float32(255.0))
+    if isinstance(image.info.get("transparency"), (int, float)):
+        a[raw == image.info["transparency"]] = np.float32(255.0)
     return Image.fromarray(a, mode="F")
 
 
@@ -59,11 +63,12 @@ def preprocess_array(image: Image.Image, size: int, channels: int) -> np.ndarray
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        # transparent pixels keep whatever colour their writer left (often black): composite on white, as
-        # Hugging Face's image processors do, rather than let that colour become the background
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
     wide = image.mode in WIDE_MODES  # kept single-channel float here; copied to 3 channels at the end
+    if not wide and (image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info):
+        # transparent pixels keep whatever colour their writer left (often black): composite on white, as
+        # Hugging Face's image processors do, rather than let that colour become the background (a wide
+        # image's transparent value is made white by `_wide_to_float`: RGBA would clip its values to 8 bits)
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
     image = _wide_to_float(image) if wide else image.convert("L" if channels == 1 else "RGB")
     w, h = image.size
     side = max(w, h)

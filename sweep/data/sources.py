@@ -134,7 +134,9 @@ def _read_manifest(path: Path, where: str) -> pd.DataFrame:
             table = pd.read_parquet(path)
         except Exception as e:  # noqa: BLE001 - pyarrow's errors: not a Parquet file, truncated, ...
             raise ConfigError(f"{where}.path: manifest {path} is not a readable Parquet file: {e}") from None
-        table = table.astype(object).where(table.notna(), "").astype(str)
+        # row positions, not the index pandas stores with a frame it wrote (a shuffled or filtered one's
+        # labels are out of order): the scan pairs columns it derives by position
+        table = table.astype(object).where(table.notna(), "").astype(str).reset_index(drop=True)
     elif suffix in (".csv", ".tsv"):
         try:
             table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,

@@ -106,8 +106,7 @@ def unknown_module_error(model: nn.Module, bad: str) -> UnknownLayerError:
     elif bad.startswith("layer") and type(model).__name__ == "UNet2DModel":
         hint = " (a ResNet baseline's layers go in baselines[].layers)"
     return UnknownLayerError(f"unknown layer {bad!r}: not a module path of {type(model).__name__}; e.g. "
-                             f"{', '.join(near)}"
-                      f"{hint}")
+                             f"{', '.join(near)}{hint}")
 
 
 class PooledFeatureHooks:

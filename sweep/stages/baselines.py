@@ -307,6 +307,15 @@ def _evaluate(model, rows: _EvalRows, num_classes: int, device, world: int, use_
     return out
 
 
+def steps_per_epoch(n_train: int, world: int, batch_size: int, ordered: bool) -> int:
+    """Optimizer steps one worker takes in an epoch (what the lr schedule and the progress count): its part is
+    ceil(n_train / world) images with the fixed split of `train_datasets` (the first images repeated), about
+    n_train // world streamed; in batches of `batch_size`, a last batch of one skipped (`train_loop`)."""
+    part = -(-n_train // world) if ordered else n_train // world
+    full, rest = divmod(part, batch_size)
+    return max(1, full + (rest >= 2))
+
+
 def _lr_lambda(total_steps: int):
     warmup = int(round(WARMUP_FRACTION * total_steps))
 
@@ -355,8 +364,8 @@ def train_loop(cfg: dict) -> None:
     if use_cuda:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    steps_per_epoch = max(1, math.ceil((cfg["n_train"] // world) / cfg["batch_size"]))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["epochs"] * steps_per_epoch))
+    epoch_steps = steps_per_epoch(cfg["n_train"], world, cfg["batch_size"], cfg.get("ordered_split", False))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["epochs"] * epoch_steps))
     start_epoch, step, history, best = 0, 0, [], None
 
     state = load_checkpoint_state(ray.train.get_checkpoint(), "state.pt", f"baselines {cfg['name']}",
@@ -390,7 +399,7 @@ def train_loop(cfg: dict) -> None:
     select = cfg.get("select", "val_macro_f1")
     # inside an epoch (minutes on CPU cores for tens of thousands of images), a line at most every
     # PROGRESS_SECONDS; the steps are those the lr schedule counts
-    progress = Progress(f"baselines {cfg['name']}", cfg["epochs"] * steps_per_epoch, "steps", final=False) \
+    progress = Progress(f"baselines {cfg['name']}", cfg["epochs"] * epoch_steps, "steps", final=False) \
         if rank == 0 else None
 
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -630,18 +639,19 @@ def run_baseline(config: PipelineConfig, b: BaselineConfig, get_table, get_paren
                      f"delete them to extract again)" if exists(features) else "")
             say(f"baselines {b.name}: {final} was made from other weights or settings; rebuilding it{stale}")
         run_id = _start_run(config, b, key, get_parent())
-        try:
-            meta = build_pretrained(config, b, final, key)
-        except BaselineError:
-            tracking.finish_run(config, run_id, "FAILED")
-            raise
-        except Exception as e:  # the weights do not fit the arch: say which baseline and file
-            tracking.finish_run(config, run_id, "FAILED")
-            raise BaselineError(f"baselines {b.name}: {b.arch} from {b.weights}: {type(e).__name__}: {e}") from e
-        tracking.log_batch(config, run_id, params={"kind": b.kind, "arch": b.arch, "weights": b.weights,
-                                                   "weights_hash": meta["weights_hash"],
-                                                   "small_input": meta["small_input"],
-                                                   "input_mean": meta["input_mean"], "input_std": meta["input_std"]})
+        with tracking.ended_on_error(config, run_id):  # FAILED on an error, KILLED on Ctrl-C
+            try:
+                meta = build_pretrained(config, b, final, key)
+            except BaselineError:
+                raise
+            except Exception as e:  # the weights do not fit the arch: say which baseline and file
+                raise BaselineError(f"baselines {b.name}: {b.arch} from {b.weights}: {type(e).__name__}: "
+                                    f"{e}") from e
+            tracking.log_batch(config, run_id, params={"kind": b.kind, "arch": b.arch, "weights": b.weights,
+                                                       "weights_hash": meta["weights_hash"],
+                                                       "small_input": meta["small_input"],
+                                                       "input_mean": meta["input_mean"],
+                                                       "input_std": meta["input_std"]})
         tracking.finish_run(config, run_id)
         say(f"baselines {b.name}: {b.arch} weights from {b.weights} saved to {final}")
         return str(final)
