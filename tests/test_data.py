@@ -120,6 +120,24 @@ def test_transparent_pixels_are_white(tmp_path, mode):
         assert x[:, 0, 0].min() == 1.0  # the corner: background, white
 
 
+def test_a_16_bit_png_with_a_transparent_value_keeps_its_grey_levels(tmp_path):
+    """A 16-bit greyscale PNG with a tRNS chunk (one grey value transparent) reads as the 8-bit image with
+    that value's pixels white. Composited through Pillow's RGBA conversion, which clips 16-bit values to
+    255, every pixel came out white."""
+    path = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
+    gray = np.asarray(Image.open(path).convert("L"))
+    corner = gray[0, 0]
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "trns16.png", transparency=int(corner) * 257)
+    with Image.open(tmp_path / "trns16.png") as reread:
+        assert reread.mode == "I;16" and reread.info["transparency"] == int(corner) * 257
+    white = Image.fromarray(np.where(gray == corner, 255, gray).astype(np.uint8))
+    assert (gray != corner).mean() > 0.3  # most of the image is not the transparent value
+    for channels in (1, 3):
+        x = preprocess(Image.open(tmp_path / "trns16.png"), 32, channels)
+        ref = preprocess(white, 32, channels)
+        assert (x - ref).abs().max() < 0.03 and (x - ref).abs().mean() < 0.005
+
+
 def test_decode_rows_reports_bad_images(tmp_path):
     good = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
     truncated = tmp_path / "trunc.jpg"

@@ -31,9 +31,14 @@ WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I"
 
 
 def _wide_to_float(image: Image.Image) -> Image.Image:
-    """A single-channel image of more than 8 bits as a float ("F") image on the 8-bit scale [0, 255]."""
-    a = np.asarray(image).astype(np.float32)
-    a = np.clip(a * np.float32(255.0 / WIDE_MODES[image.mode]), np.float32(0.0), np.float32(255.0))
+    """A single-channel image of more than 8 bits as a float ("F") image on the 8-bit scale [0, 255]; the
+    pixels of a transparent value (a 16-bit PNG's tRNS chunk) white, as transparent pixels are."""
+    raw = np.asarray(image)
+    a = np.clip(raw.astype(np.float32) * np.float32(255.0 / WIDE_MODES[image.mode]), np.float32(0.0),
+                np.float32(255.0))
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+        a[raw == transparent] = np.float32(255.0)
     return Image.fromarray(a, mode="F")
 
 
@@ -59,11 +64,12 @@ def preprocess_array(image: Image.Image, size: int, channels: int) -> np.ndarray
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    wide = image.mode in WIDE_MODES  # kept single-channel float here; copied to 3 channels at the end
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or ("transparency" in image.info and not wide):
         # transparent pixels keep whatever colour their writer left (often black): composite on white, as
         # Hugging Face's image processors do, rather than let that colour become the background
+        # (not a wide image: Pillow's RGBA conversion clips its values to 255, all white; `_wide_to_float`)
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
-    wide = image.mode in WIDE_MODES  # kept single-channel float here; copied to 3 channels at the end
     image = _wide_to_float(image) if wide else image.convert("L" if channels == 1 else "RGB")
     w, h = image.size
     side = max(w, h)
