@@ -138,6 +138,25 @@ def test_a_16_bit_png_with_a_transparent_value_keeps_its_grey_levels(tmp_path):
         assert (x - ref).abs().max() < 0.03 and (x - ref).abs().mean() < 0.005
 
 
+def test_a_float_image_with_nan_pixels_is_an_unreadable_image(tmp_path):
+    """A float TIFF with NaN pixels (masked pixels of a processed image) is a bad image that decode_rows
+    reports, naming the NaN: it decoded to a tensor holding NaN (16 of 1,024 values for 1 NaN pixel of 40 x
+    40, spread by resizing), which trains a U-Net to NaN and gives NaN features. Infinite values are out of
+    range and clipped, as other values outside [0, 1] are."""
+    a = np.random.default_rng(0).random((40, 40), dtype=np.float32)
+    nan = a.copy()
+    nan[5, 5] = np.nan
+    inf = a.copy()
+    inf[5, 5], inf[6, 6] = np.inf, -np.inf
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    Image.fromarray(inf).save(tmp_path / "inf.tif")
+    images, errors = decode_rows([str(tmp_path / "nan.tif"), str(tmp_path / "inf.tif")], [-1, -1], 32, 1)
+    assert "NaN" in errors[0] and not images[0].any()
+    assert errors[1] == "" and np.isfinite(images[1]).all()
+    clipped = np.clip(inf, 0, 1)
+    np.testing.assert_allclose(images[1], preprocess(Image.fromarray(clipped), 32, 1).numpy(), atol=1e-6)
+
+
 def test_decode_rows_reports_bad_images(tmp_path):
     good = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
     truncated = tmp_path / "trunc.jpg"

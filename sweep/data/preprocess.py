@@ -34,6 +34,8 @@ def _wide_to_float(image: Image.Image) -> Image.Image:
     """A single-channel image of more than 8 bits as a float ("F") image on the 8-bit scale [0, 255]; the
     pixels of a transparent value (a 16-bit PNG's tRNS chunk) white, as transparent pixels are."""
     raw = np.asarray(image)
+    if raw.dtype.kind == "f" and np.isnan(raw).any():  # clipping keeps NaN, and resizing spreads it
+        raise ValueError(f"{int(np.isnan(raw).sum())} pixel(s) of this float image are NaN: no grey level to read")
     a = np.clip(raw.astype(np.float32) * np.float32(255.0 / WIDE_MODES[image.mode]), np.float32(0.0),
                 np.float32(255.0))
     transparent = image.info.get("transparency")
