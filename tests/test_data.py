@@ -281,14 +281,14 @@ def test_ood_unknown_classes_counted_and_excluded(tmp_path, write_pipeline):
     assert t.excluded == {"shifted": {"Unheard_of": 4}}
     # labels are matched by name to the training classes
     assert sorted(o["label"].tolist()) == sorted([t.classes.index("Tripos")] * 3 + [t.classes.index("Ciliophora")] * 2)
-    assert "4 image(s) of 1 class(es) unknown to training left out" in t.summary()
+    assert "4 image(s) of 1 class(es) unknown to training left out: Unheard_of 4" in t.summary()
     assert "match exactly" not in t.summary()
     # a folder named as a training class but for its case is left out, and the summary says why
     (ood / "Tripos").rename(ood / "tripos")
     t = build_table(cfg)
     assert t.excluded == {"shifted": {"Unheard_of": 4, "tripos": 3}}
-    assert "7 image(s) of 2 class(es) unknown to training left out (class names match exactly: 'tripos' is not " \
-           "'Tripos')" in t.summary()
+    assert "7 image(s) of 2 class(es) unknown to training left out: Unheard_of 4, tripos 3 (class names match " \
+           "exactly: 'tripos' is not 'Tripos')" in t.summary()
     (ood / "Ciliophora").rename(ood / "CILIOPHORA")
     with pytest.raises(ConfigError, match="no image of 'shifted' belongs to a training class.*'tripos' is not"):
         build_table(cfg)
@@ -323,6 +323,11 @@ def test_manifest_split_column(tmp_path, write_pipeline):
     split = dict(zip(t.frame["image_id"], t.frame["split"]))
     assert [split[p] for p in manifest["path"][given == "test"]] == ["test"] * 35
     assert {split[p] for p in manifest["path"][given != "test"]} == {"train", "val"}
+    # a class whose rows are all val or test cannot be predicted: left out, and the summary names it
+    only_val = manifest.assign(split=np.where(manifest["label"] == "Tripos", "val", given))
+    t = table(only_val)
+    assert "Tripos" not in t.classes and t.excluded == {"main": {"Tripos": 13}}
+    assert "main: 13 image(s) of 1 class(es) unknown to training left out: Tripos 13" in t.summary()
     for bad, why in [(np.where(given == "val", "validation", given), "column split holds ['validation']"),
                      (np.where(given == "train", None, given), "column split holds ['(empty)']"),
                      (np.where(given == "train", "val", given), "names no train image")]:
