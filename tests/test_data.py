@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -302,6 +303,31 @@ def test_manifest_source(tmp_path, write_pipeline):
                                            "train": {"source": "manifest", "path": str(tmp_path / "m.csv")}}))
     t = build_table(cfg)
     assert len(t.frame) == 105 and len(t.classes) == 6
+
+
+def test_manifest_paths_written_on_windows_are_read(tmp_path, write_pipeline):
+    """A manifest made on Windows names its files with backslashes ('images\\Tripos\\a.jpg'): each is read
+    as the file of that path with '/' (every one was missing: 'FileNotFoundError'); its image id stays as
+    written. A file whose name holds a backslash is still read as named."""
+    import shutil
+
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    for f in files:
+        (tmp_path / "images" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tmp_path / "images" / f.parent.name / f.name)
+    odd = tmp_path / "images" / "Tripos" / "odd\\name.jpg"  # a backslash in a Linux file name
+    shutil.copy(files[0], odd)
+    rows = [(f"images\\{f.parent.name}\\{f.name}", f.parent.name) for f in files] + [
+        ("images/Tripos/odd\\name.jpg", "Tripos")]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(tmp_path / "m.csv", index=False)
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1,
+                                           "train": {"source": "manifest", "path": str(tmp_path / "m.csv")}}))
+    t = build_table(cfg)
+    assert len(t.frame) == 106
+    assert all(Path(p).is_file() for p in t.frame["path"]), t.frame["path"].head()
+    by_id = dict(zip(t.frame["image_id"], t.frame["path"]))
+    assert by_id[rows[0][0]] == str(tmp_path / "images" / files[0].parent.name / files[0].name)
+    assert by_id["images/Tripos/odd\\name.jpg"] == str(odd)
 
 
 def test_manifest_split_column(tmp_path, write_pipeline):
