@@ -164,9 +164,13 @@ def test_decode_rows_reports_bad_images(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200])
     fake = tmp_path / "fake.jpg"
     fake.write_text("this is not a jpeg")
-    images, errors = decode_rows([str(good), str(truncated), str(fake), str(tmp_path / "gone.jpg")], [-1] * 4, 16, 1)
+    empty = tmp_path / "empty.jpg"  # a copy that never finished: Pillow's error alone does not say so
+    empty.write_bytes(b"")
+    images, errors = decode_rows([str(good), str(truncated), str(fake), str(tmp_path / "gone.jpg"), str(empty)],
+                                 [-1] * 5, 16, 1)
     assert errors[0] == "" and all(errors[1:])
     assert "FileNotFoundError" in errors[3]
+    assert errors[4].startswith("empty file (0 bytes): UnidentifiedImageError") and "empty" not in errors[2]
     assert np.abs(images[0]).sum() > 0 and not images[1:].any()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -105,7 +106,17 @@ def decode_rows(paths, indices, size: int, channels: int) -> tuple[np.ndarray, l
             out[i] = preprocess_array(load_image(str(path), int(index)), size, channels)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image, not a bad job
             errors[i] = f"{type(e).__name__}: {e}".strip()[:300] or type(e).__name__
+            if int(index) < 0 and _empty(str(path)):  # Pillow says only "cannot identify image file"
+                errors[i] = f"empty file (0 bytes): {errors[i]}"[:300]
     return out, errors
+
+
+def _empty(path: str) -> bool:
+    """A file of 0 bytes (a copy or download that never finished)."""
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False
 
 
 def unreadable_rows(rows, size: int, channels: int) -> list[tuple[str, str]]:
