@@ -222,6 +222,22 @@ def sample_images(config: PipelineConfig, table) -> tuple[int, list[tuple[str, s
     return sampled, unreadable, flat
 
 
+def missing_files(config: PipelineConfig, table) -> dict[str, list[str]]:
+    """Dataset key -> the files its manifest lists that do not exist, every row checked (a stat each): the
+    sample `sample_images` decodes misses a few missing files among many, which extract stops on after
+    the training stages have run. An image folder lists only files it found."""
+    datasets = [("data.train", config.data.train)] + [(f"data.ood[{i}] ({d.name!r})", d)
+                                                      for i, d in enumerate(config.data.ood)]
+    out = {}
+    for key, spec in datasets:
+        if spec.source == "manifest":
+            rows = table.frame[table.frame["domain"] == spec.name]
+            gone = [path for path in rows["path"] if not os.path.isfile(path)]
+            if gone:
+                out[key] = gone
+    return out
+
+
 def cmd_validate(config: PipelineConfig) -> None:
     from sweep.data.table import build_table, data_warnings
     from sweep.encoders.checks import check_encoder_settings
@@ -243,14 +259,20 @@ def cmd_validate(config: PipelineConfig) -> None:
              if unreadable else " (the stages skip, count and list any they meet)"))
     for warning in flat:
         print(f"  images: warning: {warning}")
+    missing = missing_files(config, table)
+    for key, gone in missing.items():
+        print(f"  images: warning: {key}: {len(gone):,} of the files its manifest lists do not exist (e.g. "
+              f"{gone[0]}); the stages skip them as unreadable")
     total, allowed = len(table.frame), config.extract.max_bad_fraction
-    if len(unreadable) > allowed * sampled:
-        # the sample's unreadable files are there whatever the rest holds: past the limit of all the images
-        # extract stops; below it the sample only estimates (1 bad file of 64 sampled from 481 is 2 % of the
-        # sample but 0.2 % of the images, which extract allows)
-        certain = len(unreadable) > allowed * total
-        print(f"  images: warning: {len(unreadable) / sampled:.0%} of the sample is unreadable, more than "
-              f"extract.max_bad_fraction={allowed} allows: extract "
+    # the sample's unreadable files and the missing ones are there whatever the rest holds: past the limit of
+    # all the images extract stops; below it the sample only estimates (1 bad file of 64 sampled from 481 is
+    # 2 % of the sample but 0.2 % of the images, which extract allows)
+    known = len({f for f, _ in unreadable} | {f for gone in missing.values() for f in gone})
+    if len(unreadable) > allowed * sampled or known > allowed * total:
+        certain = known > allowed * total
+        what = (f"{len(unreadable) / sampled:.0%} of the sample is unreadable" if len(unreadable) > allowed * sampled
+                else f"{known:,} of the {total:,} images are missing or unreadable")
+        print(f"  images: warning: {what}, more than extract.max_bad_fraction={allowed} allows: extract "
               + ("would stop" if certain else
                  f"may stop (it allows {int(allowed * total):,} of the {total:,} images; the sample cannot tell)")
               + " (fix or remove the files, or raise the fraction)")

@@ -102,6 +102,32 @@ def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
     assert "gone-" in err and "FileNotFoundError" in err
 
 
+def test_validate_counts_every_missing_file_a_manifest_lists(tmp_path, capsys):
+    """A manifest listing 3 files that do not exist among 101 images: the 32 decoded for the sample may miss
+    them all (they did: 'valid', '0 of 32 sampled unreadable'), and extract stopped on them after the
+    training stages had run. validate checks every listed file: it counts them, names one, and says extract
+    would stop (3 of 101 is more than max_bad_fraction 0.01 allows)."""
+    demo = Path("sweep/data/demo/plankton-flowcam-demo/images").resolve()
+    files = sorted(demo.glob("*/*.jpg"))[:98]
+    gone = [tmp_path / f"gone-{i}.jpg" for i in range(3)]
+    manifest = tmp_path / "images.csv"
+    manifest.write_text("path,label\n" + "".join(f"{f},{f.parent.name}\n" for f in files)
+                        + "".join(f"{f},Tripos\n" for f in gone))
+
+    def validate(*overrides) -> str:
+        assert main(["validate", "pipelines/demo.yaml", "--set", "data.train.source=manifest",
+                     "--set", f"data.train.path={manifest}", "--set", f"storage={tmp_path / 'store'}",
+                     *overrides]) == 0
+        return capsys.readouterr().out
+
+    out = validate()
+    assert "images: warning: data.train: 3 of the files its manifest lists do not exist (e.g. " \
+           f"{gone[0]}); the stages skip them as unreadable" in out, out
+    assert "more than extract.max_bad_fraction=0.01 allows: extract would stop" in out, out
+    out = validate("--set", "extract.max_bad_fraction=0.05")
+    assert "3 of the files its manifest lists do not exist" in out and "extract would stop" not in out, out
+
+
 @pytest.mark.parametrize(
     "override, key, why",
     [

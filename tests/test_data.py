@@ -128,15 +128,38 @@ def test_transparent_pixels_are_white(tmp_path, mode):
         assert x[:, 0, 0].min() == 1.0  # the corner: background, white
 
 
+def test_a_float_image_with_nan_pixels_is_an_unreadable_image(tmp_path):
+    """A float TIFF with NaN pixels (masked pixels of a processed image) is a bad image that decode_rows
+    reports, naming the NaN: it decoded to a tensor holding NaN (16 of 1,024 values for 1 NaN pixel of 40 x
+    40, spread by resizing), which trains a U-Net to NaN and gives NaN features. Infinite values are out of
+    range and clipped, as other values outside [0, 1] are."""
+    a = np.random.default_rng(0).random((40, 40), dtype=np.float32)
+    nan = a.copy()
+    nan[5, 5] = np.nan
+    inf = a.copy()
+    inf[5, 5], inf[6, 6] = np.inf, -np.inf
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    Image.fromarray(inf).save(tmp_path / "inf.tif")
+    images, errors = decode_rows([str(tmp_path / "nan.tif"), str(tmp_path / "inf.tif")], [-1, -1], 32, 1)
+    assert "NaN" in errors[0] and not images[0].any()
+    assert errors[1] == "" and np.isfinite(images[1]).all()
+    clipped = np.clip(inf, 0, 1)
+    np.testing.assert_allclose(images[1], preprocess(Image.fromarray(clipped), 32, 1).numpy(), atol=1e-6)
+
+
 def test_decode_rows_reports_bad_images(tmp_path):
     good = next(iter(sorted((DEMO_IMAGES / "Tripos").glob("*.jpg"))))
     truncated = tmp_path / "trunc.jpg"
     truncated.write_bytes(good.read_bytes()[:200])
     fake = tmp_path / "fake.jpg"
     fake.write_text("this is not a jpeg")
-    images, errors = decode_rows([str(good), str(truncated), str(fake), str(tmp_path / "gone.jpg")], [-1] * 4, 16, 1)
+    empty = tmp_path / "empty.jpg"  # a copy that never finished: Pillow's error alone does not say so
+    empty.write_bytes(b"")
+    images, errors = decode_rows([str(good), str(truncated), str(fake), str(tmp_path / "gone.jpg"), str(empty)],
+                                 [-1] * 5, 16, 1)
     assert errors[0] == "" and all(errors[1:])
     assert "FileNotFoundError" in errors[3]
+    assert errors[4].startswith("empty file (0 bytes): UnidentifiedImageError") and "empty" not in errors[2]
     assert np.abs(images[0]).sum() > 0 and not images[1:].any()
 
 
@@ -252,14 +275,14 @@ def test_ood_unknown_classes_counted_and_excluded(tmp_path, write_pipeline):
     assert t.excluded == {"shifted": {"Unheard_of": 4}}
     # labels are matched by name to the training classes
     assert sorted(o["label"].tolist()) == sorted([t.classes.index("Tripos")] * 3 + [t.classes.index("Ciliophora")] * 2)
-    assert "4 image(s) of 1 class(es) unknown to training left out" in t.summary()
+    assert "4 image(s) of 1 class(es) unknown to training left out: Unheard_of 4" in t.summary()
     assert "match exactly" not in t.summary()
     # a folder named as a training class but for its case is left out, and the summary says why
     (ood / "Tripos").rename(ood / "tripos")
     t = build_table(cfg)
     assert t.excluded == {"shifted": {"Unheard_of": 4, "tripos": 3}}
-    assert "7 image(s) of 2 class(es) unknown to training left out (class names match exactly: 'tripos' is not " \
-           "'Tripos')" in t.summary()
+    assert "7 image(s) of 2 class(es) unknown to training left out: Unheard_of 4, tripos 3 (class names match " \
+           "exactly: 'tripos' is not 'Tripos')" in t.summary()
     (ood / "Ciliophora").rename(ood / "CILIOPHORA")
     with pytest.raises(ConfigError, match="no image of 'shifted' belongs to a training class.*'tripos' is not"):
         build_table(cfg)
@@ -290,6 +313,31 @@ def test_parquet_manifest_with_a_pandas_index_keeps_each_path_with_its_label(tmp
         assert [t.classes[label] for label in t.frame["label"]] == [Path(p).parent.name for p in t.frame["path"]]
 
 
+def test_manifest_paths_written_on_windows_are_read(tmp_path, write_pipeline):
+    """A manifest made on Windows names its files with backslashes ('images\\Tripos\\a.jpg'): each is read
+    as the file of that path with '/' (every one was missing: 'FileNotFoundError'); its image id stays as
+    written. A file whose name holds a backslash is still read as named."""
+    import shutil
+
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    for f in files:
+        (tmp_path / "images" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tmp_path / "images" / f.parent.name / f.name)
+    odd = tmp_path / "images" / "Tripos" / "odd\\name.jpg"  # a backslash in a Linux file name
+    shutil.copy(files[0], odd)
+    rows = [(f"images\\{f.parent.name}\\{f.name}", f.parent.name) for f in files] + [
+        ("images/Tripos/odd\\name.jpg", "Tripos")]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(tmp_path / "m.csv", index=False)
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1,
+                                           "train": {"source": "manifest", "path": str(tmp_path / "m.csv")}}))
+    t = build_table(cfg)
+    assert len(t.frame) == 106
+    assert all(Path(p).is_file() for p in t.frame["path"]), t.frame["path"].head()
+    by_id = dict(zip(t.frame["image_id"], t.frame["path"]))
+    assert by_id[rows[0][0]] == str(tmp_path / "images" / files[0].parent.name / files[0].name)
+    assert by_id["images/Tripos/odd\\name.jpg"] == str(odd)
+
+
 def test_manifest_split_column(tmp_path, write_pipeline):
     """A manifest's `split` column: train/val/test kept row by row; train/test keeps the test set and draws
     val from train; anything else is a config error naming the file and the values."""
@@ -309,6 +357,11 @@ def test_manifest_split_column(tmp_path, write_pipeline):
     split = dict(zip(t.frame["image_id"], t.frame["split"]))
     assert [split[p] for p in manifest["path"][given == "test"]] == ["test"] * 35
     assert {split[p] for p in manifest["path"][given != "test"]} == {"train", "val"}
+    # a class whose rows are all val or test cannot be predicted: left out, and the summary names it
+    only_val = manifest.assign(split=np.where(manifest["label"] == "Tripos", "val", given))
+    t = table(only_val)
+    assert "Tripos" not in t.classes and t.excluded == {"main": {"Tripos": 13}}
+    assert "main: 13 image(s) of 1 class(es) unknown to training left out: Tripos 13" in t.summary()
     for bad, why in [(np.where(given == "val", "validation", given), "column split holds ['validation']"),
                      (np.where(given == "train", None, given), "column split holds ['(empty)']"),
                      (np.where(given == "train", "val", given), "names no train image")]:

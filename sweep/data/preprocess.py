@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,12 +33,15 @@ WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I"
 
 def _wide_to_float(image: Image.Image) -> Image.Image:
     """A single-channel image of more than 8 bits as a float ("F") image on the 8-bit scale [0, 255]; the
-    pixels of its transparent value (a 16-bit PNG's tRNS chunk), if any, white."""
+    pixels of a transparent value (a 16-bit PNG's tRNS chunk) white, as transparent pixels are."""
     raw = np.asarray(image)
+    if raw.dtype.kind == "f" and np.isnan(raw).any():  # clipping keeps NaN, and resizing spreads it
+        raise ValueError(f"{int(np.isnan(raw).sum())} pixel(s) of this float image are NaN: no grey level to read")
     a = np.clip(raw.astype(np.float32) * np.float32(255.0 / WIDE_MODES[image.mode]), np.float32(0.0),
                 np.float32(255.0))
-    if isinstance(image.info.get("transparency"), (int, float)):
-        a[raw == image.info["transparency"]] = np.float32(255.0)
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+        a[raw == transparent] = np.float32(255.0)
     return Image.fromarray(a, mode="F")
 
 
@@ -64,10 +68,10 @@ def preprocess_array(image: Image.Image, size: int, channels: int) -> np.ndarray
         raise ValueError(f"size must be positive, got {size}")
     image = ImageOps.exif_transpose(image)
     wide = image.mode in WIDE_MODES  # kept single-channel float here; copied to 3 channels at the end
-    if not wide and (image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or ("transparency" in image.info and not wide):
         # transparent pixels keep whatever colour their writer left (often black): composite on white, as
-        # Hugging Face's image processors do, rather than let that colour become the background (a wide
-        # image's transparent value is made white by `_wide_to_float`: RGBA would clip its values to 8 bits)
+        # Hugging Face's image processors do, rather than let that colour become the background
+        # (not a wide image: Pillow's RGBA conversion clips its values to 255, all white; `_wide_to_float`)
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
     image = _wide_to_float(image) if wide else image.convert("L" if channels == 1 else "RGB")
     w, h = image.size
@@ -102,7 +106,17 @@ def decode_rows(paths, indices, size: int, channels: int) -> tuple[np.ndarray, l
             out[i] = preprocess_array(load_image(str(path), int(index)), size, channels)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image, not a bad job
             errors[i] = f"{type(e).__name__}: {e}".strip()[:300] or type(e).__name__
+            if int(index) < 0 and _empty(str(path)):  # Pillow says only "cannot identify image file"
+                errors[i] = f"empty file (0 bytes): {errors[i]}"[:300]
     return out, errors
+
+
+def _empty(path: str) -> bool:
+    """A file of 0 bytes (a copy or download that never finished)."""
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False
 
 
 def unreadable_rows(rows, size: int, channels: int) -> list[tuple[str, str]]:

@@ -166,6 +166,17 @@ def _rows(mask) -> str:
     return ", ".join(rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
+def _windows_path(rel: str, base: Path) -> str:
+    """The file a manifest row names with backslashes, as a manifest made on Windows writes them
+    ('images\\Tripos\\a.jpg'): the path with '/' where no file has the name as written (a backslash
+    is a character of a file name here)."""
+    as_written = rel if Path(rel).is_absolute() else str(base / rel)
+    if os.sep == "\\" or os.path.lexists(as_written):
+        return as_written
+    slashed = rel.replace("\\", "/")
+    return slashed if Path(slashed).is_absolute() else str(base / slashed)
+
+
 def _scan_manifest(path: Path, where: str) -> pd.DataFrame:
     table = _read_manifest(path, where)
     rel = table["path"].str.strip()
@@ -175,7 +186,8 @@ def _scan_manifest(path: Path, where: str) -> pd.DataFrame:
             raise ConfigError(f"{where}.path: manifest {path}: row(s) {_rows(values == '')} (counting data rows "
                               f"from 1) have no {column}")
     base = path.parent  # relative paths are relative to the manifest's folder
-    full = pd.Series([p if Path(p).is_absolute() else str(base / p) for p in rel])
+    full = pd.Series([_windows_path(p, base) if "\\" in p else p if Path(p).is_absolute() else str(base / p)
+                      for p in rel])
     resolved = full.map(os.path.normpath)
     repeated = resolved.duplicated(keep=False)
     if repeated.any():

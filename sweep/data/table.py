@@ -47,7 +47,9 @@ class ImageTable:
         line = f"{len(self.frame)} images, {len(self.classes)} classes ({'; '.join(parts)})"
         for domain, unknown in self.excluded.items():
             n = sum(unknown.values())
-            line += (f"; {domain}: {n} image(s) of {len(unknown)} class(es) unknown to training left out"
+            largest = sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0]))  # which ones: a typo, a class in val only
+            named = ", ".join(f"{c} {k}" for c, k in largest[:5]) + (", ..." if len(largest) > 5 else "")
+            line += (f"; {domain}: {n} image(s) of {len(unknown)} class(es) unknown to training left out: {named}"
                      f"{case_hint(unknown, self.classes)}")
         return line
 
