@@ -557,6 +557,17 @@ class PipelineConfig(_Model):
         if "diffusion" in names:
             raise ValueError("baselines: the name 'diffusion' is reserved for the pretrained U-Net")
         for i, enc in enumerate(self.extract.encoders or []):
+            # kind baseline: a baseline of this pipeline, read from its baselines/<name>/final. A checkpoint
+            # there had to be a diffusers folder to validate, then extract looked in it for baseline.json;
+            # 'diffusion' validated and extract looked for baselines/diffusion
+            if isinstance(enc, EncoderSpec) and enc.kind == "baseline" and enc.checkpoint:
+                raise ValueError(
+                    f"extract.encoders.{i}: checkpoint is for kind diffusion (a diffusers UNet2DModel folder); "
+                    f"a baseline ({enc.name!r}) is read from its own baselines/{enc.name}/final: leave out "
+                    f"checkpoint, or kind")
+            if isinstance(enc, EncoderSpec) and enc.kind == "baseline" and enc.name == "diffusion":
+                raise ValueError(f"extract.encoders.{i}: 'diffusion' is the pretrained U-Net, not a baseline "
+                                 f"(baselines: {', '.join(names) or 'none configured'}): leave out kind")
             if isinstance(enc, EncoderSpec) and enc.kind == "diffusion" and not enc.checkpoint \
                     and enc.name != "diffusion":
                 if "kind" in enc.model_fields_set or enc.name not in names:

@@ -419,6 +419,24 @@ def test_an_encoder_entry_naming_a_baseline_is_that_baseline(write_pipeline):
     assert load_config(path, ["extract.encoders=[sup]"]).encoder_specs()[0].kind == "baseline"
     with pytest.raises(ConfigError, match=r"extract.encoders.0: encoder 'sup' has no checkpoint"):
         load_config(path, ["extract.encoders=[{name: sup, kind: diffusion}]"])  # said so: not the baseline
+    assert load_config(path, ["extract.encoders=[{name: sup, kind: baseline}]"]).encoder_specs()[0].kind == "baseline"
+
+
+def test_an_encoder_entry_of_kind_baseline_is_a_baseline_of_the_pipeline(write_pipeline, tmp_path):
+    # both validated, then failed in extract: the checkpoint (which had to be a diffusers folder) was searched
+    # for a baseline.json, and 'diffusion' for baselines/diffusion/final
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text("{}")
+    path = write_pipeline(baselines=[{"name": "sup", "kind": "supervised"}])
+    with pytest.raises(ConfigError, match=r"extract.encoders.0: checkpoint is for kind diffusion .*baselines/sup/final"):
+        load_config(path, [f"extract.encoders=[{{name: sup, kind: baseline, checkpoint: {unet}}}]"])
+    with pytest.raises(ConfigError, match=r"extract.encoders.1: 'diffusion' is the pretrained U-Net, not a baseline "
+                                          r"\(baselines: sup\)"):
+        load_config(path, ["extract.encoders=[sup, {name: diffusion, kind: baseline}]"])
+    # a U-Net folder of its own is kind diffusion, the default
+    spec = load_config(path, [f"extract.encoders=[{{name: other, checkpoint: {unet}}}]"]).encoder_specs()[0]
+    assert (spec.kind, spec.checkpoint) == ("diffusion", str(unet))
 
 
 def test_defaults_follow_design(tmp_path):
