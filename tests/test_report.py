@@ -232,3 +232,41 @@ def test_heatmap_keeps_every_label_inside_the_image(tmp_path):
     _heatmap(frame, "test_macro_f1", "diffusion: test_macro_f1 by block and timestep", tmp_path / "h.png")
     ink = mpimg.imread(tmp_path / "h.png")[..., :3].min(axis=2) < 0.9
     assert not (ink[:, :2].any() or ink[:, -2:].any() or ink[:2].any() or ink[-2:].any())
+
+
+def test_per_class_refit_is_compared_with_the_logged_head_and_every_test_metric(tmp_path, write_pipeline):
+    """The per-class table refits each encoder's best column; the report must say when the refit is not the
+    logged run. It compared test accuracy alone: a refit that chose another head (another device or thread
+    count flips near-tied heads) with the same test accuracy, or the same accuracy spread over other classes
+    (another macro F1), was shown as the logged run's without a word."""
+    from sweep.stages.probe import probe_column
+    from sweep.stages.report import per_class_results
+
+    config = load_config(write_pipeline(
+        data={"image_size": 16, "channels": 1, "train": {"name": "plankton", "source": "demo"}},
+        probe={"epochs": 5, "lrs": [0.1, 0.3], "weight_decays": [0.0, 0.01], "kmeans": False}))
+    table = build_table(config)
+    frame = table.frame
+    columns = [{"column": "mid_block@t0", "layer": "mid_block", "timestep": 0, "dim": 4, "resolution": 4}]
+    rng = np.random.default_rng(0)
+    features = rng.normal(0, 1, (6, 4))[frame["label"]] + rng.normal(0, 1.5, (len(frame), 4))  # informative
+    store_uri = Storage.of(config.storage_root).features("diffusion")
+    store = FeatureStore(store_uri)
+    store.open({"encoder": "diffusion", "columns": columns, "classes": table.classes},
+               "k", {"plankton": 1})
+    store.write_shard("plankton", 0, to_table(frame.to_dict("list"), {"mid_block@t0": features}, columns))
+    store.mark_complete({})
+    logged = probe_column(store_uri, "mid_block@t0", 6, {**config.probe.model_dump(mode="json"), "kmeans": False},
+                          config.seed, threads=1)
+    record = {"encoder": "diffusion", "column": "mid_block@t0", "lr": logged["lr"],
+              "weight_decay": logged["weight_decay"], "epochs_run": logged["epochs_run"], **logged["metrics"]}
+
+    def notes(**changed):
+        return per_class_results(config, pd.DataFrame([{**record, **changed}]))[1]
+
+    assert notes() == []  # the refit is the logged run
+    other_lr = next(lr for lr in config.probe.lrs if lr != logged["lr"])
+    (note,) = notes(lr=other_lr)  # the same test accuracy, another head
+    assert f"lr {logged['lr']:g} (logged {other_lr:g})" in note and "the table is the refit's" in note
+    (note,) = notes(test_macro_f1=logged["metrics"]["test_macro_f1"] - 0.1)
+    assert "test_macro_f1" in note and "test_acc" not in note

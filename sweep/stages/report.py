@@ -175,7 +175,7 @@ def per_class_results(config: PipelineConfig, best_rows: pd.DataFrame) -> tuple[
     test split's and each OOD dataset's images, recall, precision and F1 of the chosen head, beside the
     class's training images (the long tail's view that the averages hide). The head is fitted again here
     from the same features, settings and seed (a probe trial keeps no weights; stopped where the trial
-    stopped, for ASHA); notes say where the refit's test accuracy differs from the logged run's."""
+    stopped, for ASHA); notes say where the refit differs from the logged run (`refit_differences`)."""
     from sklearn.metrics import precision_recall_fscore_support
 
     from sweep.stages.probe import probe_column_epochs
@@ -193,11 +193,10 @@ def per_class_results(config: PipelineConfig, best_rows: pd.DataFrame) -> tuple[
             if info["final"] or (stop and info["epoch"] >= stop):
                 refit = outcome()
                 break
-        logged, again = r.get("test_acc"), refit["metrics"].get("test_acc")
-        if logged is not None and again is not None and abs(logged - again) > 1e-9:
-            notes.append(f"{r['encoder']} {r['column']}: the refit's test accuracy is {again:.4f}, the logged "
-                         f"run's {logged:.4f} (another device or thread count, or runs of another sweep build); "
-                         f"the table is the refit's")
+        differs = refit_differences(r, refit)
+        if differs:
+            notes.append(f"{r['encoder']} {r['column']}: the refit differs from the logged run ({'; '.join(differs)}: "
+                         f"another device or thread count, or runs of another sweep build); the table is the refit's")
         head, (X, y, split, domain) = refit["head"], refit["data"]
         train_images = np.bincount(y[split == "train"], minlength=len(classes))
         parts = [(config.data.train.name, "test", split == "test")]
@@ -213,6 +212,20 @@ def per_class_results(config: PipelineConfig, best_rows: pd.DataFrame) -> tuple[
                              "class": classes[c], "train_images": int(train_images[c]), "images": int(support[c]),
                              "recall": float(recall[c]), "precision": float(precision[c]), "f1": float(f1[c])})
     return pd.DataFrame(rows), notes
+
+
+def refit_differences(logged: dict, refit: dict) -> list[str]:
+    """What of the logged run (a `sweep best` record) the refit (`probe_column`'s outcome) does not reproduce:
+    the chosen head (lr, weight decay) and every test and OOD metric both hold, as `name refit (logged X)`.
+    Test accuracy alone let a refit that chose another head, or scored the same images correct but spread
+    over other classes, show its per-class figures as the logged run's."""
+    out = [f"{k} {refit[k]:g} (logged {logged[k]:g})" for k in ("lr", "weight_decay")
+           if logged.get(k) is not None and abs(refit[k] - logged[k]) > 1e-12 * max(1.0, abs(logged[k]))]
+    for k, again in refit["metrics"].items():
+        was = logged.get(k)
+        if k.startswith(("test_", "ood_")) and was is not None and again == again and abs(again - was) > 1e-9:
+            out.append(f"{k} {again:.4f} (logged {was:.4f})")
+    return out
 
 
 def encoder_comparison(frame: pd.DataFrame, select: str, images: pd.DataFrame | None = None,
