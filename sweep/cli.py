@@ -238,6 +238,17 @@ def missing_files(config: PipelineConfig, table) -> dict[str, list[str]]:
     return out
 
 
+def check_init_from(config: PipelineConfig) -> None:
+    """A `pretrain.init_from` U-Net that does not fit the images or has a noise schedule sweep does not train:
+    ConfigError before any stage (the pretrain stage found it only after the stages before it)."""
+    if config.pretrain.init_from:
+        from sweep.stages.pretrain import init_from_problem
+
+        problem = init_from_problem(config)
+        if problem:
+            raise ConfigError(problem)
+
+
 def cmd_validate(config: PipelineConfig) -> None:
     from sweep.data.table import build_table, data_warnings
     from sweep.encoders.checks import check_encoder_settings
@@ -246,6 +257,7 @@ def cmd_validate(config: PipelineConfig) -> None:
 
     check_tracking(config)
     check_encoder_settings(config)
+    check_init_from(config)
     if not ray_address(config):  # a cluster's address is checked where it is used: it may answer only there
         check_ray(config)
     table = build_table(config)
@@ -380,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                 from sweep.encoders.checks import check_encoder_settings
 
                 check_encoder_settings(config, stages)
+            if "pretrain" in stages:
+                check_init_from(config)
             check_local_storage(config, create=True)  # last: a config error leaves no storage behind
             from sweep.storage import storage_lock
 

@@ -239,6 +239,36 @@ def test_init_from_builds_the_checkpoint_model_and_must_fit_the_images(tmp_path,
         pretrain._check_init_from(load_config(path, ["data.image_size=32"]))
 
 
+def test_init_from_is_checked_before_any_stage(tmp_path, tiny_unet_checkpoint, capsys):
+    """A checkpoint's U-Net written with a square size as a list ([16, 16], as diffusers writes a tuple) fits
+    16 px images (it was refused: "a U-Net for 1-channel [16, 16]px images"), and its samples are drawn; a
+    noise schedule of a prediction_type sweep does not train is an invalid config for `validate` and `sweep
+    run` (exit 2, before any stage), where it failed at the first training step, once Ray had started."""
+    import shutil
+
+    from sweep.cli import main
+    from sweep.encoders.diffusion import load_checkpoint
+    from sweep.train.ddpm import sample
+
+    square, odd = tmp_path / "square", tmp_path / "odd"
+    for folder, edit in ((square, ("config.json", "sample_size", [16, 16])),
+                         (odd, ("scheduler_config.json", "prediction_type", "flow"))):
+        shutil.copytree(tiny_unet_checkpoint, folder)
+        raw = json.loads((folder / edit[0]).read_text())
+        (folder / edit[0]).write_text(json.dumps({**raw, edit[1]: edit[2]}))
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(small_pipeline(tmp_path / "store", pretrain={"init_from": str(square)})))
+    assert pretrain.init_from_problem(load_config(path)) is None
+    assert "1-channel 16px images" in pretrain.init_from_problem(load_config(path, ["data.image_size=32"]))
+    unet, scheduler = load_checkpoint(square)
+    assert sample(unet, dict(scheduler.config), n=2, steps=2).shape == (2, 1, 16, 16)
+    for command in ("validate", "run"):
+        assert main([command, str(path), "--set", f"pretrain.init_from={odd}"]) == 2
+        err = capsys.readouterr().err
+        assert f"the noise schedule of {odd} has prediction_type 'flow', which sweep does not train" in err, err
+    assert not (tmp_path / "store").exists()  # refused before any storage was made
+
+
 def test_model_from_the_pipeline_settings():
     unet, scheduler = pretrain._build_model({
         "init_from": None, "image_size": 16, "channels": 3,

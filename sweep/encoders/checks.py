@@ -18,7 +18,7 @@ from pathlib import Path
 from sweep.config import ConfigError, PipelineConfig
 
 
-def _local_unet_config(folder: str) -> tuple[dict, dict] | None:
+def local_unet_config(folder: str) -> tuple[dict, dict] | None:
     """(U-Net config, scheduler config or {}) of a local diffusers folder in either layout; None when the
     folder is remote or holds no U-Net config (the extract stage reports that with its own hint)."""
     if "://" in folder:
@@ -47,7 +47,7 @@ def _diffusion_architecture(config: PipelineConfig, checkpoint: str | None):
             m = config.pretrain.model
             return build_unet(config.data.image_size, config.data.channels, m.block_out_channels,
                               m.layers_per_block, m.attention), None
-        found = _local_unet_config(folder)
+        found = local_unet_config(folder)
         if found is None:
             return None
         unet_config, scheduler_config = found

@@ -416,18 +416,35 @@ def train_dataset(config: PipelineConfig, table=None):
     return quiet_dataset(ds.map_batches(keep_good, batch_format="numpy")), len(rows)
 
 
-def _check_init_from(config: PipelineConfig) -> None:
-    """`init_from` must fit the pipeline's images (the U-Net's sample size and channels)."""
-    path = Path(config.pretrain.init_from)
-    cfg_file = path / "config.json" if (path / "config.json").is_file() else path / "unet" / "config.json"
-    if not cfg_file.is_file():
-        raise PretrainError(f"pretrain.init_from: no diffusers U-Net config in {path}")
-    unet = json.loads(cfg_file.read_text())
+def init_from_problem(config: PipelineConfig) -> str | None:
+    """Why `pretrain.init_from` cannot be trained on for this pipeline, or None: its U-Net must fit the images
+    (sample size, a square [s, s] too, and channels) and its noise schedule predict what `ddpm_loss` trains
+    (an unknown `prediction_type` failed at the first training step, after Ray and the workers had started)."""
+    from sweep.encoders.checks import local_unet_config
+    from sweep.train.ddpm import PREDICTION_TYPES
+
+    path = config.pretrain.init_from
+    found = local_unet_config(path)
+    if found is None:
+        return f"pretrain.init_from: no diffusers U-Net config in {path}"
+    unet, scheduler = found
     size, channels = unet.get("sample_size"), unet.get("in_channels")
+    if isinstance(size, list) and len(set(size)) == 1:  # diffusers writes a tuple size as a list
+        size = size[0]
     if size not in (None, config.data.image_size) or channels != config.data.channels:
-        raise PretrainError(
-            f"pretrain.init_from: {path} is a U-Net for {channels}-channel {size}px images, but the pipeline "
-            f"has data.channels={config.data.channels} and data.image_size={config.data.image_size}")
+        return (f"pretrain.init_from: {path} is a U-Net for {channels}-channel {size}px images, but the pipeline "
+                f"has data.channels={config.data.channels} and data.image_size={config.data.image_size}")
+    kind = scheduler.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        return (f"pretrain.init_from: the noise schedule of {path} has prediction_type {kind!r}, which sweep "
+                f"does not train ({', '.join(PREDICTION_TYPES)})")
+    return None
+
+
+def _check_init_from(config: PipelineConfig) -> None:
+    problem = init_from_problem(config)
+    if problem:
+        raise PretrainError(problem)
 
 
 def loop_config(config: PipelineConfig, run_id: str | None, key: str | None = None,

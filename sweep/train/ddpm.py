@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # the targets `ddpm_loss` trains
+
 
 def ddpm_loss(unet, scheduler, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """MSE at uniformly drawn timesteps (Ho et al. 2020, simple loss) against what the scheduler's
@@ -24,7 +26,7 @@ def ddpm_loss(unet, scheduler, x0: torch.Tensor, generator: torch.Generator | No
         target = x0
     else:
         raise ValueError(f"the noise schedule's prediction_type {kind!r} is not one sweep trains "
-                         "(epsilon, v_prediction, sample)")
+                         f"({', '.join(PREDICTION_TYPES)})")
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -38,7 +40,8 @@ def sample(unet, scheduler_config: dict, n: int, steps: int = 50, seed: int = 0)
     cfg = unet.config
     device = next(unet.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g).to(device)
+    side = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]  # a list [s, s] in some configs
+    x = torch.randn((n, cfg.in_channels, side, side), generator=g).to(device)
     for t in scheduler.timesteps:
         eps = unet(x, t).sample
         x = scheduler.step(eps, t, x).prev_sample
