@@ -330,7 +330,12 @@ def earlier_probe_runs(config: PipelineConfig, client: MlflowClient | None = Non
 
 class OtherStorageRuns(RuntimeError):
     """Finished probe runs of this config made on other feature stores in another storage: two storages of
-    one config share the MLflow experiment, and probing one would delete the other's results."""
+    one config share the MLflow experiment, and probing one would delete the other's results. `elsewhere`:
+    storage -> how many."""
+
+    def __init__(self, message: str, elsewhere: dict[str, int]):
+        super().__init__(message)
+        self.elsewhere = elsewhere
 
 
 def finished_trials(config: PipelineConfig, features: dict[str, str | None] | None = None
@@ -365,7 +370,7 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
             f"probe: {sum(elsewhere.values())} finished run(s) of this config in MLflow experiment "
             f"{config.experiment_name!r} were made on other feature stores in another storage ({n} in {where}; this "
             f"one is {here}): both storages share this experiment, and probing here would delete their results. "
-            f"Give this storage its own experiment (--set tracking.experiment=NAME), or delete those runs")
+            f"Give this storage its own experiment (--set tracking.experiment=NAME), or delete those runs", elsewhere)
     # made before sweep tagged it: known from the config hash, and another config may copy
     for run_id in without_probe_hash:
         client.set_tag(run_id, TAG_PROBE_HASH, config.probe_hash())

@@ -911,3 +911,46 @@ def test_a_damaged_shard_stops_the_sweep_before_any_trial_naming_it(swept, tmp_p
     assert "Traceback" not in err and "Trial task failed" not in err, err[:2000]
     exp = _client(config).get_experiment_by_name(config.experiment_name)
     assert exp is None or _children(config) == []  # no trial ran
+
+
+def _runs_of_another_storage(config, runs, elsewhere: str, **tags) -> None:
+    """Each of `runs` again, as another storage of this config sharing its experiment made it (`tags` on top),
+    with val_macro_f1 1.0 (each would rank first)."""
+    client = _client(config)
+    again = [tracking.FinishedRun(tags={**{k: v for k, v in r.data.tags.items()
+                                           if not k.startswith("mlflow.") or k == tracking.TAG_PARENT},
+                                        tracking.TAG_STORAGE: elsewhere, **tags},
+                                  params=dict(r.data.params), metrics={**r.data.metrics, "val_macro_f1": 1.0})
+             for r in runs]
+    tracking.log_finished_runs(client, client.get_experiment_by_name(config.experiment_name).experiment_id, again)
+
+
+def test_a_probe_another_storage_ran_at_the_same_time_on_other_features_fails_naming_it(swept, tmp_path,
+                                                                                       monkeypatch):
+    """Planning refuses a storage whose config has runs of another storage on other feature stores in the same
+    experiment (`tracking.OtherStorageRuns`); two storages probing at once both passed that check and the sweep
+    ended FINISHED with both studies' runs ranked together. Here the other storage's runs of the 2 trials
+    left to do arrive while the sweep runs: the stage now fails naming it, its run FAILED."""
+    config = _copy_of_the_sweep(swept, tmp_path)
+    here = Storage.of(config.storage_root).root
+    client = _client(config)
+    runs = sorted(_children(config), key=lambda r: r.data.tags[tracking.TAG_TRIAL])
+    for r in runs:
+        client.set_tag(r.info.run_id, tracking.TAG_STORAGE, here)
+    for r in runs[:2]:
+        client.delete_run(r.info.run_id)
+    opened = []
+
+    def start_then_the_other_storage_writes(*args, **kwargs):
+        opened.append(real_start(*args, **kwargs))
+        _runs_of_another_storage(config, runs[:2], "/elsewhere/store", **{tracking.TAG_FEATURES: "0123456789ab"})
+        return opened[-1]
+
+    real_start = tracking.start_stage_run
+    monkeypatch.setattr(tracking, "start_stage_run", start_then_the_other_storage_writes)
+    with pytest.raises(probe.ProbeError, match=re.escape(
+            f"probe: 2 trial run(s) recorded, but another storage probed this config into MLflow experiment "
+            f"{config.experiment_name!r} meanwhile, on other feature stores (2 in /elsewhere/store; this one is "
+            f"{here})")):
+        probe.run(config)
+    assert client.get_run(opened[0]).info.status == "FAILED"
