@@ -678,8 +678,9 @@ def test_a_config_that_adds_an_encoder_copies_the_others_runs_and_probes_its_own
     client = _client(two)
     for r in twos:
         if r["encoder"] == "diffusion":  # the same numbers, the same curves, the original named
-            assert {k: v for k, v in r.items() if k not in ("run_id", "config_hash")} == \
-                {k: v for k, v in ones[r["column"]].items() if k not in ("run_id", "config_hash")}
+            made = ("run_id", "config_hash", "storage")  # the copy is this storage's
+            assert {k: v for k, v in r.items() if k not in made} == \
+                {k: v for k, v in ones[r["column"]].items() if k not in made}
             copy = client.get_run(r["run_id"]).data.tags
             assert copy[tracking.TAG_COPIED_FROM] == ones[r["column"]]["run_id"]
             assert [m.value for m in client.get_metric_history(r["run_id"], "history_val_loss")] == \
@@ -923,6 +924,37 @@ def _runs_of_another_storage(config, runs, elsewhere: str, **tags) -> None:
                                   params=dict(r.data.params), metrics={**r.data.metrics, "val_macro_f1": 1.0})
              for r in runs]
     tracking.log_finished_runs(client, client.get_experiment_by_name(config.experiment_name).experiment_id, again)
+
+
+def test_a_report_keeps_its_own_storages_run_of_a_trial_another_storage_also_made(swept, tmp_path, capsys):
+    """Two storages of one config probing into one MLflow experiment at once each recorded every trial (neither
+    found the other's runs when it planned): the report read '30 probe runs' for 15 trials, ranked the other
+    storage's runs among its own (searched: twice the columns) and said nothing. It now keeps this storage's
+    run of each trial and says how many it left out, where; `sweep best` lists every run and says why."""
+    config = _copy_of_the_sweep(swept, tmp_path)
+    here = Storage.of(config.storage_root).root
+    client = _client(config)
+    runs = _children(config)
+    for r in runs:  # made here (the copy's runs name the module's storage)
+        client.set_tag(r.info.run_id, tracking.TAG_STORAGE, here)
+    _runs_of_another_storage(config, runs, "/elsewhere/store")
+    assert len(best(config, top=None)) == 2 * N_TRIALS
+    capsys.readouterr()
+    text = Path(report.run(config)).read_text()
+    assert f"; {N_TRIALS} probe runs;" in text
+    assert (f"**{N_TRIALS} more finished run(s) of trials of this config, made in another storage sharing this "
+            f"MLflow experiment ({N_TRIALS} in /elsewhere/store), are left out: one run per trial, this "
+            f"storage's.") in text
+    rows = pd.read_csv(Path(config.storage_root) / "report" / "probe_runs.csv")
+    assert len(rows) == N_TRIALS and set(rows["storage"]) == {here} and rows["val_macro_f1"].max() < 1.0
+    assert "report: warning: 15 more finished run(s)" in capsys.readouterr().err
+    cli.cmd_best(config, Namespace(metric="val_macro_f1", top=3, encoder=None, format="table", any_config=False))
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [
+        f"[sweep] {N_TRIALS} trial run(s) of this config are a second run of a trial, made in another storage "
+        f"sharing this MLflow experiment (/elsewhere/store: {N_TRIALS}): the ranking lists each run; `sweep "
+        f"report` keeps this storage's"]
+    assert all("1.0000" in line for line in out.out.splitlines()[1:])  # the query's own ranking, unchanged
 
 
 def test_a_probe_another_storage_ran_at_the_same_time_on_other_features_fails_naming_it(swept, tmp_path,
