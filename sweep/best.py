@@ -33,6 +33,8 @@ def records(runs: pd.DataFrame, metrics: tuple[str, ...] = ()) -> list[dict]:
             "column": r.get("params.column"),
             # which settings made the run: several with --any-config
             "config_hash": r.get(f"tags.{tracking.TAG_HASH}"),
+            # which storage's probe made it: two storages of one config may share an experiment
+            "storage": r.get(f"tags.{tracking.TAG_STORAGE}"),
             "timestep": _num(r.get("params.timestep"), int),
             "resolution": _num(r.get("params.resolution"), int),
             "dim": _num(r.get("params.dim"), int),
@@ -53,6 +55,29 @@ def best(config: PipelineConfig, metric: str = "val_macro_f1", top: int | None =
     ood = tuple(f"ood_{d.name}_{m}" for d in config.data.ood for m in ("acc", "macro_f1"))
     recs = records(runs, PROBE_METRICS + ood)
     return recs[:top] if top else recs
+
+
+def trial_of(rec: dict) -> tuple:
+    """The trial a record is a result of (of its config: several with --any-config)."""
+    return rec.get("config_hash"), rec.get("encoder"), rec.get("column")
+
+
+def one_per_trial(recs: list[dict], storage_root: str) -> tuple[list[dict], dict[str, int]]:
+    """`recs` with one record per trial, in their order: where a trial has several finished runs (two storages
+    of one config probing into one MLflow experiment at once: each probed every trial, the other's runs not
+    yet there to find), this storage's run, else the first. Also, the storage of each run left out -> how many.
+    (`sweep best` lists every run, as MLflow's own query does; a report of this storage keeps its own.)"""
+    chosen = {}
+    for r in recs:
+        key = trial_of(r)
+        if key not in chosen or (r.get("storage") == storage_root and chosen[key].get("storage") != storage_root):
+            chosen[key] = r
+    kept = [r for r in recs if chosen[trial_of(r)] is r]
+    dropped = {}
+    for r in recs:
+        if chosen[trial_of(r)] is not r:
+            dropped[str(r.get("storage"))] = dropped.get(str(r.get("storage")), 0) + 1
+    return kept, dropped
 
 
 REFERENCE_METRICS = ("test_acc", "test_macro_f1", "test_balanced_acc", "val_acc", "val_macro_f1")

@@ -134,7 +134,8 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
 
 
 def cmd_best(config: PipelineConfig, args) -> None:
-    from sweep.best import best, format_table, to_json
+    from sweep.best import best, format_table, one_per_trial, to_json, trial_of
+    from sweep.storage import Storage
     from sweep.tracking import check_tracking, store_exists
 
     metric = args.metric
@@ -163,10 +164,17 @@ def cmd_best(config: PipelineConfig, args) -> None:
         from sweep.tracking import last_probe_plan
 
         plan = last_probe_plan(config)
-        if plan is not None and plan[0] > len(every):
-            print(f"[sweep] {plan[0] - len(every)} of the {plan[0]} trials planned by the last probe stage have no "
+        trials = len({trial_of(r) for r in every})  # not runs: two storages may each have made one
+        if plan is not None and plan[0] > trials:
+            print(f"[sweep] {plan[0] - trials} of the {plan[0]} trials planned by the last probe stage have no "
                   f"finished run (that stage's run is {plan[1]}): the ranking leaves them out; `sweep probe` runs "
                   f"them", file=sys.stderr)
+    if not args.any_config and len(every) > len({trial_of(r) for r in every}):
+        _, others = one_per_trial(every, Storage.of(config.storage_root).root)
+        where = ", ".join(f"{s}: {n}" for s, n in sorted(others.items()))
+        print(f"[sweep] {sum(others.values())} trial run(s) of this config are a second run of a trial, made in "
+              f"another storage sharing this MLflow experiment ({where}): the ranking lists each run; `sweep "
+              f"report` keeps this storage's", file=sys.stderr)
     if not recs and not args.any_config and have_store:
         from sweep.tracking import earlier_probe_runs
 

@@ -123,8 +123,35 @@ def store_exists(config: PipelineConfig) -> bool:
 
 def client_for(config: PipelineConfig) -> MlflowClient:
     uri = tracking_uri(config)
+    if uri.startswith("sqlite:///"):
+        _sqlite_store_created(uri)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+_CREATED: set[Path] = set()  # SQLite stores this process has seen created
+
+
+def _sqlite_store_created(uri: str) -> None:
+    """Create (or migrate) the SQLite store at `uri` while holding a lock on a hidden file beside it
+    (`.mlflow.db.lock`). MLflow's tracking store creates its tables unguarded: three sweep commands starting at
+    once on a new shared store (two storages, one `tracking.uri`) failed ('duplicate column name: step', 'table
+    _alembic_tmp_experiments already exists') and left the file half-migrated, refused by every later command.
+    The lock waits for the other command's creation (seconds); after it the tables are there and nothing runs."""
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    if db in _CREATED and db.is_file():
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would
+        lock = open(db.with_name(f".{db.name}.lock"), "a")
+    except OSError:  # a folder this process cannot write: nor can it create a store there (MLflow says why)
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(tracking_uri=uri)  # building its store creates the tables, or finds them there
+    _CREATED.add(db)
 
 
 # tracking stores that hold no files: MLflow would give their experiments `./mlruns` under the current folder
@@ -303,7 +330,12 @@ def earlier_probe_runs(config: PipelineConfig, client: MlflowClient | None = Non
 
 class OtherStorageRuns(RuntimeError):
     """Finished probe runs of this config made on other feature stores in another storage: two storages of
-    one config share the MLflow experiment, and probing one would delete the other's results."""
+    one config share the MLflow experiment, and probing one would delete the other's results. `elsewhere`:
+    storage -> how many."""
+
+    def __init__(self, message: str, elsewhere: dict[str, int]):
+        super().__init__(message)
+        self.elsewhere = elsewhere
 
 
 def finished_trials(config: PipelineConfig, features: dict[str, str | None] | None = None
@@ -338,7 +370,7 @@ def finished_trials(config: PipelineConfig, features: dict[str, str | None] | No
             f"probe: {sum(elsewhere.values())} finished run(s) of this config in MLflow experiment "
             f"{config.experiment_name!r} were made on other feature stores in another storage ({n} in {where}; this "
             f"one is {here}): both storages share this experiment, and probing here would delete their results. "
-            f"Give this storage its own experiment (--set tracking.experiment=NAME), or delete those runs")
+            f"Give this storage its own experiment (--set tracking.experiment=NAME), or delete those runs", elsewhere)
     # made before sweep tagged it: known from the config hash, and another config may copy
     for run_id in without_probe_hash:
         client.set_tag(run_id, TAG_PROBE_HASH, config.probe_hash())

@@ -678,8 +678,9 @@ def test_a_config_that_adds_an_encoder_copies_the_others_runs_and_probes_its_own
     client = _client(two)
     for r in twos:
         if r["encoder"] == "diffusion":  # the same numbers, the same curves, the original named
-            assert {k: v for k, v in r.items() if k not in ("run_id", "config_hash")} == \
-                {k: v for k, v in ones[r["column"]].items() if k not in ("run_id", "config_hash")}
+            made = ("run_id", "config_hash", "storage")  # the copy is this storage's
+            assert {k: v for k, v in r.items() if k not in made} == \
+                {k: v for k, v in ones[r["column"]].items() if k not in made}
             copy = client.get_run(r["run_id"]).data.tags
             assert copy[tracking.TAG_COPIED_FROM] == ones[r["column"]]["run_id"]
             assert [m.value for m in client.get_metric_history(r["run_id"], "history_val_loss")] == \
@@ -911,3 +912,77 @@ def test_a_damaged_shard_stops_the_sweep_before_any_trial_naming_it(swept, tmp_p
     assert "Traceback" not in err and "Trial task failed" not in err, err[:2000]
     exp = _client(config).get_experiment_by_name(config.experiment_name)
     assert exp is None or _children(config) == []  # no trial ran
+
+
+def _runs_of_another_storage(config, runs, elsewhere: str, **tags) -> None:
+    """Each of `runs` again, as another storage of this config sharing its experiment made it (`tags` on top),
+    with val_macro_f1 1.0 (each would rank first)."""
+    client = _client(config)
+    again = [tracking.FinishedRun(tags={**{k: v for k, v in r.data.tags.items()
+                                           if not k.startswith("mlflow.") or k == tracking.TAG_PARENT},
+                                        tracking.TAG_STORAGE: elsewhere, **tags},
+                                  params=dict(r.data.params), metrics={**r.data.metrics, "val_macro_f1": 1.0})
+             for r in runs]
+    tracking.log_finished_runs(client, client.get_experiment_by_name(config.experiment_name).experiment_id, again)
+
+
+def test_a_report_keeps_its_own_storages_run_of_a_trial_another_storage_also_made(swept, tmp_path, capsys):
+    """Two storages of one config probing into one MLflow experiment at once each recorded every trial (neither
+    found the other's runs when it planned): the report read '30 probe runs' for 15 trials, ranked the other
+    storage's runs among its own (searched: twice the columns) and said nothing. It now keeps this storage's
+    run of each trial and says how many it left out, where; `sweep best` lists every run and says why."""
+    config = _copy_of_the_sweep(swept, tmp_path)
+    here = Storage.of(config.storage_root).root
+    client = _client(config)
+    runs = _children(config)
+    for r in runs:  # made here (the copy's runs name the module's storage)
+        client.set_tag(r.info.run_id, tracking.TAG_STORAGE, here)
+    _runs_of_another_storage(config, runs, "/elsewhere/store")
+    assert len(best(config, top=None)) == 2 * N_TRIALS
+    capsys.readouterr()
+    text = Path(report.run(config)).read_text()
+    assert f"; {N_TRIALS} probe runs;" in text
+    assert (f"**{N_TRIALS} more finished run(s) of trials of this config, made in another storage sharing this "
+            f"MLflow experiment ({N_TRIALS} in /elsewhere/store), are left out: one run per trial, this "
+            f"storage's.") in text
+    rows = pd.read_csv(Path(config.storage_root) / "report" / "probe_runs.csv")
+    assert len(rows) == N_TRIALS and set(rows["storage"]) == {here} and rows["val_macro_f1"].max() < 1.0
+    assert "report: warning: 15 more finished run(s)" in capsys.readouterr().err
+    cli.cmd_best(config, Namespace(metric="val_macro_f1", top=3, encoder=None, format="table", any_config=False))
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [
+        f"[sweep] {N_TRIALS} trial run(s) of this config are a second run of a trial, made in another storage "
+        f"sharing this MLflow experiment (/elsewhere/store: {N_TRIALS}): the ranking lists each run; `sweep "
+        f"report` keeps this storage's"]
+    assert all("1.0000" in line for line in out.out.splitlines()[1:])  # the query's own ranking, unchanged
+
+
+def test_a_probe_another_storage_ran_at_the_same_time_on_other_features_fails_naming_it(swept, tmp_path,
+                                                                                       monkeypatch):
+    """Planning refuses a storage whose config has runs of another storage on other feature stores in the same
+    experiment (`tracking.OtherStorageRuns`); two storages probing at once both passed that check and the sweep
+    ended FINISHED with both studies' runs ranked together. Here the other storage's runs of the 2 trials
+    left to do arrive while the sweep runs: the stage now fails naming it, its run FAILED."""
+    config = _copy_of_the_sweep(swept, tmp_path)
+    here = Storage.of(config.storage_root).root
+    client = _client(config)
+    runs = sorted(_children(config), key=lambda r: r.data.tags[tracking.TAG_TRIAL])
+    for r in runs:
+        client.set_tag(r.info.run_id, tracking.TAG_STORAGE, here)
+    for r in runs[:2]:
+        client.delete_run(r.info.run_id)
+    opened = []
+
+    def start_then_the_other_storage_writes(*args, **kwargs):
+        opened.append(real_start(*args, **kwargs))
+        _runs_of_another_storage(config, runs[:2], "/elsewhere/store", **{tracking.TAG_FEATURES: "0123456789ab"})
+        return opened[-1]
+
+    real_start = tracking.start_stage_run
+    monkeypatch.setattr(tracking, "start_stage_run", start_then_the_other_storage_writes)
+    with pytest.raises(probe.ProbeError, match=re.escape(
+            f"probe: 2 trial run(s) recorded, but another storage probed this config into MLflow experiment "
+            f"{config.experiment_name!r} meanwhile, on other feature stores (2 in /elsewhere/store; this one is "
+            f"{here})")):
+        probe.run(config)
+    assert client.get_run(opened[0]).info.status == "FAILED"

@@ -354,3 +354,40 @@ def test_a_full_disk_under_the_mlflow_store_leaves_the_stage_error_to_read(write
     assert finished.startswith("OperationalError: (sqlite3.OperationalError) ") and finished.endswith(db), out
     assert "Traceback" not in err and "autoflush" not in out + err, err
     assert tracking.client_for(config).get_run(run_id).info.status == "RUNNING"  # a rerun takes it over
+
+
+def _open_shared_store(pipeline: str, storage: str, ready, out) -> None:
+    """One command's first touch of the MLflow store, in a process of its own (spawned: no Ray, no fork)."""
+    from sweep import tracking
+    from sweep.config import load_config
+
+    config = load_config(pipeline, [f"storage={storage}"])
+    ready.wait()  # all at once, as commands started together
+    try:
+        out.put(tracking.ensure_experiment(config))
+    except Exception as e:  # noqa: BLE001 - the parent asserts on it
+        out.put(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def test_commands_starting_at_once_on_a_new_shared_sqlite_store_all_find_it_made(write_pipeline, tmp_path):
+    """Two storages sharing one `tracking.uri` SQLite file, three commands started together on a new store:
+    MLflow creates its tables unguarded, and two of three failed ('duplicate column name: step') leaving the
+    file half-migrated ('table _alembic_tmp_experiments already exists' for every later command). Each now
+    creates it under a lock: all three get the one experiment, and the store opens afterwards."""
+    import multiprocessing
+
+    db = tmp_path / "shared" / "mlflow.db"
+    pipeline = str(write_pipeline(tracking={"uri": f"sqlite:///{db}"}))
+    ctx = multiprocessing.get_context("spawn")
+    ready, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_open_shared_store, args=(pipeline, str(tmp_path / f"s{i}"), ready, out))
+             for i in range(3)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    assert len(set(got)) == 1 and got[0].isdigit(), got  # one experiment id, no error
+    config = load_config(pipeline)
+    assert tracking.client_for(config).get_experiment_by_name(config.experiment_name).experiment_id == got[0]

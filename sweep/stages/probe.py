@@ -742,6 +742,27 @@ def _copy_runs(config: PipelineConfig, parent: str, reusable: dict) -> None:
         f"feature stores (the configs differ only in settings these trials do not read), tag {tracking.TAG_COPIED_FROM}")
 
 
+def _check_no_other_storage_probed(config: PipelineConfig, parent: str, columns: dict[str, dict],
+                                   logged: int) -> None:
+    """After the sweep, what planning checked before it (`tracking.finished_trials`): that no other storage's
+    runs of this config on other feature stores share the experiment. Two storages of one config probing into
+    one experiment at once both passed that check (neither had runs yet), each recorded every trial, and
+    `sweep best` and `sweep report` then ranked both studies' runs together, saying nothing. ProbeError (the
+    stage's run FAILED) naming the other storage."""
+    from sweep import tracking
+
+    try:
+        tracking.finished_trials(config, {col["encoder"]: col["features"] for col in columns.values()})
+    except tracking.OtherStorageRuns as e:
+        tracking.finish_run(config, parent, "FAILED")
+        where = ", ".join(f"{n} in {s}" for s, n in sorted(e.elsewhere.items()))
+        raise ProbeError(
+            f"probe: {logged} trial run(s) recorded, but another storage probed this config into MLflow experiment "
+            f"{config.experiment_name!r} meanwhile, on other feature stores ({where}; this one is "
+            f"{Storage.of(config.storage_root).root}): `sweep best` ranks both studies' runs together. Give each "
+            f"storage its own experiment (--set tracking.experiment=NAME) and probe again there") from None
+
+
 def run(config: PipelineConfig) -> dict:
     from ray import tune
 
@@ -838,6 +859,7 @@ def run(config: PipelineConfig) -> dict:
         raise ProbeError(f"probe: the MLflow server stopped answering during the sweep ({writer.lost}); "
                          f"{writer.logged} of {len(todo)} trials were recorded before. Start the server again and "
                          f"rerun to do the {missing} left.")
+    _check_no_other_storage_probed(config, parent, columns, writer.logged)
     tracking.log_batch(config, parent, metrics={
         "sweep_seconds": wall, "tune_seconds": tune_seconds, "trials_run": writer.logged,
         "trials_failed": missing, "logging_seconds": writer.seconds, "trials_copied": len(reusable)})

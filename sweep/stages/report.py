@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from sweep import tracking
-from sweep.best import best, format_references, format_table, references
+from sweep.best import best, format_references, format_table, one_per_trial, references
 from sweep.config import PROBE_REVISION, PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.probing.kmeans import MAX_ROWS as KMEANS_MAX_ROWS
@@ -362,6 +362,9 @@ def run(config: PipelineConfig) -> str:
         earlier = "".join(f"; {n} run(s) of these settings made by {what} are kept apart (their results differ)"
                           for what, n in tracking.earlier_probe_runs(config).items())
         raise RuntimeError(f"report: no probe runs for this config in MLflow{earlier}; run `sweep probe` first")
+    recs, others = one_per_trial(recs, storage.root)
+    if others:
+        say(f"report: warning: {duplicates_line(others)}")
     missing = missing_trials(config, recs)
     if missing:
         say(f"report: warning: {len(missing)} planned probe trial(s) have no run yet (e.g. {missing[0]}): the report "
@@ -373,7 +376,7 @@ def run(config: PipelineConfig) -> str:
     opened = []
     with tracking.ended_on_error(config, lambda: opened[0] if opened else None):
         with staged_dir(storage.report, "report.md") as out:
-            _write(config, recs, out, missing)
+            _write(config, recs, out, missing, others)
             opened.append(tracking.start_stage_run(config, "report", resume_unfinished=False))
             client = tracking.client_for(config)
             for f in out.iterdir():
@@ -396,8 +399,18 @@ def missing_trials(config: PipelineConfig, recs: list[dict]) -> list[str]:
     return [t["key"] for t in planned if t["key"] not in have]
 
 
-def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[str] = ()) -> None:
-    """Every file of the report into the folder `out`, report.md last; `missing`: planned trials without a run."""
+def duplicates_line(others: dict[str, int]) -> str:
+    """What a report says of the runs `best.one_per_trial` left out (storage -> how many)."""
+    where = ", ".join(f"{n} in {s}" for s, n in sorted(others.items()))
+    return (f"{sum(others.values())} more finished run(s) of trials of this config, made in another storage "
+            f"sharing this MLflow experiment ({where}), are left out: one run per trial, this storage's. Two "
+            f"storages probed this config at once; give each its own experiment (--set tracking.experiment=NAME)")
+
+
+def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[str] = (),
+           others: dict[str, int] | None = None) -> None:
+    """Every file of the report into the folder `out`, report.md last; `missing`: planned trials without a run;
+    `others`: the runs of other storages left out (`best.one_per_trial`)."""
     metric = config.report.metric
     frame = pd.DataFrame(recs)
     # whole numbers as such (`0`, not `0.0`): a column with a gap (no timestep for a baseline) is float in pandas
@@ -409,6 +422,7 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
              *([f"**Incomplete: {len(missing)} of {len(frame) + len(missing)} planned probe trials have no run yet "
                 f"(e.g. `{missing[0]}`): every table and heat map below leaves them out. `sweep probe` runs them, "
                 f"then `sweep report` again.**", ""] if missing else []),
+             *([f"**{duplicates_line(others)}.**", ""] if others else []),
              f"Probe (revision {PROBE_REVISION}): {probe_settings(config)}. This folder holds the report of the "
              f"settings last reported; another setting's runs stay in MLflow (`sweep report` with its `--set`).",
              "",
