@@ -313,7 +313,9 @@ def extract_encoder(config: PipelineConfig, spec: EncoderSpec, table: ImageTable
     if pending.empty:
         summary = _summary(store, total, shard_counts)
         again = ": listed in its manifest, not read again (to read a file repaired since, delete the store)"
-        say(f"extract {spec.name}: all {sum(shard_counts.values())} shards already complete, nothing to do "
+        n = sum(shard_counts.values())
+        shards = "its shard is" if n == 1 else f"all {n} shards are"
+        say(f"extract {spec.name}: {shards} already complete, nothing to do "
             f"({summary['rows']} rows, {summary['rejected']} image(s) rejected{again if summary['rejected'] else ''})")
         if not store.is_complete():
             store.mark_complete(summary)
