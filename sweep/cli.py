@@ -258,7 +258,7 @@ def check_init_from(config: PipelineConfig) -> None:
 
 
 def cmd_validate(config: PipelineConfig) -> None:
-    from sweep.data.table import build_table, data_warnings
+    from sweep.data.table import build_table, data_warnings, same_file_warning
     from sweep.encoders.checks import check_encoder_settings
     from sweep.stages.common import check_ray, ray_address
     from sweep.tracking import TrackingServerUnreachable, check_server, check_tracking, configured_uri
@@ -272,8 +272,9 @@ def cmd_validate(config: PipelineConfig) -> None:
     sampled, unreadable, flat = sample_images(config, table)
     print(f"{config.name}: valid (config hash {config.config_hash()})")
     print(f"  data: {table.summary()}")
-    for warning in data_warnings(config, table):
-        print(f"  data: warning: {warning}")
+    for warning in data_warnings(config, table) + [same_file_warning(table)]:
+        if warning:
+            print(f"  data: warning: {warning}")
     print(f"  images: {len(unreadable)} of {sampled} sampled unreadable"
           + (f" (e.g. {unreadable[0][0]}: {unreadable[0][1]}); `sweep extract` skips and lists each one"
              if unreadable else " (the stages skip, count and list any they meet)"))

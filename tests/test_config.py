@@ -64,6 +64,29 @@ def test_validate_warns_when_a_datasets_images_read_nearly_uniform(tmp_path, cap
     assert warned == (bits == 12), out
 
 
+def test_validate_warns_of_one_file_listed_under_two_paths(tmp_path, capsys):
+    """An image folder holding a link to another class's image (and a linked folder) lists one file under
+    two paths: it is read twice, under two labels, perhaps in train and test. `validate` names it; the
+    scan reads it as listed (README: linked folders are followed)."""
+    import os
+    import shutil
+
+    demo = Path("sweep/data/demo/plankton-flowcam-demo/images").resolve()
+    images = tmp_path / "images"
+    shutil.copytree(demo, images)
+    target = sorted((images / "Noctilucales").iterdir())[0]
+    (images / "Tripos" / "linked.jpg").symlink_to(target)
+    args = ["validate", "pipelines/demo.yaml", "--set", "data.train.source=imagefolder",
+            "--set", f"data.train.path={images}", "--set", f"storage={tmp_path / 'store'}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "1 file(s) are listed under more than one path (links), 2 rows in all" in out, out
+    assert "1 under more than one class" in out and str(target) in out and "linked.jpg" in out
+    os.remove(images / "Tripos" / "linked.jpg")
+    assert main(args) == 0
+    assert "listed under more than one path" not in capsys.readouterr().out
+
+
 def test_validate_decodes_a_sample_of_the_images(tmp_path, capsys):
     """`validate` opens a seeded sample of each dataset's images: unreadable ones are counted and one is named;
     a dataset none of whose sampled images reads is an invalid setting (it made pretraining wait forever)."""

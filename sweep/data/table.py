@@ -253,6 +253,27 @@ def ignored_warning(table: ImageTable) -> str | None:
     return f"not read as images: {' | '.join(parts)}" if parts else None
 
 
+def same_file_warning(table: ImageTable) -> str | None:
+    """Files the table lists more than once under other paths (a link to an image, a linked folder): each is
+    read as often as listed, under each label and split, so one in train and in test scores the probes on an
+    image they trained on. A realpath per file: `validate` only, not every stage."""
+    real = table.frame["path"].map(os.path.realpath)
+    if not real.duplicated().any():
+        return None
+    repeated = table.frame[real.duplicated(keep=False)].assign(
+        real=real, class_name=lambda f: [table.classes[int(label)] for label in f["label"]])
+    groups = list(repeated.groupby("real", sort=True))
+    where = [{(d, s) for d, s in zip(g["domain"], g["split"])} for _, g in groups]
+    leak = sum(len(w) > 1 for w in where)
+    relabelled = sum(g["class_name"].nunique() > 1 for _, g in groups)
+    _, first = next(((k, g) for (k, g), w in zip(groups, where) if len(w) > 1), groups[0])
+    example = " and ".join(f"{p} ({c}, {d} {s})" for p, c, d, s in
+                           first[["path", "class_name", "domain", "split"]].head(2).itertuples(index=False))
+    return (f"{len(groups)} file(s) are listed under more than one path (links), {len(repeated)} rows in all: each "
+            f"is read once per path; {leak} of them in more than one split or dataset, {relabelled} under more "
+            f"than one class (e.g. {example} are one file)")
+
+
 def data_warnings(config: PipelineConfig, table: ImageTable) -> list[str]:
     """What `validate` and `extract` warn about the image table: unequal classes under `regime: balanced`,
     training classes with no val or test image, class names that differ only in case, files of an image
