@@ -45,8 +45,8 @@ from sweep.data.table import training_images
 from sweep.encoders import zoo
 from sweep.encoders.cnn import META_FILE, WEIGHTS_FILE
 from sweep.features.store import fingerprint
-from sweep.stages.common import (Progress, WorkerMetrics, check_run_images, check_training_images, error_cause,
-                                 fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
+from sweep.stages.common import (PROGRESS_SECONDS, Progress, WorkerMetrics, check_run_images, check_training_images,
+                                 error_cause, fit_interruptibly, init_ray, load_checkpoint_state, quiet_dataset,
                                  quiet_train_reports, say, storage_cause, train_datasets, train_logging,
                                  train_shard, trained_on_other_images, trained_with_other_settings)
 from sweep.storage import Storage, exists, read_json, staged_dir
@@ -446,6 +446,9 @@ def train_loop(cfg: dict) -> None:
         record = {"epoch": epoch + 1, "step": step, "train_loss": float(total[0] / max(total[1].item(), 1)),
                   "lr": schedule.get_last_lr()[0], "images_per_s": float(total[1]) / seconds if seconds else 0.0}
         if supervised:
+            if rank == 0 and seconds > PROGRESS_SECONDS:  # a minute on CPU cores for thousands of images
+                say(f"baselines {cfg['name']}: epoch {epoch + 1}/{cfg['epochs']} trained; recalibrating "
+                    f"BatchNorm and scoring val")
             recalibrate_batchnorm(raw, shard.sample(world, device), world, device, use_cuda)
             metrics = _evaluate(raw, val, len(cfg["classes"]), device, world, use_cuda, "val")
             record.update({k: metrics[k] for k in ("val_loss", "val_acc", "val_macro_f1")})
