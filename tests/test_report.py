@@ -64,6 +64,21 @@ def test_encoder_comparison_puts_each_accuracys_interval_after_it():
     assert not any(c.endswith("_95ci") for c in encoder_comparison(frame, "val_macro_f1").columns)
 
 
+def test_encoder_comparison_leaves_out_kmeans_where_no_run_measured_it():
+    """`probe.kmeans: false`: no run has kmeans_nmi/ari (`sweep best` gives them as None); the report's
+    comparison showed two columns of `None` and explained them as k-means scores."""
+    rows = [{"encoder": "diffusion", "column": "mid_block@t0", "resolution": 4, "val_macro_f1": 0.9,
+             "test_acc": 0.75, "kmeans_nmi": None, "kmeans_ari": None},
+            {"encoder": "sup", "column": "layer3", "resolution": 8, "val_macro_f1": 0.8,
+             "test_acc": 0.5, "kmeans_nmi": None, "kmeans_ari": None}]
+    out = encoder_comparison(pd.DataFrame(rows), "val_macro_f1")
+    assert list(out.columns) == ["encoder", "searched", "column", "resolution", "val_macro_f1", "test_acc"]
+    # measured for one encoder: kept, the other's cell empty
+    rows[1].update(kmeans_nmi=0.25, kmeans_ari=0.0)
+    out = encoder_comparison(pd.DataFrame(rows), "val_macro_f1")
+    assert list(out["kmeans_ari"].isna()) == [True, False] and out["kmeans_ari"].iloc[1] == 0.0
+
+
 def test_data_summary_counts_what_each_split_left_out(tmp_path, write_pipeline):
     """Per (dataset, split): the store's images, and beside them the images extraction rejected (the manifest's
     `rejected`) and those of a class the train split does not have (an OOD class unknown to training)."""

@@ -303,7 +303,8 @@ def concurrent_workers(config: PipelineConfig, trials: int) -> int:
     `max_concurrent_trials` is not set, also the machine's cores. (That Ray declares at least 4 logical
     CPUs so Ray Train and Ray Data fit side by side on a small machine; a probe trial is one busy thread, so
     more trials than cores only add workers to start: on 2 cores, 4 workers importing torch at once held
-    the demo's first trial back 18 s.)"""
+    the demo's first trial back 18 s; so also with `cpus_per_trial` below 1, which Ray would fit twice or
+    more on a core.)"""
     import ray
 
     p = config.probe
@@ -311,7 +312,8 @@ def concurrent_workers(config: PipelineConfig, trials: int) -> int:
     fit = [trials, p.max_concurrent_trials or trials,
            math.floor(total.get("CPU", 0) / p.cpus_per_trial + 1e-9)]
     if ray_address(config) is None and p.max_concurrent_trials is None:
-        fit.append(max(1, math.floor((os.cpu_count() or 1) / p.cpus_per_trial + 1e-9)))
+        # a trial below one CPU still runs one thread (`threads` in `run`): no more trials than cores
+        fit.append(max(1, math.floor((os.cpu_count() or 1) / max(1.0, p.cpus_per_trial) + 1e-9)))
     if p.gpus_per_trial > 0:
         fit.append(math.floor(total.get("GPU", 0) / p.gpus_per_trial + 1e-9))
     return max(1, min(fit))

@@ -238,7 +238,8 @@ def encoder_comparison(frame: pd.DataFrame, select: str, images: pd.DataFrame | 
     firsts = frame.groupby("encoder", sort=False).head(1)
     metrics = [select] + [m for m in ("test_acc", "test_macro_f1", "test_balanced_acc") if m != select]
     metrics += sorted(c for c in frame.columns if c.startswith("ood_") and c.endswith(("_acc", "_macro_f1")))
-    metrics += ["kmeans_nmi", "kmeans_ari"]
+    # not measured (`probe.kmeans: false`): no column of empty cells, and no note explaining it
+    metrics += [m for m in ("kmeans_nmi", "kmeans_ari") if m in frame.columns and frame[m].notna().any()]
     out = firsts[["encoder", "column", "resolution", *[m for m in metrics if m in frame.columns]]].copy()
     # the validation figure is the best of this many: the more columns, the more it flatters
     out.insert(1, "searched", out["encoder"].map(frame.groupby("encoder").size()).astype(int))
