@@ -306,7 +306,7 @@ def cmd_validate(config: PipelineConfig) -> None:
     known = sum(n for n in columns.values() if n is not None)
     print(f"  probe: {'at least ' if None in columns.values() else ''}{known} trials, one per feature column ("
           + ", ".join(f"{name} {n if n is not None else 'not known before extraction'}" for name, n in columns.items())
-          + f"), {len(q.lrs) * len(q.weight_decays)} heads each, {q.epochs} epochs")
+          + f"), {q.heads_each()}, {q.epochs} epochs")
     if not any(config.probe.weight_decays):
         # measured on 196-dim Fashion-MNIST pixels of 240 training images: heads at weight decay 0 alone, test
         # accuracy 0.27; with the default grid (weight decay 1e-2 chosen) 0.74, scikit-learn at C=1e4 0.73

@@ -419,6 +419,11 @@ class ProbeConfig(_Model):
                              "ASHA would never stop a trial")
         return self
 
+    def heads_each(self) -> str:
+        """"9 heads each": the (lr, weight decay) heads a trial trains, as the stage and `validate` say it."""
+        n = len(self.lrs) * len(self.weight_decays)
+        return f"{n} head{'s' if n != 1 else ''} each"
+
 
 # --------------------------------------------------------------------------------------------- top
 

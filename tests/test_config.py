@@ -41,6 +41,8 @@ def test_validate_plans_a_single_encoders_budget_and_trials(capsys):
     out = capsys.readouterr().out
     assert "  probe: 4 trials, one per feature column (diffusion 4), 9 heads each, 30 epochs" in out
     assert "  budgets: diffusion 200 steps x at most 32 = 6,200 training images\n" in out
+    assert main(["validate", "pipelines/demo.yaml", "--set", "probe.lrs=[0.1]", "--set", "probe.weight_decays=[0]"]) == 0
+    assert "), 1 head each, 30 epochs" in capsys.readouterr().out  # "1 heads each" before
 
 
 @pytest.mark.parametrize("bits", [8, 12, 16])

@@ -792,7 +792,7 @@ def run(config: PipelineConfig) -> dict:
     say(f"probe: {len(todo)} of {len(trials)} trials to run ({len(done)} already finished"
         f"{f', {len(reusable)} to copy' if reusable else ''}"
         f"{f', {stale} unfinished run(s) discarded' if stale else ''}), "
-        f"{len(config.probe.lrs) * len(config.probe.weight_decays)} heads each")
+        f"{config.probe.heads_each()}")
     p = config.probe
     parent = tracking.start_stage_run(config, "probe", params={
         "lrs": p.lrs, "weight_decays": p.weight_decays, **_shared_params(p), "trials": len(trials),
