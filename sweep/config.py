@@ -29,7 +29,9 @@ class ArgumentError(ConfigError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN or infinity in any number: a NaN compares false (the grids' `x <= 0` let it through) and
+    # infinity passes any lower bound
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _is_remote(path: str) -> bool:

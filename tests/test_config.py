@@ -230,6 +230,27 @@ def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key
     assert key in err and why in err, err
 
 
+@pytest.mark.parametrize(
+    "override, key, why",
+    [
+        # found by a fuzz of the pipeline keys: validate accepted these (a NaN compares false with the grids'
+        # `x <= 0`; infinity passes `gt=0`); torch's Adam takes an infinite lr, the probe's own Adam a NaN one
+        ("probe.lrs=[0.1, .nan]", "probe.lrs.1", "finite number (got nan)"),
+        ("probe.lrs=[.inf]", "probe.lrs.0", "finite number (got inf)"),
+        ("probe.weight_decays=[.nan]", "probe.weight_decays.0", "finite number (got nan)"),
+        ("pretrain.lr=.inf", "pretrain.lr", "finite number (got inf)"),
+        ("pretrain.weight_decay=.inf", "pretrain.weight_decay", "finite number (got inf)"),
+        ("pretrain.grad_clip=.inf", "pretrain.grad_clip", "finite number (got inf)"),
+        ("probe.asha={reduction_factor: .inf}", "probe.asha.reduction_factor", "finite number (got inf)"),
+        ("baselines=[{name: s, kind: supervised, lr: .inf}]", "baselines.0.lr", "finite number (got inf)"),
+    ],
+)
+def test_nan_and_infinite_numbers_exit_2_naming_the_key(write_pipeline, capsys, override, key, why):
+    assert main(["validate", str(write_pipeline()), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: Input should be a {why}" in err and err.count("\n") == 1, err
+
+
 def test_storage_that_cannot_be_made_stops_before_any_stage(tmp_path, write_pipeline, capsys):
     """A storage path under a file (or anywhere no folder can be made): `validate` warns (a cluster's path
     may exist only there), a stage exits 2 naming `storage` before it starts (it failed inside the stage
