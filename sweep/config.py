@@ -33,6 +33,35 @@ class _Model(BaseModel):
     # infinity passes any lower bound
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v, info):
+        """A number is not a boolean: YAML reads true/yes/on as one, and pydantic took it for 1 (`epochs: yes`
+        trained one epoch, `timesteps: [true]` was timestep 1)."""
+        if _wants_number(cls.model_fields[info.field_name].annotation):
+            for i, item in enumerate(v) if isinstance(v, list) else [(None, v)]:
+                if isinstance(item, bool):
+                    # a scalar's value is shown by the error formatting, a list item's here
+                    raise ValueError("expected a number, not a boolean" if i is None else
+                                     f"item {i}: expected a number, not a boolean (got {item})")
+        return v
+
+
+def _wants_number(annotation) -> bool:
+    """Whether a field holds numbers (int, float, a Literal of ints; in a list or union), and no booleans."""
+    import typing
+
+    leaves, stack = set(), [annotation]
+    while stack:
+        t = stack.pop()
+        if typing.get_origin(t) is Literal:
+            leaves |= {type(a) for a in typing.get_args(t)}
+        elif typing.get_args(t):
+            stack.extend(typing.get_args(t))
+        else:
+            leaves.add(t)
+    return bool(leaves & {int, float}) and bool not in leaves and Any not in leaves
+
 
 def _is_remote(path: str) -> bool:
     return "://" in path

@@ -251,6 +251,36 @@ def test_nan_and_infinite_numbers_exit_2_naming_the_key(write_pipeline, capsys, 
     assert f"{key}: Input should be a {why}" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        # YAML reads true/false/yes/no/on/off as booleans, and pydantic took a boolean for a number: `epochs:
+        # yes` trained 1 epoch, `seed: true` was seed 1, `timesteps: [true]` timestep 1
+        ("probe.epochs=yes", "probe.epochs"),
+        ("seed=true", "seed"),
+        ("extract.timesteps=[0, true]", "extract.timesteps: item 1"),
+        ("pretrain.lr=true", "pretrain.lr"),
+        ("data.channels=true", "data.channels"),
+        ("probe.weight_decays=[off]", "probe.weight_decays: item 0"),
+        ("probe.max_concurrent_trials=on", "probe.max_concurrent_trials"),
+        ("data.train.splits={val: true, test: 0.2}", "data.train.splits.val"),
+    ],
+)
+def test_a_boolean_for_a_number_exits_2_naming_the_key(write_pipeline, capsys, override, key):
+    assert main(["validate", str(write_pipeline()), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: expected a number, not a boolean (got " in err and err.count("(got") == 1, err
+    assert err.count("\n") == 1, err
+
+
+def test_booleans_and_numbers_in_their_own_places_still_load(write_pipeline):
+    config = load_config(write_pipeline(), ["pretrain.use_gpu=false", "probe.kmeans=no", "pretrain.steps=7.0",
+                                            "pretrain.lr=1e-3", "data.train.splits.val=0.25",
+                                            "baselines=[{name: s, kind: supervised, small_input: true}]"])
+    assert (config.pretrain.use_gpu, config.probe.kmeans, config.baselines[0].small_input) == (False, False, True)
+    assert (config.pretrain.steps, config.pretrain.lr, config.data.train.splits.val) == (7, 1e-3, 0.25)
+
+
 def test_storage_that_cannot_be_made_stops_before_any_stage(tmp_path, write_pipeline, capsys):
     """A storage path under a file (or anywhere no folder can be made): `validate` warns (a cluster's path
     may exist only there), a stage exits 2 naming `storage` before it starts (it failed inside the stage
