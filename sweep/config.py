@@ -774,7 +774,9 @@ class _PipelineLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):  # a list key: SafeLoader's own error says so
+                continue
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} given twice (lines {seen[key]} and {line}): the second would "
                                 f"silently replace the first", key_node.start_mark)
@@ -794,12 +796,23 @@ class _PipelineLoader(yaml.SafeLoader):
 _PipelineLoader.add_constructor("tag:yaml.org,2002:int", _PipelineLoader.construct_yaml_int)
 
 
+class _TooDeep(yaml.YAMLError):
+    def __str__(self) -> str:
+        return "nested more than a few hundred levels deep"
+
+
 def _load_yaml(text: str):
-    return yaml.load(text, Loader=_PipelineLoader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=_PipelineLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise _TooDeep() from None
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error in one line: where (line, column) and what."""
+    if isinstance(e, yaml.reader.ReaderError):  # its str() is two lines
+        char = f"{e.character:#x}" if isinstance(e.character, int) else repr(e.character)
+        return f"character {char} at position {e.position} is not allowed in YAML ({e.reason})"
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
     return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what

@@ -321,6 +321,24 @@ def test_pipeline_file_mistakes_name_the_file_and_line(tmp_path, write_pipeline,
     assert f"and {line})" in (main(["validate", str(twice)]), capsys.readouterr().err)[1]
 
 
+def test_yaml_the_loader_cannot_take_exits_2_in_one_line(tmp_path, capsys):
+    """Found by a fuzz of pipeline files: a list as a mapping key failed in the duplicate-key check with
+    "TypeError: unhashable type: 'list'" (exit 1), a NUL byte gave a two-line message, and deep nesting
+    (in the file or a --set value) a RecursionError (exit 1)."""
+    deep = "[" * 2000 + "]" * 2000
+    cases = [("name: t\n? [a]\n: 2\n", [], "line 2, column 3: while constructing a mapping found unhashable key"),
+             ("name: t\x00\n", [], "character 0x0 at position 7 is not allowed in YAML (special characters are not "
+                                   "allowed)"),
+             (f"name: t\nextract: {deep}\n", [], "not valid YAML: nested more than"),
+             ("name: t\n", [f"extract={deep}"], "--set extract: value is not valid YAML: nested more than")]
+    for text, sets, why in cases:
+        path = tmp_path / "p.yaml"
+        path.write_text(text)
+        assert main(["validate", str(path), *sum((["--set", s] for s in sets), [])]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+
+
 def test_ray_address_that_does_not_answer_fails_before_any_stage(write_pipeline, capsys):
     import socket
 
