@@ -87,6 +87,8 @@ def not_utf8(path, e: UnicodeDecodeError) -> str:
 
 def _diffusers_folder(path: str | None) -> str | None:
     """A local diffusers U-Net folder must exist and hold its config.json (itself or in unet/)."""
+    if path == "":  # not None: the checks of the U-Net pretrain builds looked for None and were skipped
+        raise ValueError("an empty path: leave the key out (or null) for none")
     if path and _missing(path, "folder"):
         raise ValueError(f"checkpoint folder does not exist: {path}")
     if path and not _is_remote(path) and _CHECK_LOCAL_PATHS.get() \

@@ -339,6 +339,19 @@ def test_yaml_the_loader_cannot_take_exits_2_in_one_line(tmp_path, capsys):
         assert why in err and err.count("\n") == 1, err
 
 
+def test_an_empty_checkpoint_path_exits_2(write_pipeline, capsys):
+    """`pretrain.init_from: ''` validated: the checks of the U-Net pretrain builds (timesteps below its
+    schedule's length, image size a multiple of its levels) looked for init_from None and were skipped, so
+    a timestep past the schedule passed every check before the stages (it would fail in extract, after
+    training); the pretrain stage trained from scratch."""
+    path = write_pipeline()
+    for sets, key in [(["pretrain.init_from=''", "extract.timesteps=[0, 5000]"], "pretrain.init_from"),
+                      (["extract.encoders=[{name: diffusion, checkpoint: ''}]"], "extract.encoders.0.checkpoint")]:
+        assert main(["validate", str(path), *sum((["--set", s] for s in sets), [])]) == 2
+        err = capsys.readouterr().err
+        assert f"{key}: an empty path: leave the key out (or null) for none" in err, err
+
+
 def test_ray_address_that_does_not_answer_fails_before_any_stage(write_pipeline, capsys):
     import socket
 
