@@ -352,6 +352,21 @@ def test_an_empty_checkpoint_path_exits_2(write_pipeline, capsys):
         assert f"{key}: an empty path: leave the key out (or null) for none" in err, err
 
 
+def test_a_file_tracking_uri_exits_2_unless_mlflow_allows_it(write_pipeline, tmp_path, capsys, monkeypatch):
+    """MLflow refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set: `tracking.uri: file:///...`
+    validated, then `sweep best` and every stage exited 1 with MLflow's paragraph on migrating."""
+    path = write_pipeline()
+    uri = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for command in ("validate", "best", "report"):
+        assert main([command, str(path), "--set", f"tracking.uri={uri}"]) == 2, command
+        err = capsys.readouterr().err
+        assert f"tracking.uri: {uri} is MLflow's file store, which this MLflow refuses unless " \
+               f"MLFLOW_ALLOW_FILE_STORE=true" in err and err.count("\n") == 1, err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert main(["validate", str(path), "--set", f"tracking.uri={uri}"]) == 0
+
+
 def test_ray_address_that_does_not_answer_fails_before_any_stage(write_pipeline, capsys):
     import socket
 
