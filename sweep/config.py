@@ -919,11 +919,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     """Read a pipeline YAML, apply `--set` overrides, validate. Raises ConfigError naming the key.
     `check_local_paths=False`: data, split files, weights and checkpoints need not exist on this machine
     (a pipeline checked here to run on a cluster)."""
+    if not os.fspath(path).strip():  # Path("") is the current folder
+        raise ConfigError("PIPELINE is empty: give the pipeline's YAML file")
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder: give the pipeline's YAML file")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"pipeline file not found: {path}")
+    if not (path.is_file() or path.is_fifo()):  # a pipe is read once, as bash's <(...) gives one
+        raise ConfigError(f"{path} is not a file or a pipe: give the pipeline's YAML file")
     try:
         raw = _load_yaml(path.read_text())
     except yaml.YAMLError as e:

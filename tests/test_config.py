@@ -367,6 +367,25 @@ def test_a_file_tracking_uri_exits_2_unless_mlflow_allows_it(write_pipeline, tmp
     assert main(["validate", str(path), "--set", f"tracking.uri={uri}"]) == 0
 
 
+def test_a_pipeline_argument_that_is_no_regular_file(write_pipeline, tmp_path, capsys):
+    """An empty PIPELINE was '. is a folder', /dev/null 'pipeline file not found: /dev/null' (it exists), and
+    a pipe (bash's `<(...)`) was 'not found' too, though it can be read like a file."""
+    import threading
+
+    for arg, why in [("", "PIPELINE is empty: give the pipeline's YAML file"),
+                     ("/dev/null", "/dev/null is not a file or a pipe: give the pipeline's YAML file")]:
+        assert main(["validate", arg]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_text, args=(write_pipeline().read_text(),))
+    writer.start()
+    assert main(["validate", str(pipe)]) == 0
+    writer.join()
+    assert "t: valid (config hash" in capsys.readouterr().out
+
+
 def test_ray_address_that_does_not_answer_fails_before_any_stage(write_pipeline, capsys):
     import socket
 
