@@ -386,6 +386,21 @@ def test_a_pipeline_argument_that_is_no_regular_file(write_pipeline, tmp_path, c
     assert "t: valid (config hash" in capsys.readouterr().out
 
 
+def test_yaml_merge_keys_work_and_only_own_keys_count_as_given_twice(write_pipeline, tmp_path):
+    """The duplicate-key check built every key, `<<` too, which has no constructor of its own: a merge
+    (`- {<<: *sup, name: b}`) failed as "could not determine a constructor for the tag ...merge". A key the
+    mapping sets over a merged one is no duplicate; one set twice by the mapping itself still is."""
+    text = write_pipeline().read_text() + (
+        "baselines:\n- &sup {name: a, kind: supervised, epochs: 3, lr: 0.01}\n- {<<: *sup, name: b, epochs: 4}\n")
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    a, b = load_config(path).baselines
+    assert (a.name, a.epochs, a.lr, b.name, b.epochs, b.lr) == ("a", 3, 0.01, "b", 4, 0.01)
+    path.write_text(text.replace("epochs: 4}", "epochs: 4, epochs: 5}"))
+    with pytest.raises(ConfigError, match="key 'epochs' given twice"):
+        load_config(path)
+
+
 def test_ray_address_that_does_not_answer_fails_before_any_stage(write_pipeline, capsys):
     import socket
 
