@@ -29,7 +29,38 @@ class ArgumentError(ConfigError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN or infinity in any number: a NaN compares false (the grids' `x <= 0` let it through) and
+    # infinity passes any lower bound
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v, info):
+        """A number is not a boolean: YAML reads true/yes/on as one, and pydantic took it for 1 (`epochs: yes`
+        trained one epoch, `timesteps: [true]` was timestep 1)."""
+        if _wants_number(cls.model_fields[info.field_name].annotation):
+            for i, item in enumerate(v) if isinstance(v, list) else [(None, v)]:
+                if isinstance(item, bool):
+                    # a scalar's value is shown by the error formatting, a list item's here
+                    raise ValueError("expected a number, not a boolean" if i is None else
+                                     f"item {i}: expected a number, not a boolean (got {item})")
+        return v
+
+
+def _wants_number(annotation) -> bool:
+    """Whether a field holds numbers (int, float, a Literal of ints; in a list or union), and no booleans."""
+    import typing
+
+    leaves, stack = set(), [annotation]
+    while stack:
+        t = stack.pop()
+        if typing.get_origin(t) is Literal:
+            leaves |= {type(a) for a in typing.get_args(t)}
+        elif typing.get_args(t):
+            stack.extend(typing.get_args(t))
+        else:
+            leaves.add(t)
+    return bool(leaves & {int, float}) and bool not in leaves and Any not in leaves
 
 
 def _is_remote(path: str) -> bool:
@@ -56,6 +87,8 @@ def not_utf8(path, e: UnicodeDecodeError) -> str:
 
 def _diffusers_folder(path: str | None) -> str | None:
     """A local diffusers U-Net folder must exist and hold its config.json (itself or in unet/)."""
+    if path == "":  # not None: the checks of the U-Net pretrain builds looked for None and were skipped
+        raise ValueError("an empty path: leave the key out (or null) for none")
     if path and _missing(path, "folder"):
         raise ValueError(f"checkpoint folder does not exist: {path}")
     if path and not _is_remote(path) and _CHECK_LOCAL_PATHS.get() \
@@ -746,9 +779,13 @@ class _PipelineLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be set over here
+                continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):  # a list key: SafeLoader's own error says so
+                continue
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} given twice (lines {seen[key]} and {line}): the second would "
                                 f"silently replace the first", key_node.start_mark)
@@ -768,12 +805,23 @@ class _PipelineLoader(yaml.SafeLoader):
 _PipelineLoader.add_constructor("tag:yaml.org,2002:int", _PipelineLoader.construct_yaml_int)
 
 
+class _TooDeep(yaml.YAMLError):
+    def __str__(self) -> str:
+        return "nested more than a few hundred levels deep"
+
+
 def _load_yaml(text: str):
-    return yaml.load(text, Loader=_PipelineLoader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=_PipelineLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise _TooDeep() from None
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error in one line: where (line, column) and what."""
+    if isinstance(e, yaml.reader.ReaderError):  # its str() is two lines
+        char = f"{e.character:#x}" if isinstance(e.character, int) else repr(e.character)
+        return f"character {char} at position {e.position} is not allowed in YAML ({e.reason})"
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
     return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
@@ -878,11 +926,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     """Read a pipeline YAML, apply `--set` overrides, validate. Raises ConfigError naming the key.
     `check_local_paths=False`: data, split files, weights and checkpoints need not exist on this machine
     (a pipeline checked here to run on a cluster)."""
+    if not os.fspath(path).strip():  # Path("") is the current folder
+        raise ConfigError("PIPELINE is empty: give the pipeline's YAML file")
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder: give the pipeline's YAML file")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"pipeline file not found: {path}")
+    if not (path.is_file() or path.is_fifo()):  # a pipe is read once, as bash's <(...) gives one
+        raise ConfigError(f"{path} is not a file or a pipe: give the pipeline's YAML file")
     try:
         raw = _load_yaml(path.read_text())
     except yaml.YAMLError as e:

@@ -47,8 +47,9 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "1")
 
 
 def check_tracking(config: PipelineConfig, reach_server: bool = False) -> None:
-    """Raise ConfigError when the pipeline has no tracking URI it can use (remote storage needs one); with
-    `reach_server`, TrackingServerUnreachable when its URI is an MLflow server that does not answer."""
+    """Raise ConfigError when the pipeline has no tracking URI it can use (remote storage needs one; a file
+    store needs MLflow's MLFLOW_ALLOW_FILE_STORE); with `reach_server`, TrackingServerUnreachable when its
+    URI is an MLflow server that does not answer."""
     storage = Storage.of(config.storage_root)
     uri = configured_uri(config)
     if not uri and not storage.is_local:
@@ -58,6 +59,16 @@ def check_tracking(config: PipelineConfig, reach_server: bool = False) -> None:
             f"tracking.uri: needed when storage is remote ({storage.root}): the default SQLite store must be "
             f"on a local disk. Point it at an MLflow server (cluster.yaml runs one on the head node: "
             f"--set tracking.uri=http://HEAD:5000) or a local sqlite:///path/mlflow.db")
+    if uri and uri.lower().startswith("file:"):
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+        if not MLFLOW_ALLOW_FILE_STORE.get():  # else MLflow's paragraph on migrating, at the first query (exit 1)
+            from sweep.config import ConfigError
+
+            key = "tracking.uri" if config.tracking.uri else "MLFLOW_TRACKING_URI"
+            raise ConfigError(f"{key}: {uri} is MLflow's file store, which this MLflow refuses unless "
+                              f"MLFLOW_ALLOW_FILE_STORE=true: use a SQLite file (sqlite:///PATH/mlflow.db) or a "
+                              f"server")
     if reach_server and uri:
         check_server(uri)
 

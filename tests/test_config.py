@@ -232,6 +232,57 @@ def test_bad_config_exits_2_naming_the_key(write_pipeline, capsys, override, key
     assert key in err and why in err, err
 
 
+@pytest.mark.parametrize(
+    "override, key, why",
+    [
+        # found by a fuzz of the pipeline keys: validate accepted these (a NaN compares false with the grids'
+        # `x <= 0`; infinity passes `gt=0`); torch's Adam takes an infinite lr, the probe's own Adam a NaN one
+        ("probe.lrs=[0.1, .nan]", "probe.lrs.1", "finite number (got nan)"),
+        ("probe.lrs=[.inf]", "probe.lrs.0", "finite number (got inf)"),
+        ("probe.weight_decays=[.nan]", "probe.weight_decays.0", "finite number (got nan)"),
+        ("pretrain.lr=.inf", "pretrain.lr", "finite number (got inf)"),
+        ("pretrain.weight_decay=.inf", "pretrain.weight_decay", "finite number (got inf)"),
+        ("pretrain.grad_clip=.inf", "pretrain.grad_clip", "finite number (got inf)"),
+        ("probe.asha={reduction_factor: .inf}", "probe.asha.reduction_factor", "finite number (got inf)"),
+        ("baselines=[{name: s, kind: supervised, lr: .inf}]", "baselines.0.lr", "finite number (got inf)"),
+    ],
+)
+def test_nan_and_infinite_numbers_exit_2_naming_the_key(write_pipeline, capsys, override, key, why):
+    assert main(["validate", str(write_pipeline()), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: Input should be a {why}" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        # YAML reads true/false/yes/no/on/off as booleans, and pydantic took a boolean for a number: `epochs:
+        # yes` trained 1 epoch, `seed: true` was seed 1, `timesteps: [true]` timestep 1
+        ("probe.epochs=yes", "probe.epochs"),
+        ("seed=true", "seed"),
+        ("extract.timesteps=[0, true]", "extract.timesteps: item 1"),
+        ("pretrain.lr=true", "pretrain.lr"),
+        ("data.channels=true", "data.channels"),
+        ("probe.weight_decays=[off]", "probe.weight_decays: item 0"),
+        ("probe.max_concurrent_trials=on", "probe.max_concurrent_trials"),
+        ("data.train.splits={val: true, test: 0.2}", "data.train.splits.val"),
+    ],
+)
+def test_a_boolean_for_a_number_exits_2_naming_the_key(write_pipeline, capsys, override, key):
+    assert main(["validate", str(write_pipeline()), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: expected a number, not a boolean (got " in err and err.count("(got") == 1, err
+    assert err.count("\n") == 1, err
+
+
+def test_booleans_and_numbers_in_their_own_places_still_load(write_pipeline):
+    config = load_config(write_pipeline(), ["pretrain.use_gpu=false", "probe.kmeans=no", "pretrain.steps=7.0",
+                                            "pretrain.lr=1e-3", "data.train.splits.val=0.25",
+                                            "baselines=[{name: s, kind: supervised, small_input: true}]"])
+    assert (config.pretrain.use_gpu, config.probe.kmeans, config.baselines[0].small_input) == (False, False, True)
+    assert (config.pretrain.steps, config.pretrain.lr, config.data.train.splits.val) == (7, 1e-3, 0.25)
+
+
 def test_storage_that_cannot_be_made_stops_before_any_stage(tmp_path, write_pipeline, capsys):
     """A storage path under a file (or anywhere no folder can be made): `validate` warns (a cluster's path
     may exist only there), a stage exits 2 naming `storage` before it starts (it failed inside the stage
@@ -270,6 +321,86 @@ def test_pipeline_file_mistakes_name_the_file_and_line(tmp_path, write_pipeline,
         err = capsys.readouterr().err
         assert why in err, err
     assert f"and {line})" in (main(["validate", str(twice)]), capsys.readouterr().err)[1]
+
+
+def test_yaml_the_loader_cannot_take_exits_2_in_one_line(tmp_path, capsys):
+    """Found by a fuzz of pipeline files: a list as a mapping key failed in the duplicate-key check with
+    "TypeError: unhashable type: 'list'" (exit 1), a NUL byte gave a two-line message, and deep nesting
+    (in the file or a --set value) a RecursionError (exit 1)."""
+    deep = "[" * 2000 + "]" * 2000
+    cases = [("name: t\n? [a]\n: 2\n", [], "line 2, column 3: while constructing a mapping found unhashable key"),
+             ("name: t\x00\n", [], "character 0x0 at position 7 is not allowed in YAML (special characters are not "
+                                   "allowed)"),
+             (f"name: t\nextract: {deep}\n", [], "not valid YAML: nested more than"),
+             ("name: t\n", [f"extract={deep}"], "--set extract: value is not valid YAML: nested more than")]
+    for text, sets, why in cases:
+        path = tmp_path / "p.yaml"
+        path.write_text(text)
+        assert main(["validate", str(path), *sum((["--set", s] for s in sets), [])]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+
+
+def test_an_empty_checkpoint_path_exits_2(write_pipeline, capsys):
+    """`pretrain.init_from: ''` validated: the checks of the U-Net pretrain builds (timesteps below its
+    schedule's length, image size a multiple of its levels) looked for init_from None and were skipped, so
+    a timestep past the schedule passed every check before the stages (it would fail in extract, after
+    training); the pretrain stage trained from scratch."""
+    path = write_pipeline()
+    for sets, key in [(["pretrain.init_from=''", "extract.timesteps=[0, 5000]"], "pretrain.init_from"),
+                      (["extract.encoders=[{name: diffusion, checkpoint: ''}]"], "extract.encoders.0.checkpoint")]:
+        assert main(["validate", str(path), *sum((["--set", s] for s in sets), [])]) == 2
+        err = capsys.readouterr().err
+        assert f"{key}: an empty path: leave the key out (or null) for none" in err, err
+
+
+def test_a_file_tracking_uri_exits_2_unless_mlflow_allows_it(write_pipeline, tmp_path, capsys, monkeypatch):
+    """MLflow refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set: `tracking.uri: file:///...`
+    validated, then `sweep best` and every stage exited 1 with MLflow's paragraph on migrating."""
+    path = write_pipeline()
+    uri = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for command in ("validate", "best", "report"):
+        assert main([command, str(path), "--set", f"tracking.uri={uri}"]) == 2, command
+        err = capsys.readouterr().err
+        assert f"tracking.uri: {uri} is MLflow's file store, which this MLflow refuses unless " \
+               f"MLFLOW_ALLOW_FILE_STORE=true" in err and err.count("\n") == 1, err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert main(["validate", str(path), "--set", f"tracking.uri={uri}"]) == 0
+
+
+def test_a_pipeline_argument_that_is_no_regular_file(write_pipeline, tmp_path, capsys):
+    """An empty PIPELINE was '. is a folder', /dev/null 'pipeline file not found: /dev/null' (it exists), and
+    a pipe (bash's `<(...)`) was 'not found' too, though it can be read like a file."""
+    import threading
+
+    for arg, why in [("", "PIPELINE is empty: give the pipeline's YAML file"),
+                     ("/dev/null", "/dev/null is not a file or a pipe: give the pipeline's YAML file")]:
+        assert main(["validate", arg]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_text, args=(write_pipeline().read_text(),))
+    writer.start()
+    assert main(["validate", str(pipe)]) == 0
+    writer.join()
+    assert "t: valid (config hash" in capsys.readouterr().out
+
+
+def test_yaml_merge_keys_work_and_only_own_keys_count_as_given_twice(write_pipeline, tmp_path):
+    """The duplicate-key check built every key, `<<` too, which has no constructor of its own: a merge
+    (`- {<<: *sup, name: b}`) failed as "could not determine a constructor for the tag ...merge". A key the
+    mapping sets over a merged one is no duplicate; one set twice by the mapping itself still is."""
+    text = write_pipeline().read_text() + (
+        "baselines:\n- &sup {name: a, kind: supervised, epochs: 3, lr: 0.01}\n- {<<: *sup, name: b, epochs: 4}\n")
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    a, b = load_config(path).baselines
+    assert (a.name, a.epochs, a.lr, b.name, b.epochs, b.lr) == ("a", 3, 0.01, "b", 4, 0.01)
+    path.write_text(text.replace("epochs: 4}", "epochs: 4, epochs: 5}"))
+    with pytest.raises(ConfigError, match="key 'epochs' given twice"):
+        load_config(path)
 
 
 def test_ray_address_that_does_not_answer_fails_before_any_stage(write_pipeline, capsys):
