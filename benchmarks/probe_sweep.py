@@ -48,6 +48,10 @@ rounds; per-round overheads range over 30 points):
   accuracy -0.036 points on 12 trials (95 % interval -0.124 to +0.053; the same weight decay in 9 of 12).
   Again on 2026-11-25 (the same VM a day later): overhead 19.1 / 23.1 / 24.1 %, pooled 22.2 % = idle slots 13.7 %
   (start-up 9.8 %) + trials 8.4 % slower; speed-up 10.7 / 10.3 / 10.0x, compute vs compute 12.7x; accuracy the same.
+  And later that day (nothing on the trials' path changed; the probe's end-of-sweep check of other storages'
+  runs, new then, took 0.12 s): overhead 21.9 / 22.3 / 20.5 %, pooled 21.6 % = idle slots 13.6 % (start-up 9.7 %)
+  + trials 8.0 % slower; speed-up 9.5 / 9.1 / 9.3x (scikit-learn 3.09 s per trial), compute vs compute 13.0x;
+  accuracy the same (-0.036 points).
   Before (a faster CPU than the earlier runs: the bare run 0.24-0.29 s per trial, scikit-learn 3.5 s per
   trial, compute vs compute 11.4-11.6x):
   - 2 trials on 2 cores (the default `--slots`), `--repeats 3`, the MLflow store made before (a) as the
