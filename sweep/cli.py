@@ -313,6 +313,11 @@ def cmd_validate(config: PipelineConfig) -> None:
         print("  probe: warning: probe.weight_decays are all 0 (no penalty): on a column with more dimensions "
               "than training images the classes separate exactly, unpenalised heads grow without bound and can "
               "score far below penalised ones; add a weight decay (the default grid is [0, 1e-4, 1e-2])")
+    if config.pretrain.warmup_steps >= config.pretrain.steps:  # a quick `--set pretrain.steps=5` keeps warm-up 20
+        p = config.pretrain
+        print(f"  pretrain: warning: pretrain.warmup_steps ({p.warmup_steps}) >= pretrain.steps ({p.steps}): the lr "
+              f"rises for the whole run to {p.steps / max(p.warmup_steps, 1):.0%} of pretrain.lr ({p.lr:g}) and never "
+              f"decays: set warmup_steps below steps")
     from sweep.stages.report import budget_gap, planned_budgets
 
     budgets = planned_budgets(config, int((table.frame["split"] == "train").sum()))

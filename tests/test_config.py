@@ -41,8 +41,19 @@ def test_validate_plans_a_single_encoders_budget_and_trials(capsys):
     out = capsys.readouterr().out
     assert "  probe: 4 trials, one per feature column (diffusion 4), 9 heads each, 30 epochs" in out
     assert "  budgets: diffusion 200 steps x at most 32 = 6,200 training images\n" in out
-    assert main(["validate", "pipelines/demo.yaml", "--set", "probe.lrs=[0.1]", "--set", "probe.weight_decays=[0]"]) == 0
+    assert main(["validate", "pipelines/demo.yaml", "--set", "probe.lrs=[0.1]",
+                 "--set", "probe.weight_decays=[0]"]) == 0
     assert "), 1 head each, 30 epochs" in capsys.readouterr().out  # "1 heads each" before
+
+
+def test_validate_warns_when_pretraining_is_all_warm_up(capsys):
+    """A quick run (`--set pretrain.steps=5`) keeps the file's warm-up of 20 steps: the lr rises all run long
+    (diffusers' warm-up, then a cosine that never starts) and tops out at a quarter of pretrain.lr."""
+    assert main(["validate", "pipelines/demo.yaml", "--set", "pretrain.steps=5"]) == 0
+    assert ("  pretrain: warning: pretrain.warmup_steps (20) >= pretrain.steps (5): the lr rises for the whole run "
+            "to 25% of pretrain.lr (0.0002) and never decays: set warmup_steps below steps") in capsys.readouterr().out
+    assert main(["validate", "pipelines/demo.yaml", "--set", "pretrain.steps=21"]) == 0
+    assert "warmup_steps" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bits", [8, 12, 16])
