@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pandas as pd
 
@@ -73,11 +74,12 @@ def one_per_trial(recs: list[dict], storage_root: str) -> tuple[list[dict], dict
         if key not in chosen or (r.get("storage") == storage_root and chosen[key].get("storage") != storage_root):
             chosen[key] = r
     kept = [r for r in recs if chosen[trial_of(r)] is r]
-    dropped = {}
-    for r in recs:
-        if chosen[trial_of(r)] is not r:
-            dropped[str(r.get("storage"))] = dropped.get(str(r.get("storage")), 0) + 1
-    return kept, dropped
+    return kept, dict(Counter(str(r.get("storage")) for r in recs if chosen[trial_of(r)] is not r))
+
+
+def per_storage(counts: dict[str, int]) -> str:
+    """'22 in /a/store, 3 in /b/store': runs by the storage whose probe made them."""
+    return ", ".join(f"{n} in {s}" for s, n in sorted(counts.items()))
 
 
 REFERENCE_METRICS = ("test_acc", "test_macro_f1", "test_balanced_acc", "val_acc", "val_macro_f1")

@@ -159,17 +159,17 @@ def cmd_best(config: PipelineConfig, args) -> None:
         print(f"[sweep] no MLflow store for {config.name!r} yet ({where}): run the pipeline first", file=sys.stderr)
     every = best(config, metric=metric, top=None, encoder=args.encoder, any_config=args.any_config)
     recs = every[:args.top] if args.top else every
+    trials = len({trial_of(r) for r in every})  # not runs: two storages may each have made one
     plan = None
     if have_store and not args.any_config and args.encoder is None:
         from sweep.tracking import last_probe_plan
 
         plan = last_probe_plan(config)
-        trials = len({trial_of(r) for r in every})  # not runs: two storages may each have made one
         if plan is not None and plan[0] > trials:
             print(f"[sweep] {plan[0] - trials} of the {plan[0]} trials planned by the last probe stage have no "
                   f"finished run (that stage's run is {plan[1]}): the ranking leaves them out; `sweep probe` runs "
                   f"them", file=sys.stderr)
-    if not args.any_config and len(every) > len({trial_of(r) for r in every}):
+    if not args.any_config and len(every) > trials:
         _, others = one_per_trial(every, Storage.of(config.storage_root).root)
         where = ", ".join(f"{s}: {n}" for s, n in sorted(others.items()))
         print(f"[sweep] {sum(others.values())} trial run(s) of this config are a second run of a trial, made in "

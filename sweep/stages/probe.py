@@ -752,15 +752,15 @@ def _check_no_other_storage_probed(config: PipelineConfig, parent: str, columns:
     `sweep best` and `sweep report` then ranked both studies' runs together, saying nothing. ProbeError (the
     stage's run FAILED) naming the other storage."""
     from sweep import tracking
+    from sweep.best import per_storage
 
     try:
         tracking.finished_trials(config, {col["encoder"]: col["features"] for col in columns.values()})
     except tracking.OtherStorageRuns as e:
         tracking.finish_run(config, parent, "FAILED")
-        where = ", ".join(f"{n} in {s}" for s, n in sorted(e.elsewhere.items()))
         raise ProbeError(
             f"probe: {logged} trial run(s) recorded, but another storage probed this config into MLflow experiment "
-            f"{config.experiment_name!r} meanwhile, on other feature stores ({where}; this one is "
+            f"{config.experiment_name!r} meanwhile, on other feature stores ({per_storage(e.elsewhere)}; this one is "
             f"{Storage.of(config.storage_root).root}): `sweep best` ranks both studies' runs together. Give each "
             f"storage its own experiment (--set tracking.experiment=NAME) and probe again there") from None
 

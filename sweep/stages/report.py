@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from sweep import tracking
-from sweep.best import best, format_references, format_table, one_per_trial, references
+from sweep.best import best, format_references, format_table, one_per_trial, per_storage, references
 from sweep.config import PROBE_REVISION, PipelineConfig
 from sweep.features.store import FeatureStore
 from sweep.probing.kmeans import MAX_ROWS as KMEANS_MAX_ROWS
@@ -402,10 +402,10 @@ def missing_trials(config: PipelineConfig, recs: list[dict]) -> list[str]:
 
 def duplicates_line(others: dict[str, int]) -> str:
     """What a report says of the runs `best.one_per_trial` left out (storage -> how many)."""
-    where = ", ".join(f"{n} in {s}" for s, n in sorted(others.items()))
     return (f"{sum(others.values())} more finished run(s) of trials of this config, made in another storage "
-            f"sharing this MLflow experiment ({where}), are left out: one run per trial, this storage's. Two "
-            f"storages probed this config at once; give each its own experiment (--set tracking.experiment=NAME)")
+            f"sharing this MLflow experiment ({per_storage(others)}), are left out: one run per trial, this "
+            f"storage's. Two storages probed this config at once; give each its own experiment (--set "
+            f"tracking.experiment=NAME)")
 
 
 def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[str] = (),
