@@ -230,7 +230,8 @@ class DataConfig(_Model):
 
 class UNetConfig(_Model):
     block_out_channels: list[int] = Field([32, 64, 64], min_length=1)
-    layers_per_block: int = Field(1, ge=1)
+    # capped: diffusers' U-Nets use 1-3, and a typo of thousands hung `validate` building the model
+    layers_per_block: int = Field(1, ge=1, le=32)
     attention: list[bool] = [False, False, True]
 
     @model_validator(mode="after")

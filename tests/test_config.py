@@ -175,6 +175,9 @@ def test_validate_counts_every_missing_file_a_manifest_lists(tmp_path, capsys):
         ("data.train={source: fashion-mnist, path: /no/fmnist}", "data.train",
          "path does not exist: /no/fmnist (apt-get install dataset-fashion-mnist"),
         ("pretrain.model.attention=[true]", "pretrain.model", "one per level"),
+        # building a U-Net of 1,000 resnets a block hung `validate` for minutes
+        ("pretrain.model.layers_per_block=1000", "pretrain.model.layers_per_block",
+         "less than or equal to 32 (got 1000)"),
         ("extract.encoders=[nosuch]", "extract.encoders.0", "unknown encoder 'nosuch'"),
         # without a checkpoint, a name other than 'diffusion' would be the pretrained U-Net under that name
         ("extract.encoders=[diffusion, {name: unet2}]", "extract.encoders.1",
