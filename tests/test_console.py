@@ -254,6 +254,8 @@ def test_pretraining_ends_with_its_time_and_what_its_last_figures_cover():
         "pretrain: done at step 300 in 588s (steps 251-300: mean loss 0.0663, 62.6 images/s)"
     assert done_line({**metrics, "step": 250}, 250, 250, 10.0).startswith(
         "pretrain: done at step 250 in 10s (steps 1-250:")
+    # a run resumed after its last step reports no loss: it said "mean loss nan, nan images/s"
+    assert done_line({}, 300, 250, 4.2) == "pretrain: done at step 300 in 4s (every step was trained before this run)"
 
 
 def test_a_baseline_says_how_far_it_is_inside_an_epoch(clock, capsys):

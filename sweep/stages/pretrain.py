@@ -573,6 +573,8 @@ def done_line(metrics: dict, steps: int, every: int, seconds: float) -> str:
     steps since the checkpoint before it ("last loss 0.0663, 62.6 images/s" read as the last step's loss
     and the run's rate)."""
     step = int(metrics.get("step", steps))
+    if "loss" not in metrics:  # resumed after its last step (stopped while saving): nothing trained this time
+        return f"pretrain: done at step {step} in {seconds:.0f}s (every step was trained before this run)"
     first = (step - 1) // every * every + 1
     return (f"pretrain: done at step {step} in {seconds:.0f}s (steps {first}-{step}: mean loss "
             f"{metrics.get('loss', float('nan')):.4f}, {metrics.get('images_per_s', float('nan')):.1f} images/s)")
