@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -356,6 +357,12 @@ def test_pretrained_baseline_from_local_file_and_cnn_features(write_pipeline, tm
     np.testing.assert_array_equal(f2["layer1"], feats["layer1"])
     with pytest.raises(ValueError, match="unknown layer"):
         CNNEncoder(final, layers=["layer5"])
+    # an edited baseline.json without its arch failed as a bare KeyError: 'arch'
+    edited = tmp_path / "edited"
+    shutil.copytree(final, edited)
+    (edited / "baseline.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "arch"}))
+    with pytest.raises(ValueError, match=f"^{edited}/baseline.json: lacks 'arch': not a baseline folder written by"):
+        CNNEncoder(str(edited))
     # why `avgpool` is no default layer: its column is layer4's again
     f3 = CNNEncoder(final, layers=["layer4", "avgpool"]).encode(x, ["a", "b", "c", "d"])
     np.testing.assert_allclose(f3["avgpool"].astype(np.float32), f3["layer4"].astype(np.float32), rtol=1e-3, atol=1e-3)

@@ -37,7 +37,16 @@ def read_meta(folder: str | Path) -> dict:
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"no baseline at {folder}: {META_FILE} is missing (run `sweep baselines` first)")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: not JSON ({e})") from None
+    # written by the baselines stage; an edited or hand-made one failed later as a bare KeyError: 'arch'
+    lacking = [key for key in ("arch", "in_channels") if key not in meta] if isinstance(meta, dict) else ["arch"]
+    if lacking:
+        raise ValueError(f"{meta_path}: lacks {', '.join(map(repr, lacking))}: not a baseline folder written by "
+                         f"`sweep baselines`")
+    return meta
 
 
 def load_baseline(folder: str | Path) -> tuple[torch.nn.Module, dict]:
