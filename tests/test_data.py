@@ -313,6 +313,26 @@ def test_parquet_manifest_with_a_pandas_index_keeps_each_path_with_its_label(tmp
         assert [t.classes[label] for label in t.frame["label"]] == [Path(p).parent.name for p in t.frame["path"]]
 
 
+def test_integer_labels_stored_as_floats_in_parquet_are_the_same_classes(tmp_path, write_pipeline):
+    """pandas stores an integer column with a gap as floats: a Parquet manifest's label 3 read '3.0', another
+    class than an integer manifest's '3', so an OOD set's images matched no training class."""
+    files = sorted(DEMO_IMAGES.glob("*/*.jpg"))
+    number = {name: i for i, name in enumerate(sorted({p.parent.name for p in files}))}
+    frame = pd.DataFrame({"path": [str(p) for p in files], "label": [number[p.parent.name] for p in files]})
+    frame.iloc[::2].to_parquet(tmp_path / "train.parquet")  # int64 labels
+    ood = frame.iloc[1::2].astype({"label": "float64"})
+    ood.loc[ood.index[0], "label"] = np.nan  # the gap that makes pandas write floats (that row is left out)
+    ood.iloc[1:].to_parquet(tmp_path / "ood.parquet")
+    t = build_table(load_config(write_pipeline(data={
+        "image_size": 16, "channels": 1, "train": {"name": "main", "source": "manifest",
+                                                   "path": str(tmp_path / "train.parquet")},
+        "ood": [{"name": "other", "source": "manifest", "path": str(tmp_path / "ood.parquet")}]})))
+    assert t.classes == [str(i) for i in range(6)]
+    other = t.frame[t.frame["domain"] == "other"]
+    assert len(other) == len(ood) - 1
+    assert [t.classes[label] for label in other["label"]] == [str(number[Path(p).parent.name]) for p in other["path"]]
+
+
 def test_manifest_paths_written_on_windows_are_read(tmp_path, write_pipeline):
     """A manifest made on Windows names its files with backslashes ('images\\Tripos\\a.jpg'): each is read
     as the file of that path with '/' (every one was missing: 'FileNotFoundError'); its image id stays as

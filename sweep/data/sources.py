@@ -136,6 +136,10 @@ def _read_manifest(path: Path, where: str) -> pd.DataFrame:
             raise ConfigError(f"{where}.path: manifest {path} is not a readable Parquet file: {e}") from None
         # row positions, not the index pandas stores with a frame it wrote (a shuffled or filtered one's
         # labels are out of order): the scan pairs columns it derives by position
+        for column in table.columns:  # pandas stores integer labels with a gap as floats: 3.0 is class '3'
+            values = table[column]
+            if values.dtype.kind == "f" and values.notna().any() and (values.dropna() % 1 == 0).all():
+                table[column] = values.astype("Int64")
         table = table.astype(object).where(table.notna(), "").astype(str).reset_index(drop=True)
     elif suffix in (".csv", ".tsv"):
         try:
