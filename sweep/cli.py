@@ -133,6 +133,21 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
     say(f"done: {','.join(stages)} in {time.perf_counter() - t0:.0f}s; storage {config.storage_root}")
 
 
+def probe_state(config: PipelineConfig, status: str, storage: str | None) -> str:
+    """A probe stage's MLflow status as `sweep best` says it: a RUNNING run in this storage that no sweep
+    command holds was left so by a killed command (it said RUNNING, as if the sweep were still at work)."""
+    from sweep.storage import Storage, storage_in_use
+
+    here = Storage.of(config.storage_root).root
+    if status != "RUNNING" or storage not in (None, here):
+        return status
+    in_use = storage_in_use(here)
+    if in_use is False:
+        return ("RUNNING in MLflow, but no sweep command is at work in this storage: it was stopped without "
+                "ending its run (killed)")
+    return "RUNNING: a sweep command is at work in this storage" if in_use else status
+
+
 def cmd_best(config: PipelineConfig, args) -> None:
     from sweep.best import best, format_table, one_per_trial, to_json, trial_of
     from sweep.storage import Storage
@@ -167,8 +182,8 @@ def cmd_best(config: PipelineConfig, args) -> None:
         plan = last_probe_plan(config)
         if plan is not None and plan[0] > trials:
             print(f"[sweep] {plan[0] - trials} of the {plan[0]} trials planned by the last probe stage have no "
-                  f"finished run (that stage's run is {plan[1]}): the ranking leaves them out; `sweep probe` runs "
-                  f"them", file=sys.stderr)
+                  f"finished run (that stage's run is {probe_state(config, *plan[1:])}): the ranking leaves them "
+                  f"out; `sweep probe` runs them", file=sys.stderr)
     if not args.any_config and len(every) > trials:
         _, others = one_per_trial(every, Storage.of(config.storage_root).root)
         where = ", ".join(f"{s}: {n}" for s, n in sorted(others.items()))

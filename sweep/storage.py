@@ -67,6 +67,25 @@ def storage_lock(root: str, command: str):
         f.close()  # releases the lock
 
 
+def storage_in_use(root: str) -> bool | None:
+    """Whether a sweep command holds the local storage `root` now (`storage_lock`), read from the kernel's
+    table of locks without taking the lock (a probe of it would make a command starting at that moment
+    find the storage busy); None where that cannot be told (remote storage, no /proc/locks)."""
+    path = Path(root) / LOCK_FILE
+    if is_remote(root) or not os.path.isfile("/proc/locks"):
+        return None
+    if not path.is_file():
+        return False
+    st = path.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:3146243 0 EOF"
+            return any(len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode
+                       for fields in (line.split() for line in f))
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class Storage:
     root: str  # absolute local path or URI

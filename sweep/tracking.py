@@ -502,9 +502,9 @@ def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", enco
                               order_by=[f"metrics.`{metric}` DESC"], max_results=max_results)
 
 
-def last_probe_plan(config: PipelineConfig) -> tuple[int, str] | None:
-    """How many trials the latest probe stage of this config planned (its parent run's `trials`) and how that
-    run ended (its status); None where no probe stage ran."""
+def last_probe_plan(config: PipelineConfig) -> tuple[int, str, str | None] | None:
+    """How many trials the latest probe stage of this config planned (its parent run's `trials`), how that
+    run ended (its status) and the storage it ran in; None where no probe stage ran."""
     client = client_for(config)
     exp = client.get_experiment_by_name(config.experiment_name)
     if exp is None:
@@ -514,7 +514,7 @@ def last_probe_plan(config: PipelineConfig) -> tuple[int, str] | None:
                                             f"'{config.config_hash()}' and tags.`{TAG_PARENT}` IS NULL")
     if not runs or "trials" not in runs[0].data.params:
         return None
-    return int(runs[0].data.params["trials"]), runs[0].info.status
+    return int(runs[0].data.params["trials"]), runs[0].info.status, runs[0].data.tags.get(TAG_STORAGE)
 
 
 def search_baseline_runs(config: PipelineConfig, keys: dict[str, str]) -> pd.DataFrame:

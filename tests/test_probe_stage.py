@@ -30,7 +30,7 @@ from sweep.features.store import FeatureStore
 from sweep.probing import ProbeConfig, Split, kmeans_scores, train_probe
 from sweep.stages import extract, probe, report
 from sweep.stages.probe import probe_column, read_probe_data
-from sweep.storage import Storage
+from sweep.storage import Storage, storage_lock
 
 pytestmark = pytest.mark.ray
 
@@ -375,6 +375,18 @@ def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
         f"[sweep] 2 of the {N_TRIALS} trials planned by the last probe stage have no finished run (that stage's "
         f"run is FINISHED): the ranking leaves them out; `sweep probe` runs them"]
     assert len(out.out.splitlines()) == 4  # the header and the top 3
+    # a probe killed mid-sweep leaves its run RUNNING: said so only while a command holds the storage
+    (parent,) = [r for r in _client(config).search_runs([tracking.ensure_experiment(config)],
+                                                        f"tags.`{tracking.TAG_STAGE}` = 'probe'")
+                 if tracking.TAG_PARENT not in r.data.tags]
+    _client(config).update_run(parent.info.run_id, status="RUNNING")
+    _client(config).set_tag(parent.info.run_id, tracking.TAG_STORAGE, Storage.of(config.storage_root).root)
+    cli.cmd_best(config, best_args)
+    assert "(that stage's run is RUNNING in MLflow, but no sweep command is at work in this storage: it was stopped " \
+           "without ending its run (killed))" in capsys.readouterr().err
+    with storage_lock(config.storage_root, "sweep probe"):
+        cli.cmd_best(config, best_args)
+    assert "(that stage's run is RUNNING: a sweep command is at work in this storage)" in capsys.readouterr().err
 
 
 def test_a_report_that_fails_after_its_run_opened_ends_it_failed(swept, tmp_path, monkeypatch):
