@@ -223,7 +223,9 @@ def _s(n: int) -> str:
 
 
 def unscored_warning(config: PipelineConfig, table: ImageTable) -> str | None:
-    parts = [f"no {split} image for {', '.join(f'{c} ({n} image{_s(n)})' for c, n in list(missing.items())[:5])}"
+    # how many of how many classes: with hundreds of classes the 5 named alone hide whether it is 6 or 150
+    parts = [f"no {split} image for {len(missing)} of {len(table.classes)} classes: "
+             f"{', '.join(f'{c} ({n} image{_s(n)})' for c, n in list(missing.items())[:5])}"
              f"{', ...' if len(missing) > 5 else ''}" for split, missing in unscored_classes(config, table).items()]
     if not parts:
         return None
