@@ -249,6 +249,25 @@ def test_heatmap_keeps_every_label_inside_the_image(tmp_path):
     assert not (ink[:, :2].any() or ink[:, -2:].any() or ink[:2].any() or ink[-2:].any())
 
 
+def test_heatmap_cells_of_low_close_scores_read_differently(tmp_path):
+    """200 classes on a long tail: every test macro F1 of the U-Net's 10 columns lay in 0.024-0.041, and the
+    cells, plainly of different colours, were labelled 0.02, 0.03 or 0.04 (0.0362, 0.0385 and 0.0412 all
+    "0.04"). Labels get the decimals the spread needs; a usual spread keeps 2."""
+    from sweep.stages.report import _heatmap, cell_digits
+
+    # the study's cells, rows down_blocks.0 .. up_blocks.1, timesteps 0 and 100
+    low = [0.0241, 0.0207, 0.0344, 0.0216, 0.0408, 0.0288, 0.0362, 0.0385, 0.0412, 0.0278]
+    assert cell_digits(low) == 3 and len({f"{v:.3f}" for v in low}) == 9  # 0.041 twice: 0.0408, 0.0412
+    assert len({f"{v:.2f}" for v in low}) == 3
+    assert cell_digits([0.2, 0.5, 0.9]) == 2 and cell_digits([0.5, float("nan")]) == 2
+    assert cell_digits([0.8012, 0.8031, 0.8054]) == 4  # a spread under 0.01 between good columns
+    frame = pd.DataFrame([{"layer": layer, "timestep": t, "resolution": 8, "test_macro_f1": low[2 * i + j]}
+                          for i, layer in enumerate(["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0",
+                                                     "up_blocks.1"]) for j, t in enumerate([0, 100])])
+    _heatmap(frame, "test_macro_f1", "diffusion: test_macro_f1 by block and timestep", tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 0
+
+
 def test_per_class_refit_is_compared_with_the_logged_head_and_every_test_metric(tmp_path, write_pipeline):
     """The per-class table refits each encoder's best column; the report must say when the refit is not the
     logged run. It compared test accuracy alone: a refit that chose another head (another device or thread
