@@ -218,6 +218,12 @@ def unscored_classes(config: PipelineConfig, table: ImageTable) -> dict[str, dic
     return out
 
 
+def _names(names: list[str], shown: int = 10) -> str:
+    """"N class(es): 'a', 'b', ..." naming at most `shown`."""
+    return (f"{len(names)} class(es): {', '.join(repr(n) for n in names[:shown])}"
+            f"{', ...' if len(names) > shown else ''}")
+
+
 def _s(n: int) -> str:
     return "" if n == 1 else "s"
 
@@ -329,8 +335,12 @@ def build_table(config: PipelineConfig) -> ImageTable:
         ignored[ood.name] = other.attrs.get("ignored", [])
         other = _limit(other, ood.limit, config.seed)
         if not other["class_name"].isin(label_of).any():
-            raise ConfigError(f"data.ood.{i}: no image of {ood.name!r} belongs to a training class ({classes})"
-                              f"{case_hint(other['class_name'].unique(), classes)}")
+            # a few names of each side: with hundreds of training classes the whole list ran to kilobytes and
+            # never said what the OOD set's own classes are called
+            theirs = sorted(other["class_name"].unique())
+            raise ConfigError(f"data.ood.{i}: no image of {ood.name!r} belongs to a training class (its "
+                              f"{_names(theirs)}; training's {_names(classes)})"
+                              f"{case_hint(theirs, classes)}")
         frames.append(other.assign(split="ood", domain=ood.name))
     # classes absent from train (of an OOD set, or in val/test only) cannot be predicted: left out, counted
     table = pd.concat(frames, ignore_index=True)
