@@ -126,6 +126,35 @@ def test_data_summary_counts_what_each_split_left_out(tmp_path, write_pipeline):
         c for c in table.classes if c not in ("Tripos", "Ciliophora"))
 
 
+def test_data_csv_names_every_class_a_split_lacks(tmp_path, write_pipeline):
+    """A long tail of many classes: 8 of 12 classes have 1 image (train only). data.csv named 5 of the 8 a
+    split lacks and '(+3)', and nothing else in the report or the store names the other 3; it now names all
+    8, while report.md's table keeps the 5 and the count."""
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    sizes = {**{f"rare {i} ü": 1 for i in range(8)}, **{f"common {i}": 10 for i in range(4)}}
+    for name, n in sizes.items():
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            Image.fromarray(np.full((8, 8), 20 * j, np.uint8)).save(root / name / f"{j}.png")
+    config = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "imagefolder", "path": str(root), "splits": {"val": 0.2, "test": 0.2}}}))
+    table = build_table(config)
+    columns = [{"column": "mid_block@t0", "layer": "mid_block", "timestep": 0, "dim": 2, "resolution": 4}]
+    store = FeatureStore(Storage.of(config.storage_root).features("diffusion"))
+    store.open({"encoder": "diffusion", "columns": columns}, "k", {"main": 1})
+    store.write_shard("main", 0, to_table(table.frame.to_dict("list"),
+                                          {"mid_block@t0": np.zeros((len(table.frame), 2))}, columns))
+    store.mark_complete({})
+    got = data_summary(config, table).set_index("split")
+    rare = sorted(c for c, n in sizes.items() if n == 1)
+    assert got.loc["val", "classes_missing"] == ", ".join(rare) == got.loc["test", "classes_missing"]
+    assert got.loc["train", "classes_missing"] == "-"
+    shown = dict(zip(got.index, got.attrs["missing_shown"]))
+    assert shown == {"train": "-", "val": ", ".join(rare[:5]) + " (+3)", "test": ", ".join(rare[:5]) + " (+3)"}
+
+
 def test_per_class_tables_show_the_head_and_tail_of_many_classes():
     rows = [{"encoder": "e", "dataset": "d", "split": "test", "class": f"c{i}", "train_images": (i * 7) % 40}
             for i in range(40)]

@@ -167,8 +167,10 @@ def data_summary(config: PipelineConfig, table=None) -> pd.DataFrame | None:
         missing = [c for i, c in enumerate(table.classes) if i not in per_class.index]
         rows.append({"dataset": domain, "split": split, "images": len(group), "classes": len(per_class),
                      "largest_class": int(per_class.max()), "smallest_class": int(per_class.min()),
-                     "classes_missing": ", ".join(missing[:5]) + (f" (+{len(missing) - 5})" if len(missing) > 5
-                                                                  else "") if missing else "-",
+                     # all of them (data.csv); report.md shows `missing_shown`
+                     "classes_missing": ", ".join(missing) or "-",
+                     "missing_shown": ", ".join(missing[:5]) + (f" (+{len(missing) - 5})" if len(missing) > 5
+                                                                else "") if missing else "-",
                      "unreadable": int(unreadable.get((domain, split), 0)),
                      "unknown_class": int(unknown.get((domain, split), 0))})
 
@@ -176,6 +178,9 @@ def data_summary(config: PipelineConfig, table=None) -> pd.DataFrame | None:
         return datasets.index(row["dataset"]), {"train": 0, "val": 1, "test": 2}.get(row["split"], 3)
 
     out = pd.DataFrame(sorted(rows, key=order))
+    # with hundreds of classes a split can lack dozens: data.csv names every one (the only place that does),
+    # report.md's table the first 5 and how many more
+    out.attrs["missing_shown"] = out.pop("missing_shown").tolist()
     main = meta.loc[meta["domain"] == config.data.train.name, "label"].to_numpy()
     out.attrs["chance_nmi"] = chance_nmi(main, len(table.classes), config.seed) if len(main) else None
     return out
@@ -448,8 +453,9 @@ def _write(config: PipelineConfig, recs: list[dict], out: Path, missing: list[st
                   "classes it lacks (not scored there: macro F1 and balanced accuracy average over the classes a "
                   "split has); and the images of that split left out: unreadable (listed in each feature "
                   "manifest's `rejected`), or of a class the train split does not have (`unknown_class`; OOD "
-                  "accuracy is over the OOD images of training classes).", "", "```",
-                  images.to_string(index=False), "```", ""]
+                  "accuracy is over the OOD images of training classes). `data.csv` names every missing class.",
+                  "", "```",
+                  images.assign(classes_missing=images.attrs["missing_shown"]).to_string(index=False), "```", ""]
     compared = encoder_comparison(frame, config.probe.select, images, config.data.train.name)
     several = frame["encoder"].nunique() > 1
     chance = images.attrs.get("chance_nmi") if images is not None else None
