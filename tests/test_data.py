@@ -567,3 +567,43 @@ def test_classes_too_small_for_a_val_or_test_image_are_named(write_pipeline):
     assert warning.startswith("data.train: no val image for ") and "; no test image for " in warning
     assert all(f"{c} ({n} image{'' if n == 1 else 's'})" in warning for c, n in small.items())
     assert unscored_warning(load_config(write_pipeline()), build_table(load_config(write_pipeline()))) is None
+
+
+def test_unscored_warning_counts_the_classes_when_it_names_only_some(write_pipeline, tmp_path):
+    """Hundreds of classes on a long tail: the warning names 5 classes; it must also say how many lack a val
+    or test image (it said "A, B, C, D, E, ..." whether 6 or 150 of them did)."""
+    root = tmp_path / "folder"
+    sizes = {**{f"rare {i:02d} é": 1 for i in range(12)}, "common": 10}
+    for name, n in sizes.items():
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            Image.fromarray(np.full((8, 8), 10 * j, np.uint8)).save(root / name / f"{j}.png")
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "imagefolder", "path": str(root), "splits": {"val": 0.15, "test": 0.15}}}))
+    table = build_table(cfg)
+    assert set(unscored_classes(cfg, table)["val"]) == {c for c, n in sizes.items() if n == 1}
+    warning = unscored_warning(cfg, table)
+    assert "no val image for 12 of 13 classes: rare 00 é (1 image), " in warning
+    assert "; no test image for 12 of 13 classes: " in warning and ", ..." in warning
+
+
+def test_ood_set_of_no_training_class_names_a_few_of_each_side(write_pipeline, tmp_path):
+    """With 200 training classes the error listed all 200 (4 kB on one line) and none of the OOD set's own
+    names; it now gives counts and up to 10 names of each."""
+    root, ood = tmp_path / "train", tmp_path / "ood"
+    for k in range(40):
+        (root / f"class {k:02d} ß").mkdir(parents=True)
+        for j in range(4):
+            Image.fromarray(np.full((8, 8), 5 * j, np.uint8)).save(root / f"class {k:02d} ß" / f"{j}.png")
+    for name in ("Mystère", "Other"):
+        (ood / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(ood / name / "x.png")
+    cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1,
+                                           "train": {"source": "imagefolder", "path": str(root)},
+                                           "ood": [{"name": "far", "source": "imagefolder", "path": str(ood)}]}))
+    with pytest.raises(ConfigError) as err:
+        build_table(cfg)
+    message = str(err.value)
+    assert ("no image of 'far' belongs to a training class (its 2 class(es): 'Mystère', 'Other'; training's 40 "
+            "class(es): 'class 00 ß', ") in message and "'class 09 ß', ...)" in message
+    assert "class 10" not in message and len(message) < 400

@@ -126,6 +126,35 @@ def test_data_summary_counts_what_each_split_left_out(tmp_path, write_pipeline):
         c for c in table.classes if c not in ("Tripos", "Ciliophora"))
 
 
+def test_data_csv_names_every_class_a_split_lacks(tmp_path, write_pipeline):
+    """A long tail of many classes: 8 of 12 classes have 1 image (train only). data.csv named 5 of the 8 a
+    split lacks and '(+3)', and nothing else in the report or the store names the other 3; it now names all
+    8, while report.md's table keeps the 5 and the count."""
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    sizes = {**{f"rare {i} ü": 1 for i in range(8)}, **{f"common {i}": 10 for i in range(4)}}
+    for name, n in sizes.items():
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            Image.fromarray(np.full((8, 8), 20 * j, np.uint8)).save(root / name / f"{j}.png")
+    config = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+        "source": "imagefolder", "path": str(root), "splits": {"val": 0.2, "test": 0.2}}}))
+    table = build_table(config)
+    columns = [{"column": "mid_block@t0", "layer": "mid_block", "timestep": 0, "dim": 2, "resolution": 4}]
+    store = FeatureStore(Storage.of(config.storage_root).features("diffusion"))
+    store.open({"encoder": "diffusion", "columns": columns}, "k", {"main": 1})
+    store.write_shard("main", 0, to_table(table.frame.to_dict("list"),
+                                          {"mid_block@t0": np.zeros((len(table.frame), 2))}, columns))
+    store.mark_complete({})
+    got = data_summary(config, table).set_index("split")
+    rare = sorted(c for c, n in sizes.items() if n == 1)
+    assert got.loc["val", "classes_missing"] == ", ".join(rare) == got.loc["test", "classes_missing"]
+    assert got.loc["train", "classes_missing"] == "-"
+    shown = dict(zip(got.index, got.attrs["missing_shown"]))
+    assert shown == {"train": "-", "val": ", ".join(rare[:5]) + " (+3)", "test": ", ".join(rare[:5]) + " (+3)"}
+
+
 def test_per_class_tables_show_the_head_and_tail_of_many_classes():
     rows = [{"encoder": "e", "dataset": "d", "split": "test", "class": f"c{i}", "train_images": (i * 7) % 40}
             for i in range(40)]
@@ -247,6 +276,25 @@ def test_heatmap_keeps_every_label_inside_the_image(tmp_path):
     _heatmap(frame, "test_macro_f1", "diffusion: test_macro_f1 by block and timestep", tmp_path / "h.png")
     ink = mpimg.imread(tmp_path / "h.png")[..., :3].min(axis=2) < 0.9
     assert not (ink[:, :2].any() or ink[:, -2:].any() or ink[:2].any() or ink[-2:].any())
+
+
+def test_heatmap_cells_of_low_close_scores_read_differently(tmp_path):
+    """200 classes on a long tail: every test macro F1 of the U-Net's 10 columns lay in 0.024-0.041, and the
+    cells, plainly of different colours, were labelled 0.02, 0.03 or 0.04 (0.0362, 0.0385 and 0.0412 all
+    "0.04"). Labels get the decimals the spread needs; a usual spread keeps 2."""
+    from sweep.stages.report import _heatmap, cell_digits
+
+    # the study's cells, rows down_blocks.0 .. up_blocks.1, timesteps 0 and 100
+    low = [0.0241, 0.0207, 0.0344, 0.0216, 0.0408, 0.0288, 0.0362, 0.0385, 0.0412, 0.0278]
+    assert cell_digits(low) == 3 and len({f"{v:.3f}" for v in low}) == 9  # 0.041 twice: 0.0408, 0.0412
+    assert len({f"{v:.2f}" for v in low}) == 3
+    assert cell_digits([0.2, 0.5, 0.9]) == 2 and cell_digits([0.5, float("nan")]) == 2
+    assert cell_digits([0.8012, 0.8031, 0.8054]) == 4  # a spread under 0.01 between good columns
+    frame = pd.DataFrame([{"layer": layer, "timestep": t, "resolution": 8, "test_macro_f1": low[2 * i + j]}
+                          for i, layer in enumerate(["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0",
+                                                     "up_blocks.1"]) for j, t in enumerate([0, 100])])
+    _heatmap(frame, "test_macro_f1", "diffusion: test_macro_f1 by block and timestep", tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 0
 
 
 def test_per_class_refit_is_compared_with_the_logged_head_and_every_test_metric(tmp_path, write_pipeline):

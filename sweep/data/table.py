@@ -218,12 +218,20 @@ def unscored_classes(config: PipelineConfig, table: ImageTable) -> dict[str, dic
     return out
 
 
+def _names(names: list[str], shown: int = 10) -> str:
+    """"N class(es): 'a', 'b', ..." naming at most `shown`."""
+    return (f"{len(names)} class(es): {', '.join(repr(n) for n in names[:shown])}"
+            f"{', ...' if len(names) > shown else ''}")
+
+
 def _s(n: int) -> str:
     return "" if n == 1 else "s"
 
 
 def unscored_warning(config: PipelineConfig, table: ImageTable) -> str | None:
-    parts = [f"no {split} image for {', '.join(f'{c} ({n} image{_s(n)})' for c, n in list(missing.items())[:5])}"
+    # how many of how many classes: with hundreds of classes the 5 named alone hide whether it is 6 or 150
+    parts = [f"no {split} image for {len(missing)} of {len(table.classes)} classes: "
+             f"{', '.join(f'{c} ({n} image{_s(n)})' for c, n in list(missing.items())[:5])}"
              f"{', ...' if len(missing) > 5 else ''}" for split, missing in unscored_classes(config, table).items()]
     if not parts:
         return None
@@ -327,8 +335,12 @@ def build_table(config: PipelineConfig) -> ImageTable:
         ignored[ood.name] = other.attrs.get("ignored", [])
         other = _limit(other, ood.limit, config.seed)
         if not other["class_name"].isin(label_of).any():
-            raise ConfigError(f"data.ood.{i}: no image of {ood.name!r} belongs to a training class ({classes})"
-                              f"{case_hint(other['class_name'].unique(), classes)}")
+            # a few names of each side: with hundreds of training classes the whole list ran to kilobytes and
+            # never said what the OOD set's own classes are called
+            theirs = sorted(other["class_name"].unique())
+            raise ConfigError(f"data.ood.{i}: no image of {ood.name!r} belongs to a training class (its "
+                              f"{_names(theirs)}; training's {_names(classes)})"
+                              f"{case_hint(theirs, classes)}")
         frames.append(other.assign(split="ood", domain=ood.name))
     # classes absent from train (of an OOD set, or in val/test only) cannot be predicted: left out, counted
     table = pd.concat(frames, ignore_index=True)
