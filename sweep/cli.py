@@ -210,6 +210,7 @@ def cmd_best(config: PipelineConfig, args) -> None:
 
 
 VALIDATE_SAMPLE = 32  # images decoded per dataset by `validate`
+VALIDATE_CLASSES_SHOWN = 30  # class names `validate` prints
 # Below this median pixel spread (std on the [-1, 1] scale) a dataset's images are nearly uniform once read:
 # the demo's plankton images spread 0.29 (the least 0.03), Fashion-MNIST's 0.65; 12-bit values in 16-bit
 # files, read on the 16-bit range, 0.02
@@ -312,7 +313,9 @@ def cmd_validate(config: PipelineConfig) -> None:
               + ("would stop" if certain else
                  f"may stop (it allows {int(allowed * total):,} of the {total:,} images; the sample cannot tell)")
               + " (fix or remove the files, or raise the fraction)")
-    print(f"  classes: {', '.join(table.classes)}")
+    shown = table.classes[:VALIDATE_CLASSES_SHOWN]  # 200 names made one line of 4 kB
+    print(f"  classes: {', '.join(shown)}" + (f", ... ({len(table.classes) - len(shown)} more)"
+                                             if len(shown) < len(table.classes) else ""))
     print(f"  encoders: {', '.join(s.name for s in config.encoder_specs())}; "
           f"timesteps {config.extract.timesteps}; layers {config.extract.layers}")
     from sweep.encoders.checks import planned_columns

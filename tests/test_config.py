@@ -77,6 +77,17 @@ def test_validate_warns_when_a_datasets_images_read_nearly_uniform(tmp_path, cap
     assert warned == (bits == 12), out
 
 
+def test_validate_names_the_first_30_classes_and_counts_the_rest(tmp_path, capsys):
+    """A study of 200 classes printed every name on one `classes:` line (4 kB)."""
+    demo = Path("sweep/data/demo/plankton-flowcam-demo/images").resolve()
+    files = sorted(demo.glob("*/*.jpg"))
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{f},c{i % 35:02d}\n" for i, f in enumerate(files)))
+    assert main(["validate", "pipelines/demo.yaml", "--set", "data.train.source=manifest", "--set",
+                 f"data.train.path={tmp_path / 'm.csv'}", "--set", f"storage={tmp_path / 'store'}"]) == 0
+    line, = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  classes: ")]
+    assert line == "  classes: " + ", ".join(f"c{i:02d}" for i in range(30)) + ", ... (5 more)"
+
+
 def test_validate_warns_of_one_file_listed_under_two_paths(tmp_path, capsys):
     """An image folder holding a link to another class's image (and a linked folder) lists one file under
     two paths: it is read twice, under two labels, perhaps in train and test. `validate` names it; the
