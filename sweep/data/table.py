@@ -287,7 +287,18 @@ def data_warnings(config: PipelineConfig, table: ImageTable) -> list[str]:
     training classes with no val or test image, class names that differ only in case, files of an image
     folder passed over."""
     return [w for w in (unbalanced_warning(config, table), unscored_warning(config, table), case_warning(table),
-                        ignored_warning(table)) if w]
+                        ignored_warning(table), over_limit_warning(config, table)) if w]
+
+
+def over_limit_warning(config: PipelineConfig, table: ImageTable) -> str | None:
+    """`data.train.limit` kept well over the limit: each class keeps at least one image (README), so with
+    hundreds of small classes a limit of 300 kept 374 images, said nowhere."""
+    spec = config.data.train
+    kept = int((table.frame["domain"] == spec.name).sum())
+    if spec.limit is None or kept <= 1.1 * spec.limit:
+        return None
+    return (f"data.train.limit={spec.limit} keeps {kept:,} images: each of the {len(table.classes)} classes keeps at "
+            f"least one image, so the total exceeds the limit by up to one image per class")
 
 
 def training_images(table: ImageTable) -> dict:
