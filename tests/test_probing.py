@@ -413,3 +413,21 @@ def test_peak_memory_holds_the_training_rows_in_float32_about_once():
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True)
     peak = float(out.stdout.split()[-1])  # peak RSS growth in units of the float32 training rows
     assert peak < 1.5, f"training held {peak:.2f}x its float32 training rows at its peak"
+
+
+def test_kmeans_casts_only_its_sample_to_float64():
+    # all rows were cast to float64 before the 10,000-row sample was drawn: 4x a float16 column, at the end
+    # of a trial whose training tensors are still held
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200_000)
+    X = (rng.standard_normal((200_000, 32)) + y[:, None]).astype(np.float16)
+    scores = kmeans_scores(X, y, k=3, seed=0, n_init=1)
+    tracemalloc.start()
+    try:
+        assert kmeans_scores(X, y, k=3, seed=0, n_init=1) == scores
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < X.nbytes, f"k-means on a 10,000-row sample allocated {peak / X.nbytes:.1f}x the float16 rows"
