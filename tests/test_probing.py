@@ -382,3 +382,52 @@ def test_chance_nmi_is_what_clusters_without_class_information_score():
     X, y = make_blobs(n_samples=600, centers=4, n_features=8, cluster_std=0.5, random_state=0)
     blind = kmeans_scores(X, np.random.default_rng(0).permutation(y), k=4, seed=0)["kmeans_nmi"]
     assert chance_nmi(y, 4) < 0.02 and abs(blind - chance_nmi(y, 4)) < 0.02
+
+
+_PEAK_SCRIPT = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+from sweep.probing import ProbeConfig, Split, train_probe
+rng = np.random.default_rng(0)
+N, D = 260_000, 128
+y = rng.integers(0, 4, N)
+X = (rng.standard_normal((N, D), dtype=np.float32) + y[:, None] * 0.05).astype(np.float16)
+train, val = Split(X[:250_000], y[:250_000]), Split(X[250_000:], y[250_000:])
+cfg = ProbeConfig(lrs=[0.1], weight_decays=[0.0], epochs=1, batch_size=4096)
+train_probe(Split(X[:2000], y[:2000]), val, None, None, 4, cfg)  # warm-up: torch's own allocations
+def kib(field):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak RSS, to the RSS now
+before = kib("VmRSS")
+train_probe(train, val, None, None, 4, cfg)
+print((kib("VmHWM") - before) * 1024 / (250_000 * (D + 1) * 4))
+"""
+
+
+def test_peak_memory_holds_the_training_rows_in_float32_about_once():
+    # The shuffled rows were gathered from a float32 copy of the training rows (both held at once), and
+    # whitened by one matmul over all rows (a third): a 1M x 1024 column needed ~7x its float16 size
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True)
+    peak = float(out.stdout.split()[-1])  # peak RSS growth in units of the float32 training rows
+    assert peak < 1.5, f"training held {peak:.2f}x its float32 training rows at its peak"
+
+
+def test_kmeans_casts_only_its_sample_to_float64():
+    # all rows were cast to float64 before the 10,000-row sample was drawn: 4x a float16 column, at the end
+    # of a trial whose training tensors are still held
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200_000)
+    X = (rng.standard_normal((200_000, 32)) + y[:, None]).astype(np.float16)
+    scores = kmeans_scores(X, y, k=3, seed=0, n_init=1)
+    tracemalloc.start()
+    try:
+        assert kmeans_scores(X, y, k=3, seed=0, n_init=1) == scores
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < X.nbytes, f"k-means on a 10,000-row sample allocated {peak / X.nbytes:.1f}x the float16 rows"
