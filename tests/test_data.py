@@ -16,8 +16,8 @@ from PIL import Image
 from sweep.config import ConfigError, load_config
 from sweep.data import build_table, preprocess
 from sweep.data.preprocess import decode_rows
-from sweep.data.table import (stratified_split, unbalanced_classes, unbalanced_warning, unscored_classes,
-                              unscored_warning)
+from sweep.data.table import (over_limit_warning, stratified_split, unbalanced_classes, unbalanced_warning,
+                              unscored_classes, unscored_warning)
 from tests.conftest import DEMO_IMAGES
 
 
@@ -585,6 +585,27 @@ def test_unscored_warning_counts_the_classes_when_it_names_only_some(write_pipel
     warning = unscored_warning(cfg, table)
     assert "no val image for 12 of 13 classes: rare 00 é (1 image), " in warning
     assert "; no test image for 12 of 13 classes: " in warning and ", ..." in warning
+
+
+def test_a_limit_kept_well_over_is_warned_of(write_pipeline, tmp_path):
+    """Each class keeps at least one image under `data.train.limit`: 30 classes of 2 images and one of 40 at
+    limit 20 keep 8 + 30 = 38 images: said (200 small classes turned a limit of 300 into 374, said nowhere)."""
+    root = tmp_path / "folder"
+    for name, n in {**{f"rare {i:02d}": 2 for i in range(30)}, "common": 40}.items():
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            Image.fromarray(np.full((8, 8), 5 * j, np.uint8)).save(root / name / f"{j}.png")
+
+    def config(limit):
+        return load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
+            "source": "imagefolder", "path": str(root), "limit": limit}}))
+
+    table = build_table(config(20))
+    assert len(table.frame) == 38
+    assert over_limit_warning(config(20), table) == (
+        "data.train.limit=20 keeps 38 images: each of the 31 classes keeps at least one image, so the total exceeds "
+        "the limit by up to one image per class")
+    assert over_limit_warning(config(35), table) is None  # within 10 % of it
 
 
 def test_ood_set_of_no_training_class_names_a_few_of_each_side(write_pipeline, tmp_path):

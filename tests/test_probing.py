@@ -412,7 +412,7 @@ def test_peak_memory_holds_the_training_rows_in_float32_about_once():
 
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True)
     peak = float(out.stdout.split()[-1])  # peak RSS growth in units of the float32 training rows
-    assert peak < 1.5, f"training held {peak:.2f}x its float32 training rows at its peak"
+    assert peak < 1.7, f"training held {peak:.2f}x its float32 training rows at its peak"
 
 
 def test_kmeans_casts_only_its_sample_to_float64():
