@@ -368,6 +368,11 @@ def test_kmeans_scores():
     sampled = kmeans_scores(X, y, k=4, seed=0, max_rows=200)
     assert sampled == kmeans_scores(X, y, k=4, seed=0, max_rows=200) != good
     assert sampled["kmeans_nmi"] > 0.9
+    # some rows by index (the probe's main-dataset images): the scores of those rows copied out, sampled or not
+    rows = np.flatnonzero(np.arange(600) % 3 != 0)
+    for max_rows in (10_000, 150):
+        assert kmeans_scores(X, y, k=4, seed=0, max_rows=max_rows, rows=rows) == \
+               kmeans_scores(X[rows], y[rows], k=4, seed=0, max_rows=max_rows)
 
 
 def test_chance_nmi_is_what_clusters_without_class_information_score():

@@ -202,8 +202,9 @@ def probe_column_epochs(store_uri: str, column: str, num_classes: int, probe: di
                     # the main dataset's images of every split (k-means reads no label; the labels only
                     # score its clusters): more images than the test split alone, whose NMI is mostly chance
                     # on a small study (see `kmeans_scores`)
-                    evaluated = ~is_ood
-                    kmeans.update(kmeans_scores(features[evaluated], labels[evaluated], k=num_classes, seed=seed))
+                    # (indices: `features[~is_ood]` copied nearly the whole column at a trial's peak)
+                    kmeans.update(kmeans_scores(features, labels, k=num_classes, seed=seed,
+                                                rows=np.flatnonzero(~is_ood)))
                 metrics.update(kmeans)
             return {
                 "metrics": metrics, "lr": result.lr, "weight_decay": result.weight_decay,
