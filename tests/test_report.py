@@ -278,6 +278,23 @@ def test_heatmap_keeps_every_label_inside_the_image(tmp_path):
     assert not (ink[:, :2].any() or ink[:, -2:].any() or ink[:2].any() or ink[-2:].any())
 
 
+def test_a_heatmap_of_a_hundred_timesteps_fits_a_page(tmp_path):
+    """21 layers x 100 timesteps (the scale audit's study) made a 9,469 x 1,241 px image with 2,100 cell
+    labels: past HEATMAP_LABELLED_TIMESTEPS the cells are colour alone, narrower; fewer keep their values."""
+    import matplotlib.image as mpimg
+
+    from sweep.stages.report import HEATMAP_LABELLED_TIMESTEPS, _heatmap
+
+    for timesteps in (100, HEATMAP_LABELLED_TIMESTEPS):
+        frame = pd.DataFrame([{"layer": f"down_blocks.{i}", "timestep": 10 * t, "resolution": 8,
+                               "test_macro_f1": 0.5 + 0.01 * i - 0.001 * t}
+                              for i in range(21) for t in range(timesteps)])
+        _heatmap(frame, "test_macro_f1", "diffusion: test_macro_f1 by block", tmp_path / f"{timesteps}.png")
+    wide, labelled = (mpimg.imread(tmp_path / f"{n}.png") for n in (100, HEATMAP_LABELLED_TIMESTEPS))
+    assert wide.shape[1] < 3300, wide.shape  # 0.22 in a timestep at 120 dpi, and the labels
+    assert labelled.shape[1] > 0.75 * 120 * HEATMAP_LABELLED_TIMESTEPS  # 0.9 in a timestep (cropped): room for a value
+
+
 def test_heatmap_cells_of_low_close_scores_read_differently(tmp_path):
     """200 classes on a long tail: every test macro F1 of the U-Net's 10 columns lay in 0.024-0.041, and the
     cells, plainly of different colours, were labelled 0.02, 0.03 or 0.04 (0.0362, 0.0385 and 0.0412 all

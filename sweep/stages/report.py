@@ -42,6 +42,9 @@ def network_order(layer: str) -> tuple:
     return (*key, (2, 0, 0, ""))  # a module's output comes after its sub-modules'
 
 
+HEATMAP_LABELLED_TIMESTEPS = 24  # a heat map's cells show their values up to this many timesteps
+
+
 def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | None = None) -> None:
     """``epochs``: the planned epochs of a sweep with ASHA; a cell that ran fewer shows how many."""
     import matplotlib
@@ -55,12 +58,16 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | N
     grid = grid.loc[order]
     side = frame.groupby("layer")["resolution"].first()
     labels = [f"{layer} ({side[layer]}x{side[layer]})" for layer in grid.index]
+    # Values in the cells up to HEATMAP_LABELLED_TIMESTEPS columns; more, and the cells narrow to colour alone
+    # (100 timesteps made a 9,500 px wide image of 2,100 labels, unreadable at any page width)
+    labelled = grid.shape[1] <= HEATMAP_LABELLED_TIMESTEPS
     # at least 6 inches wide: with two or three timesteps the title, the values and the colour bar overlapped
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.9 * grid.shape[1]), 1.0 + 0.45 * grid.shape[0]))
+    width = 1.2 + (0.9 if labelled else 0.22) * grid.shape[1]
+    fig, ax = plt.subplots(figsize=(max(6.0, width), 1.0 + 0.45 * grid.shape[0]))
     values = grid.to_numpy()
     im = ax.imshow(values, cmap="viridis", aspect="auto")
     middle = (im.norm.vmin + im.norm.vmax) / 2
-    ax.set_xticks(range(grid.shape[1]), [str(int(t)) for t in grid.columns])
+    ax.set_xticks(range(grid.shape[1]), [str(int(t)) for t in grid.columns], rotation=0 if labelled else 90)
     ax.set_yticks(range(grid.shape[0]), labels)
     ax.set_xlabel("timestep")
     ran = None
@@ -68,7 +75,7 @@ def _heatmap(frame: pd.DataFrame, metric: str, title: str, path, epochs: int | N
         ran = frame.pivot_table(index="layer", columns="timestep", values="epochs_run", aggfunc="max")
         ran = ran.reindex(index=grid.index, columns=grid.columns)
     digits = cell_digits(values)
-    for i in range(grid.shape[0]):
+    for i in range(grid.shape[0] if labelled else 0):
         for j in range(grid.shape[1]):
             v = grid.iat[i, j]
             if v == v:
