@@ -493,7 +493,7 @@ def test_split_files_hold_ids_with_spaces(tmp_path, write_pipeline):
 
 def test_imagefolder_scan_skips_what_is_not_an_image_and_says_so(tmp_path, write_pipeline):
     """Hidden and NAS metadata folders (Synology's @eaDir thumbnails: near-duplicates) are not entered, a
-    linked folder inside a class is, PGM and JFIF files are images; files without an image suffix, broken
+    linked folder inside a class is, PGM, JFIF and JPEG 2000 files are images; files without an image suffix, broken
     links, class folders without images and loose files are passed over and counted in `ignored` and the
     data warnings."""
     from sweep.data.table import data_warnings
@@ -513,6 +513,7 @@ def test_imagefolder_scan_skips_what_is_not_an_image_and_says_so(tmp_path, write
     (root / "Tripos" / "linked").symlink_to(elsewhere, target_is_directory=True)
     Image.open(src[0]).convert("L").save(root / "Ciliophora" / "gray.pgm")
     (root / "Ciliophora" / "photo.jfif").write_bytes(src[1].read_bytes())
+    Image.open(src[0]).convert("L").save(root / "Ciliophora" / "scan.jp2")  # JPEG 2000 (lossless): was passed over
     (root / "Ciliophora" / "notes.txt").write_text("not an image")
     (root / "Ciliophora" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
     (root / "Empty").mkdir()
@@ -522,7 +523,10 @@ def test_imagefolder_scan_skips_what_is_not_an_image_and_says_so(tmp_path, write
     t = build_table(cfg)
     assert sorted(t.frame["image_id"]) == sorted(
         [f"{c}/{i}.jpg" for c in ("Tripos", "Ciliophora") for i in range(4)]
-        + [f"Tripos/linked/{i}.jpg" for i in range(3)] + ["Ciliophora/gray.pgm", "Ciliophora/photo.jfif"])
+        + [f"Tripos/linked/{i}.jpg" for i in range(3)] + ["Ciliophora/gray.pgm", "Ciliophora/photo.jfif",
+                                                           "Ciliophora/scan.jp2"])
+    pgm, jp2 = decode_rows([str(root / "Ciliophora" / n) for n in ("gray.pgm", "scan.jp2")], [-1, -1], 16, 1)[0]
+    np.testing.assert_array_equal(pgm, jp2)
     assert sorted((reason, count) for reason, count, _ in t.ignored["main"]) == [
         ("broken link(s)", 1), ("file(s) beside the class folders", 1), ("file(s) without an image suffix", 1),
         ("folder(s) without images", 1), ("hidden or metadata folder(s)", 2)]

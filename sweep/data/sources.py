@@ -21,7 +21,7 @@ from PIL import Image
 from sweep.config import ConfigError, DatasetSpec, not_utf8
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".pgm",
-                  ".ppm", ".pbm", ".pnm"}
+                  ".ppm", ".pbm", ".pnm", ".jp2", ".j2k"}  # JPEG 2000: some microscopes and archives write it
 # Folders an image folder's scan never enters (besides hidden ones): thumbnails and metadata that NAS and
 # operating systems write beside images (Synology's @eaDir holds a near-duplicate JPEG of every image)
 METADATA_DIRS = {"@eaDir", "__MACOSX", "$RECYCLE.BIN", "System Volume Information", "#recycle", "#snapshot"}
