@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -118,7 +119,20 @@ def tracking_uri(config: PipelineConfig) -> str:
     check_tracking(config)  # the default SQLite store: local storage only
     path = Storage.of(config.storage_root).local("mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    # percent-encoded: SQLAlchemy reads the path as a URL, so a `?` in a folder name ended it (the rest read as
+    # a query) and a `%20` became a space: the store was made beside the storage, where no command finds it
+    return f"sqlite:///{urllib.parse.quote(str(path), safe='/')}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///` tracking URI as SQLAlchemy (so MLflow) opens it: percent-decoded, up to a
+    `?`; None for another URI or an in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
 
 
 def store_exists(config: PipelineConfig) -> bool:
@@ -151,7 +165,10 @@ def _sqlite_store_created(uri: str) -> None:
     The lock waits for the other command's creation (seconds); after it the tables are there and nothing runs."""
     import fcntl
 
-    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    db = db.resolve()
     if db in _CREATED and db.is_file():
         return
     try:
@@ -469,8 +486,7 @@ def delete_runs(config: PipelineConfig, run_ids: list[str]) -> None:
 
 
 def local_mlflow_db(config: PipelineConfig) -> Path | None:
-    uri = tracking_uri(config)
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    return sqlite_path(tracking_uri(config))
 
 
 def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", encoder: str | None = None,

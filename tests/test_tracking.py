@@ -37,6 +37,29 @@ def test_artifact_location_of_a_new_experiment(tmp_path, uri, storage, expected)
     assert tracking.artifact_location(config) == expected
 
 
+def test_default_store_in_a_folder_with_url_characters_stays_in_the_storage(tmp_path):
+    """The default store's URI was `sqlite:///<path>` as written: SQLAlchemy reads it as a URL, so a folder
+    named `Plankton 2024 #3 %20 ?&'` gave a database file `Plankton 2024 #3   ` beside the storage (`%20` a
+    space, the rest after `?` a query), where `sweep best` and `report` found no store and no runs."""
+    storage = tmp_path / "My Studies" / "Plankton 2024 #3 é 日本 %20 50% ?&'" / "store"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(small_pipeline(storage)))
+    config = load_config(path)
+
+    experiment_id = tracking.ensure_experiment(config)
+    client = tracking.client_for(config)
+    run_id = client.create_run(experiment_id).info.run_id
+    note = tmp_path / "note.txt"
+    note.write_text("kept")
+    client.log_artifact(run_id, str(note))
+
+    assert tracking.local_mlflow_db(config) == storage / "mlflow.db"
+    assert (storage / "mlflow.db").is_file() and tracking.store_exists(config)
+    assert sorted(p.name for p in storage.parent.parent.iterdir()) == [storage.parent.name]  # nothing beside it
+    assert (storage / "mlartifacts" / run_id / "artifacts" / "note.txt").read_text() == "kept"
+    assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run_id]
+
+
 def test_artifacts_stay_with_the_study_wherever_the_command_ran(write_pipeline, tmp_path, monkeypatch):
     """With an explicit SQLite store, MLflow by itself would write the artifacts into ./mlruns of whatever
     folder the command ran from."""
