@@ -828,6 +828,15 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
 
 
+def _yaml_comment(text: str) -> int | None:
+    """Where a comment starts in one YAML value (a `#` outside every token: after a space, or first), or None."""
+    covered = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(text, Loader=_PipelineLoader)]
+    for i, ch in enumerate(text):
+        if ch == "#" and not any(start <= i < end for start, end in covered):
+            return i
+    return None
+
+
 def _models_in(annotation) -> list[type[BaseModel]]:
     """The pydantic models a field's annotation can hold (through unions, lists and dicts)."""
     import typing
@@ -897,8 +906,13 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: empty key segment")
     try:
         value = _load_yaml(text)
+        comment = _yaml_comment(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: value is not valid YAML: {_yaml_problem(e)}") from None
+    if comment is not None:  # `--set "storage=/data/Plankton 2024 #3"` became /data/Plankton 2024, silently
+        quoted = json.dumps(text.strip(), ensure_ascii=False)  # a JSON string is a YAML double-quoted one
+        raise ConfigError(f"--set {key}: {text[comment:]!r} starts a YAML comment, which would be dropped from "
+                          f"the value: quote the value if it belongs to it ({key}={quoted}), else leave it out")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])
