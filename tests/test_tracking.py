@@ -60,6 +60,25 @@ def test_default_store_in_a_folder_with_url_characters_stays_in_the_storage(tmp_
     assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run_id]
 
 
+def test_validate_names_the_file_a_sqlite_uri_opens_where_it_is_not_the_path_as_written(tmp_path, capsys):
+    """`tracking.uri: sqlite:////data/Plankton 50% ?/t.db` opens `/data/Plankton 50% ` (the path ends at `?`):
+    validate showed the URI only, and the store went to that file unsaid."""
+    import urllib.parse
+
+    folder = tmp_path / "Plankton 50% ?&'"
+    folder.mkdir()
+    common = ["validate", "pipelines/demo.yaml", "--set", f"storage={tmp_path / 'store'}", "--set"]
+    assert main([*common, f'tracking.uri="sqlite:///{folder}/t.db"']) == 0
+    assert (f"  tracking: sqlite:///{folder}/t.db (the SQLite file {tmp_path}/Plankton 50% ; a URI's path is "
+            f"percent-decoded and ends at '?': where '%' or '?' are part of the path, write them as %25 and "
+            f"%3F)\n") in capsys.readouterr().out
+    encoded = f"sqlite:///{urllib.parse.quote(str(folder / 't.db'))}"
+    assert main([*common, f"tracking.uri={encoded}"]) == 0
+    assert f"  tracking: {encoded} (the SQLite file {folder / 't.db'})\n" in capsys.readouterr().out
+    assert main([*common, f"tracking.uri=sqlite:///{tmp_path / 't.db'}"]) == 0
+    assert f"  tracking: sqlite:///{tmp_path / 't.db'}\n" in capsys.readouterr().out
+
+
 def test_artifacts_stay_with_the_study_wherever_the_command_ran(write_pipeline, tmp_path, monkeypatch):
     """With an explicit SQLite store, MLflow by itself would write the artifacts into ./mlruns of whatever
     folder the command ran from."""
