@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -119,9 +118,11 @@ def tracking_uri(config: PipelineConfig) -> str:
     check_tracking(config)  # the default SQLite store: local storage only
     path = Storage.of(config.storage_root).local("mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # percent-encoded: SQLAlchemy reads the path as a URL, so a `?` in a folder name ended it (the rest read as
-    # a query) and a `%20` became a space: the store was made beside the storage, where no command finds it
-    return f"sqlite:///{urllib.parse.quote(str(path), safe='/')}"
+    # SQLAlchemy reads the path as a URL's: a `?` in a folder name ended it (the rest read as a query) and a
+    # `%20` became a space, so the store was made beside the storage, where no command found it. Only `%` and
+    # `?` are encoded: MLflow makes the database's folder from the URI as written (an empty `My%20Studies`
+    # beside `My Studies` where a space was encoded), and SQLAlchemy reads every other character as is
+    return f"sqlite:///{str(path).replace('%', '%25').replace('?', '%3F')}"
 
 
 def sqlite_path(uri: str) -> Path | None:
