@@ -382,12 +382,12 @@ def check_local_storage(config: PipelineConfig, create: bool) -> None:
     """A local `storage` folder must be one this process can write: created now with `create` (the stages
     would create it), else (`validate`) its nearest existing folder must take a new folder (one is made and
     removed). ConfigError naming it."""
-    from sweep.storage import is_remote
+    from sweep.storage import Storage, is_remote
 
     root = config.storage_root
     if is_remote(root):
         return
-    path = Path(root)
+    path = Path(Storage.of(root).root)  # `~/x` and `file:///x` as the stages read them, not folders `~`, `file:` here
     try:
         if create:
             path.mkdir(parents=True, exist_ok=True)

@@ -340,7 +340,9 @@ class BaselineConfig(_Model):
             if not self.weights:
                 raise ValueError("a pretrained baseline needs weights: a local .pth/.pt/.safetensors file")
             if self.weights.startswith("file://"):  # a local file as a URI: the path it names
-                self.weights = self.weights[len("file://"):]
+                from sweep.storage import file_path
+
+                self.weights = file_path(self.weights)
             if self.weights.startswith("~"):
                 self.weights = _home(self.weights)
             if _is_remote(self.weights):
@@ -597,7 +599,7 @@ class PipelineConfig(_Model):
     @field_validator("storage")
     @classmethod
     def _storage(cls, v: str | None) -> str | None:
-        if v and not _is_remote(v) and Path(v).exists() and not Path(v).is_dir():
+        if v and not _is_remote(v) and Path(v).expanduser().exists() and not Path(v).expanduser().is_dir():
             raise ValueError(f"{v} is a file, not a folder")
         return v
 

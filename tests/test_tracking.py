@@ -435,3 +435,30 @@ def test_commands_starting_at_once_on_a_new_shared_sqlite_store_all_find_it_made
     config = load_config(pipeline)
     assert tracking.client_for(config).get_experiment_by_name(config.experiment_name).experiment_id == got[0]
 
+
+@pytest.mark.parametrize("given", ["~/My Studies/s #1", "file://{home}/My%20Studies/s%20%231"])
+def test_a_storage_under_home_or_as_a_file_uri_is_one_folder(tmp_path, monkeypatch, given):
+    """`storage: ~/x` made a folder `~` in the current folder for the lock (and the write check), while the
+    stages wrote under the home folder; `file:///a/My%20Studies` put the lock and the SQLite store in
+    `My%20Studies` and pyarrow's writes in `My Studies`."""
+    from sweep.cli import check_local_storage
+    from sweep.storage import storage_lock, write_json
+
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(small_pipeline(given.format(home=home))))
+    config = load_config(path)
+    folder = home / "My Studies" / "s #1"
+
+    check_local_storage(config, create=True)
+    with storage_lock(config.storage_root, "test"):
+        assert (folder / ".sweep.lock").is_file()
+    storage = Storage.of(config.storage_root)
+    write_json(storage.uri("a.json"), {"a": 1})
+    tracking.ensure_experiment(config)
+    assert storage.root == str(folder) and tracking.local_mlflow_db(config) == folder / "mlflow.db"
+    assert sorted(p.name for p in folder.iterdir()) == [".mlflow.db.lock", ".sweep.lock", "a.json", "mlflow.db"]
+    assert list(here.iterdir()) == [] and [p.name for p in home.iterdir()] == ["My Studies"]
