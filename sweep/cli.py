@@ -360,21 +360,34 @@ def cmd_validate(config: PipelineConfig) -> None:
     try:  # a cluster's server may answer only from the cluster: said, not an error
         if uri:
             check_server(uri)
-        print(f"  tracking: {uri or 'the default SQLite store, <storage>/mlflow.db'}")
+        print(f"  tracking: {uri or 'the default SQLite store, <storage>/mlflow.db'}{sqlite_file_note(uri or '')}")
     except TrackingServerUnreachable as e:
         print(f"  tracking: warning: {e}")
+
+
+def sqlite_file_note(uri: str) -> str:
+    """The file a `sqlite:///` URI opens where it is not the path as written: SQLAlchemy decodes `%XX` and
+    ends the path at a `?` (a study folder "Plankton 50% ?" written as is put the store in another file)."""
+    from sweep.tracking import sqlite_path
+
+    path = sqlite_path(uri)
+    if path is None or str(path) == uri.removeprefix("sqlite:///"):
+        return ""
+    advice = ("; a URI's path is percent-decoded and ends at '?': where '%' or '?' are part of the path, write "
+              "them as %25 and %3F") if "?" in uri else ""
+    return f" (the SQLite file {path}{advice})"
 
 
 def check_local_storage(config: PipelineConfig, create: bool) -> None:
     """A local `storage` folder must be one this process can write: created now with `create` (the stages
     would create it), else (`validate`) its nearest existing folder must take a new folder (one is made and
     removed). ConfigError naming it."""
-    from sweep.storage import is_remote
+    from sweep.storage import Storage, is_remote
 
     root = config.storage_root
     if is_remote(root):
         return
-    path = Path(root)
+    path = Path(Storage.of(root).root)  # `~/x` and `file:///x` as the stages read them, not folders `~`, `file:` here
     try:
         if create:
             path.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,12 @@ def _missing(path: str, kind: Literal["file", "folder", "path"]) -> bool:
     return not (p.is_file() if kind == "file" else p.is_dir() if kind == "folder" else p.exists())
 
 
+def _home(path: str | None) -> str | None:
+    """A local path with a leading `~` expanded, as a shell would; storage and data paths were, checkpoints,
+    weights and split files were not ("checkpoint folder does not exist: ~/...")."""
+    return os.path.expanduser(path) if path and path.startswith("~") else path
+
+
 def not_utf8(path, e: UnicodeDecodeError) -> str:
     """The message for a text file that is not UTF-8 (a spreadsheet's Latin-1 export, say)."""
     return f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at position {e.start}): save it as UTF-8"
@@ -89,6 +95,7 @@ def _diffusers_folder(path: str | None) -> str | None:
     """A local diffusers U-Net folder must exist and hold its config.json (itself or in unet/)."""
     if path == "":  # not None: the checks of the U-Net pretrain builds looked for None and were skipped
         raise ValueError("an empty path: leave the key out (or null) for none")
+    path = _home(path)
     if path and _missing(path, "folder"):
         raise ValueError(f"checkpoint folder does not exist: {path}")
     if path and not _is_remote(path) and _CHECK_LOCAL_PATHS.get() \
@@ -142,6 +149,10 @@ class Splits(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> "Splits":
+        for name in ("val", "test", "train"):
+            v = getattr(self, name)
+            if isinstance(v, str) and v.startswith("~"):
+                setattr(self, name, _home(v))
         fractions = [v for v in (self.val, self.test) if isinstance(v, float)]
         files = [v for v in (self.val, self.test, self.train) if isinstance(v, str)]
         if fractions and files:
@@ -185,7 +196,7 @@ class DatasetSpec(_Model):
         if self.source in ("imagefolder", "manifest") and not self.path:
             raise ValueError(f"source {self.source!r} needs a path")
         if self.path and self.path.startswith("~"):
-            self.path = os.path.expanduser(self.path)
+            self.path = _home(self.path)
         if self.path and _missing(self.path, "path"):
             hint = (" (apt-get install dataset-fashion-mnist puts the idx files there, or set path)"
                     if self.source == "fashion-mnist" else "")
@@ -329,7 +340,11 @@ class BaselineConfig(_Model):
             if not self.weights:
                 raise ValueError("a pretrained baseline needs weights: a local .pth/.pt/.safetensors file")
             if self.weights.startswith("file://"):  # a local file as a URI: the path it names
-                self.weights = self.weights[len("file://"):]
+                from sweep.storage import file_path
+
+                self.weights = file_path(self.weights)
+            if self.weights.startswith("~"):
+                self.weights = _home(self.weights)
             if _is_remote(self.weights):
                 raise ValueError(f"weights must be a local file, not a URI: {self.weights}")
             if _missing(self.weights, "file"):
@@ -584,7 +599,7 @@ class PipelineConfig(_Model):
     @field_validator("storage")
     @classmethod
     def _storage(cls, v: str | None) -> str | None:
-        if v and not _is_remote(v) and Path(v).exists() and not Path(v).is_dir():
+        if v and not _is_remote(v) and Path(v).expanduser().exists() and not Path(v).expanduser().is_dir():
             raise ValueError(f"{v} is a file, not a folder")
         return v
 
@@ -828,6 +843,15 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
 
 
+def _yaml_comment(text: str) -> int | None:
+    """Where a comment starts in one YAML value (a `#` outside every token: after a space, or first), or None."""
+    covered = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(text, Loader=_PipelineLoader)]
+    for i, ch in enumerate(text):
+        if ch == "#" and not any(start <= i < end for start, end in covered):
+            return i
+    return None
+
+
 def _models_in(annotation) -> list[type[BaseModel]]:
     """The pydantic models a field's annotation can hold (through unions, lists and dicts)."""
     import typing
@@ -897,8 +921,13 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: empty key segment")
     try:
         value = _load_yaml(text)
+        comment = _yaml_comment(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: value is not valid YAML: {_yaml_problem(e)}") from None
+    if comment is not None:  # `--set "storage=/data/Plankton 2024 #3"` became /data/Plankton 2024, silently
+        quoted = json.dumps(text.strip(), ensure_ascii=False)  # a JSON string is a YAML double-quoted one
+        raise ConfigError(f"--set {key}: {text[comment:]!r} starts a YAML comment, which would be dropped from "
+                          f"the value: quote the value if it belongs to it ({key}={quoted}), else leave it out")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])

@@ -21,7 +21,20 @@ import pyarrow.fs as pafs
 
 
 def _absolute(uri: str) -> str:
+    if uri.startswith("file://"):  # a local folder as a URI: its path, percent-decoded as pyarrow reads it
+        uri = file_path(uri)
     return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
+def file_path(uri: str) -> str:
+    """The local path a `file://` URI names (`file:///a/My%20Studies` -> `/a/My Studies`); other text as is.
+    Cutting the scheme off left `%20` in the path: with storage `file:///a/My%20Studies` the lock and the
+    SQLite store went to `My%20Studies`, pyarrow's writes (features, checkpoints) to `My Studies`."""
+    if not uri.startswith("file://"):
+        return uri
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(uri).path)
 
 
 PRETRAIN_MARKER = "sweep_pretrain.json"  # in pretrain/final, written last: the U-Net there is complete
@@ -45,7 +58,7 @@ def storage_lock(root: str, command: str):
     if is_remote(root):
         yield
         return
-    path = Path(root) / LOCK_FILE
+    path = Path(_absolute(root)) / LOCK_FILE  # a file:// root: its folder, not a folder "file:" here
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
     try:
@@ -71,7 +84,7 @@ def storage_in_use(root: str) -> bool | None:
     """Whether a sweep command holds the local storage `root` now (`storage_lock`), read from the kernel's
     table of locks without taking the lock (a probe of it would make a command starting at that moment
     find the storage busy); None where that cannot be told (remote storage, no /proc/locks)."""
-    path = Path(root) / LOCK_FILE
+    path = Path(file_path(root)) / LOCK_FILE
     if is_remote(root) or not os.path.isfile("/proc/locks"):
         return None
     if not path.is_file():
@@ -106,7 +119,7 @@ class Storage:
         storage."""
         if not self.is_local:
             raise ValueError(f"{self.root} is not a local folder")
-        return Path(self.root.removeprefix("file://"), *parts)
+        return Path(file_path(self.root), *parts)
 
     # the layout ---------------------------------------------------------------------------------
     @property
@@ -260,7 +273,7 @@ def publish_dir(local: str | os.PathLike, uri: str, marker: str) -> None:
     if not (local / marker).is_file():
         raise FileNotFoundError(f"{local / marker}: the completion marker must exist before publishing")
     if not is_remote(uri):
-        out = Path(uri.removeprefix("file://"))
+        out = Path(file_path(uri))
         out.parent.mkdir(parents=True, exist_ok=True)
         for f in (p for p in local.rglob("*") if p.is_file()):  # on the disk before the folder is published
             _fsync(f)
@@ -327,7 +340,7 @@ def fetch_dir(uri: str | os.PathLike) -> Path:
     modification times so a republished checkpoint is fetched again."""
     uri = str(uri)
     if not is_remote(uri):
-        return Path(uri.removeprefix("file://"))
+        return Path(file_path(uri))
     fs, path = _split(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     files = sorted((i.path[len(path):], i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)

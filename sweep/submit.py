@@ -72,11 +72,12 @@ def check_job_storage(config) -> None:
     """A job runs in Ray's temporary copy of the working directory: a relative storage (the default
     `runs/<name>` included) or SQLite tracking path would put the study there, lost at the next submit (a new
     copy) or head restart, and out of `sweep best`'s reach. ConfigError naming the key."""
-    from sweep.storage import is_remote
+    from sweep.storage import file_path, is_remote
     from sweep.tracking import configured_uri
 
     root = config.storage_root
-    if not is_remote(root) and not os.path.isabs(os.path.expanduser(root)):
+    # file:///shared/x is absolute: it was refused as a relative storage
+    if not is_remote(root) and not os.path.isabs(os.path.expanduser(file_path(root))):
         raise ConfigError(f"storage: {root!r} is relative: a Ray job runs in a temporary copy of this folder, where "
                           f"the study would land and be lost at the next submit; give a path every node shares "
                           f"(--set storage=/shared/sweep/{config.name}) or a bucket (--set storage=s3://...)")

@@ -118,7 +118,22 @@ def tracking_uri(config: PipelineConfig) -> str:
     check_tracking(config)  # the default SQLite store: local storage only
     path = Storage.of(config.storage_root).local("mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    # SQLAlchemy reads the path as a URL's: a `?` in a folder name ended it (the rest read as a query) and a
+    # `%20` became a space, so the store was made beside the storage, where no command found it. Only `%` and
+    # `?` are encoded: MLflow makes the database's folder from the URI as written (an empty `My%20Studies`
+    # beside `My Studies` where a space was encoded), and SQLAlchemy reads every other character as is
+    return f"sqlite:///{str(path).replace('%', '%25').replace('?', '%3F')}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///` tracking URI as SQLAlchemy (so MLflow) opens it: percent-decoded, up to a
+    `?`; None for another URI or an in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
 
 
 def store_exists(config: PipelineConfig) -> bool:
@@ -151,7 +166,10 @@ def _sqlite_store_created(uri: str) -> None:
     The lock waits for the other command's creation (seconds); after it the tables are there and nothing runs."""
     import fcntl
 
-    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    db = db.resolve()
     if db in _CREATED and db.is_file():
         return
     try:
@@ -469,8 +487,7 @@ def delete_runs(config: PipelineConfig, run_ids: list[str]) -> None:
 
 
 def local_mlflow_db(config: PipelineConfig) -> Path | None:
-    uri = tracking_uri(config)
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    return sqlite_path(tracking_uri(config))
 
 
 def search_trial_runs(config: PipelineConfig, metric: str = "val_macro_f1", encoder: str | None = None,

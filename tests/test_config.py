@@ -540,6 +540,49 @@ def test_bad_arguments_exit_2(write_pipeline, capsys):
     assert "--top: must be 0 (all) or more, got -1" in capsys.readouterr().err
 
 
+def test_a_leading_tilde_is_expanded_in_every_local_path(write_pipeline, tmp_path, monkeypatch):
+    """storage and data paths expanded `~`; checkpoints, init_from, weights and split files did not
+    ("checkpoint folder does not exist: ~/...")."""
+    import torch
+
+    home = tmp_path / "home"
+    folder = home / "Mes données #2"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    torch.save({}, folder / "r18.pth")
+    for split in ("val", "test"):
+        (folder / f"{split}.txt").write_text("x\n")
+    monkeypatch.setenv("HOME", str(home))
+    config = load_config(write_pipeline(
+        pretrain={"init_from": "~/Mes données #2/unet"},
+        baselines=[{"name": "pre", "kind": "pretrained", "weights": "~/Mes données #2/r18.pth"}],
+        extract={"encoders": [{"name": "u", "checkpoint": "~/Mes données #2/unet"}, "pre"]},
+        data={"image_size": 16, "channels": 1, "train": {"name": "plankton", "source": "demo",
+                                                         "splits": {"val": "~/Mes données #2/val.txt",
+                                                                    "test": "~/Mes données #2/test.txt"}}}))
+    assert config.pretrain.init_from == str(folder / "unet")
+    assert config.baselines[0].weights == str(folder / "r18.pth")
+    assert config.extract.encoders[0].checkpoint == str(folder / "unet")
+    assert config.data.train.splits.val == str(folder / "val.txt")
+
+
+def test_override_with_a_yaml_comment_is_refused_not_cut_short():
+    """`--set "storage=/data/Plankton 2024 #3"` set storage to /data/Plankton 2024: YAML drops ` #3` as a comment."""
+    raw = {}
+    with pytest.raises(ConfigError, match=re.escape("--set storage: '#3' starts a YAML comment, which would be "
+                                                    "dropped from the value: quote the value if it belongs to it "
+                                                    "(storage=\"/data/Plankton 2024 #3\")")):
+        apply_override(raw, "storage=/data/Plankton 2024 #3")
+    with pytest.raises(ConfigError, match="'# all of them' starts a YAML comment"):
+        apply_override(raw, "extract.timesteps=[0, 100] # all of them")
+    assert raw == {}
+    apply_override(raw, 'storage="/data/Plankton 2024 #3"')  # quoted, or a `#` inside a word: part of the value
+    apply_override(raw, "name=plankton#3")
+    apply_override(raw, "tracking={uri: 'sqlite:////data/#3/mlflow.db'}")
+    assert raw == {"storage": "/data/Plankton 2024 #3", "name": "plankton#3",
+                   "tracking": {"uri": "sqlite:////data/#3/mlflow.db"}}
+
+
 def test_overrides_parse_yaml_values_and_index_lists():
     raw = {"a": {"b": 1}, "lst": [{"x": 1}, {"x": 2}]}
     apply_override(raw, "a.b=[0, 100]")

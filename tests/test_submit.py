@@ -75,6 +75,17 @@ def test_submit_refuses_a_study_that_would_land_in_the_jobs_temporary_folder(wri
     assert key in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("storage", ["~/shared/t", "file:///shared/My%20Studies/t"])
+def test_an_absolute_storage_written_with_a_tilde_or_as_a_file_uri_is_not_called_relative(tmp_path, storage):
+    """`storage: file:///shared/x` was refused as relative (the check read the URI as a path)."""
+    from sweep.config import load_config
+    from sweep.submit import check_job_storage
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(small_pipeline(storage)))
+    check_job_storage(load_config(path, check_local_paths=False))
+
+
 def test_a_relative_sqlite_uri_from_the_environment_is_named_as_such(write_pipeline, tmp_path):
     """The relative SQLite URI came from $MLFLOW_TRACKING_URI (read when sweep starts): the message named
     `tracking.uri`, a key the pipeline and the --set overrides leave unset."""

@@ -37,6 +37,49 @@ def test_artifact_location_of_a_new_experiment(tmp_path, uri, storage, expected)
     assert tracking.artifact_location(config) == expected
 
 
+def test_default_store_in_a_folder_with_url_characters_stays_in_the_storage(tmp_path):
+    """The default store's URI was `sqlite:///<path>` as written: SQLAlchemy reads it as a URL, so a folder
+    named `Plankton 2024 #3 %20 ?&'` gave a database file `Plankton 2024 #3   ` beside the storage (`%20` a
+    space, the rest after `?` a query), where `sweep best` and `report` found no store and no runs."""
+    storage = tmp_path / "My Studies" / "Plankton 2024 #3 é 日本 %20 50% ?&'" / "store"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(small_pipeline(storage)))
+    config = load_config(path)
+
+    experiment_id = tracking.ensure_experiment(config)
+    client = tracking.client_for(config)
+    run_id = client.create_run(experiment_id).info.run_id
+    note = tmp_path / "note.txt"
+    note.write_text("kept")
+    client.log_artifact(run_id, str(note))
+
+    assert tracking.local_mlflow_db(config) == storage / "mlflow.db"
+    assert (storage / "mlflow.db").is_file() and tracking.store_exists(config)
+    # no file beside it (MLflow itself makes an empty folder named as the URI is written, `%2520 50%25 %3F`)
+    assert [p for p in (tmp_path / "My Studies").rglob("*") if p.is_file() and storage not in p.parents] == []
+    assert (storage / "mlartifacts" / run_id / "artifacts" / "note.txt").read_text() == "kept"
+    assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run_id]
+
+
+def test_validate_names_the_file_a_sqlite_uri_opens_where_it_is_not_the_path_as_written(tmp_path, capsys):
+    """`tracking.uri: sqlite:////data/Plankton 50% ?/t.db` opens `/data/Plankton 50% ` (the path ends at `?`):
+    validate showed the URI only, and the store went to that file unsaid."""
+    import urllib.parse
+
+    folder = tmp_path / "Plankton 50% ?&'"
+    folder.mkdir()
+    common = ["validate", "pipelines/demo.yaml", "--set", f"storage={tmp_path / 'store'}", "--set"]
+    assert main([*common, f'tracking.uri="sqlite:///{folder}/t.db"']) == 0
+    assert (f"  tracking: sqlite:///{folder}/t.db (the SQLite file {tmp_path}/Plankton 50% ; a URI's path is "
+            f"percent-decoded and ends at '?': where '%' or '?' are part of the path, write them as %25 and "
+            f"%3F)\n") in capsys.readouterr().out
+    encoded = f"sqlite:///{urllib.parse.quote(str(folder / 't.db'))}"
+    assert main([*common, f"tracking.uri={encoded}"]) == 0
+    assert f"  tracking: {encoded} (the SQLite file {folder / 't.db'})\n" in capsys.readouterr().out
+    assert main([*common, f"tracking.uri=sqlite:///{tmp_path / 't.db'}"]) == 0
+    assert f"  tracking: sqlite:///{tmp_path / 't.db'}\n" in capsys.readouterr().out
+
+
 def test_artifacts_stay_with_the_study_wherever_the_command_ran(write_pipeline, tmp_path, monkeypatch):
     """With an explicit SQLite store, MLflow by itself would write the artifacts into ./mlruns of whatever
     folder the command ran from."""
@@ -391,3 +434,31 @@ def test_commands_starting_at_once_on_a_new_shared_sqlite_store_all_find_it_made
     assert len(set(got)) == 1 and got[0].isdigit(), got  # one experiment id, no error
     config = load_config(pipeline)
     assert tracking.client_for(config).get_experiment_by_name(config.experiment_name).experiment_id == got[0]
+
+
+@pytest.mark.parametrize("given", ["~/My Studies/s #1", "file://{home}/My%20Studies/s%20%231"])
+def test_a_storage_under_home_or_as_a_file_uri_is_one_folder(tmp_path, monkeypatch, given):
+    """`storage: ~/x` made a folder `~` in the current folder for the lock (and the write check), while the
+    stages wrote under the home folder; `file:///a/My%20Studies` put the lock and the SQLite store in
+    `My%20Studies` and pyarrow's writes in `My Studies`."""
+    from sweep.cli import check_local_storage
+    from sweep.storage import storage_lock, write_json
+
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(small_pipeline(given.format(home=home))))
+    config = load_config(path)
+    folder = home / "My Studies" / "s #1"
+
+    check_local_storage(config, create=True)
+    with storage_lock(config.storage_root, "test"):
+        assert (folder / ".sweep.lock").is_file()
+    storage = Storage.of(config.storage_root)
+    write_json(storage.uri("a.json"), {"a": 1})
+    tracking.ensure_experiment(config)
+    assert storage.root == str(folder) and tracking.local_mlflow_db(config) == folder / "mlflow.db"
+    assert sorted(p.name for p in folder.iterdir()) == [".mlflow.db.lock", ".sweep.lock", "a.json", "mlflow.db"]
+    assert list(here.iterdir()) == [] and [p.name for p in home.iterdir()] == ["My Studies"]
