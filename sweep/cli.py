@@ -125,6 +125,10 @@ def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
 
     t0 = time.perf_counter()
     stages = [s for s in stages if s != "baselines" or config.baselines]  # none configured: nothing to say
+    if "pretrain" in stages and not config.reads_pretrained_unet():  # minutes to hours of training nothing reads
+        stages.remove("pretrain")
+        say("pretrain: skipped: no encoder reads the U-Net it trains (each diffusion encoder of extract.encoders "
+            "has a checkpoint of its own); `sweep pretrain` trains it all the same")
     for stage in stages:
         _CtrlC.check()
         say(f"== {stage} ==")

@@ -683,6 +683,11 @@ class PipelineConfig(_Model):
             specs.append(enc)
         return specs
 
+    def reads_pretrained_unet(self) -> bool:
+        """Whether an encoder extracts the U-Net `pretrain` trains (a diffusion encoder without a checkpoint of
+        its own): where none does, `sweep run` skips pretraining."""
+        return any(spec.kind == "diffusion" and not spec.checkpoint for spec in self.encoder_specs())
+
     def config_hash(self) -> str:
         """Hash of everything that changes results, the probe's revision (`PROBE_REVISION`) included: not
         where they are stored or tracked, nor the settings of `NOT_RESULTS` (a study rerun with more workers

@@ -275,3 +275,20 @@ def test_a_baseline_says_how_far_it_is_inside_an_epoch(clock, capsys):
         "~138s left",
         "[sweep] baselines sup: 10/74 steps (epoch 1/2, worker 0's train_loss 2.0000 so far, ~64 images/s), 20s, "
         "~128s left"]
+
+
+def test_run_skips_pretraining_that_no_encoder_reads(write_pipeline, tiny_unet_checkpoint, capsys, monkeypatch):
+    """Probing a given U-Net (every diffusion encoder with a checkpoint of its own): `sweep run` pretrained a
+    U-Net nothing extracted (the paths audit's study: minutes here, hours on a real one)."""
+    from sweep import cli
+
+    ran = []
+    monkeypatch.setattr(cli, "run_stage", lambda config, stage: ran.append(stage))
+    given = write_pipeline(extract={"encoders": [{"name": "unet", "kind": "diffusion",
+                                                  "checkpoint": str(tiny_unet_checkpoint)}]})
+    assert cli.main(["run", str(given), "--stages", "pretrain,extract"]) == 0
+    assert ran == ["extract"]
+    assert "pretrain: skipped: no encoder reads the U-Net it trains" in capsys.readouterr().err
+    ran.clear()
+    assert cli.main(["run", str(write_pipeline()), "--stages", "pretrain,extract"]) == 0  # the default: it is read
+    assert ran == ["pretrain", "extract"]
