@@ -52,6 +52,10 @@ rounds; per-round overheads range over 30 points):
   runs, new then, took 0.12 s): overhead 21.9 / 22.3 / 20.5 %, pooled 21.6 % = idle slots 13.6 % (start-up 9.7 %)
   + trials 8.0 % slower; speed-up 9.5 / 9.1 / 9.3x (scikit-learn 3.09 s per trial), compute vs compute 13.0x;
   accuracy the same (-0.036 points).
+  Again that day after a probe trial's memory was cut (the training rows held once in float32, the column read
+  into one array; the same heads and metrics, per-trial time unchanged side by side: 0.244 s both): overhead
+  18.5 / 20.1 / 22.5 %, pooled 20.4 % = idle slots 13.4 % (start-up 9.5 %) + trials 7.0 % slower; speed-up
+  10.2 / 10.3 / 10.3x (scikit-learn 3.07 s per trial), compute vs compute 11.4x; accuracy the same (-0.036 points).
   Before (a faster CPU than the earlier runs: the bare run 0.24-0.29 s per trial, scikit-learn 3.5 s per
   trial, compute vs compute 11.4-11.6x):
   - 2 trials on 2 cores (the default `--slots`), `--repeats 3`, the MLflow store made before (a) as the
