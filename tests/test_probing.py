@@ -436,3 +436,20 @@ def test_kmeans_casts_only_its_sample_to_float64():
     finally:
         tracemalloc.stop()
     assert peak < X.nbytes, f"k-means on a 10,000-row sample allocated {peak / X.nbytes:.1f}x the float16 rows"
+
+
+def test_whitening_in_chunks_gives_the_whole_products_values():
+    # The training rows are whitened in chunks of 65,536 (one (N, D) array, not two) for the same values as
+    # one product of them all: a short last chunk (here one row, a matrix-vector product) took another BLAS
+    # kernel and its rows differed in the last bit, so a study's heads were no longer the same bit for bit
+    from sweep.probing.linear import _whiten_rows
+
+    g = torch.Generator().manual_seed(0)
+    R = torch.randn(96, 96, generator=g)
+    for N in (65_537, 65_543):
+        X = torch.randn(N, 97, generator=g)
+        X[:, -1] = 1.0
+        whole = X[:, :-1] @ R
+        assert torch.equal(_whiten_rows(X.clone(), R)[:, :-1], whole)  # every direction kept: in place
+        fewer = _whiten_rows(X, R[:, :40])  # directions left out: a new array, its ones column set
+        assert torch.equal(fewer[:, :-1], X[:, :-1] @ R[:, :40]) and bool((fewer[:, -1] == 1).all())

@@ -224,13 +224,17 @@ def _whitening(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _whiten_rows(X: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """[x R | 1] for the rows [x | 1] of X: in place where R keeps every direction, on the CPU in chunks of
-    rows (a row's product there does not depend on the chunk it is in: the same values as X[:, :-1] @ R
-    whole, without a second (N, D) array). On a GPU whole, as before: cuBLAS may pick another kernel by shape."""
+    65,536 to 131,071 rows (a row's product there does not depend on the chunk it is in: the same values as
+    X[:, :-1] @ R whole, without a second (N, D) array). On a GPU whole, as before: cuBLAS may pick another
+    kernel by shape."""
     D, r = R.shape
     out = X if r == D else torch.empty(len(X), r + 1, device=X.device)
     step = 65536 if X.device.type == "cpu" else max(len(X), 1)
-    for i in range(0, len(X), step):
-        out[i : i + step, :-1] = X[i : i + step, :-1] @ R
+    # a short last chunk joins the one before: a product of a few rows takes another BLAS kernel (one row a
+    # matrix-vector product), whose sums differ from the whole product's in the last bit
+    ends = [*range(step, len(X) - step + 1, step), len(X)]
+    for i, end in zip([0, *ends[:-1]], ends):
+        out[i:end, :-1] = X[i:end, :-1] @ R
     if out is not X:  # directions left out: fewer coordinates
         out[:, -1] = 1.0
     return out
