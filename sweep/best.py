@@ -25,6 +25,9 @@ def records(runs: pd.DataFrame, metrics: tuple[str, ...] = ()) -> list[dict]:
     """Contract objects: run_id, encoder, layer, timestep (null for non-diffusion), resolution, dim, lr,
     weight_decay, then every metric of the run as a number; each of `metrics` is there in every object,
     null where the run has none (k-means off, a trial from before an OOD dataset was added)."""
+    logged = [c.removeprefix("metrics.") for c in runs.columns
+              if c.startswith("metrics.") and not c.startswith("metrics.history_")]
+    names = sorted(dict.fromkeys([*metrics, *logged]), key=_metric_order)
     out = []
     for _, r in runs.iterrows():
         rec = {
@@ -42,12 +45,19 @@ def records(runs: pd.DataFrame, metrics: tuple[str, ...] = ()) -> list[dict]:
             "lr": _num(r.get("params.lr")),
             "weight_decay": _num(r.get("params.weight_decay")),
         }
-        rec.update(dict.fromkeys(metrics))
-        for col in runs.columns:
-            if col.startswith("metrics.") and not col.startswith("metrics.history_"):
-                rec[col.removeprefix("metrics.")] = _num(r[col])
+        rec.update({name: _num(r[f"metrics.{name}"]) if f"metrics.{name}" in runs.columns else None
+                    for name in names})
         out.append(rec)
     return out
+
+
+def _metric_order(name: str) -> tuple:
+    """The contract's metrics in DESIGN.md's order (val, test, OOD by name, k-means), then the rest by name:
+    in MLflow's order the columns of probe_runs.csv moved between two reports of the same runs."""
+    if name in PROBE_METRICS:
+        group = 2 if name.startswith("kmeans_") else 0
+        return group, PROBE_METRICS.index(name), ""
+    return (1, 0, name) if name.startswith("ood_") else (3, 0, name)
 
 
 def best(config: PipelineConfig, metric: str = "val_macro_f1", top: int | None = 10, encoder: str | None = None,

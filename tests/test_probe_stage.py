@@ -320,6 +320,13 @@ def test_records_types_for_a_non_diffusion_encoder():
     assert rec["lr"] == 0.01 and rec["weight_decay"] == 0.0 and rec["val_acc"] == 0.5
     assert rec["test_acc"] is None and "history_val_acc" not in rec
     json.dumps(rec, allow_nan=False)
+    # the metrics in one order whatever MLflow's columns' (probe_runs.csv's columns moved between two reports)
+    more = frame.assign(**{"metrics.trial_seconds": 1.0, "metrics.ood_b_acc": 0.1, "metrics.epochs_run": 3.0,
+                           "metrics.kmeans_ari": 0.2, "metrics.ood_a_acc": 0.3})
+    orders = {tuple(records(more[list(columns)], ("val_acc", "kmeans_nmi"))[0])
+              for columns in (more.columns, more.columns[::-1])}
+    assert [list(o)[list(o).index("weight_decay") + 1:] for o in orders] == [
+        ["val_acc", "test_acc", "ood_a_acc", "ood_b_acc", "kmeans_nmi", "kmeans_ari", "epochs_run", "trial_seconds"]]
 
 
 def test_an_interrupted_report_leaves_the_last_one_whole(swept, monkeypatch):
