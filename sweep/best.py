@@ -10,6 +10,7 @@ import pandas as pd
 
 from sweep import tracking
 from sweep.config import PROBE_METRICS, PipelineConfig
+from sweep.storage import tagged_root
 
 
 def _num(value, kind=float):
@@ -38,7 +39,7 @@ def records(runs: pd.DataFrame, metrics: tuple[str, ...] = ()) -> list[dict]:
             # which settings made the run: several with --any-config
             "config_hash": r.get(f"tags.{tracking.TAG_HASH}"),
             # which storage's probe made it: two storages of one config may share an experiment
-            "storage": r.get(f"tags.{tracking.TAG_STORAGE}"),
+            "storage": tagged_root(r.get(f"tags.{tracking.TAG_STORAGE}")),
             "timestep": _num(r.get("params.timestep"), int),
             "resolution": _num(r.get("params.resolution"), int),
             "dim": _num(r.get("params.dim"), int),

@@ -120,15 +120,18 @@ def run_stage(config: PipelineConfig, stage: str) -> None:
     module.run(config)
 
 
-def cmd_run(config: PipelineConfig, stages: list[str]) -> None:
+def cmd_run(config: PipelineConfig, stages: list[str], whole_study: bool = False) -> None:
+    """The stages in order. `whole_study` (`sweep run` without --stages): pretraining that no encoder reads
+    is left out; a stage named (`--stages`, `sweep pretrain`) runs."""
     from sweep.stages.common import say
 
     t0 = time.perf_counter()
     stages = [s for s in stages if s != "baselines" or config.baselines]  # none configured: nothing to say
-    if "pretrain" in stages and not config.reads_pretrained_unet():  # minutes to hours of training nothing reads
+    # minutes to hours of training nothing reads
+    if whole_study and "pretrain" in stages and not config.reads_pretrained_unet():
         stages.remove("pretrain")
         say("pretrain: skipped: no encoder reads the U-Net it trains (each diffusion encoder of extract.encoders "
-            "has a checkpoint of its own); `sweep pretrain` trains it all the same")
+            "has a checkpoint of its own); `sweep pretrain` or --stages pretrain trains it all the same")
     for stage in stages:
         _CtrlC.check()
         say(f"== {stage} ==")
@@ -452,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.command == "baselines":  # not through cmd_run, which leaves it out when none are configured
                     run_stage(config, "baselines")
                 else:
-                    cmd_run(config, stages)
+                    cmd_run(config, stages, whole_study=args.command == "run" and stages == list(STAGES))
                 if not ray_was_up and _ray_up():
                     # here rather than at exit: a Ctrl-C during it ended in a 20-line atexit traceback and status 0
                     sys.modules["ray"].shutdown()

@@ -37,6 +37,12 @@ def file_path(uri: str) -> str:
     return unquote(urlsplit(uri).path)
 
 
+def tagged_root(tag: str | None) -> str | None:
+    """A run's storage tag as `Storage.of(...).root` gives it today: runs made before a `file://` storage was
+    read as its folder are tagged with the URI, and compared as written they looked like another storage's."""
+    return _absolute(tag) if isinstance(tag, str) and tag.startswith("file://") else tag
+
+
 PRETRAIN_MARKER = "sweep_pretrain.json"  # in pretrain/final, written last: the U-Net there is complete
 LOCK_FILE = ".sweep.lock"  # in a local storage root: held by the command writing there
 

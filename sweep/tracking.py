@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sweep.config import PipelineConfig
-from sweep.storage import Storage
+from sweep.storage import Storage, tagged_root
 
 TAG_STAGE = "sweep.stage"
 TAG_PIPELINE = "sweep.pipeline"
@@ -226,7 +226,7 @@ def params_agree(run, params: dict | None) -> bool:
 def same_storage(run, config: PipelineConfig) -> bool:
     """Whether `run` was made in this config's storage (a run from before sweep tagged it: taken as so)."""
     here = Storage.of(config.storage_root).root
-    return run.data.tags.get(TAG_STORAGE, here) == here
+    return tagged_root(run.data.tags.get(TAG_STORAGE, here)) == here
 
 
 def start_stage_run(config: PipelineConfig, stage: str, resume_unfinished: bool = True,
@@ -531,7 +531,7 @@ def last_probe_plan(config: PipelineConfig) -> tuple[int, str, str | None] | Non
                                             f"'{config.config_hash()}' and tags.`{TAG_PARENT}` IS NULL")
     if not runs or "trials" not in runs[0].data.params:
         return None
-    return int(runs[0].data.params["trials"]), runs[0].info.status, runs[0].data.tags.get(TAG_STORAGE)
+    return int(runs[0].data.params["trials"]), runs[0].info.status, tagged_root(runs[0].data.tags.get(TAG_STORAGE))
 
 
 def search_baseline_runs(config: PipelineConfig, keys: dict[str, str]) -> pd.DataFrame:

@@ -286,9 +286,13 @@ def test_run_skips_pretraining_that_no_encoder_reads(write_pipeline, tiny_unet_c
     monkeypatch.setattr(cli, "run_stage", lambda config, stage: ran.append(stage))
     given = write_pipeline(extract={"encoders": [{"name": "unet", "kind": "diffusion",
                                                   "checkpoint": str(tiny_unet_checkpoint)}]})
-    assert cli.main(["run", str(given), "--stages", "pretrain,extract"]) == 0
-    assert ran == ["extract"]
+    assert cli.main(["run", str(given)]) == 0
+    assert ran == ["extract", "probe", "report"]  # (no baselines configured)
     assert "pretrain: skipped: no encoder reads the U-Net it trains" in capsys.readouterr().err
+    for named in (["run", str(given), "--stages", "pretrain,extract"], ["pretrain", str(given)]):  # asked for: run
+        ran.clear()
+        assert cli.main(named) == 0
+        assert ran[0] == "pretrain" and "skipped" not in capsys.readouterr().err
     ran.clear()
-    assert cli.main(["run", str(write_pipeline()), "--stages", "pretrain,extract"]) == 0  # the default: it is read
-    assert ran == ["pretrain", "extract"]
+    assert cli.main(["run", str(write_pipeline())]) == 0  # the default encoders read it
+    assert ran == ["pretrain", "extract", "probe", "report"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -59,6 +60,25 @@ def test_default_store_in_a_folder_with_url_characters_stays_in_the_storage(tmp_
     assert [p for p in (tmp_path / "My Studies").rglob("*") if p.is_file() and storage not in p.parents] == []
     assert (storage / "mlartifacts" / run_id / "artifacts" / "note.txt").read_text() == "kept"
     assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run_id]
+
+
+def test_runs_tagged_with_a_file_uri_storage_are_this_storages(tmp_path):
+    """A `file://` storage is read as its folder since 174283d; its earlier runs are tagged with the URI, and
+    compared as written they were another storage's (a rerun's stages, `best`'s one-run-per-trial)."""
+    from sweep.best import records
+
+    uri = f"file://{tmp_path / 'My Studies' / 'store'}".replace(" ", "%20")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(small_pipeline(uri)))
+    config = load_config(path)
+    here = Storage.of(config.storage_root).root
+    assert here == str(tmp_path / "My Studies" / "store")
+    client = tracking.client_for(config)
+    run = client.create_run(tracking.ensure_experiment(config), tags={tracking.TAG_STORAGE: uri})
+    assert tracking.same_storage(client.get_run(run.info.run_id), config)
+    frame = pd.DataFrame([{"run_id": run.info.run_id, f"tags.{tracking.TAG_STORAGE}": uri},
+                          {"run_id": "other", f"tags.{tracking.TAG_STORAGE}": "s3://bucket/x"}])
+    assert [r["storage"] for r in records(frame)] == [here, "s3://bucket/x"]
 
 
 def test_validate_names_the_file_a_sqlite_uri_opens_where_it_is_not_the_path_as_written(tmp_path, capsys):
