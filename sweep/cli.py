@@ -150,8 +150,8 @@ def probe_state(config: PipelineConfig, status: str, storage: str | None) -> str
         return status
     in_use = storage_in_use(here)
     if in_use is False:
-        return ("RUNNING in MLflow, but no sweep command is at work in this storage: it was stopped without "
-                "ending its run (killed)")
+        return ("RUNNING in MLflow, but no sweep command on this machine is at work in this storage: it was stopped "
+                "without ending its run (killed), unless it runs on another machine sharing the storage")
     return "RUNNING: a sweep command is at work in this storage" if in_use else status
 
 
@@ -381,7 +381,7 @@ def sqlite_file_note(uri: str) -> str:
     if path is None or str(path) == uri.removeprefix("sqlite:///"):
         return ""
     advice = ("; a URI's path is percent-decoded and ends at '?': where '%' or '?' are part of the path, write "
-              "them as %25 and %3F") if "?" in uri else ""
+              "them as %25 and %3F") if "?" in uri else ""  # a '%XX' may be meant: the file named says which
     return f" (the SQLite file {path}{advice})"
 
 

@@ -389,8 +389,9 @@ def test_a_report_of_an_unfinished_sweep_says_so(swept, tmp_path, capsys):
     _client(config).update_run(parent.info.run_id, status="RUNNING")
     _client(config).set_tag(parent.info.run_id, tracking.TAG_STORAGE, Storage.of(config.storage_root).root)
     cli.cmd_best(config, best_args)
-    assert "(that stage's run is RUNNING in MLflow, but no sweep command is at work in this storage: it was stopped " \
-           "without ending its run (killed))" in capsys.readouterr().err
+    assert "(that stage's run is RUNNING in MLflow, but no sweep command on this machine is at work in this storage: " \
+           "it was stopped without ending its run (killed), unless it runs on another machine sharing the storage)" \
+           in capsys.readouterr().err
     with storage_lock(config.storage_root, "sweep probe"):
         cli.cmd_best(config, best_args)
     assert "(that stage's run is RUNNING: a sweep command is at work in this storage)" in capsys.readouterr().err
