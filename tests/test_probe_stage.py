@@ -1021,3 +1021,21 @@ def test_fractional_cpus_per_trial_runs_no_more_trials_than_cores_on_a_local_ray
     config = PipelineConfig.model_validate(small_pipeline(tmp_path / "s", probe={"cpus_per_trial": 0.5,
                                                                                "max_concurrent_trials": 3}))
     assert probe.concurrent_workers(config, 22) == 3  # asked for: Ray's CPUs hold 8 such trials
+
+
+def test_a_sweep_whose_trials_would_not_fit_in_memory_is_warned_of(swept):
+    """A trial holds ~5x its float16 column at its peak (a million images x 1,024 dimensions: ~10 GiB); Ray does
+    not count it, and trials on a machine without the memory were killed one by one."""
+    stores = probe.complete_stores(swept)
+    trials, columns, _ = probe.plan_trials(swept, stores)
+    rows = sum(len(FeatureStore(stores[t["encoder"]].root).read(["image_id"])) for t in trials[:1])
+    largest = probe.largest_column_bytes(stores, trials, columns, swept.dataset_names())
+    assert largest == 2 * rows * max(int(c["dim"]) for c in columns.values())
+    assert probe.memory_warning(largest, 2, 2**34) is None  # the demo's columns on any machine
+    gib = 2**30
+    assert probe.memory_warning(2 * gib, 4, 24 * gib) == (
+        "each trial holds up to about 10.0 GiB at its peak (~5x its largest feature column, 2.00 GiB in float16), "
+        "4 at once 40.0 GiB, and 24.0 GiB is free here: trials may be killed for memory. Run fewer at once: --set "
+        "probe.max_concurrent_trials=1")
+    assert probe.memory_warning(gib, 3, 24 * gib) is None  # 15 GiB: within 80 % of 24
+    assert probe.memory_warning(gib, 4, 24 * gib).endswith("--set probe.max_concurrent_trials=3")
