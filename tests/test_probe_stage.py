@@ -1025,7 +1025,7 @@ def test_fractional_cpus_per_trial_runs_no_more_trials_than_cores_on_a_local_ray
 
 def test_a_sweep_whose_trials_would_not_fit_in_memory_is_warned_of(swept):
     """A trial holds ~5x its float16 column at its peak (a million images x 1,024 dimensions: ~10 GiB); Ray does
-    not count it, and trials on a machine without the memory were killed one by one."""
+    not count it, and trials on a machine without the memory would be killed one by one."""
     stores = probe.complete_stores(swept)
     trials, columns, _ = probe.plan_trials(swept, stores)
     rows = sum(len(FeatureStore(stores[t["encoder"]].root).read(["image_id"])) for t in trials[:1])
