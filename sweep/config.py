@@ -82,7 +82,8 @@ def _missing(path: str, kind: Literal["file", "folder", "path"]) -> bool:
 
 def _home(path: str | None) -> str | None:
     """A local path with a leading `~` expanded, as a shell would; storage and data paths were, checkpoints,
-    weights and split files were not ("checkpoint folder does not exist: ~/...")."""
+    weights and split files were not ("checkpoint folder does not exist: ~/..."). Validators assign it only to a
+    path starting with `~`: an assignment validates the model again (`validate_assignment`), which recursed."""
     return os.path.expanduser(path) if path and path.startswith("~") else path
 
 

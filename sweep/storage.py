@@ -51,6 +51,11 @@ class StorageBusy(RuntimeError):
     """Another sweep command is writing to the same storage."""
 
 
+def _lock_path(root: str) -> Path:
+    """The lock file of a local storage (a `file://` or `~` root: its folder, not a folder "file:" or "~" here)."""
+    return Path(_absolute(root)) / LOCK_FILE
+
+
 @contextlib.contextmanager
 def storage_lock(root: str, command: str):
     """Hold the local storage `root` for one command (an exclusive `flock` on its lock file, released by the
@@ -64,7 +69,7 @@ def storage_lock(root: str, command: str):
     if is_remote(root):
         yield
         return
-    path = Path(_absolute(root)) / LOCK_FILE  # a file:// root: its folder, not a folder "file:" here
+    path = _lock_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
     try:
@@ -90,9 +95,9 @@ def storage_in_use(root: str) -> bool | None:
     """Whether a sweep command holds the local storage `root` now (`storage_lock`), read from the kernel's
     table of locks without taking the lock (a probe of it would make a command starting at that moment
     find the storage busy); None where that cannot be told (remote storage, no /proc/locks)."""
-    path = Path(file_path(root)) / LOCK_FILE
     if is_remote(root) or not os.path.isfile("/proc/locks"):
         return None
+    path = _lock_path(root)
     if not path.is_file():
         return False
     st = path.stat()

@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGES = REPO / "sweep" / "data" / "demo" / "plankton-flowcam-demo" / "images"
 
 
+def image_folder(root: Path, sizes: dict[str, int]) -> Path:
+    """An image folder under `root` of `sizes[class]` small grey PNGs per class: a long tail of many classes."""
+    import numpy as np
+    from PIL import Image
+
+    for name, n in sizes.items():
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            Image.fromarray(np.full((8, 8), 5 * j % 256, np.uint8)).save(root / name / f"{j}.png")
+    return root
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (for a server a test starts, or expects absent)."""
     import socket

@@ -18,7 +18,7 @@ from sweep.data import build_table, preprocess
 from sweep.data.preprocess import decode_rows
 from sweep.data.table import (over_limit_warning, stratified_split, unbalanced_classes, unbalanced_warning,
                               unscored_classes, unscored_warning)
-from tests.conftest import DEMO_IMAGES
+from tests.conftest import DEMO_IMAGES, image_folder
 
 
 def _bar_image(w: int, h: int, mode: str) -> Image.Image:
@@ -576,12 +576,8 @@ def test_classes_too_small_for_a_val_or_test_image_are_named(write_pipeline):
 def test_unscored_warning_counts_the_classes_when_it_names_only_some(write_pipeline, tmp_path):
     """Hundreds of classes on a long tail: the warning names 5 classes; it must also say how many lack a val
     or test image (it said "A, B, C, D, E, ..." whether 6 or 150 of them did)."""
-    root = tmp_path / "folder"
     sizes = {**{f"rare {i:02d} é": 1 for i in range(12)}, "common": 10}
-    for name, n in sizes.items():
-        (root / name).mkdir(parents=True)
-        for j in range(n):
-            Image.fromarray(np.full((8, 8), 10 * j, np.uint8)).save(root / name / f"{j}.png")
+    root = image_folder(tmp_path / "folder", sizes)
     cfg = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
         "source": "imagefolder", "path": str(root), "splits": {"val": 0.15, "test": 0.15}}}))
     table = build_table(cfg)
@@ -594,11 +590,7 @@ def test_unscored_warning_counts_the_classes_when_it_names_only_some(write_pipel
 def test_a_limit_kept_well_over_is_warned_of(write_pipeline, tmp_path):
     """Each class keeps at least one image under `data.train.limit`: 30 classes of 2 images and one of 40 at
     limit 20 keep 8 + 30 = 38 images: said (200 small classes turned a limit of 300 into 374, said nowhere)."""
-    root = tmp_path / "folder"
-    for name, n in {**{f"rare {i:02d}": 2 for i in range(30)}, "common": 40}.items():
-        (root / name).mkdir(parents=True)
-        for j in range(n):
-            Image.fromarray(np.full((8, 8), 5 * j, np.uint8)).save(root / name / f"{j}.png")
+    root = image_folder(tmp_path / "folder", {**{f"rare {i:02d}": 2 for i in range(30)}, "common": 40})
 
     def config(limit):
         return load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
@@ -615,11 +607,7 @@ def test_a_limit_kept_well_over_is_warned_of(write_pipeline, tmp_path):
 def test_ood_set_of_no_training_class_names_a_few_of_each_side(write_pipeline, tmp_path):
     """With 200 training classes the error listed all 200 (4 kB on one line) and none of the OOD set's own
     names; it now gives counts and up to 10 names of each."""
-    root, ood = tmp_path / "train", tmp_path / "ood"
-    for k in range(40):
-        (root / f"class {k:02d} ß").mkdir(parents=True)
-        for j in range(4):
-            Image.fromarray(np.full((8, 8), 5 * j, np.uint8)).save(root / f"class {k:02d} ß" / f"{j}.png")
+    root, ood = image_folder(tmp_path / "train", {f"class {k:02d} ß": 4 for k in range(40)}), tmp_path / "ood"
     for name in ("Mystère", "Other"):
         (ood / name).mkdir(parents=True)
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(ood / name / "x.png")

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DEMO_IMAGES
+from conftest import DEMO_IMAGES, image_folder
 
 from sweep.config import load_config
 from sweep.data.table import build_table
@@ -130,14 +130,8 @@ def test_data_csv_names_every_class_a_split_lacks(tmp_path, write_pipeline):
     """A long tail of many classes: 8 of 12 classes have 1 image (train only). data.csv named 5 of the 8 a
     split lacks and '(+3)', and nothing else in the report or the store names the other 3; it now names all
     8, while report.md's table keeps the 5 and the count."""
-    from PIL import Image
-
-    root = tmp_path / "folder"
     sizes = {**{f"rare {i} ü": 1 for i in range(8)}, **{f"common {i}": 10 for i in range(4)}}
-    for name, n in sizes.items():
-        (root / name).mkdir(parents=True)
-        for j in range(n):
-            Image.fromarray(np.full((8, 8), 20 * j, np.uint8)).save(root / name / f"{j}.png")
+    root = image_folder(tmp_path / "folder", sizes)
     config = load_config(write_pipeline(data={"image_size": 16, "channels": 1, "train": {
         "source": "imagefolder", "path": str(root), "splits": {"val": 0.2, "test": 0.2}}}))
     table = build_table(config)

@@ -38,6 +38,17 @@ def test_artifact_location_of_a_new_experiment(tmp_path, uri, storage, expected)
     assert tracking.artifact_location(config) == expected
 
 
+def _run_with_a_note(config, tmp_path):
+    """(experiment id, client, run id) of a new run of `config` with a file `note.txt` ("kept") logged to it."""
+    experiment_id = tracking.ensure_experiment(config)
+    client = tracking.client_for(config)
+    run_id = client.create_run(experiment_id).info.run_id
+    note = tmp_path / "note.txt"
+    note.write_text("kept")
+    client.log_artifact(run_id, str(note))
+    return experiment_id, client, run_id
+
+
 def test_default_store_in_a_folder_with_url_characters_stays_in_the_storage(tmp_path):
     """The default store's URI was `sqlite:///<path>` as written: SQLAlchemy reads it as a URL, so a folder
     named `Plankton 2024 #3 %20 ?&'` gave a database file `Plankton 2024 #3   ` beside the storage (`%20` a
@@ -47,12 +58,7 @@ def test_default_store_in_a_folder_with_url_characters_stays_in_the_storage(tmp_
     path.write_text(yaml.safe_dump(small_pipeline(storage)))
     config = load_config(path)
 
-    experiment_id = tracking.ensure_experiment(config)
-    client = tracking.client_for(config)
-    run_id = client.create_run(experiment_id).info.run_id
-    note = tmp_path / "note.txt"
-    note.write_text("kept")
-    client.log_artifact(run_id, str(note))
+    experiment_id, client, run_id = _run_with_a_note(config, tmp_path)
 
     assert tracking.local_mlflow_db(config) == storage / "mlflow.db"
     assert (storage / "mlflow.db").is_file() and tracking.store_exists(config)
@@ -109,12 +115,7 @@ def test_artifacts_stay_with_the_study_wherever_the_command_ran(write_pipeline, 
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
 
-    experiment_id = tracking.ensure_experiment(config)
-    client = tracking.client_for(config)
-    run_id = client.create_run(experiment_id).info.run_id
-    note = tmp_path / "note.txt"
-    note.write_text("kept")
-    client.log_artifact(run_id, str(note))
+    experiment_id, _, run_id = _run_with_a_note(config, tmp_path)
 
     stored = tmp_path / "store" / "mlartifacts" / run_id / "artifacts" / "note.txt"
     assert stored.read_text() == "kept"

@@ -855,9 +855,9 @@ def run(config: PipelineConfig) -> dict:
     callback = MlflowChildRuns(writer, len(todo))
     storage = Storage.of(config.storage_root)
     workers = concurrent_workers(config, len(todo))
-    if ray_address(config) is None and available_memory():  # a cluster's nodes' memory is not known here
-        warning = memory_warning(largest_column_bytes(stores, todo, columns, config.dataset_names()), workers,
-                                 available_memory())
+    free = available_memory() if ray_address(config) is None else None  # a cluster's nodes': not known here
+    if free:
+        warning = memory_warning(largest_column_bytes(stores, todo, columns, config.dataset_names()), workers, free)
         if warning:
             say(f"probe: warning: {warning}")
     # one worker has no one to wait for
